@@ -1,0 +1,426 @@
+//! Typed settings, read once at start from the environment and an optional TOML
+//! file (`MONETA_CONFIG_FILE`; the environment wins). Every value is validated
+//! here so the rest of the code never re-parses a string.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A setting that could not be used; `Display` names it, never its value when secret.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A value that must never reach a log line or a `Debug` dump.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Limits of one dependency's guard (timeout, bulkhead, breaker).
+#[derive(Debug, Clone)]
+pub struct GuardSettings {
+    pub timeout: Duration,
+    pub max_concurrency: usize,
+    pub breaker_failures: u32,
+    pub breaker_open_min: Duration,
+    pub breaker_open_max: Duration,
+    pub half_open_probes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub redis_url: String,
+    pub redis_cluster_urls: Option<Vec<String>>,
+    pub redis: GuardSettings,
+    pub internal_api_url: String,
+    pub internal_api_token: Option<Secret>,
+    pub internal_api: GuardSettings,
+    pub jwt_hs256_secret: Option<Secret>,
+    pub jwt_jwks_file: Option<PathBuf>,
+    pub jwt_secret_id: Option<String>,
+    pub jwt_refresh: Duration,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub cdn_base_url: String,
+    pub cdn_key_pair_id: Option<String>,
+    pub cdn_private_key_file: Option<PathBuf>,
+    pub cdn_url_ttl: Duration,
+    pub drm_license_url_widevine: String,
+    pub drm_license_url_playready: String,
+    pub drm_license_url_fairplay: String,
+    pub fallback_catalog_file: Option<PathBuf>,
+    /// How long a cached title counts as fresh in Redis.
+    pub content_ttl: Duration,
+    /// How long a title is kept past freshness to serve when the internal API fails.
+    pub content_stale_ttl: Duration,
+    /// How long a title is kept in process memory before Redis is asked again.
+    pub content_local_ttl: Duration,
+    pub entitlement_ttl: Duration,
+    /// Sessions without a heartbeat for this long stop counting.
+    pub session_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    pub progress_flush_interval: Duration,
+    pub progress_batch_size: usize,
+    pub progress_queue_capacity: usize,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub otel_endpoint: Option<String>,
+    pub otel_service_name: String,
+    pub log_filter: String,
+    pub log_format: LogFormat,
+}
+
+/// Raw key/value pairs from the TOML file overlaid by the environment.
+struct Source {
+    values: HashMap<String, String>,
+}
+
+impl Source {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, key: &str, default: &str) -> String {
+        self.get(key).unwrap_or(default).to_owned()
+    }
+
+    fn opt_string(&self, key: &str) -> Option<String> {
+        self.get(key).map(str::to_owned)
+    }
+
+    fn parse<T: FromStr>(&self, key: &str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        match self.get(key) {
+            None => Ok(default),
+            Some(raw) => raw
+                .trim()
+                .parse()
+                .map_err(|e| ConfigError::new(key, format!("cannot parse {raw:?}: {e}"))),
+        }
+    }
+
+    fn positive<T: FromStr + PartialOrd + Default>(&self, key: &str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        let value = self.parse(key, default)?;
+        if value <= T::default() {
+            return Err(ConfigError::new(key, "must be greater than zero"));
+        }
+        Ok(value)
+    }
+
+    fn millis(&self, key: &str, default_ms: u64) -> Result<Duration, ConfigError> {
+        self.positive(key, default_ms).map(Duration::from_millis)
+    }
+
+    fn secs(&self, key: &str, default_s: u64) -> Result<Duration, ConfigError> {
+        self.positive(key, default_s).map(Duration::from_secs)
+    }
+
+    fn url(&self, key: &str, default: &str, schemes: &[&str]) -> Result<String, ConfigError> {
+        let value = self.string(key, default);
+        if !schemes.iter().any(|s| value.starts_with(&format!("{s}://"))) {
+            return Err(ConfigError::new(
+                key,
+                format!("must start with one of {}", schemes.join("://, ") + "://"),
+            ));
+        }
+        Ok(value.trim_end_matches('/').to_owned())
+    }
+
+    fn guard(&self, prefix: &str, timeout_ms: u64, concurrency: usize) -> Result<GuardSettings, ConfigError> {
+        let key = |s: &str| format!("{prefix}_{s}");
+        let settings = GuardSettings {
+            timeout: self.millis(&key("TIMEOUT_MS"), timeout_ms)?,
+            max_concurrency: self.positive(&key("MAX_CONCURRENCY"), concurrency)?,
+            breaker_failures: self.positive(&key("BREAKER_FAILURES"), 5)?,
+            breaker_open_min: self.millis(&key("BREAKER_OPEN_MS"), 500)?,
+            breaker_open_max: self.millis(&key("BREAKER_OPEN_MAX_MS"), 5_000)?,
+            half_open_probes: self.positive(&key("BREAKER_PROBES"), 2)?,
+        };
+        if settings.breaker_open_max < settings.breaker_open_min {
+            return Err(ConfigError::new(
+                &key("BREAKER_OPEN_MAX_MS"),
+                "must not be below BREAKER_OPEN_MS",
+            ));
+        }
+        Ok(settings)
+    }
+}
+
+fn load_toml(path: &str) -> Result<HashMap<String, String>, ConfigError> {
+    const KEY: &str = "MONETA_CONFIG_FILE";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(KEY, format!("cannot read {path}: {e}")))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| ConfigError::new(KEY, format!("invalid TOML: {e}")))?;
+    let mut values = HashMap::new();
+    for (key, value) in table {
+        // Accept both `MONETA_LISTEN_ADDR` and the shorter `listen_addr`.
+        let upper = key.to_ascii_uppercase();
+        let name = match upper.starts_with("MONETA_") || upper.starts_with("OTEL_") || upper == "RUST_LOG" {
+            true => upper,
+            false => format!("MONETA_{upper}"),
+        };
+        let text = match value {
+            toml::Value::Array(items) => items.iter().map(scalar).collect::<Vec<_>>().join(","),
+            other => scalar(&other),
+        };
+        values.insert(name, text);
+    }
+    Ok(values)
+}
+
+/// A TOML scalar as the string an environment variable would hold.
+fn scalar(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl Settings {
+    /// Reads the process environment (and the TOML file it may name).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Builds settings from explicit variables; the environment-free entry point tests use.
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let env: HashMap<String, String> = vars.into_iter().collect();
+        let mut values = match env.get("MONETA_CONFIG_FILE").filter(|p| !p.is_empty()) {
+            Some(path) => load_toml(path)?,
+            None => HashMap::new(),
+        };
+        values.extend(env);
+        Self::from_source(&Source { values })
+    }
+
+    fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        let redis_cluster_urls = src.opt_string("MONETA_REDIS_CLUSTER_URLS").map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        });
+        let bad_url = |u: &String| !(u.starts_with("redis://") || u.starts_with("rediss://"));
+        if let Some(urls) = &redis_cluster_urls
+            && (urls.is_empty() || urls.iter().any(bad_url))
+        {
+            return Err(ConfigError::new(
+                "MONETA_REDIS_CLUSTER_URLS",
+                "must be a comma list of redis:// or rediss:// URLs",
+            ));
+        }
+        let log_format = match src.string("MONETA_LOG_FORMAT", "json").as_str() {
+            "json" => LogFormat::Json,
+            "text" | "pretty" => LogFormat::Text,
+            other => {
+                return Err(ConfigError::new(
+                    "MONETA_LOG_FORMAT",
+                    format!("must be json or text, not {other:?}"),
+                ));
+            }
+        };
+        let cdn_key_pair_id = src.opt_string("MONETA_CDN_KEY_PAIR_ID");
+        let cdn_private_key_file = src.opt_string("MONETA_CDN_PRIVATE_KEY_FILE").map(PathBuf::from);
+        if cdn_key_pair_id.is_some() != cdn_private_key_file.is_some() {
+            return Err(ConfigError::new(
+                "MONETA_CDN_KEY_PAIR_ID",
+                "MONETA_CDN_KEY_PAIR_ID and MONETA_CDN_PRIVATE_KEY_FILE must be set together",
+            ));
+        }
+        let drm = |system: &str| {
+            let key = format!("MONETA_DRM_LICENSE_URL_{}", system.to_ascii_uppercase());
+            src.url(
+                &key,
+                &format!("https://drm.example.com/{system}"),
+                &["http", "https"],
+            )
+        };
+        let settings = Settings {
+            listen_addr: src.parse("MONETA_LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], 3000)))?,
+            admin_addr: src.parse("MONETA_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9090)))?,
+            redis_url: src.url("MONETA_REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?,
+            redis_cluster_urls,
+            redis: src.guard("MONETA_REDIS", 250, 512)?,
+            internal_api_url: src.url(
+                "MONETA_INTERNAL_API_URL",
+                "http://127.0.0.1:4000",
+                &["http", "https"],
+            )?,
+            internal_api_token: src.opt_string("MONETA_INTERNAL_API_TOKEN").map(Secret::new),
+            internal_api: src.guard("MONETA_INTERNAL_API", 1_000, 128)?,
+            jwt_hs256_secret: src.opt_string("MONETA_JWT_HS256_SECRET").map(Secret::new),
+            jwt_jwks_file: src.opt_string("MONETA_JWT_JWKS_FILE").map(PathBuf::from),
+            jwt_secret_id: src.opt_string("MONETA_JWT_SECRET_ID"),
+            jwt_refresh: src.secs("MONETA_JWT_REFRESH_S", 300)?,
+            jwt_issuer: src.opt_string("MONETA_JWT_ISSUER"),
+            jwt_audience: src.opt_string("MONETA_JWT_AUDIENCE"),
+            cdn_base_url: src.url(
+                "MONETA_CDN_BASE_URL",
+                "https://cdn.example.com",
+                &["http", "https"],
+            )?,
+            cdn_key_pair_id,
+            cdn_private_key_file,
+            cdn_url_ttl: src.secs("MONETA_CDN_URL_TTL_S", 21_600)?,
+            drm_license_url_widevine: drm("widevine")?,
+            drm_license_url_playready: drm("playready")?,
+            drm_license_url_fairplay: drm("fairplay")?,
+            fallback_catalog_file: src.opt_string("MONETA_FALLBACK_CATALOG_FILE").map(PathBuf::from),
+            content_ttl: src.secs("MONETA_CONTENT_TTL_S", 300)?,
+            content_stale_ttl: src.secs("MONETA_CONTENT_STALE_TTL_S", 86_400)?,
+            content_local_ttl: src.millis("MONETA_CONTENT_LOCAL_TTL_MS", 2_000)?,
+            entitlement_ttl: src.secs("MONETA_ENTITLEMENT_TTL_S", 60)?,
+            session_ttl: src.secs("MONETA_SESSION_TTL_S", 90)?,
+            heartbeat_interval: src.secs("MONETA_HEARTBEAT_INTERVAL_S", 30)?,
+            progress_flush_interval: src.millis("MONETA_PROGRESS_FLUSH_MS", 1_000)?,
+            progress_batch_size: src.positive("MONETA_PROGRESS_BATCH_SIZE", 200)?,
+            progress_queue_capacity: src.positive("MONETA_PROGRESS_QUEUE_CAPACITY", 100_000)?,
+            request_timeout: src.millis("MONETA_REQUEST_TIMEOUT_MS", 5_000)?,
+            shutdown_grace: src.millis("MONETA_SHUTDOWN_GRACE_MS", 10_000)?,
+            otel_endpoint: src.opt_string("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            otel_service_name: src.string("OTEL_SERVICE_NAME", "moneta"),
+            log_filter: src.string("RUST_LOG", "info"),
+            log_format,
+        };
+        if settings.jwt_hs256_secret.is_none()
+            && settings.jwt_jwks_file.is_none()
+            && settings.jwt_secret_id.is_none()
+        {
+            return Err(ConfigError::new(
+                "MONETA_JWT_HS256_SECRET",
+                "no JWT key source configured (set MONETA_JWT_HS256_SECRET, MONETA_JWT_JWKS_FILE or MONETA_JWT_SECRET_ID)",
+            ));
+        }
+        if settings.heartbeat_interval >= settings.session_ttl {
+            return Err(ConfigError::new(
+                "MONETA_HEARTBEAT_INTERVAL_S",
+                "must be shorter than MONETA_SESSION_TTL_S",
+            ));
+        }
+        Ok(settings)
+    }
+
+    /// License server for a DRM system named by the internal API.
+    pub fn drm_license_url(&self, system: &str) -> Option<&str> {
+        match system {
+            "widevine" => Some(&self.drm_license_url_widevine),
+            "playready" => Some(&self.drm_license_url_playready),
+            "fairplay" => Some(&self.drm_license_url_fairplay),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let s = Settings::from_vars(vars(&[("MONETA_JWT_HS256_SECRET", "x")])).unwrap();
+        assert_eq!(s.listen_addr.to_string(), "0.0.0.0:3000");
+        assert_eq!(s.admin_addr.to_string(), "0.0.0.0:9090");
+        assert_eq!(s.redis.timeout, Duration::from_millis(250));
+        assert_eq!(s.internal_api.timeout, Duration::from_secs(1));
+        assert_eq!(s.cdn_url_ttl, Duration::from_secs(21_600));
+        assert_eq!(
+            s.drm_license_url("playready"),
+            Some("https://drm.example.com/playready")
+        );
+    }
+
+    #[test]
+    fn bad_value_names_the_setting() {
+        let err = Settings::from_vars(vars(&[
+            ("MONETA_JWT_HS256_SECRET", "x"),
+            ("MONETA_LISTEN_ADDR", "nope"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.key, "MONETA_LISTEN_ADDR");
+    }
+
+    #[test]
+    fn no_key_source_is_an_error() {
+        let err = Settings::from_vars(vars(&[])).unwrap_err();
+        assert!(err.reason.contains("no JWT key source"));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Settings::from_vars(vars(&[("MONETA_JWT_HS256_SECRET", "topsecret")])).unwrap();
+        assert!(!format!("{s:?}").contains("topsecret"));
+    }
+
+    #[test]
+    fn toml_file_is_overridden_by_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moneta.toml");
+        std::fs::write(
+            &path,
+            "listen_addr = \"127.0.0.1:1\"\nMONETA_ADMIN_ADDR = \"127.0.0.1:2\"\n",
+        )
+        .unwrap();
+        let s = Settings::from_vars(vars(&[
+            ("MONETA_CONFIG_FILE", path.to_str().unwrap()),
+            ("MONETA_JWT_HS256_SECRET", "x"),
+            ("MONETA_ADMIN_ADDR", "127.0.0.1:3"),
+        ]))
+        .unwrap();
+        assert_eq!(s.listen_addr.to_string(), "127.0.0.1:1");
+        assert_eq!(s.admin_addr.to_string(), "127.0.0.1:3");
+    }
+}

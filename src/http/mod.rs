@@ -1,0 +1,73 @@
+//! The public HTTP surface: router, layers, extractors and the error mapping.
+
+pub mod error;
+pub mod extract;
+mod middleware;
+pub mod openapi;
+pub mod routes;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, put};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+
+use crate::startup::App;
+use error::ApiError;
+use routes::{health, playback_info, sessions};
+
+pub type AppState = Arc<App>;
+
+/// Request bodies above this are refused (the edge enforces the same).
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+pub fn router(app: AppState, request_timeout: Duration) -> Router {
+    let openapi = Arc::new(openapi::document());
+    Router::new()
+        .route(
+            "/v1/contents/{content_id}/playback-info",
+            get(playback_info::playback_info),
+        )
+        .route("/v1/playback/sessions", get(sessions::list).post(sessions::start))
+        .route(
+            "/v1/playback/sessions/{session_id}",
+            put(sessions::heartbeat).delete(sessions::stop),
+        )
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route(
+            "/openapi.json",
+            get(move || {
+                let doc = openapi.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "application/json")],
+                        doc.as_str().to_owned(),
+                    )
+                }
+            }),
+        )
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        // Listed innermost first: the request id is settled before anything
+        // logs, and every error below `json_errors` leaves as contract JSON.
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
+        .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))
+        .layer(axum::middleware::map_response(middleware::json_errors))
+        .layer(axum::middleware::from_fn(middleware::observe))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::map_request(middleware::drop_insane_request_id))
+        .with_state(app)
+}

@@ -1,0 +1,217 @@
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::http::AppState;
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::extract::{Caller, JsonBody, OptionalJsonBody};
+use crate::http::validate::{is_content_id, is_device_id};
+use crate::playback::model::PlaybackInfo;
+use crate::sources::CallContext;
+
+#[derive(Deserialize, ToSchema)]
+pub struct StartSession {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", example = "m-0001")]
+    pub content_id: String,
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,128}$", example = "tv-livingroom")]
+    pub device_id: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct SessionStarted {
+    pub session_id: String,
+    pub heartbeat_interval_s: u64,
+    pub expires_at: DateTime<Utc>,
+    pub playback: PlaybackInfo,
+}
+
+#[derive(Deserialize, ToSchema, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub enum PlayerState {
+    Playing,
+    Paused,
+    Buffering,
+}
+
+impl PlayerState {
+    fn as_str(self) -> &'static str {
+        match self {
+            PlayerState::Playing => "playing",
+            PlayerState::Paused => "paused",
+            PlayerState::Buffering => "buffering",
+        }
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct Heartbeat {
+    pub position_ms: u64,
+    pub state: PlayerState,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatAck {
+    pub session_id: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+pub struct StopSession {
+    pub position_ms: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct SessionView {
+    pub session_id: String,
+    pub device_id: String,
+    pub content_id: String,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct SessionList {
+    pub sessions: Vec<SessionView>,
+    /// True when the list could not be read (Redis unavailable).
+    pub degraded: bool,
+}
+
+/// Starts playback: the playback-info checks, then the concurrent-stream limit.
+#[utoipa::path(
+    post,
+    path = "/v1/playback/sessions",
+    tag = "sessions",
+    request_body = StartSession,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Session started", body = SessionStarted),
+        (status = 400, description = "invalid_body / invalid_content_id", body = ErrorBody),
+        (status = 401, description = "missing_token / invalid_token", body = ErrorBody),
+        (status = 403, description = "no_entitlement / subscription_inactive / plan_not_eligible / region_unavailable", body = ErrorBody),
+        (status = 404, description = "content_not_found", body = ErrorBody),
+        (status = 409, description = "stream_limit_reached", body = ErrorBody),
+        (status = 413, description = "payload_too_large", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type", body = ErrorBody),
+        (status = 503, description = "dependency_unavailable", body = ErrorBody),
+    )
+)]
+pub async fn start(
+    State(app): State<AppState>,
+    Caller(claims): Caller,
+    ctx: CallContext,
+    JsonBody(body): JsonBody<StartSession>,
+) -> Result<(StatusCode, Json<SessionStarted>), ApiError> {
+    if !is_content_id(&body.content_id) {
+        return Err(ApiError::InvalidContentId);
+    }
+    if !is_device_id(&body.device_id) {
+        return Err(ApiError::InvalidBody(
+            "device_id must match [A-Za-z0-9_.:-]{1,128}".into(),
+        ));
+    }
+    let started = app
+        .sessions
+        .start(&claims, &body.content_id, &body.device_id, &ctx)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(SessionStarted {
+            session_id: started.session_id,
+            heartbeat_interval_s: app.settings.heartbeat_interval.as_secs(),
+            expires_at: started.expires_at,
+            playback: started.playback,
+        }),
+    ))
+}
+
+/// Keeps a session alive and records the position.
+#[utoipa::path(
+    put,
+    path = "/v1/playback/sessions/{session_id}",
+    tag = "sessions",
+    params(("session_id" = String, Path)),
+    request_body = Heartbeat,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Heartbeat recorded", body = HeartbeatAck),
+        (status = 400, description = "invalid_body", body = ErrorBody),
+        (status = 401, description = "missing_token / invalid_token", body = ErrorBody),
+        (status = 404, description = "session_not_found", body = ErrorBody),
+        (status = 413, description = "payload_too_large", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type", body = ErrorBody),
+    )
+)]
+pub async fn heartbeat(
+    State(app): State<AppState>,
+    Caller(claims): Caller,
+    Path(session_id): Path<String>,
+    JsonBody(body): JsonBody<Heartbeat>,
+) -> Result<Json<HeartbeatAck>, ApiError> {
+    metrics::counter!("moneta_heartbeats_total", "state" => body.state.as_str()).increment(1);
+    let expires_at = app
+        .sessions
+        .heartbeat(&claims, &session_id, body.position_ms)
+        .await?;
+    Ok(Json(HeartbeatAck {
+        session_id,
+        expires_at,
+    }))
+}
+
+/// Ends a session and frees its stream slot at once.
+#[utoipa::path(
+    delete,
+    path = "/v1/playback/sessions/{session_id}",
+    tag = "sessions",
+    params(("session_id" = String, Path)),
+    request_body(content = Option<StopSession>, description = "Optional final position"),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Session ended"),
+        (status = 400, description = "invalid_body", body = ErrorBody),
+        (status = 401, description = "missing_token / invalid_token", body = ErrorBody),
+        (status = 404, description = "session_not_found", body = ErrorBody),
+        (status = 413, description = "payload_too_large", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type", body = ErrorBody),
+    )
+)]
+pub async fn stop(
+    State(app): State<AppState>,
+    Caller(claims): Caller,
+    Path(session_id): Path<String>,
+    OptionalJsonBody(body): OptionalJsonBody<StopSession>,
+) -> Result<StatusCode, ApiError> {
+    let position = body.unwrap_or_default().position_ms;
+    app.sessions.stop(&claims, &session_id, position).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's live sessions.
+#[utoipa::path(
+    get,
+    path = "/v1/playback/sessions",
+    tag = "sessions",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Live sessions", body = SessionList),
+        (status = 401, description = "missing_token / invalid_token", body = ErrorBody),
+    )
+)]
+pub async fn list(State(app): State<AppState>, Caller(claims): Caller) -> Json<SessionList> {
+    let (sessions, degraded) = match app.sessions.list(&claims).await {
+        Some(list) => (list, false),
+        None => (Vec::new(), true),
+    };
+    let sessions = sessions
+        .into_iter()
+        .map(|s| SessionView {
+            session_id: s.session_id,
+            device_id: s.device_id,
+            content_id: s.content_id,
+            expires_at: s.expires_at,
+        })
+        .collect();
+    Json(SessionList { sessions, degraded })
+}

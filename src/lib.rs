@@ -1,0 +1,12 @@
+//! Moneta: the playback edge of a streaming platform.
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod playback;
+pub mod progress;
+pub mod resilience;
+pub mod sessions;
+pub mod sources;
+pub mod startup;
+pub mod telemetry;

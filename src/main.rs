@@ -1,0 +1,121 @@
+//! The `moneta` command line: `serve` (the default) and `token`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use moneta::auth::Claims;
+use moneta::auth::verifier::mint_hs256;
+use moneta::config::Settings;
+use moneta::startup::{Application, shutdown_signal};
+use moneta::telemetry;
+
+#[derive(Parser)]
+#[command(
+    name = "moneta",
+    version,
+    about = "Video-playback service: signed stream URLs, DRM, resume positions, stream limits."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the public API and the admin (metrics) port. The default.
+    Serve,
+    /// Print a JWT signed with MONETA_JWT_HS256_SECRET, for development.
+    Token {
+        /// User id (`sub`).
+        #[arg(long)]
+        sub: String,
+        #[arg(long)]
+        plan: Option<String>,
+        #[arg(long = "max-streams")]
+        max_streams: Option<u32>,
+        /// ISO 3166-1 alpha-2 country.
+        #[arg(long)]
+        country: Option<String>,
+        /// Lifetime, e.g. 1h, 30m, 2d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+/// Exit code for unusable configuration (CONTRACT §2).
+const CONFIG_EXIT: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("moneta: configuration error: {e}");
+            return ExitCode::from(CONFIG_EXIT);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(settings),
+        Command::Token {
+            sub,
+            plan,
+            max_streams,
+            country,
+            ttl,
+        } => {
+            let Some(secret) = settings.jwt_hs256_secret.as_ref() else {
+                eprintln!("moneta: configuration error: MONETA_JWT_HS256_SECRET: required to mint tokens");
+                return ExitCode::from(CONFIG_EXIT);
+            };
+            let now = chrono::Utc::now().timestamp();
+            let claims = Claims {
+                sub,
+                exp: now + ttl.as_secs() as i64,
+                iat: Some(now),
+                nbf: None,
+                iss: settings.jwt_issuer.clone(),
+                plan,
+                max_streams,
+                country: country.map(|c| c.to_ascii_uppercase()),
+            };
+            match mint_hs256(secret.expose(), &claims) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("moneta: cannot sign the token: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn serve(settings: Settings) -> ExitCode {
+    telemetry::logs::init(&settings.log_filter, settings.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("moneta: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let app = match Application::build(settings).await {
+            Ok(app) => app,
+            Err(e) => {
+                eprintln!("moneta: start-up error: {e}");
+                return ExitCode::from(CONFIG_EXIT);
+            }
+        };
+        match app.run_until_stopped(shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "server failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

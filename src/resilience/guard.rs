@@ -1,0 +1,298 @@
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use failsafe::failure_policy::{ConsecutiveFailures, consecutive_failures};
+use failsafe::{Instrument, StateMachine};
+use tokio::sync::Semaphore;
+
+use crate::config::GuardSettings;
+
+/// Why a guarded call produced no answer. All of them mean "use the fallback".
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DependencyError {
+    #[error("{0}: circuit breaker open")]
+    Open(&'static str),
+    #[error("{0}: too many calls in flight")]
+    Saturated(&'static str),
+    #[error("{0}: no answer within the timeout")]
+    Timeout(&'static str),
+    #[error("{0}: {1}")]
+    Failed(&'static str, String),
+}
+
+/// Circuit breaker state as exported in `moneta_circuit_breaker_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BreakerState {
+    Closed = 0,
+    HalfOpen = 1,
+    Open = 2,
+}
+
+impl BreakerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => BreakerState::HalfOpen,
+            2 => BreakerState::Open,
+            _ => BreakerState::Closed,
+        }
+    }
+}
+
+/// Feeds failsafe's state transitions into an atomic (for the half-open probe
+/// limit and readiness) and into the exported gauge.
+struct Observer {
+    dependency: &'static str,
+    state: Arc<AtomicU8>,
+}
+
+impl Observer {
+    fn set(&self, state: BreakerState) {
+        self.state.store(state as u8, Ordering::Release);
+        metrics::gauge!("moneta_circuit_breaker_state", "dependency" => self.dependency)
+            .set(state as u8 as f64);
+        tracing::info!(dependency = self.dependency, state = ?state, "circuit breaker changed state");
+    }
+}
+
+impl Instrument for Observer {
+    fn on_call_rejected(&self) {}
+    fn on_open(&self) {
+        self.set(BreakerState::Open);
+    }
+    fn on_half_open(&self) {
+        self.set(BreakerState::HalfOpen);
+    }
+    fn on_closed(&self) {
+        self.set(BreakerState::Closed);
+    }
+}
+
+/// Doubling open intervals from `next` up to `max`. failsafe's own backoffs
+/// refuse intervals under one second, too coarse for a playback hot path.
+#[derive(Clone)]
+struct Doubling {
+    next: Duration,
+    max: Duration,
+}
+
+impl Iterator for Doubling {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let current = self.next;
+        self.next = (self.next * 2).min(self.max);
+        Some(current)
+    }
+}
+
+type Breaker = StateMachine<ConsecutiveFailures<Doubling>, Observer>;
+
+struct Inner {
+    dependency: &'static str,
+    settings: GuardSettings,
+    breaker: Breaker,
+    state: Arc<AtomicU8>,
+    bulkhead: Semaphore,
+    /// failsafe lets every call through while half-open; this bounds the probes.
+    probes: Semaphore,
+    last_ok: AtomicBool,
+}
+
+/// Timeout ∘ bulkhead ∘ circuit breaker ∘ metrics around one dependency.
+///
+/// A call rejected by the open breaker or the full bulkhead returns at once
+/// (an atomic load and a mutex-free semaphore try). The timeout runs inside the
+/// breaker's accounting, so a hung dependency counts as failing. A call whose
+/// future is dropped (the client went away) records no outcome, as in failsafe.
+#[derive(Clone)]
+pub struct Guard {
+    inner: Arc<Inner>,
+}
+
+impl Guard {
+    pub fn new(dependency: &'static str, settings: &GuardSettings) -> Self {
+        let state = Arc::new(AtomicU8::new(BreakerState::Closed as u8));
+        let policy = consecutive_failures(
+            settings.breaker_failures,
+            Doubling {
+                next: settings.breaker_open_min,
+                max: settings.breaker_open_max,
+            },
+        );
+        let breaker = failsafe::Config::new()
+            .failure_policy(policy)
+            .instrument(Observer {
+                dependency,
+                state: state.clone(),
+            })
+            .build();
+        Self {
+            inner: Arc::new(Inner {
+                dependency,
+                settings: settings.clone(),
+                breaker,
+                state,
+                bulkhead: Semaphore::new(settings.max_concurrency),
+                probes: Semaphore::new(settings.half_open_probes),
+                last_ok: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    pub fn dependency(&self) -> &'static str {
+        self.inner.dependency
+    }
+
+    pub fn state(&self) -> BreakerState {
+        BreakerState::from_u8(self.inner.state.load(Ordering::Acquire))
+    }
+
+    /// Up when the breaker is closed and the last call succeeded.
+    pub fn is_up(&self) -> bool {
+        self.state() == BreakerState::Closed && self.inner.last_ok.load(Ordering::Relaxed)
+    }
+
+    /// Runs `call` under the guard. `Err` from `call` counts as a failure of the dependency.
+    pub async fn call<T, E, F>(&self, call: F) -> Result<T, DependencyError>
+    where
+        E: Display,
+        F: Future<Output = Result<T, E>>,
+    {
+        let inner = &*self.inner;
+        let dep = inner.dependency;
+        if !inner.breaker.is_call_permitted() {
+            return Err(self.reject(DependencyError::Open(dep), "rejected_open"));
+        }
+        let _probe = if self.state() == BreakerState::HalfOpen {
+            match inner.probes.try_acquire() {
+                Ok(permit) => Some(permit),
+                Err(_) => return Err(self.reject(DependencyError::Open(dep), "rejected_open")),
+            }
+        } else {
+            None
+        };
+        let Ok(_slot) = inner.bulkhead.try_acquire() else {
+            return Err(self.reject(DependencyError::Saturated(dep), "rejected_full"));
+        };
+        let started = Instant::now();
+        let result = tokio::time::timeout(inner.settings.timeout, call).await;
+        let (outcome, result) = match result {
+            Ok(Ok(value)) => ("success", Ok(value)),
+            Ok(Err(e)) => ("error", Err(DependencyError::Failed(dep, e.to_string()))),
+            Err(_) => ("timeout", Err(DependencyError::Timeout(dep))),
+        };
+        match &result {
+            Ok(_) => inner.breaker.on_success(),
+            Err(e) => {
+                tracing::warn!(dependency = dep, error = %e, "dependency call failed");
+                inner.breaker.on_error();
+            }
+        }
+        inner.last_ok.store(result.is_ok(), Ordering::Relaxed);
+        metrics::histogram!("moneta_dependency_request_duration_seconds", "dependency" => dep)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("moneta_dependency_requests_total", "dependency" => dep, "outcome" => outcome)
+            .increment(1);
+        result
+    }
+
+    fn reject(&self, error: DependencyError, outcome: &'static str) -> DependencyError {
+        metrics::counter!(
+            "moneta_dependency_requests_total",
+            "dependency" => self.inner.dependency,
+            "outcome" => outcome
+        )
+        .increment(1);
+        error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> GuardSettings {
+        GuardSettings {
+            timeout: Duration::from_millis(50),
+            max_concurrency: 2,
+            breaker_failures: 3,
+            breaker_open_min: Duration::from_millis(100),
+            breaker_open_max: Duration::from_millis(100),
+            half_open_probes: 1,
+        }
+    }
+
+    async fn fail(g: &Guard) -> Result<(), DependencyError> {
+        g.call(async { Err::<(), _>("boom") }).await
+    }
+
+    #[tokio::test]
+    async fn opens_after_consecutive_failures_and_recovers() {
+        let g = Guard::new("test", &settings());
+        for _ in 0..3 {
+            assert!(matches!(fail(&g).await, Err(DependencyError::Failed(..))));
+        }
+        assert_eq!(g.state(), BreakerState::Open);
+        assert!(matches!(fail(&g).await, Err(DependencyError::Open(_))));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(g.call(async { Ok::<_, String>(1) }).await.is_ok());
+        assert_eq!(g.state(), BreakerState::Closed);
+        assert!(g.is_up());
+    }
+
+    #[tokio::test]
+    async fn timeout_counts_as_failure() {
+        let g = Guard::new("test", &settings());
+        for _ in 0..3 {
+            let r = g
+                .call(async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok::<_, String>(())
+                })
+                .await;
+            assert!(matches!(r, Err(DependencyError::Timeout(_))));
+        }
+        assert_eq!(g.state(), BreakerState::Open);
+    }
+
+    #[tokio::test]
+    async fn half_open_admits_a_bounded_number_of_probes() {
+        let g = Guard::new("test", &settings());
+        for _ in 0..3 {
+            let _ = fail(&g).await;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let slow = g.call(async {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            Ok::<_, String>(())
+        });
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            g.call(async { Ok::<_, String>(()) }).await
+        };
+        let (first, second) = tokio::join!(slow, second);
+        assert!(first.is_ok());
+        assert!(matches!(second, Err(DependencyError::Open(_))));
+    }
+
+    #[tokio::test]
+    async fn bulkhead_rejects_instead_of_queueing() {
+        let g = Guard::new("test", &settings());
+        let hold = || {
+            g.call(async {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                Ok::<_, String>(())
+            })
+        };
+        let third = async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            g.call(async { Ok::<_, String>(()) }).await
+        };
+        let (a, b, c) = tokio::join!(hold(), hold(), third);
+        assert!(a.is_ok() && b.is_ok());
+        assert!(matches!(c, Err(DependencyError::Saturated(_))));
+    }
+}

@@ -1,0 +1,12 @@
+//! The only code that does I/O: Redis, the internal API and the static
+//! snapshot. Each networked source owns its [`Guard`](crate::resilience::Guard).
+
+pub mod internal_api;
+pub mod redis;
+pub mod snapshot;
+
+/// What a request passes down to outbound calls for correlation.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    pub request_id: Option<String>,
+}

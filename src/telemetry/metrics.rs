@@ -1,0 +1,100 @@
+//! The Prometheus recorder and the descriptions of every metric Moneta exports.
+
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Buckets for a service whose warm answers take about a millisecond and whose
+/// dependency timeouts are 250 ms and 1 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+
+/// Installs the global recorder once per process and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Renders the exposition text, refreshing process metrics first.
+pub fn render(handle: &PrometheusHandle) -> String {
+    PROCESS
+        .get_or_init(|| {
+            let collector = metrics_process::Collector::default();
+            collector.describe();
+            collector
+        })
+        .collect();
+    handle.render()
+}
+
+fn describe() {
+    describe_counter!(
+        "moneta_http_requests_total",
+        "HTTP requests answered, by method, route template and status."
+    );
+    describe_histogram!(
+        "moneta_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request, by route template."
+    );
+    describe_gauge!(
+        "moneta_http_requests_in_flight",
+        "HTTP requests being answered now."
+    );
+    describe_counter!(
+        "moneta_dependency_requests_total",
+        "Calls to a dependency by outcome (success, error, timeout, rejected_open, rejected_full)."
+    );
+    describe_histogram!(
+        "moneta_dependency_request_duration_seconds",
+        Unit::Seconds,
+        "Time of calls that reached a dependency."
+    );
+    describe_gauge!(
+        "moneta_circuit_breaker_state",
+        "Circuit breaker per dependency: 0 closed, 1 half-open, 2 open."
+    );
+    describe_counter!(
+        "moneta_fallbacks_total",
+        "Answers (or parts) served from a fallback, by dependency and kind."
+    );
+    describe_counter!(
+        "moneta_stream_limit_rejections_total",
+        "Session starts refused by the concurrent-stream limit."
+    );
+    describe_counter!("moneta_heartbeats_total", "Heartbeats received, by player state.");
+    describe_gauge!(
+        "moneta_progress_queue_depth",
+        "Resume positions waiting for delivery to the internal API."
+    );
+    describe_counter!(
+        "moneta_progress_delivered_total",
+        "Resume positions delivered to the internal API."
+    );
+    describe_counter!(
+        "moneta_progress_dropped_total",
+        "Resume positions not queued because the queue was full."
+    );
+    describe_gauge!("moneta_jwt_keys", "JWT verification keys in force.");
+    describe_counter!(
+        "moneta_jwt_key_refresh_failures_total",
+        "Failed refreshes of a JWT key source."
+    );
+}

@@ -1,0 +1,120 @@
+use base64::Engine;
+use serde_json::json;
+
+use crate::helpers::{error_code, spawn_app};
+use crate::support::DEV_SECRET;
+
+fn b64(v: &serde_json::Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+/// Signs arbitrary header and claims with HS256 and the dev secret.
+fn forge(header: serde_json::Value, claims: serde_json::Value, secret: &str) -> String {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let mut h = Header::new(jsonwebtoken::Algorithm::HS256);
+    if let Some(kid) = header.get("kid").and_then(|k| k.as_str()) {
+        h.kid = Some(kid.to_owned());
+    }
+    encode(&h, &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+#[tokio::test]
+async fn missing_token_is_401_missing_token() {
+    let app = spawn_app().await;
+    let resp = app
+        .client
+        .get(format!("{}/v1/contents/m-0001/playback-info", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(error_code(resp).await, "missing_token");
+}
+
+#[tokio::test]
+async fn every_bad_token_is_401_invalid_token() {
+    let app = spawn_app().await;
+    let good_claims = json!({"sub": "u-basic", "exp": now() + 600});
+    let alg_none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&good_claims)
+    );
+    let cases: Vec<(&str, String)> = vec![
+        ("garbage", "not-a-jwt".into()),
+        ("alg none", alg_none),
+        (
+            "wrong secret",
+            forge(json!({}), good_claims.clone(), "another-secret"),
+        ),
+        (
+            "expired beyond leeway",
+            forge(json!({}), json!({"sub": "u", "exp": now() - 60}), DEV_SECRET),
+        ),
+        (
+            "not yet valid",
+            forge(
+                json!({}),
+                json!({"sub": "u", "exp": now() + 600, "nbf": now() + 300}),
+                DEV_SECRET,
+            ),
+        ),
+        ("no exp", forge(json!({}), json!({"sub": "u"}), DEV_SECRET)),
+        (
+            "no sub",
+            forge(json!({}), json!({"exp": now() + 600}), DEV_SECRET),
+        ),
+        (
+            "unknown kid",
+            forge(json!({"kid": "nope"}), good_claims.clone(), DEV_SECRET),
+        ),
+        ("too large", format!("{}.{}.x", "a".repeat(9000), "b")),
+        (
+            "extra segment",
+            format!("{}.extra", forge(json!({}), good_claims.clone(), DEV_SECRET)),
+        ),
+        ("bad base64", "@@@.###.$$$".into()),
+    ];
+    for (name, token) in cases {
+        let resp = app.playback_info("m-0001", &token).await;
+        assert_eq!(resp.status(), 401, "{name}");
+        assert_eq!(
+            resp.headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok()),
+            Some(r#"Bearer error="invalid_token""#),
+            "{name}"
+        );
+        assert_eq!(error_code(resp).await, "invalid_token", "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_scheme_other_than_bearer_is_refused() {
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let resp = app
+        .client
+        .get(format!("{}/v1/contents/m-0001/playback-info", app.address))
+        .header("authorization", format!("Basic {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(error_code(resp).await, "invalid_token");
+}
+
+#[tokio::test]
+async fn expiry_within_leeway_is_accepted() {
+    let app = spawn_app().await;
+    let token = forge(
+        json!({}),
+        json!({"sub": "u-basic", "exp": now() - 10}),
+        DEV_SECRET,
+    );
+    assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
+}

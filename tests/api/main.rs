@@ -1,0 +1,18 @@
+//! Integration tests that drive Moneta's real HTTP surface against a real
+//! redis-server and an in-test internal API.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod helpers;
+
+mod auth;
+mod cdn_signing;
+mod fault_proxy;
+mod faults;
+mod health;
+mod playback_info;
+mod progress;
+mod schemathesis;
+mod sessions;
+mod shutdown;

@@ -1,0 +1,217 @@
+use serde_json::Value;
+
+use crate::helpers::{Fault, error_code, spawn_app, spawn_app_with};
+use crate::support;
+
+#[tokio::test]
+async fn answers_the_contract_shape() {
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let resp = app.playback_info("m-0001", &token).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("x-request-id"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["content_id"], "m-0001");
+    assert_eq!(body["duration_ms"], 7_920_000);
+    assert_eq!(body["degraded"], false);
+    assert_eq!(body["resume_position_ms"], 0);
+    let dash = &body["streams"][0];
+    assert_eq!(dash["protocol"], "dash");
+    assert_eq!(dash["url"], "https://cdn.example.com/m-0001/dash/manifest.mpd");
+    assert_eq!(dash["drm"]["system"], "widevine");
+    assert_eq!(dash["drm"]["license_url"], "https://drm.example.com/widevine");
+    assert_eq!(dash["drm"]["key_id"], "0123abcd");
+    assert!(body["streams"][1]["drm"].is_null());
+    assert_eq!(
+        body["subtitles"][0]["url"],
+        "https://cdn.example.com/m-0001/subs/ko.vtt"
+    );
+    // The internal API got our bearer token and the request id.
+    assert!(
+        app.api
+            .state
+            .authorizations
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|a| a == "Bearer internal-token")
+    );
+    assert!(!app.api.state.request_ids.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn invalid_content_id_is_400() {
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    for id in ["bad.id", "a%20b", &"x".repeat(65)] {
+        let resp = app.playback_info(id, &token).await;
+        assert_eq!(resp.status(), 400, "{id}");
+        assert_eq!(error_code(resp).await, "invalid_content_id");
+    }
+}
+
+#[tokio::test]
+async fn unknown_content_is_404() {
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let resp = app.playback_info("m-9999", &token).await;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(error_code(resp).await, "content_not_found");
+}
+
+#[tokio::test]
+async fn entitlement_rules_give_403s() {
+    let app = spawn_app().await;
+    let cases = [
+        ("u-nobody", "basic", "m-0001", "KR", "no_entitlement"),
+        ("u-inactive", "standard", "m-0001", "KR", "subscription_inactive"),
+        ("u-standard", "standard", "m-0002", "KR", "plan_not_eligible"),
+        ("u-basic", "basic", "m-0003", "JP", "region_unavailable"),
+    ];
+    for (user, plan, content, country, code) in cases {
+        let resp = app
+            .playback_info(content, &app.token(user, plan, 1, country))
+            .await;
+        assert_eq!(resp.status(), 403, "{user} {content}");
+        assert_eq!(error_code(resp).await, code);
+    }
+    // The entitlement decides, not the token's claim: premium in the token does not help.
+    let resp = app
+        .playback_info("m-0002", &app.token("u-standard", "premium", 1, "KR"))
+        .await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(
+        app.playback_info("m-0002", &app.token("u-premium", "premium", 4, "KR"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.playback_info("m-0003", &app.token("u-basic", "basic", 1, "KR"))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn redis_is_read_first() {
+    // No in-process copy: the second read must come from Redis.
+    let app = spawn_app_with(|v| v.push(("MONETA_CONTENT_LOCAL_TTL_MS".into(), "1".into()))).await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
+    let after_first = app.api.total_calls();
+    assert_eq!(app.api.content_calls(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    for _ in 0..3 {
+        assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
+    }
+    assert_eq!(app.api.content_calls(), 1);
+    assert_eq!(
+        app.api.total_calls(),
+        after_first,
+        "warm reads must not call the internal API"
+    );
+}
+
+#[tokio::test]
+async fn internal_api_down_without_fallback_is_503() {
+    let app = spawn_app().await;
+    app.api.set_fault(Fault::Status500);
+    let resp = app
+        .playback_info("m-0001", &app.token("u-basic", "basic", 1, "KR"))
+        .await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(error_code(resp).await, "dependency_unavailable");
+}
+
+#[tokio::test]
+async fn internal_api_down_serves_the_snapshot_and_claims_degraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = support::write_snapshot(dir.path());
+    let app = spawn_app_with(|v| {
+        v.push((
+            "MONETA_FALLBACK_CATALOG_FILE".into(),
+            snapshot.display().to_string(),
+        ));
+    })
+    .await;
+    app.api.set_fault(Fault::Status500);
+    let resp = app
+        .playback_info("m-0001", &app.token("u-basic", "basic", 1, "KR"))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["degraded"], true);
+    assert_eq!(body["content_id"], "m-0001");
+}
+
+#[tokio::test]
+async fn stale_copy_serves_when_the_api_fails_later() {
+    let app = spawn_app_with(|v| {
+        v.push(("MONETA_CONTENT_TTL_S".into(), "1".into()));
+        v.push(("MONETA_CONTENT_LOCAL_TTL_MS".into(), "1".into()));
+    })
+    .await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    app.api.set_fault(Fault::Status500);
+    let body: Value = app.playback_info("m-0001", &token).await.json().await.unwrap();
+    assert_eq!(body["degraded"], true, "stale title and claims-based entitlement");
+    assert_eq!(body["title"], "Title m-0001");
+}
+
+#[tokio::test]
+async fn request_ids_are_kept_when_sane_and_replaced_otherwise() {
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let url = format!("{}/v1/contents/m-0001/playback-info", app.address);
+    let resp = app
+        .client
+        .get(&url)
+        .bearer_auth(&token)
+        .header("x-request-id", "client-abc.123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "client-abc.123");
+    assert!(
+        app.api
+            .state
+            .request_ids
+            .lock()
+            .unwrap()
+            .contains(&"client-abc.123".to_owned())
+    );
+    let resp = app
+        .client
+        .get(&url)
+        .bearer_auth(&token)
+        .header("x-request-id", "bad id <script>")
+        .send()
+        .await
+        .unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_ne!(id, "bad id <script>");
+    assert!(!id.is_empty());
+}
+
+#[tokio::test]
+async fn unknown_route_and_wrong_method_are_json() {
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let resp = app.get("/v1/nothing-here", &token).await;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(error_code(resp).await, "not_found");
+    let resp = app
+        .client
+        .post(format!("{}/v1/contents/m-0001/playback-info", app.address))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(error_code(resp).await, "method_not_allowed");
+}

@@ -1,0 +1,294 @@
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{error_code, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn start_heartbeat_list_stop() {
+    let app = spawn_app().await;
+    let token = app.token("u-standard", "standard", 2, "KR");
+    let resp = app.start_session(&token, "m-0001", "tv-livingroom").await;
+    assert_eq!(resp.status(), 201);
+    let started: Value = resp.json().await.unwrap();
+    let id = started["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(started["heartbeat_interval_s"], 30);
+    assert!(chrono::DateTime::parse_from_rfc3339(started["expires_at"].as_str().unwrap()).is_ok());
+    assert_eq!(started["playback"]["content_id"], "m-0001");
+    assert_eq!(started["playback"]["degraded"], false);
+
+    let resp = app.heartbeat(&token, &id, 1000).await;
+    assert_eq!(resp.status(), 200);
+    let ack: Value = resp.json().await.unwrap();
+    assert_eq!(ack["session_id"], id.as_str());
+    assert!(chrono::DateTime::parse_from_rfc3339(ack["expires_at"].as_str().unwrap()).is_ok());
+
+    let list: Value = app
+        .get("/v1/playback/sessions", &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
+    assert_eq!(list["sessions"][0]["device_id"], "tv-livingroom");
+    assert_eq!(list["sessions"][0]["content_id"], "m-0001");
+
+    assert_eq!(app.stop_session(&token, &id).await.status(), 204);
+    let list: Value = app
+        .get("/v1/playback/sessions", &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(list["sessions"].as_array().unwrap().is_empty());
+    let resp = app.stop_session(&token, &id).await;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(error_code(resp).await, "session_not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_parallel_starts_never_exceed_the_limit() {
+    let app = spawn_app().await;
+    let token = app.token("u-standard", "standard", 2, "KR");
+    // Warm the caches so every start races on the limit itself.
+    assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
+    let starts = (0..50).map(|i| {
+        let client = app.client.clone();
+        let url = format!("{}/v1/playback/sessions", app.address);
+        let token = token.clone();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"content_id": "m-0001", "device_id": format!("device-{i}")}))
+                .send()
+                .await
+                .unwrap()
+        })
+    });
+    let mut created = 0;
+    let mut conflicts = 0;
+    for handle in starts {
+        let resp = handle.await.unwrap();
+        match resp.status().as_u16() {
+            201 => created += 1,
+            409 => {
+                let body: Value = resp.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "stream_limit_reached");
+                assert_eq!(body["error"]["max_streams"], 2);
+                assert_eq!(body["error"]["active_sessions"].as_array().unwrap().len(), 2);
+                conflicts += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!((created, conflicts), (2, 48));
+}
+
+#[tokio::test]
+async fn the_same_device_replaces_its_session() {
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let first: Value = app
+        .start_session(&token, "m-0001", "phone")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let resp = app.start_session(&token, "m-0001", "phone").await;
+    assert_eq!(resp.status(), 201);
+    let old = first["session_id"].as_str().unwrap();
+    assert_eq!(
+        app.heartbeat(&token, old, 5).await.status(),
+        404,
+        "the replaced session is gone"
+    );
+    let resp = app.start_session(&token, "m-0001", "tablet").await;
+    assert_eq!(resp.status(), 409);
+}
+
+#[tokio::test]
+async fn stop_frees_the_slot_at_once() {
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let s: Value = app
+        .start_session(&token, "m-0001", "phone")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 409);
+    assert_eq!(
+        app.stop_session(&token, s["session_id"].as_str().unwrap())
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 201);
+}
+
+#[tokio::test]
+async fn sessions_without_heartbeat_stop_counting() {
+    let app = spawn_app_with(|v| {
+        v.push(("MONETA_SESSION_TTL_S".into(), "2".into()));
+        v.push(("MONETA_HEARTBEAT_INTERVAL_S".into(), "1".into()));
+    })
+    .await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let s: Value = app
+        .start_session(&token, "m-0001", "phone")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 409);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        app.heartbeat(&token, s["session_id"].as_str().unwrap(), 1)
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 201);
+}
+
+#[tokio::test]
+async fn another_users_session_is_not_found() {
+    let app = spawn_app().await;
+    let alice = app.token("u-standard", "standard", 2, "KR");
+    let bob = app.token("u-premium", "premium", 4, "KR");
+    let s: Value = app
+        .start_session(&alice, "m-0001", "phone")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = s["session_id"].as_str().unwrap();
+    assert_eq!(app.heartbeat(&bob, id, 1).await.status(), 404);
+    assert_eq!(app.stop_session(&bob, id).await.status(), 404);
+    assert_eq!(app.heartbeat(&alice, "no-such-session", 1).await.status(), 404);
+}
+
+#[tokio::test]
+async fn start_applies_the_playback_checks() {
+    let app = spawn_app().await;
+    let resp = app
+        .start_session(&app.token("u-standard", "standard", 2, "KR"), "m-0002", "tv")
+        .await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(error_code(resp).await, "plan_not_eligible");
+    let resp = app
+        .start_session(&app.token("u-basic", "basic", 1, "KR"), "m-4040", "tv")
+        .await;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(error_code(resp).await, "content_not_found");
+}
+
+#[tokio::test]
+async fn bad_bodies_are_rejected_and_nothing_is_written() {
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let url = format!("{}/v1/playback/sessions", app.address);
+    let send = |body: String, ct: &'static str| {
+        app.client
+            .post(&url)
+            .bearer_auth(&token)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    let cases = [
+        ("{not json", "application/json", 400, "invalid_body"),
+        (
+            r#"{"content_id": 5, "device_id": "tv"}"#,
+            "application/json",
+            400,
+            "invalid_body",
+        ),
+        (r#"{"device_id": "tv"}"#, "application/json", 400, "invalid_body"),
+        (
+            r#"{"content_id": "m-0001", "device_id": "bad/device"}"#,
+            "application/json",
+            400,
+            "invalid_body",
+        ),
+        (
+            r#"{"content_id": "bad.id", "device_id": "tv"}"#,
+            "application/json",
+            400,
+            "invalid_content_id",
+        ),
+        (
+            r#"{"content_id": "m-0001", "device_id": "tv"}"#,
+            "text/plain",
+            415,
+            "unsupported_media_type",
+        ),
+    ];
+    for (body, ct, status, code) in cases {
+        let resp = send(body.to_owned(), ct).await.unwrap();
+        assert_eq!(resp.status(), status, "{body}");
+        assert_eq!(error_code(resp).await, code, "{body}");
+    }
+    let big = format!(
+        r#"{{"content_id": "m-0001", "device_id": "tv", "pad": "{}"}}"#,
+        "x".repeat(20_000)
+    );
+    assert_eq!(send(big, "application/json").await.unwrap().status(), 413);
+    let list: Value = app
+        .get("/v1/playback/sessions", &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        list["sessions"].as_array().unwrap().is_empty(),
+        "nothing half-written"
+    );
+
+    let s: Value = app
+        .start_session(&token, "m-0001", "tv")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let hb_url = format!(
+        "{}/v1/playback/sessions/{}",
+        app.address,
+        s["session_id"].as_str().unwrap()
+    );
+    for body in [
+        r#"{"position_ms": 1, "state": "dancing"}"#,
+        r#"{"position_ms": -1, "state": "playing"}"#,
+        r#"{"state": "paused"}"#,
+    ] {
+        let resp = app
+            .client
+            .put(&hb_url)
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        assert_eq!(error_code(resp).await, "invalid_body");
+    }
+    let resp = app
+        .client
+        .delete(&hb_url)
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        app.heartbeat(&token, s["session_id"].as_str().unwrap(), 1)
+            .await
+            .status(),
+        200,
+        "the bad stop did nothing"
+    );
+}
