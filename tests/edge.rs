@@ -1,0 +1,605 @@
+//! The edge (CONTRACT section 4): the real `nginx`, running the repository's
+//! rendered configuration, in front of the real `moneta` binary — or, where
+//! an assertion needs to see what nginx forwards, in front of a small echo
+//! server that reports the request headers and counts TCP connections.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::http::{HeaderMap, Method, Uri};
+use axum::response::IntoResponse;
+use axum::serve::ListenerExt;
+use serde_json::{Value, json};
+use support::nginx::{Nginx, NginxOptions};
+use support::{MonetaProcess, RedisServer};
+
+// ---------------------------------------------------------------------------
+// Fixtures
+
+/// Moneta with a live Redis, an internal API nobody answers for, and the
+/// fallback snapshot, so playback-info for m-0001 answers 200 (degraded).
+struct Moneta {
+    process: MonetaProcess,
+    _redis: RedisServer,
+    _dir: tempfile::TempDir,
+}
+
+impl Moneta {
+    fn start() -> Moneta {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redis = RedisServer::start();
+        let snapshot = support::write_snapshot(dir.path());
+        let nobody_listens = support::free_port();
+        let process = MonetaProcess::start(&[
+            ("MONETA_REDIS_URL", redis.url.clone()),
+            (
+                "MONETA_INTERNAL_API_URL",
+                format!("http://127.0.0.1:{nobody_listens}"),
+            ),
+            ("MONETA_FALLBACK_CATALOG_FILE", snapshot.display().to_string()),
+        ]);
+        Moneta {
+            process,
+            _redis: redis,
+            _dir: dir,
+        }
+    }
+
+    fn upstream(&self) -> String {
+        format!("127.0.0.1:{}", self.process.port)
+    }
+}
+
+/// Stands in for Moneta where the test must see what nginx sends upstream.
+struct Echo {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Echo {
+    async fn start() -> Echo {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind echo");
+        let addr = listener.local_addr().expect("echo addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let accepted = connections.clone();
+        let listener = listener.tap_io(move |_| {
+            accepted.fetch_add(1, Ordering::SeqCst);
+        });
+        let seen = requests.clone();
+        let app = Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async move { echo(method, uri, headers) }
+        });
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("echo server");
+        });
+        Echo {
+            addr,
+            connections,
+            requests,
+            task,
+        }
+    }
+
+    fn upstream(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reports the request as received, and answers with the kind of banner
+/// headers a framework adds, which the edge must not let out.
+fn echo(method: Method, uri: Uri, headers: HeaderMap) -> impl IntoResponse {
+    let mut seen = serde_json::Map::new();
+    for (name, value) in &headers {
+        let values = seen.entry(name.as_str().to_owned()).or_insert_with(|| json!([]));
+        values
+            .as_array_mut()
+            .expect("array")
+            .push(json!(value.to_str().unwrap_or("<non-ascii>")));
+    }
+    (
+        [("x-powered-by", "EchoFramework/1.2.3"), ("x-runtime", "0.001")],
+        Json(json!({
+            "method": method.as_str(),
+            "uri": uri.to_string(),
+            "headers": seen,
+        })),
+    )
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("reqwest client")
+}
+
+fn token() -> String {
+    support::mint_token("demo-premium", "premium", 4, "KR")
+}
+
+/// Asserts the contract's error shape and returns the body.
+async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    let url = response.url().clone();
+    assert_eq!(response.status().as_u16(), status, "status of {url}");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{url}: content-type {content_type:?}"
+    );
+    let body: Value = response.json().await.expect("error body is JSON");
+    assert_eq!(body["error"]["code"], code, "{url}: {body}");
+    assert!(
+        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{url}: error without a message: {body}"
+    );
+    body
+}
+
+fn request_ids(response: &reqwest::Response) -> Vec<String> {
+    response
+        .headers()
+        .get_all("x-request-id")
+        .iter()
+        .map(|v| v.to_str().expect("ascii request id").to_owned())
+        .collect()
+}
+
+/// Sends raw bytes, for requests no HTTP client would produce.
+fn raw_exchange(port: u16, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to nginx");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    stream.write_all(request).expect("write raw request");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// Through to Moneta
+
+#[tokio::test]
+async fn public_routes_reach_moneta_and_its_answers_pass_untouched() {
+    let moneta = Moneta::start();
+    let nginx = Nginx::start(NginxOptions::new(moneta.upstream()));
+    let http = client();
+    let token = token();
+
+    let live = http.get(nginx.url("/health/live")).send().await.unwrap();
+    assert_eq!(live.status(), 200);
+
+    let ready = http.get(nginx.url("/health/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let ready: Value = ready.json().await.unwrap();
+    assert!(ready["status"].is_string(), "{ready}");
+
+    let openapi = http.get(nginx.url("/openapi.json")).send().await.unwrap();
+    assert_eq!(openapi.status(), 200);
+    let openapi: Value = openapi.json().await.unwrap();
+    assert!(
+        openapi["openapi"].as_str().is_some_and(|v| v.starts_with('3')),
+        "not an OpenAPI 3 document"
+    );
+
+    let info = http
+        .get(nginx.url("/v1/contents/m-0001/playback-info"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(info.status(), 200);
+    let info: Value = info.json().await.unwrap();
+    assert_eq!(info["content_id"], "m-0001");
+    assert_eq!(info["degraded"], true, "{info}");
+
+    // Moneta's own errors must not be replaced by the edge's error pages.
+    let anonymous = http
+        .get(nginx.url("/v1/contents/m-0001/playback-info"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(anonymous, 401, "missing_token").await;
+
+    let unknown = http
+        .get(nginx.url("/v1/contents/m-9999/playback-info"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        unknown.headers().contains_key("retry-after"),
+        "Moneta's Retry-After was lost"
+    );
+    expect_error(unknown, 503, "dependency_unavailable").await;
+
+    // The session routes, including the one with an id in its path.
+    let started = http
+        .post(nginx.url("/v1/playback/sessions"))
+        .bearer_auth(&token)
+        .json(&json!({"content_id": "m-0001", "device_id": "tv-edge"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 201);
+    let started: Value = started.json().await.unwrap();
+    let session_id = started["session_id"].as_str().expect("session_id").to_owned();
+
+    let listed = http
+        .get(nginx.url("/v1/playback/sessions"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+
+    let heartbeat = http
+        .put(nginx.url(&format!("/v1/playback/sessions/{session_id}")))
+        .bearer_auth(&token)
+        .json(&json!({"position_ms": 1000, "state": "playing"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(heartbeat.status(), 200);
+
+    let stopped = http
+        .delete(nginx.url(&format!("/v1/playback/sessions/{session_id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stopped.status(), 204);
+}
+
+#[tokio::test]
+async fn bodies_over_16_kib_are_refused_with_413_json() {
+    let moneta = Moneta::start();
+    let nginx = Nginx::start(NginxOptions::new(moneta.upstream()));
+    let http = client();
+    let token = token();
+
+    let too_big = http
+        .post(nginx.url("/v1/playback/sessions"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 17 * 1024])
+        .send()
+        .await
+        .unwrap();
+    expect_error(too_big, 413, "payload_too_large").await;
+
+    // Just under the limit goes through to Moneta, which judges the body.
+    let mut body = br#"{"content_id":"m-0001","device_id":"tv-edge"}"#.to_vec();
+    body.resize(15 * 1024, b' ');
+    let fits = http
+        .post(nginx.url("/v1/playback/sessions"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(fits.status(), 413, "a 15 KiB body was refused");
+    assert!(fits.status().as_u16() < 500, "{}", fits.status());
+
+    // Moneta has the same limit; the point of the edge one is that an
+    // oversized body never costs the service anything.
+    let echo = Echo::start().await;
+    let edge = Nginx::start(NginxOptions::new(echo.upstream()));
+    let too_big = http
+        .post(edge.url("/v1/playback/sessions"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 17 * 1024])
+        .send()
+        .await
+        .unwrap();
+    expect_error(too_big, 413, "payload_too_large").await;
+    assert_eq!(
+        echo.requests.load(Ordering::SeqCst),
+        0,
+        "the oversized body was forwarded"
+    );
+}
+
+#[tokio::test]
+async fn bursts_over_the_rate_limit_get_429_json() {
+    let moneta = Moneta::start();
+    // One request a minute: nothing refills while the test runs, however
+    // slow the machine, so the counts below are exact.
+    let nginx = Nginx::start(NginxOptions::new(moneta.upstream()).rate_limit("1r/m", 5));
+    let http = client();
+
+    let mut statuses = Vec::new();
+    let mut limited = None;
+    for _ in 0..30 {
+        let response = http.get(nginx.url("/health/live")).send().await.unwrap();
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 && limited.is_none() {
+            limited = Some(response);
+        }
+    }
+    let passed = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    // The first request, then the burst of five; everything after is excess.
+    assert_eq!(
+        &statuses[..6],
+        &[200; 6],
+        "the burst itself must pass: {statuses:?}"
+    );
+    assert_eq!(passed, 6, "{statuses:?}");
+    assert_eq!(
+        refused,
+        statuses.len() - 6,
+        "the excess must be refused: {statuses:?}"
+    );
+
+    let limited = limited.expect("a 429");
+    assert!(limited.headers().contains_key("retry-after"));
+    assert_eq!(request_ids(&limited).len(), 1);
+    expect_error(limited, 429, "rate_limited").await;
+
+    nginx.wait_for_access_log("a REJECTED line", |lines| {
+        lines
+            .iter()
+            .any(|l| l["limit_req_status"] == "REJECTED" && l["status"] == 429)
+    });
+}
+
+#[tokio::test]
+async fn server_version_is_hidden_and_request_ids_are_set_or_kept() {
+    let moneta = Moneta::start();
+    let nginx = Nginx::start(NginxOptions::new(moneta.upstream()));
+    let http = client();
+
+    for path in ["/health/live", "/metrics"] {
+        let response = http.get(nginx.url(path)).send().await.unwrap();
+        let server = response
+            .headers()
+            .get("server")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        assert!(
+            !server.contains('/') && !server.chars().any(|c| c.is_ascii_digit()),
+            "{path}: Server header reveals a version: {server:?}"
+        );
+
+        // Absent: one is set, whether Moneta or nginx itself answered.
+        let ids = request_ids(&response);
+        assert_eq!(ids.len(), 1, "{path}: {ids:?}");
+        assert!(!ids[0].is_empty());
+
+        // Sent and sane: kept.
+        let kept = http
+            .get(nginx.url(path))
+            .header("x-request-id", "edge-test.42:a_b")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(request_ids(&kept), ["edge-test.42:a_b"], "{path}");
+
+        // Sent but not sane: replaced, never echoed.
+        let insane = "x".repeat(300);
+        let replaced = http
+            .get(nginx.url(path))
+            .header("x-request-id", insane.as_str())
+            .send()
+            .await
+            .unwrap();
+        let ids = request_ids(&replaced);
+        assert_eq!(ids.len(), 1, "{path}: {ids:?}");
+        assert_ne!(ids[0], insane, "{path}");
+    }
+
+    // The JSON access log carries the id the client was given.
+    let response = http
+        .get(nginx.url("/openapi.json"))
+        .header("x-request-id", "edge-access-log-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let lines = nginx.wait_for_access_log("edge-access-log-1", |lines| {
+        lines.iter().any(|l| l["request_id"] == "edge-access-log-1")
+    });
+    let line = lines
+        .iter()
+        .find(|l| l["request_id"] == "edge-access-log-1")
+        .unwrap();
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["uri"], "/openapi.json");
+    assert_eq!(line["method"], "GET");
+    assert!(line["request_time"].is_number(), "{line}");
+}
+
+// ---------------------------------------------------------------------------
+// What nginx forwards (echo upstream)
+
+#[tokio::test]
+async fn everything_outside_the_allow_list_is_a_json_404_and_never_forwarded() {
+    let echo = Echo::start().await;
+    let nginx = Nginx::start(NginxOptions::new(echo.upstream()));
+    let http = client();
+
+    let denied = [
+        "/",
+        "/metrics",
+        "/admin",
+        "/v2/x",
+        "/v1",
+        "/v1/",
+        "/v1/contents",
+        "/v1/contents/m-0001",
+        "/v1/contents/m-0001/playback-info/",
+        "/v1/contents/m-0001/playback-info/extra",
+        "/v1/playback/sessions/abc/extra",
+        "/health",
+        "/health/",
+        "/health/startup",
+        "/openapi.yaml",
+        "/_edge/bad-request",
+        "/v1/contents/../../metrics",
+        "/%2e%2e/metrics",
+    ];
+    for path in denied {
+        for method in [Method::GET, Method::POST] {
+            let response = http
+                .request(method.clone(), nginx.url(path))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(request_ids(&response).len(), 1, "{method} {path}");
+            expect_error(response, 404, "not_found").await;
+        }
+    }
+    assert_eq!(
+        echo.requests.load(Ordering::SeqCst),
+        0,
+        "a denied path reached the upstream"
+    );
+
+    // Errors nginx raises before routing are JSON too.
+    let trace = http
+        .request(Method::from_bytes(b"TRACE").unwrap(), nginx.url("/health/live"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(trace, 405, "method_not_allowed").await;
+
+    let garbage = raw_exchange(nginx.port, b"GARBAGE\r\n\r\n");
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+    assert!(garbage.contains("\"code\":\"bad_request\""), "{garbage}");
+    assert!(!garbage.contains("<html>"), "{garbage}");
+
+    // The allowed routes do reach it.
+    let allowed = http.get(nginx.url("/health/live")).send().await.unwrap();
+    assert_eq!(allowed.status(), 200);
+    assert_eq!(echo.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_set_by_nginx_not_taken_from_the_client() {
+    let echo = Echo::start().await;
+    let nginx = Nginx::start(NginxOptions::new(echo.upstream()));
+    let http = client();
+
+    let response = http
+        .get(nginx.url("/health/live"))
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-real-ip", "6.6.6.6")
+        .header("forwarded", "for=6.6.6.6")
+        .header("x-forwarded-host", "evil.example")
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        !response.headers().contains_key("x-powered-by"),
+        "upstream banner leaked"
+    );
+    assert!(!response.headers().contains_key("x-runtime"));
+    let nginx_id = request_ids(&response);
+    let seen: Value = response.json().await.unwrap();
+    let headers = &seen["headers"];
+
+    assert_eq!(headers["x-forwarded-for"], json!(["127.0.0.1"]), "{seen}");
+    assert_eq!(headers["x-real-ip"], json!(["127.0.0.1"]), "{seen}");
+    for smuggled in ["forwarded", "x-forwarded-host", "x-forwarded-proto"] {
+        assert!(headers[smuggled].is_null(), "{smuggled} reached upstream: {seen}");
+    }
+    // The id nginx generated is the one Moneta would log, and the one the
+    // client got back.
+    assert_eq!(headers["x-request-id"], json!(nginx_id), "{seen}");
+    assert_eq!(headers["connection"], Value::Null, "{seen}");
+
+    let with_id = http
+        .get(nginx.url("/health/live"))
+        .header("x-request-id", "client-chosen-1")
+        .send()
+        .await
+        .unwrap();
+    let seen: Value = with_id.json().await.unwrap();
+    assert_eq!(seen["headers"]["x-request-id"], json!(["client-chosen-1"]));
+}
+
+#[tokio::test]
+async fn only_a_trusted_load_balancer_can_name_the_client() {
+    let echo = Echo::start().await;
+    // The test client itself plays the load balancer here.
+    let nginx = Nginx::start(NginxOptions::new(echo.upstream()).trust_proxy("127.0.0.1/32"));
+    let http = client();
+
+    // What a balancer produces when a client spoofs the header: the client's
+    // claim first, the address the balancer saw appended last.
+    let seen: Value = http
+        .get(nginx.url("/health/live"))
+        .header("x-forwarded-for", "6.6.6.6, 203.0.113.7")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["headers"]["x-forwarded-for"], json!(["203.0.113.7"]));
+
+    nginx.wait_for_access_log("the balancer-reported client", |lines| {
+        lines.iter().any(|l| l["remote_addr"] == "203.0.113.7")
+    });
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive() {
+    let echo = Echo::start().await;
+    let nginx = Nginx::start(NginxOptions::new(echo.upstream()));
+    let http = client();
+
+    for _ in 0..20 {
+        let response = http.get(nginx.url("/health/live")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let _ = response.bytes().await.unwrap();
+    }
+    assert_eq!(echo.requests.load(Ordering::SeqCst), 20);
+    let connections = echo.connections.load(Ordering::SeqCst);
+    assert!(
+        connections <= 2,
+        "20 sequential requests used {connections} upstream connections"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_json_502() {
+    let nobody_listens = support::free_port();
+    let nginx = Nginx::start(NginxOptions::new(format!("127.0.0.1:{nobody_listens}")));
+    let response = client()
+        .get(nginx.url("/v1/contents/m-0001/playback-info"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(request_ids(&response).len(), 1);
+    expect_error(response, 502, "bad_gateway").await;
+}
