@@ -4,122 +4,15 @@
 
 pub mod nginx;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+// Each test binary uses a different part of the kit.
+#[allow(unused_imports)]
+pub use testkit::{RedisServer, free_port, require_binary, signal, wait_for_port};
+
 pub const DEV_SECRET: &str = "integration-test-secret-do-not-use";
-
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
-}
-
-/// Finds a binary on PATH or in the usual sbin folders, or panics with advice.
-pub fn require_binary(name: &str) -> PathBuf {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let dirs = path.split(':').map(PathBuf::from).chain(
-        ["/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin"]
-            .iter()
-            .map(PathBuf::from),
-    );
-    for dir in dirs {
-        let candidate = dir.join(name);
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!("`{name}` is not installed; run scripts/test, which installs the test dependencies");
-}
-
-fn wait_for_port(port: u16, what: &str, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited early with {status}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("{what} did not listen on port {port} within 20 s");
-}
-
-/// A real redis-server, no persistence, killed on drop.
-pub struct RedisServer {
-    pub port: u16,
-    pub url: String,
-    child: Child,
-}
-
-impl RedisServer {
-    pub fn start() -> RedisServer {
-        Self::start_on(free_port())
-    }
-
-    /// Starts (or restarts, after `kill`) on a chosen port.
-    pub fn start_on(port: u16) -> RedisServer {
-        let bin = require_binary("redis-server");
-        let mut child = Command::new(bin)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--protected-mode", "no", "--loglevel", "warning"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start redis-server");
-        wait_for_port(port, "redis-server", &mut child);
-        RedisServer {
-            port,
-            url: format!("redis://127.0.0.1:{port}"),
-            child,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Freezes the server (SIGSTOP): connections hang instead of being refused.
-    pub fn pause(&self) {
-        signal(self.pid(), "STOP");
-    }
-
-    pub fn resume(&self) {
-        signal(self.pid(), "CONT");
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        signal(self.pid(), "CONT");
-        self.kill();
-    }
-}
-
-pub fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status();
-}
 
 /// The real `moneta` binary, killed on drop.
 pub struct MonetaProcess {
