@@ -2,6 +2,7 @@
 //! stopped when dropped. A missing binary fails the test with advice; nothing
 //! is ever skipped.
 
+pub mod nginx;
 pub mod postgres;
 pub mod redis;
 
@@ -26,7 +27,14 @@ pub fn free_port() -> u16 {
 /// Finds a binary on PATH or in the usual sbin folders, or panics with advice.
 pub fn require_binary(name: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let extra = ["/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin"].map(PathBuf::from);
+    let extra = [
+        "/usr/sbin",
+        "/usr/local/sbin",
+        "/sbin",
+        "/usr/bin",
+        "/usr/local/nginx/sbin",
+    ]
+    .map(PathBuf::from);
     std::env::split_paths(&path)
         .chain(extra)
         .map(|dir| dir.join(name))

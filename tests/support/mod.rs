@@ -2,15 +2,13 @@
 //! free loopback ports, stopped when dropped. A missing binary fails loudly.
 #![allow(dead_code)]
 
-pub mod nginx;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 // Each test binary uses a different part of the kit.
 #[allow(unused_imports)]
-pub use testkit::{RedisServer, free_port, require_binary, signal, wait_for_port};
+pub use testkit::{RedisServer, free_port, nginx, require_binary, signal, wait_for_port};
 
 pub const DEV_SECRET: &str = "integration-test-secret-do-not-use";
 

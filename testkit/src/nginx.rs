@@ -88,7 +88,7 @@ impl Nginx {
     }
 
     fn try_start(binary: &Path, options: &NginxOptions) -> Result<Nginx, String> {
-        let port = super::free_port();
+        let port = crate::free_port();
         let prefix = tempfile::Builder::new()
             .prefix("moneta-nginx-")
             .tempdir()
@@ -234,7 +234,7 @@ impl Drop for Nginx {
 pub fn config_dir() -> PathBuf {
     match std::env::var_os("MONETA_EDGE_NGINX_DIR") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../nginx"),
     }
 }
 
@@ -308,25 +308,5 @@ pub fn nginx_binary() -> PathBuf {
         assert!(bin.is_file(), "NGINX_BIN={} is not a file", bin.display());
         return bin;
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    dirs.extend(
-        [
-            "/usr/sbin",
-            "/usr/local/sbin",
-            "/usr/local/nginx/sbin",
-            "/opt/homebrew/bin",
-        ]
-        .into_iter()
-        .map(PathBuf::from),
-    );
-    dirs.into_iter()
-        .map(|dir| dir.join("nginx"))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "the edge tests need a real nginx binary and none was found on PATH or in \
-                 /usr/sbin: install it (Debian: apt-get install nginx) or set NGINX_BIN"
-            )
-        })
+    crate::require_binary("nginx")
 }

@@ -1,0 +1,23 @@
+-- Session start followed by its stop. The responses of a thread's connections
+-- interleave, so one user (with a high stream limit) owns every session and
+-- any pending id can be stopped with the same token.
+dofile(os.getenv("BENCH_LUA_DIR") .. "/report.lua")
+local token = assert(os.getenv("BENCH_PAIR_TOKEN"), "BENCH_PAIR_TOKEN is not set")
+local n = 0
+local pending = {}
+function request()
+  local stop = table.remove(pending)
+  if stop then
+    return wrk.format("DELETE", "/v1/playback/sessions/" .. stop, { ["Authorization"] = "Bearer " .. token })
+  end
+  n = n + 1
+  return wrk.format("POST", "/v1/playback/sessions",
+    { ["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json" },
+    '{"content_id":"m-0001","device_id":"bench-' .. n .. '"}')
+end
+function response(status, headers, body)
+  if status == 201 then
+    local id = string.match(body, '"session_id":"([^"]+)"')
+    if id then table.insert(pending, id) end
+  end
+end

@@ -1,0 +1,76 @@
+//! The hot path's Redis cost, counted by Redis itself (`INFO commandstats`):
+//! a warm playback-info is one pipeline of GET + HGET, a heartbeat one script.
+//! Fails if either grows.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::helpers::{TestApp, spawn_app_with};
+
+/// Client commands since the last reset, by name; the background probe's PING
+/// and this test's own INFO/CONFIG are not requests' costs.
+fn commands(app: &TestApp) -> BTreeMap<String, u64> {
+    let client = redis::Client::open(app.redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut conn).unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split("calls=").nth(1)?.split(',').next()?.parse().ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .filter(|(name, _)| !(name == "ping" || name == "info" || name.starts_with("config")))
+        .collect()
+}
+
+fn reset(app: &TestApp) {
+    let client = redis::Client::open(app.redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut conn).unwrap();
+}
+
+#[tokio::test]
+async fn warm_playback_info_is_one_pipeline_and_heartbeat_one_script() {
+    let app = spawn_app_with(|v| v.push(("MONETA_CONTENT_LOCAL_TTL_MS".into(), "600000".into()))).await;
+    let token = app.token("u-standard", "standard", 2, "KR");
+    for _ in 0..2 {
+        assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
+    }
+    reset(&app);
+    const N: u64 = 20;
+    for _ in 0..N {
+        assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
+    }
+    let counted = commands(&app);
+    let expected: BTreeMap<String, u64> = [("get".to_owned(), N), ("hget".to_owned(), N)].into();
+    assert_eq!(
+        counted, expected,
+        "a warm playback-info sends exactly GET + HGET in one pipeline"
+    );
+
+    let s: Value = app
+        .start_session(&token, "m-0001", "tv")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = s["session_id"].as_str().unwrap();
+    // The first call loads the script into Redis (NOSCRIPT, SCRIPT LOAD): once per process.
+    assert_eq!(app.heartbeat(&token, id, 0).await.status(), 200);
+    reset(&app);
+    for p in 0..N {
+        assert_eq!(app.heartbeat(&token, id, p * 1000).await.status(), 200);
+    }
+    let counted = commands(&app);
+    assert_eq!(
+        counted.get("evalsha"),
+        Some(&N),
+        "one script call per heartbeat: {counted:?}"
+    );
+    // GET/SET never run inside the scripts: seen here they would be extra round trips.
+    assert!(
+        !counted.contains_key("get") && !counted.contains_key("set"),
+        "{counted:?}"
+    );
+}
