@@ -45,6 +45,13 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Transport of the OTLP trace exporter (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    HttpProtobuf,
+    Grpc,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
@@ -103,6 +110,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub otel_endpoint: Option<String>,
     pub otel_service_name: String,
+    pub otel_protocol: OtlpProtocol,
     pub log_filter: String,
     pub log_format: LogFormat,
 }
@@ -266,6 +274,19 @@ impl Settings {
                 ));
             }
         };
+        let otel_protocol = match src
+            .string("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+            .as_str()
+        {
+            "http/protobuf" => OtlpProtocol::HttpProtobuf,
+            "grpc" => OtlpProtocol::Grpc,
+            other => {
+                return Err(ConfigError::new(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL",
+                    format!("must be http/protobuf or grpc, not {other:?}"),
+                ));
+            }
+        };
         let cdn_key_pair_id = src.opt_string("MONETA_CDN_KEY_PAIR_ID");
         let cdn_private_key_file = src.opt_string("MONETA_CDN_PRIVATE_KEY_FILE").map(PathBuf::from);
         if cdn_key_pair_id.is_some() != cdn_private_key_file.is_some() {
@@ -326,6 +347,7 @@ impl Settings {
             shutdown_grace: src.millis("MONETA_SHUTDOWN_GRACE_MS", 10_000)?,
             otel_endpoint: src.opt_string("OTEL_EXPORTER_OTLP_ENDPOINT"),
             otel_service_name: src.string("OTEL_SERVICE_NAME", "moneta"),
+            otel_protocol,
             log_filter: src.string("RUST_LOG", "info"),
             log_format,
         };

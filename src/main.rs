@@ -94,7 +94,6 @@ fn main() -> ExitCode {
 }
 
 fn serve(settings: Settings) -> ExitCode {
-    telemetry::logs::init(&settings.log_filter, settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -102,7 +101,15 @@ fn serve(settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    // The gRPC trace exporter binds to the runtime it is built in.
+    let telemetry = match runtime.block_on(async { telemetry::init(&settings) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("moneta: configuration error: {e}");
+            return ExitCode::from(CONFIG_EXIT);
+        }
+    };
+    let code = runtime.block_on(async move {
         let app = match Application::build(settings).await {
             Ok(app) => app,
             Err(e) => {
@@ -117,5 +124,8 @@ fn serve(settings: Settings) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // While the runtime still runs: the gRPC exporter's connection lives on it.
+    telemetry.shutdown();
+    code
 }

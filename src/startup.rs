@@ -13,11 +13,12 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::auth::keys::{JwksFile, StaticSecret};
+use crate::auth::secrets_manager::SecretsManagerJwks;
 use crate::auth::{KeySource, KeyStore, Verifier};
 use crate::config::Settings;
 use crate::playback::Playback;
 use crate::playback::cdn::{Cdn, CloudFrontSigner};
-use crate::progress::ProgressQueue;
+use crate::progress::{ProgressQueue, Sinks};
 use crate::sessions::Sessions;
 use crate::sources::internal_api::InternalApi;
 use crate::sources::redis::RedisStore;
@@ -65,7 +66,7 @@ impl App {
     }
 }
 
-fn key_sources(settings: &Settings) -> Result<Vec<Box<dyn KeySource>>, StartupError> {
+async fn key_sources(settings: &Settings) -> Result<Vec<Box<dyn KeySource>>, StartupError> {
     let mut sources: Vec<Box<dyn KeySource>> = Vec::new();
     if let Some(secret) = &settings.jwt_hs256_secret {
         sources.push(Box::new(StaticSecret(secret.clone())));
@@ -73,10 +74,11 @@ fn key_sources(settings: &Settings) -> Result<Vec<Box<dyn KeySource>>, StartupEr
     if let Some(path) = &settings.jwt_jwks_file {
         sources.push(Box::new(JwksFile(path.clone())));
     }
-    if settings.jwt_secret_id.is_some() {
-        return Err(StartupError(
-            "MONETA_JWT_SECRET_ID: the AWS Secrets Manager key source is not part of this build".into(),
-        ));
+    if let Some(secret_id) = &settings.jwt_secret_id {
+        let source = SecretsManagerJwks::from_env(secret_id.as_str())
+            .await
+            .map_err(|e| StartupError(e.to_string()))?;
+        sources.push(Box::new(source));
     }
     Ok(sources)
 }
@@ -94,7 +96,7 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let settings = Arc::new(settings);
         let metrics = telemetry::metrics::install();
-        let keys = KeyStore::load(key_sources(&settings)?)
+        let keys = KeyStore::load(key_sources(&settings).await?)
             .await
             .map_err(|e| StartupError(e.to_string()))?;
         let verifier = Verifier::new(
@@ -177,10 +179,14 @@ impl Application {
         let settings = app.settings.clone();
         let stop = Arc::new(Notify::new());
 
+        let sinks = Sinks {
+            api: app.internal_api.clone(),
+            redis: app.playback.redis().clone(),
+            interval: settings.progress_flush_interval,
+            batch_size: settings.progress_batch_size,
+        };
         let flusher = tokio::spawn(app.progress.clone().run_flusher(
-            app.internal_api.clone(),
-            settings.progress_flush_interval,
-            settings.progress_batch_size,
+            sinks,
             stop.clone(),
             settings.shutdown_grace,
         ));
@@ -240,6 +246,8 @@ async fn probe_dependencies(app: Arc<App>) {
 
 async fn refresh_keys(app: Arc<App>, every: Duration) {
     let mut tick = tokio::time::interval(every);
+    // A slow key source must not be asked again in a burst once it answers.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;

@@ -13,7 +13,7 @@ function request()
   n = n + 1
   return wrk.format("POST", "/v1/playback/sessions",
     { ["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json" },
-    '{"content_id":"m-0001","device_id":"bench-' .. n .. '"}')
+    '{"content_id":"m-0001","device_id":"bench-' .. math.random(1, 1000000000) .. '"}')
 end
 function response(status, headers, body)
   if status == 201 then

@@ -85,7 +85,15 @@ impl KeySource for JwksFile {
 /// Parses a JWKS document. Keys meant only for encryption are skipped; a key
 /// whose algorithm cannot be known is an error rather than a guess.
 pub fn parse_jwks(text: &str) -> Result<Vec<VerificationKey>, String> {
-    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS document: {e}"))?;
+    // serde's own message can quote the offending value, which may be key material.
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "not a JWKS document ({:?} error at line {} column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        )
+    })?;
     let mut keys = Vec::with_capacity(set.keys.len());
     for jwk in &set.keys {
         if matches!(
@@ -95,7 +103,13 @@ pub fn parse_jwks(text: &str) -> Result<Vec<VerificationKey>, String> {
             continue;
         }
         let alg = key_algorithm(jwk)?;
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {:?}: {e}", jwk.common.key_id))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| match jwk.algorithm {
+            // A shared secret's decoding error could echo part of it.
+            AlgorithmParameters::OctetKey(_) => {
+                format!("key {:?}: unusable shared secret", jwk.common.key_id)
+            }
+            _ => format!("key {:?}: {e}", jwk.common.key_id),
+        })?;
         keys.push(VerificationKey {
             kid: jwk.common.key_id.clone(),
             alg,
@@ -130,6 +144,16 @@ fn key_algorithm(jwk: &Jwk) -> Result<Algorithm, String> {
     }
 }
 
+/// Records when a source last gave keys, so stale keys can be alerted on
+/// (`time() - moneta_jwt_keys_last_refresh_timestamp_seconds`).
+fn mark_loaded(source: &dyn KeySource) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    metrics::gauge!("moneta_jwt_keys_last_refresh_timestamp_seconds", "source" => source.setting()).set(now);
+}
+
 /// Combines the sources and holds the current [`KeySet`].
 pub struct KeyStore {
     sources: Vec<Box<dyn KeySource>>,
@@ -149,6 +173,7 @@ impl KeyStore {
         for (i, source) in store.sources.iter().enumerate() {
             let keys = source.load().await?;
             store.last_good.lock().await[i] = Some(keys.into_iter().map(Arc::new).collect());
+            mark_loaded(source.as_ref());
         }
         store.publish().await;
         Ok(store)
@@ -162,6 +187,7 @@ impl KeyStore {
             match source.load().await {
                 Ok(keys) => {
                     self.last_good.lock().await[i] = Some(keys.into_iter().map(Arc::new).collect());
+                    mark_loaded(source.as_ref());
                 }
                 Err(e) => {
                     failed += 1;
@@ -214,5 +240,17 @@ mod tests {
     fn rsa_without_alg_is_refused() {
         let doc = r#"{"keys":[{"kty":"RSA","kid":"r","n":"AQAB","e":"AQAB"}]}"#;
         assert!(parse_jwks(doc).unwrap_err().contains("needs \"alg\""));
+    }
+
+    #[test]
+    fn parse_errors_do_not_quote_the_document() {
+        for doc in [
+            r#""hunter2-not-a-key-set""#,
+            r#"{"keys":[{"kty":"oct","alg":"HS256","k":"hunter2@@"}]}"#,
+            r#"{"keys":[{"kty":"oct","alg":"HS256","k":["hunter2"]}]}"#,
+        ] {
+            let err = parse_jwks(doc).unwrap_err();
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 }

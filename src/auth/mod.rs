@@ -2,6 +2,7 @@
 
 pub mod claims;
 pub mod keys;
+pub mod secrets_manager;
 pub mod verifier;
 
 pub use claims::Claims;

@@ -8,9 +8,12 @@ use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use super::error::{ErrorBody, ErrorDetail, code_for_status};
 use super::validate::is_sane_request_id;
+use crate::telemetry::traces;
 
 /// A client's request id is kept only when it is short and plain; otherwise a
 /// new one is made, so logs and headers never carry arbitrary client bytes.
@@ -25,7 +28,50 @@ pub async fn drop_insane_request_id(mut req: Request) -> Request {
     req
 }
 
-/// `moneta_http_*` metrics and one access-log line per request.
+/// Counts a request as in flight until it is answered or abandoned (the
+/// client went away and the future was dropped).
+struct InFlight;
+
+impl InFlight {
+    fn start() -> Self {
+        metrics::gauge!("moneta_http_requests_in_flight").increment(1);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("moneta_http_requests_in_flight").decrement(1);
+    }
+}
+
+/// The server span of one request, continuing the caller's trace when it
+/// sent a `traceparent`. Named after the route template, as the OpenTelemetry
+/// HTTP conventions ask, so traces group like the metrics do.
+fn request_span(req: &Request, route: Option<&str>, request_id: &str) -> tracing::Span {
+    let method = req.method().as_str();
+    let name = match route {
+        Some(route) => format!("{method} {route}"),
+        None => method.to_owned(),
+    };
+    let span = tracing::info_span!(
+        target: "moneta::http",
+        "request",
+        otel.name = %name,
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = %method,
+        http.route = route,
+        url.path = %req.uri().path(),
+        http.response.status_code = Empty,
+        request_id = %request_id,
+    );
+    traces::continue_trace(&span, req.headers());
+    span
+}
+
+/// `moneta_http_*` metrics, the request's server span and one access-log
+/// line per request.
 pub async fn observe(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
@@ -41,11 +87,20 @@ pub async fn observe(req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    metrics::gauge!("moneta_http_requests_in_flight").increment(1);
-    let response = next.run(req).await;
-    metrics::gauge!("moneta_http_requests_in_flight").decrement(1);
+    let span = request_span(
+        &req,
+        req.extensions().get::<MatchedPath>().map(MatchedPath::as_str),
+        &request_id,
+    );
+    let in_flight = InFlight::start();
+    let response = next.run(req).instrument(span.clone()).await;
+    drop(in_flight);
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "error");
+    }
     metrics::counter!(
         "moneta_http_requests_total",
         "method" => method.as_str().to_owned(),
@@ -55,15 +110,18 @@ pub async fn observe(req: Request, next: Next) -> Response {
     .increment(1);
     metrics::histogram!("moneta_http_request_duration_seconds", "route" => route.clone())
         .record(elapsed.as_secs_f64());
-    tracing::info!(
-        target: "moneta::access",
-        method = %method,
-        route = %route,
-        status,
-        latency_ms = elapsed.as_secs_f64() * 1000.0,
-        request_id = %request_id,
-        "request"
-    );
+    // No user id and no headers: the bearer token must never reach a log line.
+    span.in_scope(|| {
+        tracing::info!(
+            target: "moneta::access",
+            method = %method,
+            route = %route,
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            request_id = %request_id,
+            "request"
+        )
+    });
     response
 }
 

@@ -2,6 +2,7 @@
 //! position from their sources, each with its named fallback.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moka::Expiry;
@@ -85,6 +86,13 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// One lookup in a cache; lookups that could not be made (Redis down) are
+/// counted by the dependency metrics, not here.
+fn cache(cache: &'static str, hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    metrics::counter!("moneta_cache_requests_total", "cache" => cache, "result" => result).increment(1);
+}
+
 fn fallback(dependency: &'static str, kind: &'static str) {
     metrics::counter!("moneta_fallbacks_total", "dependency" => dependency, "kind" => kind).increment(1);
 }
@@ -128,11 +136,18 @@ impl Playback {
         content_id: &str,
         ctx: &CallContext,
     ) -> Result<Sourced<Arc<ContentPlayback>>, PlaybackError> {
+        // A caller that waited on another's load (single flight) counts as a hit.
+        let loaded = AtomicBool::new(false);
         let lookup = self
             .local
-            .try_get_with(content_id.to_owned(), self.load_content(content_id, ctx))
+            .try_get_with(content_id.to_owned(), async {
+                loaded.store(true, Ordering::Relaxed);
+                self.load_content(content_id, ctx).await
+            })
             .await
-            .map_err(|e| (*e).clone())?;
+            .map_err(|e| (*e).clone());
+        cache("content_memory", !loaded.load(Ordering::Relaxed));
+        let lookup = lookup?;
         match lookup.value {
             Some(content) => Ok(Sourced::new(content, lookup.origin)),
             None => Err(PlaybackError::ContentNotFound),
@@ -140,29 +155,34 @@ impl Playback {
     }
 
     async fn load_content(&self, content_id: &str, ctx: &CallContext) -> Result<Lookup, PlaybackError> {
-        let cached = match self.redis.content(content_id).await {
-            Ok(cached) => cached,
+        let (cached, redis_answered) = match self.redis.content(content_id).await {
+            Ok(cached) => (cached, true),
             Err(_) => {
                 fallback("redis", "content_skip_cache");
-                None
+                (None, false)
             }
         };
-        if let Some(c) = &cached {
+        let fresh = cached.as_ref().is_some_and(|c| {
             let age = Duration::from_millis(now_ms().saturating_sub(c.fetched_at_ms));
             let fresh_for = if c.content.is_some() {
                 self.settings.content_ttl
             } else {
                 NEGATIVE_TTL
             };
-            if age < fresh_for {
-                let content = c.content.clone().map(Arc::new);
-                if let Some(content) = &content {
-                    self.last_good
-                        .insert(content_id.to_owned(), content.clone())
-                        .await;
-                }
-                return Ok(Sourced::fresh(content));
+            age < fresh_for
+        });
+        if redis_answered {
+            // A stale entry is a miss: the internal API is asked again.
+            cache("content_redis", fresh);
+        }
+        if fresh && let Some(c) = &cached {
+            let content = c.content.clone().map(Arc::new);
+            if let Some(content) = &content {
+                self.last_good
+                    .insert(content_id.to_owned(), content.clone())
+                    .await;
             }
+            return Ok(Sourced::fresh(content));
         }
         match self.api.content(content_id, ctx).await {
             Ok(found) => {
@@ -222,6 +242,10 @@ impl Playback {
         };
         let redis_up = view.is_some();
         let view = view.unwrap_or_default();
+        if redis_up {
+            cache("entitlement_redis", view.entitlement.is_some());
+            cache("position_redis", view.position_ms.is_some());
+        }
 
         let entitlement = async {
             match view.entitlement {

@@ -5,6 +5,10 @@
 //! (user, title) — only the newest position matters — which also bounds it:
 //! its size is the number of distinct (user, title) pairs awaiting delivery,
 //! capped by `MONETA_PROGRESS_QUEUE_CAPACITY`.
+//!
+//! A batch the internal API refuses is parked in Redis (when Redis is up) so
+//! it outlives this process and any instance can deliver it later; only when
+//! Redis is down too does it stay in memory.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,6 +18,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
 use crate::sources::internal_api::{InternalApi, ProgressItem};
+use crate::sources::redis::RedisStore;
 
 type Key = (String, String);
 
@@ -100,20 +105,31 @@ impl ProgressQueue {
         metrics::gauge!("moneta_progress_queue_depth").set(pending.len() as f64);
     }
 
-    /// Delivers one batch; on failure the batch goes back into the queue.
-    async fn flush_once(&self, api: &InternalApi, batch_size: usize) -> Result<usize, ()> {
-        let items = self.take(batch_size);
+    /// Delivers one batch: from memory, or else from what was parked in
+    /// Redis. A failed batch is parked in Redis, or kept in memory when Redis
+    /// is down too.
+    async fn flush_once(&self, sinks: &Sinks) -> Result<usize, ()> {
+        let mut items = self.take(sinks.batch_size);
+        if items.is_empty() {
+            items = sinks
+                .redis
+                .take_spilled_progress(sinks.batch_size)
+                .await
+                .unwrap_or_default();
+        }
         if items.is_empty() {
             return Ok(0);
         }
-        match api.post_progress(&items).await {
+        match sinks.api.post_progress(&items).await {
             Ok(()) => {
                 metrics::counter!("moneta_progress_delivered_total").increment(items.len() as u64);
                 Ok(items.len())
             }
             Err(e) => {
                 tracing::warn!(error = %e, items = items.len(), "progress delivery failed; will retry");
-                self.restore(items);
+                if sinks.redis.spill_progress(&items, self.capacity).await.is_err() {
+                    self.restore(items);
+                }
                 Err(())
             }
         }
@@ -121,25 +137,18 @@ impl ProgressQueue {
 
     /// Runs until `stop` is notified, then tries to deliver everything left
     /// within `grace`.
-    pub async fn run_flusher(
-        self: Arc<Self>,
-        api: InternalApi,
-        interval: Duration,
-        batch_size: usize,
-        stop: Arc<Notify>,
-        grace: Duration,
-    ) {
-        let max_backoff = Duration::from_secs(10).max(interval);
-        let mut delay = interval;
+    pub async fn run_flusher(self: Arc<Self>, sinks: Sinks, stop: Arc<Notify>, grace: Duration) {
+        let max_backoff = Duration::from_secs(10).max(sinks.interval);
+        let mut delay = sinks.interval;
         loop {
             tokio::select! {
                 _ = stop.notified() => break,
                 _ = tokio::time::sleep(delay) => {}
             }
-            delay = interval;
+            delay = sinks.interval;
             loop {
-                match self.flush_once(&api, batch_size).await {
-                    Ok(n) if n == batch_size => continue,
+                match self.flush_once(&sinks).await {
+                    Ok(n) if n == sinks.batch_size => continue,
                     Ok(_) => break,
                     Err(()) => {
                         delay = (delay * 2).min(max_backoff);
@@ -148,14 +157,15 @@ impl ProgressQueue {
                 }
             }
         }
-        self.drain(&api, batch_size, grace).await;
+        self.drain(&sinks, grace).await;
     }
 
-    /// Final delivery on shutdown.
-    async fn drain(&self, api: &InternalApi, batch_size: usize, grace: Duration) {
+    /// Final delivery on shutdown; what the internal API does not take is
+    /// parked in Redis for the next start.
+    async fn drain(&self, sinks: &Sinks, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
         while !self.is_empty() && tokio::time::Instant::now() < deadline {
-            if self.flush_once(api, batch_size).await.is_err() {
+            if self.flush_once(sinks).await.is_err() && !self.is_empty() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -163,9 +173,17 @@ impl ProgressQueue {
         if left > 0 {
             tracing::error!(positions = left, "shutting down with undelivered positions");
         } else {
-            tracing::info!("all positions delivered");
+            tracing::info!("no positions left in memory");
         }
     }
+}
+
+/// Where positions go, and how often.
+pub struct Sinks {
+    pub api: InternalApi,
+    pub redis: RedisStore,
+    pub interval: Duration,
+    pub batch_size: usize,
 }
 
 #[cfg(test)]

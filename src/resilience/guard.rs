@@ -23,6 +23,18 @@ pub enum DependencyError {
     Failed(&'static str, String),
 }
 
+impl DependencyError {
+    /// A low-cardinality name for traces (`error.type`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DependencyError::Open(_) => "circuit_open",
+            DependencyError::Saturated(_) => "bulkhead_full",
+            DependencyError::Timeout(_) => "timeout",
+            DependencyError::Failed(..) => "failed",
+        }
+    }
+}
+
 /// Circuit breaker state as exported in `moneta_circuit_breaker_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -115,6 +127,10 @@ pub struct Guard {
 impl Guard {
     pub fn new(dependency: &'static str, settings: &GuardSettings) -> Self {
         let state = Arc::new(AtomicU8::new(BreakerState::Closed as u8));
+        // Exported from the start: an absent series would read as "no data",
+        // not "closed", on dashboards and in alerts.
+        metrics::gauge!("moneta_circuit_breaker_state", "dependency" => dependency)
+            .set(BreakerState::Closed as u8 as f64);
         let policy = consecutive_failures(
             settings.breaker_failures,
             Doubling {

@@ -128,6 +128,7 @@ impl Sessions {
                 let mut call = START.prepare_invoke();
                 call.key(keys.sessions())
                     .key(keys.session_info())
+                    .key(keys.devices())
                     .arg(now_ms)
                     .arg(ttl_ms)
                     .arg(max_streams)
@@ -193,6 +194,7 @@ impl Sessions {
                 call.key(keys.sessions())
                     .key(keys.session_info())
                     .key(keys.positions())
+                    .key(keys.devices())
                     .arg(now_ms)
                     .arg(ttl_ms)
                     .arg(session_id)
@@ -232,6 +234,7 @@ impl Sessions {
                 call.key(keys.sessions())
                     .key(keys.session_info())
                     .key(keys.positions())
+                    .key(keys.devices())
                     .arg(session_id)
                     .arg(position_arg)
                     .arg(position_ttl_s());

@@ -6,11 +6,14 @@ use chrono::{DateTime, Utc};
 use reqwest::{StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tracing::Span;
+use tracing::field::Empty;
 
 use super::CallContext;
 use crate::config::{Secret, Settings};
 use crate::playback::model::{ContentPlayback, Entitlement};
 use crate::resilience::{DependencyError, Guard};
+use crate::telemetry::traces;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Progress {
@@ -38,6 +41,16 @@ enum CallError {
     Transport(#[from] reqwest::Error),
     #[error("unexpected status {0}")]
     Status(StatusCode),
+}
+
+/// `url.full` must never carry credentials someone put in the base URL.
+fn without_credentials(url: &Url) -> Url {
+    let mut url = url.clone();
+    if !url.username().is_empty() || url.password().is_some() {
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+    }
+    url
 }
 
 #[derive(Clone)]
@@ -83,8 +96,54 @@ impl InternalApi {
         url
     }
 
-    fn request(&self, method: reqwest::Method, url: Url, ctx: &CallContext) -> reqwest::RequestBuilder {
-        let mut req = self.http.request(method, url);
+    /// A client span following the OpenTelemetry HTTP conventions, named by
+    /// the path template so that user ids stay out of span names; none when
+    /// spans are not exported or outside a traced operation.
+    fn span(&self, method: &reqwest::Method, template: &str, url: &Url) -> Span {
+        if !traces::client_spans() {
+            return Span::none();
+        }
+        tracing::info_span!(
+            target: "moneta::sources::internal_api",
+            "internal_api",
+            otel.name = %format_args!("{method} {template}"),
+            otel.kind = "client",
+            otel.status_code = Empty,
+            http.request.method = %method,
+            server.address = url.host_str().unwrap_or(""),
+            server.port = url.port_or_known_default(),
+            url.full = %without_credentials(url),
+            url.template = template,
+            http.response.status_code = Empty,
+            error.type = Empty,
+        )
+    }
+
+    /// Runs a guarded call inside its client span; refusals by the guard
+    /// (open breaker, full bulkhead, timeout) show in the span as `error.type`.
+    async fn traced<T>(
+        &self,
+        span: Span,
+        call: impl Future<Output = Result<T, CallError>>,
+    ) -> Result<T, DependencyError> {
+        let guarded = self.guard.call(call);
+        if span.is_none() {
+            return guarded.await;
+        }
+        traces::traced(span, guarded, |e: &DependencyError| e.kind().to_owned()).await
+    }
+
+    /// Carries the bearer token, the request id and the `traceparent` of `span`.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        url: Url,
+        ctx: &CallContext,
+        span: &Span,
+    ) -> reqwest::RequestBuilder {
+        let mut headers = reqwest::header::HeaderMap::new();
+        traces::inject(span, &mut headers);
+        let mut req = self.http.request(method, url).headers(headers);
         if let Some(token) = &self.token {
             req = req.bearer_auth(token.expose());
         }
@@ -97,20 +156,24 @@ impl InternalApi {
     /// GET returning `Ok(None)` on 404; anything but 200/404 counts as a failure.
     async fn get<T: DeserializeOwned>(
         &self,
+        template: &str,
         segments: &[&str],
         ctx: &CallContext,
     ) -> Result<Option<T>, DependencyError> {
-        let req = self.request(reqwest::Method::GET, self.url(segments), ctx);
-        self.guard
-            .call(async move {
-                let resp = req.send().await?;
-                match resp.status() {
-                    StatusCode::OK => Ok(Some(resp.json::<T>().await?)),
-                    StatusCode::NOT_FOUND => Ok(None),
-                    other => Err(CallError::Status(other)),
-                }
-            })
-            .await
+        let url = self.url(segments);
+        let span = self.span(&reqwest::Method::GET, template, &url);
+        let req = self.request(reqwest::Method::GET, url, ctx, &span);
+        let status_span = span.clone();
+        self.traced(span, async move {
+            let resp = req.send().await?;
+            status_span.record("http.response.status_code", resp.status().as_u16());
+            match resp.status() {
+                StatusCode::OK => Ok(Some(resp.json::<T>().await?)),
+                StatusCode::NOT_FOUND => Ok(None),
+                other => Err(CallError::Status(other)),
+            }
+        })
+        .await
     }
 
     pub async fn content(
@@ -118,8 +181,12 @@ impl InternalApi {
         content_id: &str,
         ctx: &CallContext,
     ) -> Result<Option<ContentPlayback>, DependencyError> {
-        self.get(&["internal", "v1", "contents", content_id, "playback"], ctx)
-            .await
+        self.get(
+            "/internal/v1/contents/{content_id}/playback",
+            &["internal", "v1", "contents", content_id, "playback"],
+            ctx,
+        )
+        .await
     }
 
     pub async fn entitlement(
@@ -127,8 +194,12 @@ impl InternalApi {
         user_id: &str,
         ctx: &CallContext,
     ) -> Result<Option<Entitlement>, DependencyError> {
-        self.get(&["internal", "v1", "users", user_id, "entitlement"], ctx)
-            .await
+        self.get(
+            "/internal/v1/users/{user_id}/entitlement",
+            &["internal", "v1", "users", user_id, "entitlement"],
+            ctx,
+        )
+        .await
     }
 
     pub async fn progress(
@@ -137,27 +208,30 @@ impl InternalApi {
         content_id: &str,
         ctx: &CallContext,
     ) -> Result<Option<Progress>, DependencyError> {
-        self.get(&["internal", "v1", "users", user_id, "progress", content_id], ctx)
-            .await
+        self.get(
+            "/internal/v1/users/{user_id}/progress/{content_id}",
+            &["internal", "v1", "users", user_id, "progress", content_id],
+            ctx,
+        )
+        .await
     }
 
     pub async fn post_progress(&self, items: &[ProgressItem]) -> Result<(), DependencyError> {
+        let url = self.url(&["internal", "v1", "progress:batch"]);
+        let span = self.span(&reqwest::Method::POST, "/internal/v1/progress:batch", &url);
         let req = self
-            .request(
-                reqwest::Method::POST,
-                self.url(&["internal", "v1", "progress:batch"]),
-                &CallContext::default(),
-            )
+            .request(reqwest::Method::POST, url, &CallContext::default(), &span)
             .json(&Batch { items });
-        self.guard
-            .call(async move {
-                let resp = req.send().await?;
-                match resp.status() {
-                    s if s.is_success() => Ok(()),
-                    other => Err(CallError::Status(other)),
-                }
-            })
-            .await
+        let status_span = span.clone();
+        self.traced(span, async move {
+            let resp = req.send().await?;
+            status_span.record("http.response.status_code", resp.status().as_u16());
+            match resp.status() {
+                s if s.is_success() => Ok(()),
+                other => Err(CallError::Status(other)),
+            }
+        })
+        .await
     }
 
     /// Reachability probe: any answer below 500 means the API is there.
@@ -166,6 +240,7 @@ impl InternalApi {
             reqwest::Method::GET,
             self.url(&["health"]),
             &CallContext::default(),
+            &Span::none(),
         );
         self.guard
             .call(async move {

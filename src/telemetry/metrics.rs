@@ -27,6 +27,11 @@ pub fn install() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed");
             }
             describe();
+            // Present from the start, so that dashboards read 0 rather than
+            // "no data" and `increase()` in alerts sees the first loss.
+            metrics::gauge!("moneta_progress_queue_depth").set(0.0);
+            metrics::counter!("moneta_progress_delivered_total").absolute(0);
+            metrics::counter!("moneta_progress_dropped_total").absolute(0);
             handle
         })
         .clone()
@@ -92,9 +97,18 @@ fn describe() {
         "moneta_progress_dropped_total",
         "Resume positions not queued because the queue was full."
     );
+    describe_counter!(
+        "moneta_cache_requests_total",
+        "Cache lookups by cache (content_memory, content_redis, entitlement_redis, position_redis) and result (hit, miss)."
+    );
     describe_gauge!("moneta_jwt_keys", "JWT verification keys in force.");
     describe_counter!(
         "moneta_jwt_key_refresh_failures_total",
         "Failed refreshes of a JWT key source."
+    );
+    describe_gauge!(
+        "moneta_jwt_keys_last_refresh_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time a JWT key source last gave keys, by source."
     );
 }

@@ -330,7 +330,8 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Vec<(String, String)>)) 
     let mut vars = base_vars(&redis, &api);
     configure(&mut vars);
     let settings = Settings::from_vars(vars).expect("test settings");
-    moneta::telemetry::logs::init(&settings.log_filter, settings.log_format);
+    // Process-wide and idempotent: the first app installs it, the rest reuse it.
+    let _ = moneta::telemetry::init(&settings).expect("telemetry");
     let application = Application::build(settings).await.expect("build app");
     let address = format!("http://127.0.0.1:{}", application.port());
     let admin_address = format!("http://127.0.0.1:{}", application.admin_port());

@@ -83,3 +83,50 @@ async fn positions_written_while_the_api_is_down_arrive_after_recovery() {
     .await;
     assert!(delivered);
 }
+
+#[tokio::test]
+async fn positions_the_api_refuses_are_parked_in_redis_until_it_recovers() {
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let s: Value = app
+        .start_session(&token, "m-0001", "tv")
+        .await
+        .json()
+        .await
+        .unwrap();
+    app.api.set_fault(Fault::Status500);
+    assert_eq!(
+        app.heartbeat(&token, s["session_id"].as_str().unwrap(), 888)
+            .await
+            .status(),
+        200
+    );
+    let client = redis::Client::open(app.redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let mut parked = 0;
+    for _ in 0..100 {
+        parked = redis::cmd("LLEN")
+            .arg("moneta:progress:pending")
+            .query(&mut conn)
+            .unwrap();
+        if parked > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(parked > 0, "the refused batch is parked in Redis");
+    app.api.set_fault(Fault::None);
+    let api = app.api.clone();
+    assert!(
+        eventually(Duration::from_secs(30), || api
+            .delivered()
+            .iter()
+            .any(|i| i["position_ms"] == 888))
+        .await
+    );
+    let left: i64 = redis::cmd("LLEN")
+        .arg("moneta:progress:pending")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(left, 0);
+}

@@ -12,6 +12,11 @@ pub fn content(content_id: &str) -> String {
     format!("{PREFIX}:content:{content_id}")
 }
 
+/// Positions waiting for the internal API (a list of JSON items).
+pub fn progress_spill() -> String {
+    format!("{PREFIX}:progress:pending")
+}
+
 /// The keys of one user; all of them hash to the same cluster slot.
 pub struct UserKeys {
     tag: String,
@@ -48,6 +53,10 @@ impl UserKeys {
     pub fn session_info(&self) -> String {
         format!("{}:session-info", self.tag)
     }
+    /// Hash: device id → its live session id (finds the session a device replaces).
+    pub fn devices(&self) -> String {
+        format!("{}:devices", self.tag)
+    }
 }
 
 /// The cluster hash slot part of a key (what Redis Cluster hashes).
@@ -69,7 +78,13 @@ mod tests {
     #[test]
     fn user_keys_share_one_hash_tag() {
         let k = UserKeys::new("user-42");
-        let tags = [k.entitlement(), k.positions(), k.sessions(), k.session_info()];
+        let tags = [
+            k.entitlement(),
+            k.positions(),
+            k.sessions(),
+            k.session_info(),
+            k.devices(),
+        ];
         assert!(tags.iter().all(|t| hash_tag(t) == "u:user-42"));
     }
 

@@ -11,10 +11,13 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
+use tracing::field::Empty;
 
 use crate::config::Settings;
 use crate::playback::model::{ContentPlayback, Entitlement};
 use crate::resilience::{DependencyError, Guard};
+use crate::sources::internal_api::ProgressItem;
+use crate::telemetry::traces;
 use keys::UserKeys;
 
 /// How long resume positions live in Redis; the internal API keeps them for good.
@@ -34,12 +37,62 @@ pub enum Conn {
     Cluster(ClusterConnection),
 }
 
+/// The command name only: keys and values may be user ids or positions.
+fn command_name(cmd: &Cmd) -> String {
+    match cmd.args_iter().next() {
+        Some(redis::Arg::Simple(name))
+            if !name.is_empty() && name.len() <= 32 && name.iter().all(u8::is_ascii_alphabetic) =>
+        {
+            String::from_utf8_lossy(name).to_ascii_uppercase()
+        }
+        _ => "UNKNOWN".to_owned(),
+    }
+}
+
+/// A client span for one round trip, following the OpenTelemetry database
+/// conventions.
+fn command_span(operation: &str, summary: &str, batch_size: Option<usize>, db: i64) -> tracing::Span {
+    tracing::info_span!(
+        target: "moneta::sources::redis",
+        "redis",
+        otel.name = %summary,
+        otel.kind = "client",
+        otel.status_code = Empty,
+        db.system.name = "redis",
+        db.operation.name = %operation,
+        db.query.summary = %summary,
+        db.operation.batch.size = batch_size,
+        db.namespace = %db,
+        error.type = Empty,
+    )
+}
+
+/// Server error codes (`NOSCRIPT`, `WRONGTYPE`…) or the kind of failure.
+fn redis_error_type(e: &redis::RedisError) -> String {
+    match e.code() {
+        Some(code) => code.to_owned(),
+        None if e.is_timeout() => "timeout".to_owned(),
+        None if e.is_io_error() => "io".to_owned(),
+        None => "error".to_owned(),
+    }
+}
+
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
+        let span = if traces::client_spans() {
+            let name = command_name(cmd);
+            command_span(&name, &name, None, self.get_db())
+        } else {
+            tracing::Span::none()
+        };
+        let call = match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+        };
+        if span.is_none() {
+            return call;
         }
+        Box::pin(traces::traced(span, call, redis_error_type))
     }
     fn req_packed_commands<'a>(
         &'a mut self,
@@ -47,10 +100,25 @@ impl ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
+        let span = if traces::client_spans() {
+            let names: Vec<String> = pipeline.cmd_iter().map(command_name).collect();
+            // The conventions name a mixed batch `BATCH`; the summary lists its commands.
+            let operation = match names.first() {
+                Some(first) if names.iter().all(|n| n == first) => format!("BATCH {first}"),
+                _ => "BATCH".to_owned(),
+            };
+            command_span(&operation, &names.join(" "), Some(names.len()), self.get_db())
+        } else {
+            tracing::Span::none()
+        };
+        let call = match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        };
+        if span.is_none() {
+            return call;
         }
+        Box::pin(traces::traced(span, call, redis_error_type))
     }
     fn get_db(&self) -> i64 {
         match self {
@@ -231,6 +299,54 @@ impl RedisStore {
                 .await
         })
         .await
+    }
+}
+
+impl RedisStore {
+    /// Parks positions the internal API could not take. One key for the whole
+    /// fleet, touched only by flushers, so Redis Cluster keeps it in one slot;
+    /// trimmed to `capacity`, newest kept.
+    pub async fn spill_progress(
+        &self,
+        items: &[ProgressItem],
+        capacity: usize,
+    ) -> Result<(), DependencyError> {
+        let encoded: Vec<String> = items
+            .iter()
+            .filter_map(|i| serde_json::to_string(i).ok())
+            .collect();
+        if encoded.is_empty() {
+            return Ok(());
+        }
+        let key = keys::progress_spill();
+        self.run(|mut c| async move {
+            redis::pipe()
+                .cmd("RPUSH")
+                .arg(&key)
+                .arg(encoded)
+                .ignore()
+                .cmd("LTRIM")
+                .arg(&key)
+                .arg(-(capacity as i64))
+                .arg(-1)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Takes up to `max` parked positions (this instance's or another's).
+    pub async fn take_spilled_progress(&self, max: usize) -> Result<Vec<ProgressItem>, DependencyError> {
+        let key = keys::progress_spill();
+        let raw: Option<Vec<String>> = self
+            .run(|mut c| async move { redis::cmd("LPOP").arg(key).arg(max).query_async(&mut c).await })
+            .await?;
+        Ok(raw
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| serde_json::from_str(s).ok())
+            .collect())
     }
 }
 

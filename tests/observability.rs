@@ -1,0 +1,911 @@
+//! Observability of the real `moneta` binary: `/metrics` as Prometheus and
+//! promtool see it, traces as an OTLP collector receives them, and log lines
+//! that carry the trace id of their request and never a secret.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use prost::Message;
+use serde_json::{Value, json};
+use support::{DEV_SECRET, MonetaProcess, RedisServer};
+
+// ---------------------------------------------------------------------------
+// In-test servers
+
+/// A small internal API that remembers the `traceparent` of every call and
+/// fails with 500 on demand.
+#[derive(Default)]
+struct FakeApi {
+    failing: AtomicBool,
+    traceparents: Mutex<Vec<String>>,
+}
+
+impl FakeApi {
+    fn note(&self, headers: &HeaderMap) -> Option<Response> {
+        if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+            self.traceparents.lock().unwrap().push(tp.to_owned());
+        }
+        self.failing
+            .load(Ordering::SeqCst)
+            .then(|| (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response())
+    }
+
+    fn traceparents(&self) -> Vec<String> {
+        self.traceparents.lock().unwrap().clone()
+    }
+}
+
+async fn api_content(
+    State(s): State<Arc<FakeApi>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    if let Some(r) = s.note(&headers) {
+        return r;
+    }
+    match id.as_str() {
+        "m-0001" => Json(support::sample_content("m-0001")).into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn api_entitlement(
+    State(s): State<Arc<FakeApi>>,
+    headers: HeaderMap,
+    UrlPath(user): UrlPath<String>,
+) -> Response {
+    if let Some(r) = s.note(&headers) {
+        return r;
+    }
+    Json(json!({"user_id": user, "plan": "premium", "max_streams": 4, "active": true})).into_response()
+}
+
+async fn api_progress(State(s): State<Arc<FakeApi>>, headers: HeaderMap) -> Response {
+    if let Some(r) = s.note(&headers) {
+        return r;
+    }
+    StatusCode::NOT_FOUND.into_response()
+}
+
+async fn api_batch(State(s): State<Arc<FakeApi>>, headers: HeaderMap) -> Response {
+    if let Some(r) = s.note(&headers) {
+        return r;
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn api_health(State(s): State<Arc<FakeApi>>) -> Response {
+    if s.failing.load(Ordering::SeqCst) {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    Json(json!({"status": "ok"})).into_response()
+}
+
+async fn spawn_fake_api() -> (Arc<FakeApi>, u16) {
+    let state = Arc::new(FakeApi::default());
+    let router = Router::new()
+        .route("/internal/v1/contents/{id}/playback", get(api_content))
+        .route("/internal/v1/users/{user}/entitlement", get(api_entitlement))
+        .route("/internal/v1/users/{user}/progress/{content}", get(api_progress))
+        .route("/internal/v1/progress:batch", post(api_batch))
+        .route("/health", get(api_health))
+        .with_state(state.clone());
+    (state, serve(router).await)
+}
+
+async fn serve(router: Router) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    port
+}
+
+/// One span as the collector received it.
+#[derive(Debug, Clone)]
+struct ReceivedSpan {
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    name: String,
+    kind: i32,
+    attributes: HashMap<String, String>,
+    service_name: String,
+}
+
+/// An OTLP/HTTP receiver: `POST /v1/traces` with a protobuf body.
+#[derive(Default)]
+struct Collector {
+    spans: Mutex<Vec<ReceivedSpan>>,
+}
+
+fn any_value_text(value: Option<&AnyValue>) -> String {
+    match value {
+        Some(AnyValue::StringValue(s)) => s.clone(),
+        Some(AnyValue::IntValue(i)) => i.to_string(),
+        Some(AnyValue::BoolValue(b)) => b.to_string(),
+        Some(AnyValue::DoubleValue(d)) => d.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Collector {
+    fn record(&self, request: ExportTraceServiceRequest) {
+        let mut spans = self.spans.lock().unwrap();
+        for resource_spans in request.resource_spans {
+            let service_name = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|kv| kv.key == "service.name")
+                .map(|kv| any_value_text(kv.value.as_ref().and_then(|v| v.value.as_ref())))
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    spans.push(ReceivedSpan {
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                        name: span.name.clone(),
+                        kind: span.kind,
+                        attributes: span
+                            .attributes
+                            .iter()
+                            .map(|kv| {
+                                (
+                                    kv.key.clone(),
+                                    any_value_text(kv.value.as_ref().and_then(|v| v.value.as_ref())),
+                                )
+                            })
+                            .collect(),
+                        service_name: service_name.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn spans_of(&self, trace_id: &str) -> Vec<ReceivedSpan> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    }
+}
+
+async fn collect_traces(State(c): State<Arc<Collector>>, headers: HeaderMap, body: Bytes) -> Response {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    assert_eq!(
+        content_type, "application/x-protobuf",
+        "OTLP/HTTP must send protobuf"
+    );
+    let request = match ExportTraceServiceRequest::decode(body) {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
+    c.record(request);
+    (
+        [("content-type", "application/x-protobuf")],
+        ExportTraceServiceResponse::default().encode_to_vec(),
+    )
+        .into_response()
+}
+
+/// The same collector behind OTLP/gRPC.
+struct GrpcCollector(Arc<Collector>);
+
+#[tonic::async_trait]
+impl TraceService for GrpcCollector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.record(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+async fn spawn_grpc_collector() -> (Arc<Collector>, u16) {
+    let state = Arc::new(Collector::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let service = TraceServiceServer::new(GrpcCollector(state.clone()));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (state, port)
+}
+
+async fn spawn_collector() -> (Arc<Collector>, u16) {
+    let state = Arc::new(Collector::default());
+    let router = Router::new()
+        .route("/v1/traces", post(collect_traces))
+        .with_state(state.clone());
+    (state, serve(router).await)
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+fn base_env(redis: &RedisServer, api_port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("MONETA_REDIS_URL", redis.url.clone()),
+        ("MONETA_INTERNAL_API_URL", format!("http://127.0.0.1:{api_port}")),
+        ("MONETA_INTERNAL_API_TOKEN", "internal-token-for-tests".to_owned()),
+        // A failing internal API opens its breaker only after many calls, so
+        // every request in these tests still reaches it.
+        ("MONETA_INTERNAL_API_BREAKER_FAILURES", "1000".to_owned()),
+    ]
+}
+
+async fn fetch(url: &str, token: Option<&str>, traceparent: Option<&str>) -> reqwest::Response {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    if let Some(tp) = traceparent {
+        req = req.header("traceparent", tp);
+    }
+    req.send().await.expect("request failed")
+}
+
+async fn metrics_text(moneta: &MonetaProcess) -> String {
+    fetch(
+        &format!("http://127.0.0.1:{}/metrics", moneta.admin_port),
+        None,
+        None,
+    )
+    .await
+    .text()
+    .await
+    .unwrap()
+}
+
+/// Pipes `text` into `promtool check metrics`; promtool is required.
+fn promtool_check_metrics(text: &str) -> (bool, String) {
+    let bin = support::require_binary("promtool");
+    let mut child = Command::new(bin)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run promtool");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), report)
+}
+
+/// Every sample as (metric name, label names).
+fn series(text: &str) -> Vec<(String, BTreeSet<String>)> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|line| {
+            let (name, rest) = match line.find(['{', ' ']) {
+                Some(i) => line.split_at(i),
+                None => (line, ""),
+            };
+            let mut labels = BTreeSet::new();
+            if let Some(inner) = rest.strip_prefix('{').and_then(|r| r.split('}').next()) {
+                for pair in inner.split("\",") {
+                    if let Some((k, _)) = pair.split_once('=') {
+                        labels.insert(k.trim().to_owned());
+                    }
+                }
+            }
+            (name.to_owned(), labels)
+        })
+        .collect()
+}
+
+fn assert_series(text: &str, name: &str, labels: &[&str]) {
+    let want: BTreeSet<String> = labels.iter().map(|s| s.to_string()).collect();
+    let found = series(text);
+    assert!(
+        found.iter().any(|(n, l)| n == name && *l == want),
+        "no {name} sample with labels {want:?}; found {:?}",
+        found.iter().filter(|(n, _)| n == name).collect::<Vec<_>>()
+    );
+}
+
+fn assert_type(text: &str, name: &str, kind: &str) {
+    let line = format!("# TYPE {name} {kind}");
+    assert!(text.lines().any(|l| l == line), "missing `{line}`");
+}
+
+async fn eventually<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const PLAYBACK_ROUTE: &str = "/v1/contents/{content_id}/playback-info";
+
+// ---------------------------------------------------------------------------
+// Metrics
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_carry_the_contract_series() {
+    let redis = RedisServer::start();
+    let (api, api_port) = spawn_fake_api().await;
+    let moneta = MonetaProcess::start(&base_env(&redis, api_port));
+    let base = moneta.base_url();
+
+    let token = support::mint_token("u-metrics", "premium", 4, "KR");
+    let resp = fetch(
+        &format!("{base}/v1/contents/m-0001/playback-info"),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    // Served from the cache, for the cache counters' hit side.
+    let resp = fetch(
+        &format!("{base}/v1/contents/m-0001/playback-info"),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(fetch(&format!("{base}/nowhere"), None, None).await.status(), 404);
+    // With the internal API failing, a new user's entitlement comes from the claims.
+    api.failing.store(true, Ordering::SeqCst);
+    let other = support::mint_token("u-metrics-2", "premium", 4, "KR");
+    let resp = fetch(
+        &format!("{base}/v1/contents/m-0001/playback-info"),
+        Some(&other),
+        None,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["degraded"], true);
+
+    let text = metrics_text(&moneta).await;
+    let (ok, report) = promtool_check_metrics(&text);
+    assert!(ok, "promtool check metrics failed:\n{report}\n---\n{text}");
+
+    assert_type(&text, "moneta_http_requests_total", "counter");
+    assert_series(
+        &text,
+        "moneta_http_requests_total",
+        &["method", "route", "status"],
+    );
+    assert!(text.contains(&format!(
+        "moneta_http_requests_total{{method=\"GET\",route=\"{PLAYBACK_ROUTE}\",status=\"200\"}}"
+    )));
+    // Unknown paths share one label value, so raw paths never become series.
+    assert!(text.contains(r#"route="unmatched",status="404""#));
+    assert!(!text.contains("/nowhere"));
+
+    assert_type(&text, "moneta_http_request_duration_seconds", "histogram");
+    assert_series(
+        &text,
+        "moneta_http_request_duration_seconds_bucket",
+        &["route", "le"],
+    );
+    assert_series(&text, "moneta_http_request_duration_seconds_count", &["route"]);
+
+    assert_type(&text, "moneta_dependency_requests_total", "counter");
+    assert_series(
+        &text,
+        "moneta_dependency_requests_total",
+        &["dependency", "outcome"],
+    );
+    assert!(text.contains(r#"moneta_dependency_requests_total{dependency="redis",outcome="success"}"#));
+    assert!(text.contains(r#"moneta_dependency_requests_total{dependency="internal_api",outcome="error"}"#));
+
+    assert_type(&text, "moneta_dependency_request_duration_seconds", "histogram");
+    assert_series(
+        &text,
+        "moneta_dependency_request_duration_seconds_bucket",
+        &["dependency", "le"],
+    );
+
+    assert_type(&text, "moneta_circuit_breaker_state", "gauge");
+    assert_series(&text, "moneta_circuit_breaker_state", &["dependency"]);
+
+    assert_type(&text, "moneta_fallbacks_total", "counter");
+    assert_series(&text, "moneta_fallbacks_total", &["dependency", "kind"]);
+    assert!(text.contains(r#"moneta_fallbacks_total{dependency="internal_api",kind="claims_entitlement"}"#));
+
+    assert_type(&text, "moneta_cache_requests_total", "counter");
+    assert_series(&text, "moneta_cache_requests_total", &["cache", "result"]);
+    for cache in [
+        "content_memory",
+        "content_redis",
+        "entitlement_redis",
+        "position_redis",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "moneta_cache_requests_total{{cache=\"{cache}\",result=\"miss\"}}"
+            )),
+            "no misses counted for {cache}"
+        );
+    }
+    assert!(text.contains(r#"moneta_cache_requests_total{cache="content_memory",result="hit"}"#));
+
+    assert_type(&text, "moneta_http_requests_in_flight", "gauge");
+    assert_type(&text, "moneta_progress_queue_depth", "gauge");
+    assert_type(&text, "process_resident_memory_bytes", "gauge");
+    assert_series(&text, "process_resident_memory_bytes", &[]);
+    assert_type(&text, "process_threads", "gauge");
+    assert_series(&text, "process_threads", &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_state_is_exported_before_any_transition() {
+    // Nothing listens on either port: no call has succeeded or opened a breaker yet.
+    let redis_url = format!("redis://127.0.0.1:{}", support::free_port());
+    let moneta = MonetaProcess::start(&[
+        ("MONETA_REDIS_URL", redis_url),
+        (
+            "MONETA_INTERNAL_API_URL",
+            format!("http://127.0.0.1:{}", support::free_port()),
+        ),
+    ]);
+    let text = metrics_text(&moneta).await;
+    for dependency in ["redis", "internal_api"] {
+        let line = format!("moneta_circuit_breaker_state{{dependency=\"{dependency}\"}} 0");
+        assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Traces
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_ID: &str = "00f067aa0ba902b7";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_continue_the_incoming_traceparent_and_reach_the_collector() {
+    let redis = RedisServer::start();
+    let (api, api_port) = spawn_fake_api().await;
+    let (collector, collector_port) = spawn_collector().await;
+    let mut env = base_env(&redis, api_port);
+    env.push((
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        format!("http://127.0.0.1:{collector_port}"),
+    ));
+    env.push(("OTEL_SERVICE_NAME", "moneta-under-test".to_owned()));
+    env.push(("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()));
+    let moneta = MonetaProcess::start(&env);
+
+    let token = support::mint_token("u-trace", "premium", 4, "KR");
+    let resp = fetch(
+        &format!("{}/v1/contents/m-0001/playback-info", moneta.base_url()),
+        Some(&token),
+        Some(&format!("00-{TRACE_ID}-{PARENT_ID}-01")),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+
+    let spans = eventually(Duration::from_secs(15), || {
+        let spans = collector.spans_of(TRACE_ID);
+        let server = spans.iter().any(|s| s.kind == SpanKind::Server as i32);
+        let internal_api = spans.iter().any(|s| s.attributes.contains_key("url.full"));
+        let redis = spans
+            .iter()
+            .any(|s| s.attributes.get("db.system.name").map(String::as_str) == Some("redis"));
+        (server && internal_api && redis).then_some(spans)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "the collector did not get the request's spans; it got {:#?}",
+            collector.spans.lock().unwrap()
+        )
+    });
+
+    let server = spans.iter().find(|s| s.kind == SpanKind::Server as i32).unwrap();
+    assert_eq!(server.name, format!("GET {PLAYBACK_ROUTE}"));
+    assert_eq!(
+        server.parent_span_id, PARENT_ID,
+        "the caller's span is the parent"
+    );
+    assert_eq!(server.service_name, "moneta-under-test");
+    assert_eq!(server.attributes["http.request.method"], "GET");
+    assert_eq!(server.attributes["http.route"], PLAYBACK_ROUTE);
+    assert_eq!(server.attributes["http.response.status_code"], "200");
+    assert_eq!(server.attributes["url.path"], "/v1/contents/m-0001/playback-info");
+
+    let redis_span = spans
+        .iter()
+        .find(|s| s.attributes.get("db.system.name").map(String::as_str) == Some("redis"))
+        .unwrap();
+    assert_eq!(redis_span.kind, SpanKind::Client as i32);
+    assert!(redis_span.attributes.contains_key("db.operation.name"));
+
+    let api_spans: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.attributes.contains_key("url.full"))
+        .collect();
+    for span in &api_spans {
+        assert_eq!(span.kind, SpanKind::Client as i32);
+        assert_eq!(span.attributes["http.request.method"], "GET");
+        assert_eq!(span.attributes["server.address"], "127.0.0.1");
+        assert!(
+            span.attributes["url.full"].starts_with(&format!("http://127.0.0.1:{api_port}/internal/v1/"))
+        );
+        assert!(
+            !span.name.contains("u-trace"),
+            "user ids stay out of span names: {}",
+            span.name
+        );
+    }
+    let content = api_spans
+        .iter()
+        .find(|s| s.name == "GET /internal/v1/contents/{content_id}/playback")
+        .expect("a span for the title lookup");
+    assert_eq!(content.attributes["http.response.status_code"], "200");
+
+    // The internal API saw the same trace, with the client span as its parent.
+    let seen = api.traceparents();
+    let ours: Vec<&String> = seen
+        .iter()
+        .filter(|tp| tp.starts_with(&format!("00-{TRACE_ID}-")))
+        .collect();
+    assert!(
+        !ours.is_empty(),
+        "no traceparent of the trace reached the internal API: {seen:?}"
+    );
+    for tp in ours {
+        let parent = tp.split('-').nth(2).unwrap();
+        assert!(
+            api_spans.iter().any(|s| s.span_id == parent),
+            "{tp} does not name one of Moneta's client spans"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_reach_a_grpc_collector_and_the_last_ones_leave_at_shutdown() {
+    let redis = RedisServer::start();
+    let (_api, api_port) = spawn_fake_api().await;
+    let (collector, collector_port) = spawn_grpc_collector().await;
+    let mut env = base_env(&redis, api_port);
+    env.push((
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        format!("http://127.0.0.1:{collector_port}"),
+    ));
+    env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_owned()));
+    // No scheduled export within the test: only the flush at shutdown sends.
+    env.push(("OTEL_BSP_SCHEDULE_DELAY", "600000".to_owned()));
+    let mut moneta = MonetaProcess::start(&env);
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let token = support::mint_token("u-grpc", "premium", 4, "KR");
+    let resp = fetch(
+        &format!("{}/v1/contents/m-0001/playback-info", moneta.base_url()),
+        Some(&token),
+        Some(&format!("00-{trace_id}-{PARENT_ID}-01")),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        collector.spans_of(trace_id).is_empty(),
+        "exported before shutdown"
+    );
+
+    let status = tokio::task::block_in_place(|| moneta.terminate(Duration::from_secs(10)));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "moneta did not stop cleanly: {status:?}"
+    );
+    let spans = collector.spans_of(trace_id);
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.kind == SpanKind::Server as i32 && s.name == format!("GET {PLAYBACK_ROUTE}")),
+        "the request span was not flushed at shutdown: {spans:#?}"
+    );
+    assert!(spans.iter().any(|s| s.kind == SpanKind::Client as i32));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_collector_never_slows_requests() {
+    // Accepts connections (the kernel does) but never reads or answers: the
+    // worst collector, since every export waits for its timeout.
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let blackhole_port = blackhole.local_addr().unwrap().port();
+    for protocol in ["http/protobuf", "grpc"] {
+        let redis = RedisServer::start();
+        let (_api, api_port) = spawn_fake_api().await;
+        let mut env = base_env(&redis, api_port);
+        env.push((
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{blackhole_port}"),
+        ));
+        env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_owned()));
+        env.push(("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned()));
+        let moneta = MonetaProcess::start(&env);
+        let token = support::mint_token("u-nocollector", "premium", 4, "KR");
+        let url = format!("{}/v1/contents/m-0001/playback-info", moneta.base_url());
+        assert_eq!(fetch(&url, Some(&token), None).await.status(), 200);
+        for _ in 0..30 {
+            let started = Instant::now();
+            assert_eq!(fetch(&url, Some(&token), None).await.status(), 200);
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "{protocol}: a request took {:?} with the collector down",
+                started.elapsed()
+            );
+        }
+    }
+}
+
+#[test]
+fn an_unknown_otlp_protocol_stops_the_start() {
+    let out = Command::new(env!("CARGO_BIN_EXE_moneta"))
+        .env_clear()
+        .env("MONETA_JWT_HS256_SECRET", DEV_SECRET)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------
+// Logs
+
+/// The JSON log lines of a process (anything else it printed is skipped).
+fn json_lines(output: &str) -> Vec<Value> {
+    output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+fn is_hex_id(v: &Value, len: usize) -> bool {
+    v.as_str().is_some_and(|s| {
+        s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()) && s.bytes().any(|b| b != b'0')
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_carry_the_trace_id_and_no_secret() {
+    let redis = RedisServer::start();
+    let (api, api_port) = spawn_fake_api().await;
+    // No OTLP endpoint: ids are still made and logged.
+    let moneta = MonetaProcess::start(&base_env(&redis, api_port));
+    let token = support::mint_token("u-logs", "premium", 4, "KR");
+    let url = format!("{}/v1/contents/m-0001/playback-info", moneta.base_url());
+
+    let resp = fetch(&url, Some(&token), Some(&format!("00-{TRACE_ID}-{PARENT_ID}-01"))).await;
+    assert_eq!(resp.status(), 200);
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    // Without a traceparent, a fresh trace.
+    let fresh = fetch(&url, Some(&token), None).await;
+    let fresh_id = fresh.headers()["x-request-id"].to_str().unwrap().to_owned();
+    // A failing dependency writes warnings inside the request.
+    api.failing.store(true, Ordering::SeqCst);
+    let other = support::mint_token("u-logs-2", "premium", 4, "KR");
+    let failing_trace = "0123456789abcdef0123456789abcdef";
+    let resp = fetch(
+        &url,
+        Some(&other),
+        Some(&format!("00-{failing_trace}-{PARENT_ID}-01")),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+
+    let access = |id: &str| {
+        json_lines(&moneta.output())
+            .into_iter()
+            .find(|l| l["target"] == "moneta::access" && l["request_id"] == id)
+    };
+    let line = eventually(Duration::from_secs(5), || access(&request_id))
+        .await
+        .unwrap_or_else(|| panic!("no access-log line for {request_id}:\n{}", moneta.output()));
+    assert_eq!(line["trace_id"], TRACE_ID);
+    assert!(is_hex_id(&line["span_id"], 16), "{line}");
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["route"], PLAYBACK_ROUTE);
+    assert_eq!(line["status"], 200);
+    assert!(line["latency_ms"].as_f64().is_some(), "{line}");
+    assert!(
+        line.get("user_id").is_none() && line.get("sub").is_none(),
+        "{line}"
+    );
+
+    let line = eventually(Duration::from_secs(5), || access(&fresh_id))
+        .await
+        .unwrap();
+    assert!(is_hex_id(&line["trace_id"], 32), "{line}");
+    assert_ne!(line["trace_id"], TRACE_ID);
+
+    let warnings = eventually(Duration::from_secs(5), || {
+        let w: Vec<Value> = json_lines(&moneta.output())
+            .into_iter()
+            .filter(|l| l["level"] == "WARN" && l["trace_id"] == failing_trace)
+            .collect();
+        (!w.is_empty()).then_some(w)
+    })
+    .await;
+    assert!(
+        warnings.is_some(),
+        "dependency warnings do not carry the request's trace id:\n{}",
+        moneta.output()
+    );
+
+    let output = moneta.output();
+    for secret in [
+        DEV_SECRET,
+        token.as_str(),
+        other.as_str(),
+        "internal-token-for-tests",
+    ] {
+        assert!(!output.contains(secret), "a secret reached the output");
+    }
+    // Not even the signature part of a token.
+    let signature = token.rsplit('.').next().unwrap();
+    assert!(!output.contains(signature));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warnings_carry_the_trace_id_when_info_logs_are_off() {
+    let redis = RedisServer::start();
+    let (api, api_port) = spawn_fake_api().await;
+    api.failing.store(true, Ordering::SeqCst);
+    let mut env = base_env(&redis, api_port);
+    env.push(("RUST_LOG", "warn".to_owned()));
+    let moneta = MonetaProcess::start(&env);
+    let token = support::mint_token("u-quiet", "premium", 4, "KR");
+    let resp = fetch(
+        &format!("{}/v1/contents/m-0001/playback-info", moneta.base_url()),
+        Some(&token),
+        Some(&format!("00-{TRACE_ID}-{PARENT_ID}-01")),
+    )
+    .await;
+    // Unknown title everywhere and no snapshot: 503, with warnings on the way.
+    assert_eq!(resp.status(), 503);
+    let found = eventually(Duration::from_secs(5), || {
+        json_lines(&moneta.output())
+            .into_iter()
+            .find(|l| l["level"] == "WARN" && l["trace_id"] == TRACE_ID)
+    })
+    .await;
+    assert!(
+        found.is_some(),
+        "no warning with the trace id:\n{}",
+        moneta.output()
+    );
+    assert!(
+        !moneta.output().contains("moneta::access"),
+        "RUST_LOG=warn still hides the access log"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Alert rules and dashboards
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn rule_files() -> Vec<String> {
+    let dir = repo().join("deploy/prometheus/rules");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no rule files in {}", dir.display());
+    files
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() {
+    let promtool = support::require_binary("promtool");
+    let out = Command::new(&promtool)
+        .arg("check")
+        .arg("rules")
+        .args(rule_files())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(&promtool)
+        .current_dir(repo().join("deploy/prometheus"))
+        .args(["test", "rules", "tests/moneta-rules.test.yml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool test rules:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every `moneta_…` name in the rules and dashboards is one Moneta exports, so
+/// a renamed metric cannot leave a silent alert or an empty panel behind.
+#[test]
+fn rules_and_dashboards_name_only_exported_metrics() {
+    let described = std::fs::read_to_string(repo().join("src/telemetry/metrics.rs")).unwrap();
+    let mut texts = vec![];
+    for file in rule_files() {
+        texts.push((file.clone(), std::fs::read_to_string(&file).unwrap()));
+    }
+    let dashboards = repo().join("deploy/grafana/dashboards");
+    for entry in std::fs::read_dir(&dashboards).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            doc["uid"].is_string() && doc["panels"].is_array(),
+            "{}",
+            path.display()
+        );
+        texts.push((path.display().to_string(), text));
+    }
+    for (file, text) in texts {
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("moneta_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                described.contains(&format!("\"{base}\"")),
+                "{file} uses {name}, which Moneta does not export"
+            );
+        }
+    }
+}
