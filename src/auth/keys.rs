@@ -160,6 +160,9 @@ pub struct KeyStore {
     /// The last keys each source gave, so one failing source keeps its old keys.
     last_good: tokio::sync::Mutex<Vec<Option<Vec<Arc<VerificationKey>>>>>,
     current: ArcSwap<Vec<Arc<VerificationKey>>>,
+    /// Bumped whenever a key set is published, so caches of verified tokens
+    /// know the keys changed.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl KeyStore {
@@ -169,6 +172,7 @@ impl KeyStore {
             last_good: tokio::sync::Mutex::new(sources.iter().map(|_| None).collect()),
             sources,
             current: ArcSwap::from_pointee(Vec::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         });
         for (i, source) in store.sources.iter().enumerate() {
             let keys = source.load().await?;
@@ -213,6 +217,12 @@ impl KeyStore {
             .collect();
         metrics::gauge!("moneta_jwt_keys").set(all.len() as f64);
         self.current.store(Arc::new(all));
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Changes whenever the keys in force change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The current keys; cheap, lock-free.

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation, decode, decode_header, encode};
 
@@ -43,7 +44,23 @@ pub struct Verifier {
     /// One prepared rule set per algorithm: the algorithm list holds only that
     /// algorithm, so a key can never verify a token of another one.
     validations: HashMap<Algorithm, Validation>,
+    /// Tokens already verified, with the key set that verified them. Clients
+    /// send the same token for its whole life, and the signature check and
+    /// two JSON parses were the largest cost of a warm request.
+    verified: moka::sync::Cache<String, Verified>,
 }
+
+#[derive(Clone)]
+struct Verified {
+    claims: Arc<Claims>,
+    /// The key set in force when verified: after a rotation the token is
+    /// checked again, so a removed key stops working at once.
+    key_set: u64,
+}
+
+/// Verified tokens kept, at most (about 1 KiB each).
+const VERIFIED_CAPACITY: u64 = 20_000;
+const VERIFIED_TTL: Duration = Duration::from_secs(60);
 
 impl Verifier {
     pub fn new(keys: Arc<KeyStore>, issuer: Option<&str>, audience: Option<&str>) -> Self {
@@ -70,7 +87,15 @@ impl Verifier {
                 (alg, v)
             })
             .collect();
-        Self { keys, validations }
+        let verified = moka::sync::Cache::builder()
+            .max_capacity(VERIFIED_CAPACITY)
+            .time_to_live(VERIFIED_TTL)
+            .build();
+        Self {
+            keys,
+            validations,
+            verified,
+        }
     }
 
     pub fn keys(&self) -> &Arc<KeyStore> {
@@ -78,7 +103,27 @@ impl Verifier {
     }
 
     /// Verifies a compact JWS and returns its claims.
-    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    /// Verifies a compact JWS and returns its claims; a token verified before
+    /// under the same key set only has its time claims checked again.
+    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
+        let key_set = self.keys.generation();
+        if let Some(hit) = self.verified.get(token) {
+            if hit.key_set == key_set && within_time(&hit.claims) {
+                return Ok(hit.claims);
+            }
+        }
+        let claims = Arc::new(self.verify_uncached(token)?);
+        self.verified.insert(
+            token.to_owned(),
+            Verified {
+                claims: claims.clone(),
+                key_set,
+            },
+        );
+        Ok(claims)
+    }
+
+    fn verify_uncached(&self, token: &str) -> Result<Claims, AuthError> {
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Invalid);
         }
@@ -108,6 +153,13 @@ impl Verifier {
         }
         Err(AuthError::Invalid)
     }
+}
+
+/// `exp` and `nbf` against now, with the same leeway as the full check.
+fn within_time(claims: &Claims) -> bool {
+    let now = jsonwebtoken::get_current_timestamp() as i64;
+    let leeway = LEEWAY_S as i64;
+    claims.exp + leeway >= now && claims.nbf.is_none_or(|nbf| nbf - leeway <= now)
 }
 
 /// Signs a development token with an HS256 secret (`moneta token`, tests, benches).

@@ -1,5 +1,7 @@
 //! Extractors that turn a request into typed input or a contract error.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
@@ -14,7 +16,7 @@ use crate::auth::{AuthError, Claims};
 use crate::sources::CallContext;
 
 /// The verified caller of a `/v1` route.
-pub struct Caller(pub Claims);
+pub struct Caller(pub Arc<Claims>);
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;

@@ -15,6 +15,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, put};
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
@@ -56,18 +57,25 @@ pub fn router(app: AppState, request_timeout: Duration) -> Router {
         )
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        // Listed innermost first: the request id is settled before anything
-        // logs, and every error below `json_errors` leaves as contract JSON.
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            request_timeout,
-        ))
-        .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))
-        .layer(axum::middleware::map_response(middleware::json_errors))
-        .layer(axum::middleware::from_fn(middleware::observe))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(axum::middleware::map_request(middleware::drop_insane_request_id))
+        // One layer stack, outermost first: axum boxes a route's future once
+        // per `Router::layer` call, and the copies of that large future were
+        // an eighth of the hot path's instructions with a call per layer.
+        // The request id is settled before anything logs, and every error
+        // below `json_errors` leaves as contract JSON.
+        .layer(
+            ServiceBuilder::new()
+                .layer(axum::middleware::map_request(middleware::drop_insane_request_id))
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(axum::middleware::from_fn(middleware::observe))
+                .layer(axum::middleware::map_response(middleware::json_errors))
+                .map_response(IntoResponse::into_response)
+                .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    request_timeout,
+                ))
+                .layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
         .with_state(app)
 }
