@@ -193,6 +193,7 @@ impl Application {
         let background = [
             tokio::spawn(probe_dependencies(app.clone())),
             tokio::spawn(refresh_keys(app.clone(), settings.jwt_refresh)),
+            tokio::spawn(telemetry::metrics::upkeep(metrics.clone())),
         ];
 
         let admin_router = Router::new().route(

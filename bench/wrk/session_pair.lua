@@ -5,6 +5,13 @@ dofile(os.getenv("BENCH_LUA_DIR") .. "/report.lua")
 local token = assert(os.getenv("BENCH_PAIR_TOKEN"), "BENCH_PAIR_TOKEN is not set")
 local n = 0
 local pending = {}
+-- Device ids must differ across threads too, or one thread's start would
+-- replace another's session (same device) and its stop would find nothing.
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
 function request()
   local stop = table.remove(pending)
   if stop then
@@ -13,7 +20,7 @@ function request()
   n = n + 1
   return wrk.format("POST", "/v1/playback/sessions",
     { ["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json" },
-    '{"content_id":"m-0001","device_id":"bench-' .. math.random(1, 1000000000) .. '"}')
+    '{"content_id":"m-0001","device_id":"bench-' .. tid .. '-' .. n .. '"}')
 end
 function response(status, headers, body)
   if status == 201 then

@@ -136,7 +136,26 @@ impl Playback {
         content_id: &str,
         ctx: &CallContext,
     ) -> Result<Sourced<Arc<ContentPlayback>>, PlaybackError> {
-        // A caller that waited on another's load (single flight) counts as a hit.
+        // The hit path stays small: moka's loading future is large, and every
+        // byte of a request's future is copied when axum boxes it.
+        let lookup = match self.local.get(content_id).await {
+            Some(hit) => {
+                cache("content_memory", true);
+                Ok(hit)
+            }
+            None => Box::pin(self.load_once(content_id, ctx)).await,
+        };
+        let lookup = lookup?;
+        match lookup.value {
+            Some(content) => Ok(Sourced::new(content, lookup.origin)),
+            None => Err(PlaybackError::ContentNotFound),
+        }
+    }
+
+    /// Loads a title that is not in memory; concurrent misses for one title
+    /// share one load (single flight).
+    async fn load_once(&self, content_id: &str, ctx: &CallContext) -> Result<Lookup, PlaybackError> {
+        // A caller that waited on another's load counts as a hit.
         let loaded = AtomicBool::new(false);
         let lookup = self
             .local
@@ -147,11 +166,7 @@ impl Playback {
             .await
             .map_err(|e| (*e).clone());
         cache("content_memory", !loaded.load(Ordering::Relaxed));
-        let lookup = lookup?;
-        match lookup.value {
-            Some(content) => Ok(Sourced::new(content, lookup.origin)),
-            None => Err(PlaybackError::ContentNotFound),
-        }
+        lookup
     }
 
     async fn load_content(&self, content_id: &str, ctx: &CallContext) -> Result<Lookup, PlaybackError> {
@@ -251,44 +266,55 @@ impl Playback {
             match view.entitlement {
                 Some(Some(e)) => Ok(Sourced::fresh(e)),
                 Some(None) => Err(PlaybackError::NoEntitlement),
-                None => match self.api.entitlement(user, ctx).await {
-                    Ok(found) => {
-                        if redis_up {
-                            let _ = self
-                                .redis
-                                .put_entitlement(user, found.as_ref(), self.settings.entitlement_ttl)
-                                .await;
+                // Boxed: the internal API's futures are large and this branch is the cold one.
+                None => {
+                    Box::pin(async {
+                        match self.api.entitlement(user, ctx).await {
+                            Ok(found) => {
+                                if redis_up {
+                                    let _ = self
+                                        .redis
+                                        .put_entitlement(user, found.as_ref(), self.settings.entitlement_ttl)
+                                        .await;
+                                }
+                                found.map(Sourced::fresh).ok_or(PlaybackError::NoEntitlement)
+                            }
+                            Err(_) => {
+                                fallback("internal_api", "claims_entitlement");
+                                Ok(Sourced::new(claims.fallback_entitlement(), Origin::Claims))
+                            }
                         }
-                        found.map(Sourced::fresh).ok_or(PlaybackError::NoEntitlement)
-                    }
-                    Err(_) => {
-                        fallback("internal_api", "claims_entitlement");
-                        Ok(Sourced::new(claims.fallback_entitlement(), Origin::Claims))
-                    }
-                },
+                    })
+                    .await
+                }
             }
         };
         let position = async {
             match view.position_ms {
                 Some(p) => Sourced::fresh(p),
-                None => match self.api.progress(user, content_id, ctx).await {
-                    Ok(found) => {
-                        let p = found.map(|p| p.position_ms).unwrap_or(0);
-                        if redis_up {
-                            let _ = self.redis.put_position(user, content_id, p).await;
-                            Sourced::fresh(p)
-                        } else {
-                            // Positions reach Redis first and the internal API later, so
-                            // without Redis the API's copy may lag the newest heartbeat.
-                            fallback("redis", "position_from_api");
-                            Sourced::new(p, Origin::Stale)
+                None => {
+                    Box::pin(async {
+                        match self.api.progress(user, content_id, ctx).await {
+                            Ok(found) => {
+                                let p = found.map(|p| p.position_ms).unwrap_or(0);
+                                if redis_up {
+                                    let _ = self.redis.put_position(user, content_id, p).await;
+                                    Sourced::fresh(p)
+                                } else {
+                                    // Positions reach Redis first and the internal API later, so
+                                    // without Redis the API's copy may lag the newest heartbeat.
+                                    fallback("redis", "position_from_api");
+                                    Sourced::new(p, Origin::Stale)
+                                }
+                            }
+                            Err(_) => {
+                                fallback("internal_api", "default_position");
+                                Sourced::new(0, Origin::Default)
+                            }
                         }
-                    }
-                    Err(_) => {
-                        fallback("internal_api", "default_position");
-                        Sourced::new(0, Origin::Default)
-                    }
-                },
+                    })
+                    .await
+                }
             }
         };
         let (entitlement, position) = tokio::join!(entitlement, position);

@@ -15,6 +15,7 @@ use crate::auth::Claims;
 use crate::playback::model::PlaybackInfo;
 use crate::playback::{Playback, PlaybackError};
 use crate::progress::ProgressQueue;
+use crate::resilience::DependencyError;
 use crate::sources::CallContext;
 use crate::sources::redis::keys::UserKeys;
 use crate::sources::redis::position_ttl_s;
@@ -86,6 +87,22 @@ fn expiry(last_heartbeat_ms: u64, ttl: Duration) -> Option<DateTime<Utc>> {
 
 /// Session ids with their last heartbeat (ms, as Redis returns scores).
 type LiveScores = Vec<(String, f64)>;
+
+/// A script's verdict on a session: unknown is `NotFound`; with Redis down the
+/// call is accepted unchecked (and counted), so playback is never refused for it.
+fn known_or_unchecked(
+    result: Result<Option<String>, DependencyError>,
+    kind: &'static str,
+) -> Result<(), SessionError> {
+    match result {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(SessionError::NotFound),
+        Err(_) => {
+            metrics::counter!("moneta_fallbacks_total", "dependency" => "redis", "kind" => kind).increment(1);
+            Ok(())
+        }
+    }
+}
 
 pub struct Sessions {
     playback: Arc<Playback>,
@@ -203,14 +220,7 @@ impl Sessions {
                 async move { call.invoke_async::<Option<String>>(&mut c).await }
             })
             .await;
-        match result {
-            Ok(None) => return Err(SessionError::NotFound),
-            Ok(Some(_)) => {}
-            Err(_) => {
-                metrics::counter!("moneta_fallbacks_total", "dependency" => "redis", "kind" => "heartbeat_unchecked")
-                    .increment(1);
-            }
-        }
+        known_or_unchecked(result, "heartbeat_unchecked")?;
         self.progress.record(&claims.sub, content_id, position_ms, at);
         Ok(expiry(now_ms, self.ttl).unwrap_or_default())
     }
@@ -241,14 +251,7 @@ impl Sessions {
                 async move { call.invoke_async::<Option<String>>(&mut c).await }
             })
             .await;
-        match result {
-            Ok(None) => return Err(SessionError::NotFound),
-            Ok(Some(_)) => {}
-            Err(_) => {
-                metrics::counter!("moneta_fallbacks_total", "dependency" => "redis", "kind" => "stop_unchecked")
-                    .increment(1);
-            }
-        }
+        known_or_unchecked(result, "stop_unchecked")?;
         if let Some(p) = position_ms {
             self.progress.record(&claims.sub, content_id, p, at);
         }

@@ -37,6 +37,17 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+/// Folds recorded histogram samples into their buckets every few seconds.
+/// The recorder keeps raw samples until then; without this, memory grows
+/// with every request between scrapes (or forever, with no scraper).
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
 /// Renders the exposition text, refreshing process metrics first.
 pub fn render(handle: &PrometheusHandle) -> String {
     PROCESS

@@ -220,8 +220,17 @@ impl RedisStore {
         cached: &CachedContent,
         ttl: Duration,
     ) -> Result<(), DependencyError> {
-        let key = keys::content(content_id);
-        let value = serde_json::to_string(cached).unwrap_or_default();
+        self.set_json(keys::content(content_id), cached, ttl).await
+    }
+
+    /// `SET key <json> PX ttl`.
+    async fn set_json<T: Serialize>(
+        &self,
+        key: String,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<(), DependencyError> {
+        let value = serde_json::to_string(value).unwrap_or_default();
         self.run(|mut c| async move {
             redis::cmd("SET")
                 .arg(key)
@@ -263,18 +272,8 @@ impl RedisStore {
         entitlement: Option<&Entitlement>,
         ttl: Duration,
     ) -> Result<(), DependencyError> {
-        let key = UserKeys::new(user_id).entitlement();
-        let value = serde_json::to_string(&entitlement).unwrap_or_default();
-        self.run(|mut c| async move {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("PX")
-                .arg(ttl.as_millis() as u64)
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
+        self.set_json(UserKeys::new(user_id).entitlement(), &entitlement, ttl)
+            .await
     }
 
     pub async fn put_position(

@@ -72,31 +72,16 @@ fn reset_peak(pid: u32) {
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
-fn redis_commands(port: u16) -> u64 {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "INFO", "commandstats"])
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        // Client commands only: scripts' inner calls appear too, and the
-        // background probe's PING is not a request's cost.
-        .filter(|l| {
-            [
-                "cmdstat_get:",
-                "cmdstat_hget:",
-                "cmdstat_evalsha:",
-                "cmdstat_eval:",
-                "cmdstat_zrangebyscore:",
-                "cmdstat_hgetall:",
-                "cmdstat_set:",
-                "cmdstat_mget:",
-            ]
-            .iter()
-            .any(|p| l.starts_with(p))
-        })
-        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
-        .sum()
+/// Redis round trips so far, as Moneta counts them: every guarded Redis call
+/// (a command, a pipeline or a script) is one.
+fn redis_round_trips(runtime: &tokio::runtime::Runtime, admin: &str) -> u64 {
+    let text = runtime
+        .block_on(async { reqwest::get(format!("{admin}/metrics")).await?.text().await })
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("moneta_dependency_requests_total{") && l.contains("dependency=\"redis\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 #[derive(Default, Clone)]
@@ -108,7 +93,7 @@ struct Outcome {
     non2xx: u64,
     socket_errors: u64,
     peak_rss_mib: f64,
-    redis_per_request: Option<f64>,
+    redis_round_trips: Option<f64>,
 }
 
 struct Wrk {
@@ -299,6 +284,7 @@ fn main() {
     );
     let moneta_pid = moneta.child.id();
     let base = format!("http://127.0.0.1:{port}");
+    let admin = format!("http://127.0.0.1:{admin_port}");
 
     let tokens: Vec<String> = (0..USERS)
         .map(|i| token(&moneta_bin, &format!("bench-{i}"), 4))
@@ -394,13 +380,13 @@ fn main() {
             moneta_pid
         };
         reset_peak(pid);
-        let before = redis_commands(redis.port);
+        let before = redis_round_trips(&runtime, &admin);
         eprintln!("measuring: {name} ({duration} s)");
         let mut outcome = wrk.run(url, script, duration);
         outcome.peak_rss_mib = peak_rss_mib(pid);
         if *requests_per_op > 0 {
-            let commands = redis_commands(redis.port) - before;
-            outcome.redis_per_request = Some(commands as f64 / outcome.requests.max(1) as f64);
+            let trips = redis_round_trips(&runtime, &admin).saturating_sub(before);
+            outcome.redis_round_trips = Some(trips as f64 / outcome.requests.max(1) as f64);
         }
         if *requests_per_op == 2 {
             outcome.rps /= 2.0;
@@ -429,7 +415,7 @@ fn main() {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| scenario | requests/s | p50 ms | p99 ms | peak RSS MiB | vs baseline | Redis commands/request | non-2xx | socket errors |"
+        "| scenario | requests/s | p50 ms | p99 ms | peak RSS MiB | vs baseline | Redis round trips/request | non-2xx | socket errors |"
     );
     let _ = writeln!(
         table,
@@ -437,7 +423,7 @@ fn main() {
     );
     for (name, o) in &results {
         let redis = o
-            .redis_per_request
+            .redis_round_trips
             .map(|r| format!("{r:.2}"))
             .unwrap_or_else(|| "–".into());
         let _ = writeln!(
@@ -465,7 +451,7 @@ fn main() {
             .join(", ")
     );
     let report = format!(
-        "# Performance\n\nMeasured by `scripts/bench` ({}; wrk with 2 threads and {connections} connections, {duration} s per scenario after a 3 s warm-up; the response body of the baseline has the same size as playback-info's, {body_len} bytes).\n\nMachine: {}.\n\n{table}\n{soak_line}\n\nRatios are against the baseline measured in the same run. Session start + stop counts pairs (each pair is two requests). Redis commands per request counts client commands (GET, HGET, EVALSHA, …), not the commands a script runs inside Redis; a pipeline of two commands is one round trip.\n",
+        "# Performance\n\nMeasured by `scripts/bench` ({}; wrk with 2 threads and {connections} connections, {duration} s per scenario after a 3 s warm-up; the response body of the baseline has the same size as playback-info's, {body_len} bytes).\n\nMachine: {}.\n\n{table}\n{soak_line}\n\nRatios are against the baseline measured in the same run. Session start + stop counts pairs (each pair is two requests). Redis round trips per request come from Moneta's own `moneta_dependency_requests_total{{dependency=\"redis\"}}` (a command, a pipeline or a script is one round trip; the background probe's one PING a second is included).\n",
         report_date(),
         machine()
     );
