@@ -107,10 +107,11 @@ impl Verifier {
     /// under the same key set only has its time claims checked again.
     pub fn verify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
         let key_set = self.keys.generation();
-        if let Some(hit) = self.verified.get(token) {
-            if hit.key_set == key_set && within_time(&hit.claims) {
-                return Ok(hit.claims);
-            }
+        if let Some(hit) = self.verified.get(token)
+            && hit.key_set == key_set
+            && within_time(&hit.claims)
+        {
+            return Ok(hit.claims);
         }
         let claims = Arc::new(self.verify_uncached(token)?);
         self.verified.insert(

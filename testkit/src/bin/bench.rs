@@ -3,7 +3,7 @@
 //! reports requests/s, p50/p99, peak RSS and the ratio to the baseline measured
 //! in the same run. Writes the table to `docs/performance.md`.
 //!
-//! Settings: BENCH_DURATION_S (15), BENCH_CONNECTIONS (64), BENCH_SOAK_S (60).
+//! Settings: BENCH_DURATION_S (10), BENCH_ROUNDS (3), BENCH_CONNECTIONS (64), BENCH_SOAK_S (60).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -202,7 +202,8 @@ fn machine() -> String {
 }
 
 fn main() {
-    let duration = env_or("BENCH_DURATION_S", 15);
+    let duration = env_or("BENCH_DURATION_S", 10);
+    let rounds = env_or("BENCH_ROUNDS", 3).max(1);
     let connections = env_or("BENCH_CONNECTIONS", 64);
     let soak = env_or("BENCH_SOAK_S", 60);
     let exe = std::env::current_exe().expect("own path");
@@ -370,29 +371,56 @@ fn main() {
             1,
         ),
     ];
-    let mut results: Vec<(&str, Outcome)> = Vec::new();
-    for (name, url, script, requests_per_op) in &scenarios {
-        eprintln!("warming up: {name}");
-        let _ = wrk.run(url, script, 3);
-        let pid = if *requests_per_op == 0 {
-            baseline.child.id()
-        } else {
-            moneta_pid
-        };
-        reset_peak(pid);
-        let before = redis_round_trips(&runtime, &admin);
-        eprintln!("measuring: {name} ({duration} s)");
-        let mut outcome = wrk.run(url, script, duration);
-        outcome.peak_rss_mib = peak_rss_mib(pid);
-        if *requests_per_op > 0 {
-            let trips = redis_round_trips(&runtime, &admin).saturating_sub(before);
-            outcome.redis_round_trips = Some(trips as f64 / outcome.requests.max(1) as f64);
+    // This machine's speed drifts (shared cores): every round measures the
+    // baseline and each scenario back to back, a ratio is taken within its
+    // round, and the table reports the median round.
+    let mut rounds_out: Vec<Vec<Outcome>> = vec![Vec::new(); scenarios.len()];
+    for round in 1..=rounds {
+        for (i, (name, url, script, requests_per_op)) in scenarios.iter().enumerate() {
+            eprintln!("round {round}/{rounds}: {name}");
+            let _ = wrk.run(url, script, 3);
+            let pid = if *requests_per_op == 0 {
+                baseline.child.id()
+            } else {
+                moneta_pid
+            };
+            reset_peak(pid);
+            let before = redis_round_trips(&runtime, &admin);
+            let mut outcome = wrk.run(url, script, duration);
+            outcome.peak_rss_mib = peak_rss_mib(pid);
+            if *requests_per_op > 0 {
+                let trips = redis_round_trips(&runtime, &admin).saturating_sub(before);
+                outcome.redis_round_trips = Some(trips as f64 / outcome.requests.max(1) as f64);
+            }
+            if *requests_per_op == 2 {
+                outcome.rps /= 2.0;
+            }
+            rounds_out[i].push(outcome);
         }
-        if *requests_per_op == 2 {
-            outcome.rps /= 2.0;
-        }
-        results.push((name, outcome));
     }
+    let ratios: Vec<Vec<f64>> = rounds_out
+        .iter()
+        .map(|per_round| {
+            per_round
+                .iter()
+                .zip(&rounds_out[0])
+                .map(|(o, base)| o.rps / base.rps.max(1.0) * 100.0)
+                .collect()
+        })
+        .collect();
+    let results: Vec<(&str, Outcome, f64, f64, f64)> = scenarios
+        .iter()
+        .zip(&rounds_out)
+        .zip(&ratios)
+        .map(|((scenario, per_round), ratio)| {
+            let mut by_rps = per_round.clone();
+            by_rps.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+            let mut r = ratio.clone();
+            r.sort_by(f64::total_cmp);
+            let median = by_rps[by_rps.len() / 2].clone();
+            (scenario.0, median, r[r.len() / 2], r[0], r[r.len() - 1])
+        })
+        .collect();
 
     eprintln!("soak: playback-info for {soak} s, sampling RSS");
     reset_peak(moneta_pid);
@@ -411,31 +439,24 @@ fn main() {
     samples.extend(sampler.join().unwrap_or_default());
     let soak_peak = peak_rss_mib(moneta_pid);
 
-    let baseline_rps = results[0].1.rps.max(1.0);
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| scenario | requests/s | p50 ms | p99 ms | peak RSS MiB | vs baseline | Redis round trips/request | non-2xx | socket errors |"
+        "| scenario | requests/s | p50 ms | p99 ms | peak RSS MiB | vs baseline (median, min–max) | Redis round trips/request | non-2xx | socket errors |"
     );
     let _ = writeln!(
         table,
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    for (name, o) in &results {
+    for (name, o, ratio, low, high) in &results {
         let redis = o
             .redis_round_trips
             .map(|r| format!("{r:.2}"))
             .unwrap_or_else(|| "–".into());
         let _ = writeln!(
             table,
-            "| {name} | {:.0} | {:.2} | {:.2} | {:.1} | {:.0} % | {redis} | {} | {} |",
-            o.rps,
-            o.p50_ms,
-            o.p99_ms,
-            o.peak_rss_mib,
-            o.rps / baseline_rps * 100.0,
-            o.non2xx,
-            o.socket_errors
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.1} | {ratio:.0} % ({low:.0}–{high:.0} %) | {redis} | {} | {} |",
+            o.rps, o.p50_ms, o.p99_ms, o.peak_rss_mib, o.non2xx, o.socket_errors
         );
     }
     let first = samples.first().copied().unwrap_or(start_rss);
@@ -451,7 +472,7 @@ fn main() {
             .join(", ")
     );
     let report = format!(
-        "# Performance\n\nMeasured by `scripts/bench` ({}; wrk with 2 threads and {connections} connections, {duration} s per scenario after a 3 s warm-up; the response body of the baseline has the same size as playback-info's, {body_len} bytes).\n\nMachine: {}.\n\n{table}\n{soak_line}\n\nRatios are against the baseline measured in the same run. Session start + stop counts pairs (each pair is two requests). Redis round trips per request come from Moneta's own `moneta_dependency_requests_total{{dependency=\"redis\"}}` (a command, a pipeline or a script is one round trip; the background probe's one PING a second is included).\n",
+        "# Performance\n\nMeasured by `scripts/bench` ({}; wrk with 2 threads and {connections} connections, {rounds} rounds of {duration} s per scenario, each after a 3 s warm-up; the response body of the baseline has the same size as playback-info's, {body_len} bytes).\n\nMachine: {}.\n\n{table}\n{soak_line}\n\nEach row is the median of the rounds; a ratio is taken against the baseline of the same round. Session start + stop counts pairs (each pair is two requests). Redis round trips per request come from Moneta's own `moneta_dependency_requests_total{{dependency=\"redis\"}}` (a command, a pipeline or a script is one round trip; the background probe's one PING a second is included). Profiling notes: `docs/profiling.md`.\n",
         report_date(),
         machine()
     );
