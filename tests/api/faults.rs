@@ -122,6 +122,41 @@ async fn wait_for_breaker(app: &TestApp, dependency: &str, state: u8, within: Du
     panic!("{dependency} breaker never reached state {state}");
 }
 
+/// Calls that reached `dependency` (not rejected by its guard), as Moneta counts them.
+async fn attempts(app: &TestApp, dependency: &str) -> u64 {
+    let text = app.metrics().await;
+    let dep = format!("dependency=\"{dependency}\"");
+    text.lines()
+        .filter(|l| l.starts_with("moneta_dependency_requests_total{") && l.contains(&dep))
+        .filter(|l| !l.contains("outcome=\"rejected"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Drives load while `dependency`'s breaker is open; asserts fast answers and
+/// almost no calls reaching the dead dependency.
+async fn while_open(app: &TestApp, name: &str, dependency: &str, cold: bool) -> Report {
+    let before = attempts(app, dependency).await;
+    let open = drive(app, Duration::from_secs(2), cold).await;
+    let reached = attempts(app, dependency).await - before;
+    assert_clean(name, &open);
+    println!(
+        "{name}: p95 {:?} while open; {reached} calls reached {dependency}",
+        open.p95()
+    );
+    assert!(
+        open.p95() < Duration::from_millis(50),
+        "{name}: p95 {:?} while the breaker was open",
+        open.p95()
+    );
+    assert!(
+        reached <= 10,
+        "{name}: {reached} calls reached the dead {dependency}"
+    );
+    assert!(open.degraded > 0, "{name}: answers say degraded");
+    open
+}
+
 /// Asks until an answer is not degraded; returns how long that took.
 async fn recovery_time(app: &TestApp) -> Duration {
     let started = Instant::now();
@@ -195,17 +230,9 @@ async fn internal_api_fault(name: &str, fault: Fault) {
     let _ = drive(&app, Duration::from_secs(2), true).await;
     wait_for_breaker(&app, "internal_api", 2, Duration::from_secs(10)).await;
     let calls_before = app.api.total_calls();
-    let open = drive(&app, Duration::from_secs(2), true).await;
-    let calls = app.api.total_calls() - calls_before;
-    assert_clean(name, &open);
-    println!("{name}: {calls} calls reached the internal API while its breaker was open");
-    assert!(
-        open.p95() < Duration::from_millis(50),
-        "{name}: p95 {:?} while the breaker was open",
-        open.p95()
-    );
-    assert!(calls <= 10, "{name}: {calls} calls reached the dead internal API");
-    assert!(open.degraded > 0);
+    while_open(&app, name, "internal_api", true).await;
+    let served = app.api.total_calls() - calls_before;
+    assert!(served <= 10, "{name}: the internal API itself saw {served} calls");
     app.api.set_fault(Fault::None);
     let recovered = recovery_time(&app).await;
     println!("{name}: not degraded again after {recovered:?}");
@@ -254,9 +281,7 @@ async fn internal_api_refusing_connections() {
     write_position_during_fault(&app, "u-standard", 41_000).await;
     let _ = drive(&app, Duration::from_secs(1), true).await;
     wait_for_breaker(&app, "internal_api", 2, Duration::from_secs(10)).await;
-    let open = drive(&app, Duration::from_secs(2), true).await;
-    assert_clean("internal API refusing", &open);
-    assert!(open.p95() < Duration::from_millis(50), "p95 {:?}", open.p95());
+    while_open(&app, "internal API refusing", "internal_api", true).await;
     proxy.restore().await;
     let recovered = recovery_time(&app).await;
     println!("internal API refusing: not degraded again after {recovered:?}");
@@ -272,10 +297,7 @@ async fn redis_killed_and_restarted() {
     write_position_during_fault(&app, "u-standard", 51_000).await;
     let _ = drive(&app, Duration::from_secs(1), false).await;
     wait_for_breaker(&app, "redis", 2, Duration::from_secs(10)).await;
-    let open = drive(&app, Duration::from_secs(2), false).await;
-    assert_clean("redis killed", &open);
-    assert!(open.p95() < Duration::from_millis(50), "p95 {:?}", open.p95());
-    assert!(open.degraded > 0, "answers without Redis say degraded");
+    while_open(&app, "redis killed", "redis", false).await;
     app.redis = RedisServer::start_on(port);
     let recovered = recovery_time(&app).await;
     println!("redis restarted: not degraded again after {recovered:?}");
@@ -296,9 +318,7 @@ async fn redis_paused_with_sigstop() {
     );
     wait_for_breaker(&app, "redis", 2, Duration::from_secs(10)).await;
     write_position_during_fault(&app, "u-premium", 61_000).await;
-    let open = drive(&app, Duration::from_secs(2), false).await;
-    assert_clean("redis paused", &open);
-    assert!(open.p95() < Duration::from_millis(50), "p95 {:?}", open.p95());
+    while_open(&app, "redis paused", "redis", false).await;
     app.redis.resume();
     let recovered = recovery_time(&app).await;
     println!("redis resumed: not degraded again after {recovered:?}");
