@@ -191,6 +191,33 @@ impl Sessions {
         })
     }
 
+    /// Runs the heartbeat or stop script on one user's session keys; the
+    /// position TTL is always the last argument. Returns the session's info,
+    /// `None` when the session is unknown.
+    async fn session_script(
+        &self,
+        script: &Script,
+        user: &str,
+        args: &[String],
+    ) -> Result<Option<String>, DependencyError> {
+        let keys = UserKeys::new(user);
+        self.playback
+            .redis()
+            .run(|mut c| {
+                let mut call = script.prepare_invoke();
+                call.key(keys.sessions())
+                    .key(keys.session_info())
+                    .key(keys.positions())
+                    .key(keys.devices());
+                for arg in args {
+                    call.arg(arg);
+                }
+                call.arg(position_ttl_s());
+                async move { call.invoke_async::<Option<String>>(&mut c).await }
+            })
+            .await
+    }
+
     /// Keeps a session alive and records its position (Redis at once, the
     /// internal API through the write-behind queue).
     pub async fn heartbeat(
@@ -201,25 +228,13 @@ impl Sessions {
     ) -> Result<DateTime<Utc>, SessionError> {
         let content_id = session_content(session_id).ok_or(SessionError::NotFound)?;
         let (now_ms, at) = now();
-        let keys = UserKeys::new(&claims.sub);
-        let ttl_ms = self.ttl_ms();
-        let result = self
-            .playback
-            .redis()
-            .run(|mut c| {
-                let mut call = HEARTBEAT.prepare_invoke();
-                call.key(keys.sessions())
-                    .key(keys.session_info())
-                    .key(keys.positions())
-                    .key(keys.devices())
-                    .arg(now_ms)
-                    .arg(ttl_ms)
-                    .arg(session_id)
-                    .arg(position_ms)
-                    .arg(position_ttl_s());
-                async move { call.invoke_async::<Option<String>>(&mut c).await }
-            })
-            .await;
+        let args = [
+            now_ms.to_string(),
+            self.ttl_ms().to_string(),
+            session_id.to_owned(),
+            position_ms.to_string(),
+        ];
+        let result = self.session_script(&HEARTBEAT, &claims.sub, &args).await;
         known_or_unchecked(result, "heartbeat_unchecked")?;
         self.progress.record(&claims.sub, content_id, position_ms, at);
         Ok(expiry(now_ms, self.ttl).unwrap_or_default())
@@ -234,22 +249,9 @@ impl Sessions {
     ) -> Result<(), SessionError> {
         let content_id = session_content(session_id).ok_or(SessionError::NotFound)?;
         let (_, at) = now();
-        let keys = UserKeys::new(&claims.sub);
         let position_arg = position_ms.map(|p| p.to_string()).unwrap_or_default();
         let result = self
-            .playback
-            .redis()
-            .run(|mut c| {
-                let mut call = STOP.prepare_invoke();
-                call.key(keys.sessions())
-                    .key(keys.session_info())
-                    .key(keys.positions())
-                    .key(keys.devices())
-                    .arg(session_id)
-                    .arg(position_arg)
-                    .arg(position_ttl_s());
-                async move { call.invoke_async::<Option<String>>(&mut c).await }
-            })
+            .session_script(&STOP, &claims.sub, &[session_id.to_owned(), position_arg])
             .await;
         known_or_unchecked(result, "stop_unchecked")?;
         if let Some(p) = position_ms {
