@@ -12,7 +12,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 pub use postgres::{PgServer, shared_server};
-pub use redis::RedisServer;
+pub use redis::{RedisCluster, RedisServer};
 // Suites that check what reached PostgreSQL use the same client as the kit.
 pub use sqlx;
 

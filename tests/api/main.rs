@@ -8,6 +8,7 @@ mod helpers;
 
 mod auth;
 mod cdn_signing;
+mod cluster;
 mod fault_proxy;
 mod faults;
 mod health;
