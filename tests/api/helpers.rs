@@ -258,6 +258,14 @@ impl TestApp {
             .expect("request failed")
     }
 
+    /// Starts a session that must succeed and returns its id.
+    pub async fn started_session(&self, token: &str, content_id: &str, device_id: &str) -> String {
+        let resp = self.start_session(token, content_id, device_id).await;
+        assert_eq!(resp.status(), 201, "session start");
+        let body: Value = resp.json().await.expect("session body");
+        body["session_id"].as_str().expect("session_id").to_owned()
+    }
+
     pub async fn heartbeat(&self, token: &str, session_id: &str, position_ms: u64) -> reqwest::Response {
         self.client
             .put(format!("{}/v1/playback/sessions/{session_id}", self.address))

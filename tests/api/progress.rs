@@ -8,13 +8,8 @@ use crate::helpers::{Fault, eventually, spawn_app};
 async fn resume_position_round_trip() {
     let app = spawn_app().await;
     let token = app.token("u-basic", "basic", 1, "KR");
-    let s: Value = app
-        .start_session(&token, "m-0001", "tv")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = s["session_id"].as_str().unwrap();
+    let s_id = app.started_session(&token, "m-0001", "tv").await;
+    let id = s_id.as_str();
     assert_eq!(app.heartbeat(&token, id, 12_345).await.status(), 200);
     let info: Value = app.playback_info("m-0001", &token).await.json().await.unwrap();
     assert_eq!(info["resume_position_ms"], 12_345);
@@ -36,13 +31,8 @@ async fn resume_position_round_trip() {
 async fn positions_reach_the_internal_api() {
     let app = spawn_app().await;
     let token = app.token("u-standard", "standard", 2, "KR");
-    let s: Value = app
-        .start_session(&token, "m-0001", "tv")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = s["session_id"].as_str().unwrap();
+    let s_id = app.started_session(&token, "m-0001", "tv").await;
+    let id = s_id.as_str();
     for p in [1_000, 2_000, 3_000] {
         assert_eq!(app.heartbeat(&token, id, p).await.status(), 200);
     }
@@ -60,19 +50,9 @@ async fn positions_reach_the_internal_api() {
 async fn positions_written_while_the_api_is_down_arrive_after_recovery() {
     let app = spawn_app().await;
     let token = app.token("u-basic", "basic", 1, "KR");
-    let s: Value = app
-        .start_session(&token, "m-0001", "tv")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let s_id = app.started_session(&token, "m-0001", "tv").await;
     app.api.set_fault(Fault::Status500);
-    assert_eq!(
-        app.heartbeat(&token, s["session_id"].as_str().unwrap(), 777)
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(app.heartbeat(&token, s_id.as_str(), 777).await.status(), 200);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(app.api.delivered().is_empty());
     app.api.set_fault(Fault::None);
@@ -88,19 +68,9 @@ async fn positions_written_while_the_api_is_down_arrive_after_recovery() {
 async fn positions_the_api_refuses_are_parked_in_redis_until_it_recovers() {
     let app = spawn_app().await;
     let token = app.token("u-basic", "basic", 1, "KR");
-    let s: Value = app
-        .start_session(&token, "m-0001", "tv")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let s_id = app.started_session(&token, "m-0001", "tv").await;
     app.api.set_fault(Fault::Status500);
-    assert_eq!(
-        app.heartbeat(&token, s["session_id"].as_str().unwrap(), 888)
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(app.heartbeat(&token, s_id.as_str(), 888).await.status(), 200);
     let client = redis::Client::open(app.redis.url.as_str()).unwrap();
     let mut conn = client.get_connection().unwrap();
     let mut parked = 0;

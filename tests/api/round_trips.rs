@@ -4,8 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::Value;
-
 use crate::helpers::{TestApp, spawn_app_with};
 
 /// Client commands since the last reset, by name; the background probe's PING
@@ -49,13 +47,8 @@ async fn warm_playback_info_is_one_pipeline_and_heartbeat_one_script() {
         "a warm playback-info sends exactly GET + HGET in one pipeline"
     );
 
-    let s: Value = app
-        .start_session(&token, "m-0001", "tv")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = s["session_id"].as_str().unwrap();
+    let s_id = app.started_session(&token, "m-0001", "tv").await;
+    let id = s_id.as_str();
     // The first call loads the script into Redis (NOSCRIPT, SCRIPT LOAD): once per process.
     assert_eq!(app.heartbeat(&token, id, 0).await.status(), 200);
     reset(&app);

@@ -111,19 +111,9 @@ async fn the_same_device_replaces_its_session() {
 async fn stop_frees_the_slot_at_once() {
     let app = spawn_app().await;
     let token = app.token("u-basic", "basic", 1, "KR");
-    let s: Value = app
-        .start_session(&token, "m-0001", "phone")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let s_id = app.started_session(&token, "m-0001", "phone").await;
     assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 409);
-    assert_eq!(
-        app.stop_session(&token, s["session_id"].as_str().unwrap())
-            .await
-            .status(),
-        204
-    );
+    assert_eq!(app.stop_session(&token, s_id.as_str()).await.status(), 204);
     assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 201);
 }
 
@@ -135,20 +125,10 @@ async fn sessions_without_heartbeat_stop_counting() {
     })
     .await;
     let token = app.token("u-basic", "basic", 1, "KR");
-    let s: Value = app
-        .start_session(&token, "m-0001", "phone")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let s_id = app.started_session(&token, "m-0001", "phone").await;
     assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 409);
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    assert_eq!(
-        app.heartbeat(&token, s["session_id"].as_str().unwrap(), 1)
-            .await
-            .status(),
-        404
-    );
+    assert_eq!(app.heartbeat(&token, s_id.as_str(), 1).await.status(), 404);
     assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 201);
 }
 
@@ -157,13 +137,8 @@ async fn another_users_session_is_not_found() {
     let app = spawn_app().await;
     let alice = app.token("u-standard", "standard", 2, "KR");
     let bob = app.token("u-premium", "premium", 4, "KR");
-    let s: Value = app
-        .start_session(&alice, "m-0001", "phone")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = s["session_id"].as_str().unwrap();
+    let s_id = app.started_session(&alice, "m-0001", "phone").await;
+    let id = s_id.as_str();
     assert_eq!(app.heartbeat(&bob, id, 1).await.status(), 404);
     assert_eq!(app.stop_session(&bob, id).await.status(), 404);
     assert_eq!(app.heartbeat(&alice, "no-such-session", 1).await.status(), 404);
@@ -246,17 +221,8 @@ async fn bad_bodies_are_rejected_and_nothing_is_written() {
         "nothing half-written"
     );
 
-    let s: Value = app
-        .start_session(&token, "m-0001", "tv")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let hb_url = format!(
-        "{}/v1/playback/sessions/{}",
-        app.address,
-        s["session_id"].as_str().unwrap()
-    );
+    let s_id = app.started_session(&token, "m-0001", "tv").await;
+    let hb_url = format!("{}/v1/playback/sessions/{}", app.address, s_id.as_str());
     for body in [
         r#"{"position_ms": 1, "state": "dancing"}"#,
         r#"{"position_ms": -1, "state": "playing"}"#,
@@ -285,9 +251,7 @@ async fn bad_bodies_are_rejected_and_nothing_is_written() {
         .unwrap();
     assert_eq!(resp.status(), 400);
     assert_eq!(
-        app.heartbeat(&token, s["session_id"].as_str().unwrap(), 1)
-            .await
-            .status(),
+        app.heartbeat(&token, s_id.as_str(), 1).await.status(),
         200,
         "the bad stop did nothing"
     );
