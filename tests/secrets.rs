@@ -13,8 +13,6 @@ use aws_sdk_secretsmanager::Client;
 use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rsa::RsaPrivateKey;
-use rsa::pkcs8::DecodePrivateKey;
 use rsa::traits::PublicKeyParts;
 use serde_json::{Value, json};
 
@@ -89,24 +87,7 @@ struct SigningKey {
 
 impl SigningKey {
     fn generate(dir: &Path, kid: &str) -> SigningKey {
-        let path = dir.join(format!("{kid}.pem"));
-        let status = Command::new(require_binary("openssl"))
-            .args([
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-            ])
-            .arg(&path)
-            .stderr(Stdio::null())
-            .status()
-            .expect("run openssl");
-        assert!(status.success(), "openssl genpkey failed");
-        let pem = std::fs::read(&path).expect("read key");
-        let key = RsaPrivateKey::from_pkcs8_pem(std::str::from_utf8(&pem).expect("PEM is text"))
-            .expect("parse key");
+        let (pem, key) = support::openssl_rsa_key(dir, kid);
         let b64 = |bytes: Vec<u8>| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
         let jwk = json!({
             "kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,

@@ -3,18 +3,16 @@
 //! Each must end in `401 invalid_token`; the untouched token must pass.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use rsa::RsaPrivateKey;
 use rsa::pkcs1::EncodeRsaPublicKey;
-use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey, LineEnding};
+use rsa::pkcs8::{EncodePublicKey, LineEnding};
 use rsa::traits::PublicKeyParts;
 use serde_json::{Value, json};
 
 use crate::helpers::{error_code, spawn_app_with};
-use crate::support::require_binary;
 
 const ISSUER: &str = "https://id.moneta.test";
 const AUDIENCE: &str = "moneta-playback";
@@ -27,23 +25,7 @@ struct RsaKey {
 
 impl RsaKey {
     fn generate(dir: &Path, name: &str) -> RsaKey {
-        let path = dir.join(format!("{name}.pem"));
-        let status = Command::new(require_binary("openssl"))
-            .args([
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-            ])
-            .arg(&path)
-            .stderr(Stdio::null())
-            .status()
-            .expect("run openssl");
-        assert!(status.success(), "openssl genpkey failed");
-        let pem = std::fs::read(&path).expect("read key");
-        let private = RsaPrivateKey::from_pkcs8_pem(std::str::from_utf8(&pem).unwrap()).expect("parse key");
+        let (pem, private) = crate::support::openssl_rsa_key(dir, name);
         RsaKey { pem, private }
     }
 

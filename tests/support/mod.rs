@@ -123,3 +123,28 @@ pub fn write_snapshot(dir: &Path) -> PathBuf {
     std::fs::write(&path, doc.to_string()).expect("write snapshot");
     path
 }
+
+/// A fresh 2048-bit RSA key made by the openssl command line (an independent
+/// implementation): its PKCS#8 PEM and the parsed key.
+pub fn openssl_rsa_key(dir: &Path, name: &str) -> (Vec<u8>, rsa::RsaPrivateKey) {
+    use rsa::pkcs8::DecodePrivateKey;
+    let path = dir.join(format!("{name}.pem"));
+    let status = Command::new(require_binary("openssl"))
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(status.success(), "openssl genpkey failed");
+    let pem = std::fs::read(&path).expect("read key");
+    let key = rsa::RsaPrivateKey::from_pkcs8_pem(std::str::from_utf8(&pem).expect("PEM is text"))
+        .expect("parse key");
+    (pem, key)
+}
