@@ -38,9 +38,16 @@ struct Batch<'a> {
 #[derive(Debug, thiserror::Error)]
 enum CallError {
     #[error("transport: {0}")]
-    Transport(#[from] reqwest::Error),
+    Transport(reqwest::Error),
     #[error("unexpected status {0}")]
     Status(StatusCode),
+}
+
+impl From<reqwest::Error> for CallError {
+    /// Drops the URL: its path holds user ids, and these errors reach the logs.
+    fn from(e: reqwest::Error) -> Self {
+        CallError::Transport(e.without_url())
+    }
 }
 
 /// `url.full` must never carry credentials someone put in the base URL.
