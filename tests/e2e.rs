@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{MonetaProcess, RedisServer, free_port, mint_token, wait_for_port};
+use support::{MonetaProcess, RedisServer, free_port, mint_token, playback_info_json, wait_for_port};
 use testkit::shared_server;
 use testkit::sqlx::{self, PgPool};
 
@@ -94,15 +94,7 @@ async fn watch_stop_and_resume_reaches_postgres() {
     let base = moneta.base_url();
     let token = mint_token("demo-standard", "standard", 2, "KR");
 
-    let info: Value = client
-        .get(format!("{base}/v1/contents/m-0001/playback-info"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = playback_info_json(&client, &base, &token, "m-0001").await;
     assert_eq!(info["degraded"], false, "{info}");
     assert_eq!(info["resume_position_ms"], 0);
     assert!(info["streams"].as_array().is_some_and(|s| !s.is_empty()));
@@ -166,15 +158,7 @@ async fn watch_stop_and_resume_reaches_postgres() {
         .unwrap();
     assert_eq!(resp.status(), 204);
 
-    let info: Value = client
-        .get(format!("{base}/v1/contents/m-0001/playback-info"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = playback_info_json(&client, &base, &token, "m-0001").await;
     assert_eq!(info["resume_position_ms"], 42_000);
 
     let db = PgPool::connect(&database_url).await.unwrap();
@@ -204,15 +188,7 @@ async fn watch_stop_and_resume_reaches_postgres() {
         ),
         ("MONETA_INTERNAL_API_TOKEN", "e2e-internal-token".into()),
     ]);
-    let info: Value = client
-        .get(format!("{}/v1/contents/m-0001/playback-info", moneta.base_url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = playback_info_json(&client, &moneta.base_url(), &token, "m-0001").await;
     assert_eq!(info["resume_position_ms"], 42_000);
     assert_eq!(info["degraded"], false);
 }

@@ -148,3 +148,21 @@ pub fn openssl_rsa_key(dir: &Path, name: &str) -> (Vec<u8>, rsa::RsaPrivateKey) 
         .expect("parse key");
     (pem, key)
 }
+
+/// `GET /v1/contents/{content_id}/playback-info` on a running Moneta, as JSON.
+pub async fn playback_info_json(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    content_id: &str,
+) -> serde_json::Value {
+    client
+        .get(format!("{base}/v1/contents/{content_id}/playback-info"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("JSON body")
+}
