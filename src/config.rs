@@ -26,24 +26,9 @@ impl ConfigError {
     }
 }
 
-/// A value that must never reach a log line or a `Debug` dump.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+/// A value that must never reach a log line or a `Debug` dump (shared with
+/// the internal API crate: both use `secrecy`).
+pub use secrecy::{ExposeSecret, SecretString as Secret};
 
 /// Transport of the OTLP trace exporter (`OTEL_EXPORTER_OTLP_PROTOCOL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,32 +52,80 @@ pub struct GuardSettings {
     pub breaker_open_min: Duration,
     pub breaker_open_max: Duration,
     pub half_open_probes: usize,
+    /// The breaker also opens when the success rate over `breaker_window`
+    /// falls below this (once `breaker_min_calls` calls were seen).
+    pub breaker_min_success_pct: u32,
+    pub breaker_min_calls: u32,
+    pub breaker_window: Duration,
+}
+
+/// What a stream start does at the concurrent-stream limit (CONTRACT §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamLimitPolicy {
+    /// `409 stream_limit_reached`.
+    Block,
+    /// End the live session with the oldest heartbeat and start the new one.
+    EvictOldest,
 }
 
 #[derive(Debug, Clone)]
-pub struct Settings {
-    pub listen_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
-    pub redis_url: String,
-    pub redis_cluster_urls: Option<Vec<String>>,
-    pub redis: GuardSettings,
-    pub internal_api_url: String,
-    pub internal_api_token: Option<Secret>,
-    pub internal_api: GuardSettings,
-    pub jwt_hs256_secret: Option<Secret>,
-    pub jwt_jwks_file: Option<PathBuf>,
-    pub jwt_secret_id: Option<String>,
-    pub jwt_refresh: Duration,
-    pub jwt_issuer: Option<String>,
-    pub jwt_audience: Option<String>,
-    pub cdn_base_url: String,
-    pub cdn_key_pair_id: Option<String>,
-    pub cdn_private_key_file: Option<PathBuf>,
-    pub cdn_url_ttl: Duration,
-    pub drm_license_url_widevine: String,
-    pub drm_license_url_playready: String,
-    pub drm_license_url_fairplay: String,
-    pub fallback_catalog_file: Option<PathBuf>,
+pub struct RedisSettings {
+    pub url: String,
+    /// Set: Redis Cluster mode on these seed nodes.
+    pub cluster_urls: Option<Vec<String>>,
+    pub guard: GuardSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct InternalApiSettings {
+    pub url: String,
+    pub token: Option<Secret>,
+    pub guard: GuardSettings,
+}
+
+/// JWT key sources and the claims every token must carry.
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    pub hs256_secret: Option<Secret>,
+    pub jwks_file: Option<PathBuf>,
+    pub secret_id: Option<String>,
+    pub refresh: Duration,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CdnSettings {
+    pub base_url: String,
+    /// Both set, or neither (checked at load).
+    pub key_pair_id: Option<String>,
+    pub private_key_file: Option<PathBuf>,
+    pub url_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DrmSettings {
+    pub license_url_widevine: String,
+    pub license_url_playready: String,
+    pub license_url_fairplay: String,
+}
+
+impl DrmSettings {
+    /// License server for a DRM system named by the internal API.
+    pub fn license_url(&self, system: &str) -> Option<&str> {
+        match system {
+            "widevine" => Some(&self.license_url_widevine),
+            "playready" => Some(&self.license_url_playready),
+            "fairplay" => Some(&self.license_url_fairplay),
+            _ => None,
+        }
+    }
+}
+
+/// Freshness of titles and entitlements in Redis and in process memory.
+#[derive(Debug, Clone)]
+pub struct CatalogSettings {
+    pub fallback_file: Option<PathBuf>,
     /// How long a cached title counts as fresh in Redis.
     pub content_ttl: Duration,
     /// How long a title is kept past freshness to serve when the internal API fails.
@@ -100,19 +133,65 @@ pub struct Settings {
     /// How long a title is kept in process memory before Redis is asked again.
     pub content_local_ttl: Duration,
     pub entitlement_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
     /// Sessions without a heartbeat for this long stop counting.
-    pub session_ttl: Duration,
+    pub ttl: Duration,
     pub heartbeat_interval: Duration,
-    pub progress_flush_interval: Duration,
-    pub progress_batch_size: usize,
-    pub progress_queue_capacity: usize,
+    /// Signs session ids; `None`: a random key per process.
+    pub secret: Option<Secret>,
+    pub limit_policy: StreamLimitPolicy,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProgressSettings {
+    pub flush_interval: Duration,
+    pub batch_size: usize,
+    /// Positions kept in memory while Redis is down too.
+    pub queue_capacity: usize,
+}
+
+/// The public listener's limits and its shutdown.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub request_timeout: Duration,
+    /// After SIGTERM: readiness `503` while the API keeps serving this long.
+    pub shutdown_drain: Duration,
+    /// After the listener closes: how long in-flight requests and position delivery may take.
     pub shutdown_grace: Duration,
-    pub otel_endpoint: Option<String>,
-    pub otel_service_name: String,
-    pub otel_protocol: OtlpProtocol,
-    pub log_filter: String,
-    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone)]
+pub struct OtelSettings {
+    pub endpoint: Option<String>,
+    pub service_name: String,
+    pub protocol: OtlpProtocol,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+/// Every setting, nested per concern: each constructor takes only its slice.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub redis: RedisSettings,
+    pub internal_api: InternalApiSettings,
+    pub jwt: JwtSettings,
+    pub cdn: CdnSettings,
+    pub drm: DrmSettings,
+    pub catalog: CatalogSettings,
+    pub sessions: SessionSettings,
+    pub progress: ProgressSettings,
+    pub otel: OtelSettings,
+    pub log: LogSettings,
 }
 
 /// Raw key/value pairs from the TOML file overlaid by the environment.
@@ -185,6 +264,9 @@ impl Source {
             breaker_open_min: self.millis(&key("BREAKER_OPEN_MS"), 500)?,
             breaker_open_max: self.millis(&key("BREAKER_OPEN_MAX_MS"), 5_000)?,
             half_open_probes: self.positive(&key("BREAKER_PROBES"), 2)?,
+            breaker_min_success_pct: self.parse(&key("BREAKER_MIN_SUCCESS_PCT"), 50)?,
+            breaker_min_calls: self.positive(&key("BREAKER_MIN_CALLS"), 20)?,
+            breaker_window: self.secs(&key("BREAKER_WINDOW_S"), 10)?,
         };
         if settings.breaker_open_max < settings.breaker_open_min {
             return Err(ConfigError::new(
@@ -303,64 +385,98 @@ impl Settings {
                 &["http", "https"],
             )
         };
-        let settings = Settings {
-            listen_addr: src.parse("MONETA_LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], 3000)))?,
-            admin_addr: src.parse("MONETA_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9090)))?,
-            redis_url: src.url("MONETA_REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?,
-            redis_cluster_urls,
-            redis: src.guard("MONETA_REDIS", 250, 512)?,
-            internal_api_url: src.url(
-                "MONETA_INTERNAL_API_URL",
-                "http://127.0.0.1:4000",
-                &["http", "https"],
-            )?,
-            internal_api_token: src.opt_string("MONETA_INTERNAL_API_TOKEN").map(Secret::new),
-            internal_api: src.guard("MONETA_INTERNAL_API", 1_000, 128)?,
-            jwt_hs256_secret: src.opt_string("MONETA_JWT_HS256_SECRET").map(Secret::new),
-            jwt_jwks_file: src.opt_string("MONETA_JWT_JWKS_FILE").map(PathBuf::from),
-            jwt_secret_id: src.opt_string("MONETA_JWT_SECRET_ID"),
-            jwt_refresh: src.secs("MONETA_JWT_REFRESH_S", 300)?,
-            jwt_issuer: src.opt_string("MONETA_JWT_ISSUER"),
-            jwt_audience: src.opt_string("MONETA_JWT_AUDIENCE"),
-            cdn_base_url: src.url(
-                "MONETA_CDN_BASE_URL",
-                "https://cdn.example.com",
-                &["http", "https"],
-            )?,
-            cdn_key_pair_id,
-            cdn_private_key_file,
-            cdn_url_ttl: src.secs("MONETA_CDN_URL_TTL_S", 21_600)?,
-            drm_license_url_widevine: drm("widevine")?,
-            drm_license_url_playready: drm("playready")?,
-            drm_license_url_fairplay: drm("fairplay")?,
-            fallback_catalog_file: src.opt_string("MONETA_FALLBACK_CATALOG_FILE").map(PathBuf::from),
-            content_ttl: src.secs("MONETA_CONTENT_TTL_S", 300)?,
-            content_stale_ttl: src.secs("MONETA_CONTENT_STALE_TTL_S", 86_400)?,
-            content_local_ttl: src.millis("MONETA_CONTENT_LOCAL_TTL_MS", 2_000)?,
-            entitlement_ttl: src.secs("MONETA_ENTITLEMENT_TTL_S", 60)?,
-            session_ttl: src.secs("MONETA_SESSION_TTL_S", 90)?,
-            heartbeat_interval: src.secs("MONETA_HEARTBEAT_INTERVAL_S", 30)?,
-            progress_flush_interval: src.millis("MONETA_PROGRESS_FLUSH_MS", 1_000)?,
-            progress_batch_size: src.positive("MONETA_PROGRESS_BATCH_SIZE", 200)?,
-            progress_queue_capacity: src.positive("MONETA_PROGRESS_QUEUE_CAPACITY", 100_000)?,
-            request_timeout: src.millis("MONETA_REQUEST_TIMEOUT_MS", 5_000)?,
-            shutdown_grace: src.millis("MONETA_SHUTDOWN_GRACE_MS", 10_000)?,
-            otel_endpoint: src.opt_string("OTEL_EXPORTER_OTLP_ENDPOINT"),
-            otel_service_name: src.string("OTEL_SERVICE_NAME", "moneta"),
-            otel_protocol,
-            log_filter: src.string("RUST_LOG", "info"),
-            log_format,
+        let limit_policy = match src.string("MONETA_STREAM_LIMIT_POLICY", "block").as_str() {
+            "block" => StreamLimitPolicy::Block,
+            "evict_oldest" => StreamLimitPolicy::EvictOldest,
+            other => {
+                return Err(ConfigError::new(
+                    "MONETA_STREAM_LIMIT_POLICY",
+                    format!("must be block or evict_oldest, not {other:?}"),
+                ));
+            }
         };
-        if settings.jwt_hs256_secret.is_none()
-            && settings.jwt_jwks_file.is_none()
-            && settings.jwt_secret_id.is_none()
-        {
+        let secret = |key: &str| src.opt_string(key).map(Secret::from);
+        let settings = Settings {
+            server: ServerSettings {
+                listen_addr: src.parse("MONETA_LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], 3000)))?,
+                admin_addr: src.parse("MONETA_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9090)))?,
+                request_timeout: src.millis("MONETA_REQUEST_TIMEOUT_MS", 5_000)?,
+                shutdown_drain: Duration::from_millis(src.parse("MONETA_SHUTDOWN_DRAIN_MS", 5_000)?),
+                shutdown_grace: src.millis("MONETA_SHUTDOWN_GRACE_MS", 10_000)?,
+            },
+            redis: RedisSettings {
+                url: src.url("MONETA_REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?,
+                cluster_urls: redis_cluster_urls,
+                guard: src.guard("MONETA_REDIS", 250, 512)?,
+            },
+            internal_api: InternalApiSettings {
+                url: src.url(
+                    "MONETA_INTERNAL_API_URL",
+                    "http://127.0.0.1:4000",
+                    &["http", "https"],
+                )?,
+                token: secret("MONETA_INTERNAL_API_TOKEN"),
+                guard: src.guard("MONETA_INTERNAL_API", 1_000, 128)?,
+            },
+            jwt: JwtSettings {
+                hs256_secret: secret("MONETA_JWT_HS256_SECRET"),
+                jwks_file: src.opt_string("MONETA_JWT_JWKS_FILE").map(PathBuf::from),
+                secret_id: src.opt_string("MONETA_JWT_SECRET_ID"),
+                refresh: src.secs("MONETA_JWT_REFRESH_S", 300)?,
+                issuer: src.opt_string("MONETA_JWT_ISSUER"),
+                audience: src.opt_string("MONETA_JWT_AUDIENCE"),
+            },
+            cdn: CdnSettings {
+                base_url: src.url(
+                    "MONETA_CDN_BASE_URL",
+                    "https://cdn.example.com",
+                    &["http", "https"],
+                )?,
+                key_pair_id: cdn_key_pair_id,
+                private_key_file: cdn_private_key_file,
+                url_ttl: src.secs("MONETA_CDN_URL_TTL_S", 21_600)?,
+            },
+            drm: DrmSettings {
+                license_url_widevine: drm("widevine")?,
+                license_url_playready: drm("playready")?,
+                license_url_fairplay: drm("fairplay")?,
+            },
+            catalog: CatalogSettings {
+                fallback_file: src.opt_string("MONETA_FALLBACK_CATALOG_FILE").map(PathBuf::from),
+                content_ttl: src.secs("MONETA_CONTENT_TTL_S", 300)?,
+                content_stale_ttl: src.secs("MONETA_CONTENT_STALE_TTL_S", 86_400)?,
+                content_local_ttl: src.millis("MONETA_CONTENT_LOCAL_TTL_MS", 2_000)?,
+                entitlement_ttl: src.secs("MONETA_ENTITLEMENT_TTL_S", 60)?,
+            },
+            sessions: SessionSettings {
+                ttl: src.secs("MONETA_SESSION_TTL_S", 90)?,
+                heartbeat_interval: src.secs("MONETA_HEARTBEAT_INTERVAL_S", 30)?,
+                secret: secret("MONETA_SESSION_SECRET"),
+                limit_policy,
+            },
+            progress: ProgressSettings {
+                flush_interval: src.millis("MONETA_PROGRESS_FLUSH_MS", 1_000)?,
+                batch_size: src.positive("MONETA_PROGRESS_BATCH_SIZE", 200)?,
+                queue_capacity: src.positive("MONETA_PROGRESS_QUEUE_CAPACITY", 100_000)?,
+            },
+            otel: OtelSettings {
+                endpoint: src.opt_string("OTEL_EXPORTER_OTLP_ENDPOINT"),
+                service_name: src.string("OTEL_SERVICE_NAME", "moneta"),
+                protocol: otel_protocol,
+            },
+            log: LogSettings {
+                filter: src.string("RUST_LOG", "info"),
+                format: log_format,
+            },
+        };
+        let jwt = &settings.jwt;
+        if jwt.hs256_secret.is_none() && jwt.jwks_file.is_none() && jwt.secret_id.is_none() {
             return Err(ConfigError::new(
                 "MONETA_JWT_HS256_SECRET",
                 "no JWT key source configured (set MONETA_JWT_HS256_SECRET, MONETA_JWT_JWKS_FILE or MONETA_JWT_SECRET_ID)",
             ));
         }
-        if settings.heartbeat_interval >= settings.session_ttl {
+        if settings.sessions.heartbeat_interval >= settings.sessions.ttl {
             return Err(ConfigError::new(
                 "MONETA_HEARTBEAT_INTERVAL_S",
                 "must be shorter than MONETA_SESSION_TTL_S",
@@ -368,18 +484,7 @@ impl Settings {
         }
         Ok(settings)
     }
-
-    /// License server for a DRM system named by the internal API.
-    pub fn drm_license_url(&self, system: &str) -> Option<&str> {
-        match system {
-            "widevine" => Some(&self.drm_license_url_widevine),
-            "playready" => Some(&self.drm_license_url_playready),
-            "fairplay" => Some(&self.drm_license_url_fairplay),
-            _ => None,
-        }
-    }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,13 +499,15 @@ mod tests {
     #[test]
     fn defaults_follow_the_contract() {
         let s = Settings::from_vars(vars(&[("MONETA_JWT_HS256_SECRET", "x")])).unwrap();
-        assert_eq!(s.listen_addr.to_string(), "0.0.0.0:3000");
-        assert_eq!(s.admin_addr.to_string(), "0.0.0.0:9090");
-        assert_eq!(s.redis.timeout, Duration::from_millis(250));
-        assert_eq!(s.internal_api.timeout, Duration::from_secs(1));
-        assert_eq!(s.cdn_url_ttl, Duration::from_secs(21_600));
+        assert_eq!(s.server.listen_addr.to_string(), "0.0.0.0:3000");
+        assert_eq!(s.server.admin_addr.to_string(), "0.0.0.0:9090");
+        assert_eq!(s.server.shutdown_drain, Duration::from_millis(5_000));
+        assert_eq!(s.redis.guard.timeout, Duration::from_millis(250));
+        assert_eq!(s.internal_api.guard.timeout, Duration::from_secs(1));
+        assert_eq!(s.cdn.url_ttl, Duration::from_secs(21_600));
+        assert_eq!(s.sessions.limit_policy, StreamLimitPolicy::Block);
         assert_eq!(
-            s.drm_license_url("playready"),
+            s.drm.license_url("playready"),
             Some("https://drm.example.com/playready")
         );
     }
@@ -423,8 +530,16 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let s = Settings::from_vars(vars(&[("MONETA_JWT_HS256_SECRET", "topsecret")])).unwrap();
-        assert!(!format!("{s:?}").contains("topsecret"));
+        let s = Settings::from_vars(vars(&[
+            ("MONETA_JWT_HS256_SECRET", "topsecret"),
+            ("MONETA_SESSION_SECRET", "sessionsecret"),
+            ("MONETA_INTERNAL_API_TOKEN", "apitoken"),
+        ]))
+        .unwrap();
+        let dump = format!("{s:?}");
+        for secret in ["topsecret", "sessionsecret", "apitoken"] {
+            assert!(!dump.contains(secret), "{secret} printed");
+        }
     }
 
     #[test]
@@ -442,7 +557,7 @@ mod tests {
             ("MONETA_ADMIN_ADDR", "127.0.0.1:3"),
         ]))
         .unwrap();
-        assert_eq!(s.listen_addr.to_string(), "127.0.0.1:1");
-        assert_eq!(s.admin_addr.to_string(), "127.0.0.1:3");
+        assert_eq!(s.server.listen_addr.to_string(), "127.0.0.1:1");
+        assert_eq!(s.server.admin_addr.to_string(), "127.0.0.1:3");
     }
 }

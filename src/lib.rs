@@ -1,8 +1,10 @@
 //! Moneta: the playback edge of a streaming platform.
 
+pub mod app;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod model;
 pub mod playback;
 pub mod progress;
 pub mod resilience;

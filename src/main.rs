@@ -6,7 +6,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use moneta::auth::Claims;
 use moneta::auth::verifier::mint_hs256;
-use moneta::config::Settings;
+use moneta::config::{ExposeSecret, Settings};
+use moneta::model::UserId;
 use moneta::startup::{Application, shutdown_signal};
 use moneta::telemetry;
 
@@ -27,9 +28,9 @@ enum Command {
     Serve,
     /// Print a JWT signed with MONETA_JWT_HS256_SECRET, for development.
     Token {
-        /// User id (`sub`).
-        #[arg(long)]
-        sub: String,
+        /// User id (`sub`): 1-128 bytes, no control characters.
+        #[arg(long, value_parser = |s: &str| UserId::parse(s))]
+        sub: UserId,
         #[arg(long)]
         plan: Option<String>,
         #[arg(long = "max-streams")]
@@ -64,7 +65,7 @@ fn main() -> ExitCode {
             country,
             ttl,
         } => {
-            let Some(secret) = settings.jwt_hs256_secret.as_ref() else {
+            let Some(secret) = settings.jwt.hs256_secret.as_ref() else {
                 eprintln!("moneta: configuration error: MONETA_JWT_HS256_SECRET: required to mint tokens");
                 return ExitCode::from(CONFIG_EXIT);
             };
@@ -74,12 +75,12 @@ fn main() -> ExitCode {
                 exp: now + ttl.as_secs() as i64,
                 iat: Some(now),
                 nbf: None,
-                iss: settings.jwt_issuer.clone(),
+                iss: settings.jwt.issuer.clone(),
                 plan,
                 max_streams,
                 country: country.map(|c| c.to_ascii_uppercase()),
             };
-            match mint_hs256(secret.expose(), &claims) {
+            match mint_hs256(secret.expose_secret(), &claims) {
                 Ok(token) => {
                     println!("{token}");
                     ExitCode::SUCCESS

@@ -1,28 +1,27 @@
 //! Builds the application from settings, binds its listeners, runs it and
-//! shuts it down in order.
+//! shuts it down in order: drain, close, finish in flight, deliver, exit.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-use crate::auth::keys::{JwksFile, StaticSecret};
+use crate::app::{App, Phase};
+use crate::auth::keys::{JwksFile, KeyError, StaticSecret};
 use crate::auth::secrets_manager::SecretsManagerJwks;
 use crate::auth::{KeySource, KeyStore, Verifier};
-use crate::config::Settings;
-use crate::playback::Playback;
-use crate::playback::cdn::{Cdn, CloudFrontSigner};
-use crate::progress::{ProgressQueue, Sinks};
-use crate::sessions::Sessions;
+use crate::config::{JwtSettings, Settings, StreamLimitPolicy};
+use crate::playback::cdn::{Cdn, CdnKeyError, CloudFrontSigner};
+use crate::playback::{Answers, Playback, Titles, UserStates};
+use crate::progress::{Courier, ProgressQueue};
+use crate::sessions::{SessionKey, SessionKeyError, Sessions};
 use crate::sources::internal_api::InternalApi;
 use crate::sources::redis::RedisStore;
-use crate::sources::snapshot::Snapshot;
+use crate::sources::snapshot::{Snapshot, SnapshotError};
 use crate::telemetry;
 
 /// How often dependencies are probed in the background, so readiness and the
@@ -31,124 +30,116 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A start-up failure; the message names the setting at fault.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StartupError(pub String);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Starting = 0,
-    Serving = 1,
-    Stopping = 2,
+pub enum StartupError {
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Cdn(#[from] CdnKeyError),
+    #[error("MONETA_REDIS_URL: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    InternalApi(String),
+    #[error(transparent)]
+    SessionKey(#[from] SessionKeyError),
+    #[error("{setting}: cannot listen on {addr}: {source}")]
+    Listen {
+        setting: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
-/// Everything the handlers share.
-pub struct App {
-    pub settings: Arc<Settings>,
-    pub verifier: Verifier,
-    pub playback: Arc<Playback>,
-    pub sessions: Sessions,
-    pub internal_api: InternalApi,
-    pub progress: Arc<ProgressQueue>,
-    phase: AtomicU8,
-}
-
-impl App {
-    pub fn phase(&self) -> Phase {
-        match self.phase.load(Ordering::Acquire) {
-            0 => Phase::Starting,
-            1 => Phase::Serving,
-            _ => Phase::Stopping,
-        }
-    }
-
-    fn set_phase(&self, phase: Phase) {
-        self.phase.store(phase as u8, Ordering::Release);
-    }
-}
-
-async fn key_sources(settings: &Settings) -> Result<Vec<Box<dyn KeySource>>, StartupError> {
+async fn key_sources(jwt: &JwtSettings) -> Result<Vec<Box<dyn KeySource>>, StartupError> {
     let mut sources: Vec<Box<dyn KeySource>> = Vec::new();
-    if let Some(secret) = &settings.jwt_hs256_secret {
+    if let Some(secret) = &jwt.hs256_secret {
         sources.push(Box::new(StaticSecret(secret.clone())));
     }
-    if let Some(path) = &settings.jwt_jwks_file {
+    if let Some(path) = &jwt.jwks_file {
         sources.push(Box::new(JwksFile(path.clone())));
     }
-    if let Some(secret_id) = &settings.jwt_secret_id {
-        let source = SecretsManagerJwks::from_env(secret_id.as_str())
-            .await
-            .map_err(|e| StartupError(e.to_string()))?;
-        sources.push(Box::new(source));
+    if let Some(secret_id) = &jwt.secret_id {
+        sources.push(Box::new(SecretsManagerJwks::from_env(secret_id.as_str()).await?));
     }
     Ok(sources)
 }
 
+async fn bind(addr: SocketAddr, setting: &'static str) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Listen { setting, addr, source })
+}
+
 pub struct Application {
     app: Arc<App>,
+    settings: Settings,
     public: TcpListener,
     admin: TcpListener,
     metrics: PrometheusHandle,
+    courier: Courier,
 }
 
 impl Application {
     /// Loads keys and the snapshot, prepares the clients and binds both ports.
     /// Dependencies are not contacted: Moneta starts while they are down.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let settings = Arc::new(settings);
         let metrics = telemetry::metrics::install();
-        let keys = KeyStore::load(key_sources(&settings).await?)
-            .await
-            .map_err(|e| StartupError(e.to_string()))?;
-        let verifier = Verifier::new(
-            keys,
-            settings.jwt_issuer.as_deref(),
-            settings.jwt_audience.as_deref(),
-        );
-        let snapshot = match &settings.fallback_catalog_file {
-            Some(path) => Snapshot::load(path).map_err(|e| StartupError(e.to_string()))?,
+        let jwt = &settings.jwt;
+        let keys = KeyStore::load(key_sources(jwt).await?).await?;
+        let verifier = Verifier::new(keys, jwt.issuer.as_deref(), jwt.audience.as_deref());
+        let snapshot = match &settings.catalog.fallback_file {
+            Some(path) => Snapshot::load(path)?,
             None => Snapshot::empty(),
         };
-        let signer = match (&settings.cdn_key_pair_id, &settings.cdn_private_key_file) {
-            (Some(id), Some(path)) => Some(
-                CloudFrontSigner::from_pem_file(id, path, settings.cdn_url_ttl)
-                    .map_err(|e| StartupError(e.to_string()))?,
-            ),
+        let cdn = &settings.cdn;
+        let signer = match (&cdn.key_pair_id, &cdn.private_key_file) {
+            (Some(id), Some(path)) => Some(CloudFrontSigner::from_pem_file(id, path, cdn.url_ttl)?),
             _ => None,
         };
-        let cdn = Cdn::new(&settings.cdn_base_url, signer);
-        let redis = RedisStore::new(&settings).map_err(|e| StartupError(format!("MONETA_REDIS_URL: {e}")))?;
-        let internal_api = InternalApi::new(&settings).map_err(StartupError)?;
-        let progress = ProgressQueue::new(settings.progress_queue_capacity);
+        let redis = RedisStore::new(&settings.redis)?;
+        let internal_api = InternalApi::new(&settings.internal_api).map_err(StartupError::InternalApi)?;
+        let unlogged = ProgressQueue::new(settings.progress.queue_capacity);
         let playback = Arc::new(Playback::new(
-            redis,
-            internal_api.clone(),
-            snapshot,
-            cdn,
-            settings.clone(),
+            Titles::new(redis.clone(), internal_api.clone(), snapshot, &settings.catalog),
+            UserStates::new(redis.clone(), internal_api.clone(), settings.catalog.entitlement_ttl),
+            Answers::new(Cdn::new(&cdn.base_url, signer), settings.drm.clone()),
         ));
-        let sessions = Sessions::new(playback.clone(), progress.clone(), settings.session_ttl);
-
-        let bind = |addr, setting: &'static str| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| StartupError(format!("{setting}: cannot listen on {addr}: {e}")))
+        let s = &settings.sessions;
+        let sessions = Sessions::new(
+            playback.clone(),
+            redis.sessions(s.ttl),
+            SessionKey::new(s.secret.as_ref())?,
+            unlogged.clone(),
+            s.ttl,
+            s.limit_policy == StreamLimitPolicy::EvictOldest,
+        );
+        let consumer = format!("moneta-{}", uuid::Uuid::new_v4().simple());
+        let courier = Courier {
+            api: internal_api.clone(),
+            log: redis.progress_log_as(consumer),
+            unlogged: unlogged.clone(),
+            interval: settings.progress.flush_interval,
+            batch_size: settings.progress.batch_size,
         };
-        let public = bind(settings.listen_addr, "MONETA_LISTEN_ADDR").await?;
-        let admin = bind(settings.admin_addr, "MONETA_ADMIN_ADDR").await?;
-        let app = Arc::new(App {
-            settings,
+        let public = bind(settings.server.listen_addr, "MONETA_LISTEN_ADDR").await?;
+        let admin = bind(settings.server.admin_addr, "MONETA_ADMIN_ADDR").await?;
+        let app = Arc::new(App::new(
             verifier,
             playback,
             sessions,
-            internal_api,
-            progress,
-            phase: AtomicU8::new(Phase::Starting as u8),
-        });
+            unlogged,
+            (redis.guard().clone(), internal_api.guard().clone()),
+            s.heartbeat_interval,
+        ));
+        spawn_probes(redis, internal_api, app.clone());
         Ok(Self {
             app,
+            settings,
             public,
             admin,
             metrics,
+            courier,
         })
     }
 
@@ -164,85 +155,79 @@ impl Application {
         self.app.clone()
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
-    /// requests finish and delivers pending positions before returning.
+    /// Serves until `shutdown` resolves. Then: readiness answers `503` at
+    /// once while the public API keeps serving for the drain time (load
+    /// balancers stop routing here), the listener closes, in-flight requests
+    /// finish, and positions held in memory are delivered before returning.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let Self {
             app,
+            settings,
             public,
             admin,
             metrics,
+            courier,
         } = self;
-        let settings = app.settings.clone();
         let stop = Arc::new(Notify::new());
-
-        let sinks = Sinks {
-            api: app.internal_api.clone(),
-            redis: app.playback.redis().clone(),
-            interval: settings.progress_flush_interval,
-            batch_size: settings.progress_batch_size,
-        };
-        let flusher = tokio::spawn(app.progress.clone().run_flusher(
-            sinks,
-            stop.clone(),
-            settings.shutdown_grace,
-        ));
+        let courier = tokio::spawn(courier.run(stop.clone(), settings.server.shutdown_grace));
         let background = [
-            tokio::spawn(probe_dependencies(app.clone())),
-            tokio::spawn(refresh_keys(app.clone(), settings.jwt_refresh)),
+            tokio::spawn(refresh_keys(app.clone(), settings.jwt.refresh)),
             tokio::spawn(telemetry::metrics::upkeep(metrics.clone())),
         ];
 
-        let admin_router = Router::new().route(
-            "/metrics",
-            get(move || {
-                let handle = metrics.clone();
-                async move { telemetry::metrics::render(&handle) }
-            }),
-        );
         let admin_stop = stop.clone();
         let admin_task = tokio::spawn(async move {
-            axum::serve(admin, admin_router)
+            axum::serve(admin, crate::http::admin::router(metrics))
                 .with_graceful_shutdown(async move { admin_stop.notified().await })
                 .await
         });
 
-        let router = crate::http::router(app.clone(), settings.request_timeout);
+        let router = crate::http::router(app.clone(), settings.server.request_timeout);
         app.set_phase(Phase::Serving);
         tracing::info!(port = public.local_addr()?.port(), "moneta serving");
+        let drain = settings.server.shutdown_drain;
         let phase_app = app.clone();
         axum::serve(public, router)
             .with_graceful_shutdown(async move {
                 shutdown.await;
-                phase_app.set_phase(Phase::Stopping);
+                phase_app.set_phase(Phase::Draining);
+                tracing::info!(drain_ms = drain.as_millis() as u64, "shutting down: draining");
+                tokio::time::sleep(drain).await;
                 tracing::info!("shutting down: no new connections, finishing in-flight requests");
             })
             .await?;
 
         // notify_waiters reaches the admin server; notify_one stores a permit for
-        // the flusher in case it is not waiting at this instant.
+        // the courier in case it is not waiting at this instant.
         stop.notify_waiters();
         stop.notify_one();
         for task in background {
             task.abort();
         }
-        let _ = flusher.await;
+        let _ = courier.await;
         let _ = admin_task.await;
         tracing::info!("moneta stopped");
         Ok(())
     }
 }
 
-async fn probe_dependencies(app: Arc<App>) {
-    let mut tick = tokio::time::interval(PROBE_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let _ = tokio::join!(app.playback.redis().ping(), app.internal_api.probe());
-    }
+/// Keeps breakers and readiness current without traffic; stops with the App.
+fn spawn_probes(redis: RedisStore, api: InternalApi, app: Arc<App>) {
+    let app = Arc::downgrade(&app);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if app.upgrade().is_none() {
+                break;
+            }
+            let _ = tokio::join!(redis.ping(), api.probe());
+        }
+    });
 }
 
 async fn refresh_keys(app: Arc<App>, every: Duration) {

@@ -4,9 +4,10 @@ use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use secrecy::ExposeSecret;
 
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 pub async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let Some(expected) = state.token.as_deref() else {
@@ -23,7 +24,7 @@ pub async fn require_token(State(state): State<AppState>, req: Request, next: Ne
             message: "an Authorization: Bearer token is required",
         }
         .into_response(),
-        Some(token) if constant_time_eq(token.as_bytes(), expected.expose().as_bytes()) => {
+        Some(token) if constant_time_eq(token.as_bytes(), expected.expose_secret().as_bytes()) => {
             next.run(req).await
         }
         Some(_) => ApiError::Unauthorized {

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
 
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:4000";
@@ -30,33 +31,15 @@ impl ConfigError {
     }
 }
 
-/// A string that must not reach logs or error messages.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret([redacted])")
-    }
-}
-
 #[derive(Clone)]
 pub struct Settings {
     /// `PgConnectOptions`'s own `Debug` prints the password, hence the
     /// hand-written `Debug` for `Settings` below.
     pub database: PgConnectOptions,
     pub listen_addr: SocketAddr,
-    pub token: Option<Secret>,
+    /// `SecretString` prints as `[REDACTED]`, so no `Debug` of the settings
+    /// or log line can leak it.
+    pub token: Option<SecretString>,
     /// How long a starting process keeps retrying an unreachable database
     /// before giving up, so it can be started alongside PostgreSQL.
     pub db_startup_timeout: Duration,
@@ -130,7 +113,7 @@ impl Settings {
                         "must be printable ASCII without spaces",
                     ));
                 }
-                Some(Secret::new(v))
+                Some(SecretString::from(v))
             }
         };
 
@@ -166,6 +149,7 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
     use std::collections::HashMap;
 
     fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
@@ -184,28 +168,32 @@ mod tests {
         assert_eq!(s.log_filter, DEFAULT_LOG_FILTER);
     }
 
+    /// Asserts that the settings are refused naming `name`; returns the message.
+    fn refused(vars: &[(&str, &str)], name: &str) -> String {
+        let err = settings(vars).expect_err("must fail");
+        assert_eq!(err.name, name);
+        err.to_string()
+    }
+
     #[test]
     fn missing_database_url_names_the_setting() {
-        let err = settings(&[]).expect_err("must fail");
-        assert_eq!(err.name, "DATABASE_URL");
-        assert!(err.to_string().contains("DATABASE_URL"));
+        assert!(refused(&[], "DATABASE_URL").contains("DATABASE_URL"));
     }
 
     #[test]
     fn bad_values_name_the_setting_and_hide_secrets() {
-        let err = settings(&[("DATABASE_URL", "mysql://u:topsecret@h/db")]).expect_err("fail");
-        assert_eq!(err.name, "DATABASE_URL");
-        assert!(!err.to_string().contains("topsecret"));
-
-        let err = settings(&[URL, ("INTERNAL_API_LISTEN_ADDR", "nope")]).expect_err("fail");
-        assert_eq!(err.name, "INTERNAL_API_LISTEN_ADDR");
-
-        let err = settings(&[URL, ("INTERNAL_API_TOKEN", "has space")]).expect_err("fail");
-        assert_eq!(err.name, "INTERNAL_API_TOKEN");
-        assert!(!err.to_string().contains("has space"));
-
-        let err = settings(&[URL, ("INTERNAL_API_DB_STARTUP_TIMEOUT_S", "soon")]).expect_err("fail");
-        assert_eq!(err.name, "INTERNAL_API_DB_STARTUP_TIMEOUT_S");
+        let message = refused(&[("DATABASE_URL", "mysql://u:topsecret@h/db")], "DATABASE_URL");
+        assert!(!message.contains("topsecret"));
+        refused(
+            &[URL, ("INTERNAL_API_LISTEN_ADDR", "nope")],
+            "INTERNAL_API_LISTEN_ADDR",
+        );
+        let message = refused(&[URL, ("INTERNAL_API_TOKEN", "has space")], "INTERNAL_API_TOKEN");
+        assert!(!message.contains("has space"));
+        refused(
+            &[URL, ("INTERNAL_API_DB_STARTUP_TIMEOUT_S", "soon")],
+            "INTERNAL_API_DB_STARTUP_TIMEOUT_S",
+        );
     }
 
     #[test]
@@ -214,7 +202,7 @@ mod tests {
         let printed = format!("{s:?}");
         assert!(!printed.contains("s3cr3t-token"), "{printed}");
         assert!(!printed.contains("hunter2"), "{printed}");
-        assert_eq!(s.token.as_ref().map(Secret::expose), Some("s3cr3t-token"));
+        assert_eq!(s.token.as_ref().map(|t| t.expose_secret()), Some("s3cr3t-token"));
     }
 
     #[test]

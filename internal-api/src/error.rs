@@ -6,6 +6,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::domain::Invalid;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{message}")]
@@ -90,6 +92,29 @@ impl From<sqlx::Error> for ApiError {
             Self::Internal(Box::new(err))
         }
     }
+}
+
+/// Values in paths arrive here; values in bodies fail inside serde and
+/// become `invalid_body` (see `extract`).
+impl From<Invalid> for ApiError {
+    fn from(invalid: Invalid) -> Self {
+        let code = match invalid {
+            Invalid::UserId => "invalid_user_id",
+            Invalid::ContentId => "invalid_content_id",
+            Invalid::PositionMs | Invalid::UpdatedAt => "invalid_body",
+        };
+        Self::bad_request(code, invalid.to_string())
+    }
+}
+
+/// What a lookup answers: `200` with the row it found, else an error.
+pub type Found<T> = Result<Json<T>, ApiError>;
+
+/// A missing row is `404` with a code of its own, because Moneta answers
+/// each differently (no entitlement is `403` to the viewer, no position is
+/// a start from 0).
+pub fn found<T>(row: Option<T>, code: &'static str, message: &'static str) -> Found<T> {
+    row.map(Json).ok_or_else(|| ApiError::not_found(code, message))
 }
 
 impl IntoResponse for ApiError {

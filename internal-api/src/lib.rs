@@ -15,4 +15,5 @@ pub mod queries;
 pub mod routes;
 pub mod seed;
 pub mod startup;
+pub mod state;
 pub mod telemetry;

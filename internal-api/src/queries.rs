@@ -4,9 +4,12 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool};
 
-use crate::domain::{ContentPlayback, Drm, Entitlement, Progress, ProgressItem, Stream, Subtitle};
+use crate::domain::{
+    ContentId, ContentPlayback, Drm, Entitlement, Progress, ProgressItem, Stream, Subtitle, UserId,
+};
 
 #[derive(sqlx::FromRow)]
 struct ContentRow {
@@ -33,151 +36,141 @@ struct SubtitleRow {
     path: String,
 }
 
-impl From<StreamRow> for Stream {
-    fn from(row: StreamRow) -> Self {
-        let drm = match (row.drm_system, row.drm_key_id) {
+impl StreamRow {
+    fn split(self) -> (String, Stream) {
+        let drm = match (self.drm_system, self.drm_key_id) {
             (Some(system), Some(key_id)) => Some(Drm { system, key_id }),
             // The schema forbids one without the other.
             _ => None,
         };
-        Stream {
-            protocol: row.protocol,
-            path: row.path,
+        let stream = Stream {
+            protocol: self.protocol,
+            path: self.path,
             drm,
-        }
+        };
+        (self.content_id, stream)
     }
 }
 
-impl From<SubtitleRow> for Subtitle {
-    fn from(row: SubtitleRow) -> Self {
-        Subtitle {
-            language: row.language,
-            path: row.path,
-        }
+impl SubtitleRow {
+    fn split(self) -> (String, Subtitle) {
+        let subtitle = Subtitle {
+            language: self.language,
+            path: self.path,
+        };
+        (self.content_id, subtitle)
     }
 }
 
-fn assemble(row: ContentRow, streams: Vec<Stream>, subtitles: Vec<Subtitle>) -> ContentPlayback {
-    ContentPlayback {
-        content_id: row.id,
-        title: row.title,
-        duration_ms: row.duration_ms,
-        available_countries: row.available_countries,
-        required_plans: row.required_plans,
-        streams,
-        subtitles,
-    }
-}
-
+/// One read-only snapshot, so a title and its streams are a consistent
+/// picture even while the catalog is being re-seeded.
 const READ_SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
-const CONTENT_COLUMNS: &str = "id, title, duration_ms, available_countries, required_plans";
-const STREAM_COLUMNS: &str = "content_id, protocol, path, drm_system, drm_key_id";
-const SUBTITLE_COLUMNS: &str = "content_id, language, path";
 
 pub async fn content_playback(
     pool: &PgPool,
-    content_id: &str,
+    content_id: &ContentId,
 ) -> Result<Option<ContentPlayback>, sqlx::Error> {
-    // One read-only transaction so the title and its streams are a consistent
-    // picture even while the catalog is being re-seeded.
     let mut tx = pool.begin_with(READ_SNAPSHOT).await?;
-    let Some(row) =
-        sqlx::query_as::<_, ContentRow>(&format!("SELECT {CONTENT_COLUMNS} FROM contents WHERE id = $1"))
-            .bind(content_id)
-            .fetch_optional(&mut *tx)
-            .await?
-    else {
-        tx.commit().await?;
-        return Ok(None);
-    };
-    let streams = sqlx::query_as::<_, StreamRow>(&format!(
-        "SELECT {STREAM_COLUMNS} FROM streams WHERE content_id = $1 ORDER BY ordinal"
-    ))
-    .bind(content_id)
-    .fetch_all(&mut *tx)
-    .await?;
-    let subtitles = sqlx::query_as::<_, SubtitleRow>(&format!(
-        "SELECT {SUBTITLE_COLUMNS} FROM subtitles WHERE content_id = $1 \
-         ORDER BY ordinal, language"
-    ))
-    .bind(content_id)
-    .fetch_all(&mut *tx)
-    .await?;
+    let mut found = read_contents(&mut tx, Some(content_id)).await?;
     tx.commit().await?;
-    Ok(Some(assemble(
-        row,
-        streams.into_iter().map(Stream::from).collect(),
-        subtitles.into_iter().map(Subtitle::from).collect(),
-    )))
+    // The id is the primary key: at most one title.
+    Ok(found.pop())
 }
 
-/// The whole catalog sorted by id, read from one snapshot of the database.
+/// The whole catalog sorted by id.
 pub async fn all_content_playback(pool: &PgPool) -> Result<Vec<ContentPlayback>, sqlx::Error> {
     let mut tx = pool.begin_with(READ_SNAPSHOT).await?;
-    let contents = read_all(&mut tx).await?;
+    let contents = read_contents(&mut tx, None).await?;
     tx.commit().await?;
     Ok(contents)
 }
 
-async fn read_all(conn: &mut PgConnection) -> Result<Vec<ContentPlayback>, sqlx::Error> {
-    let rows =
-        sqlx::query_as::<_, ContentRow>(&format!("SELECT {CONTENT_COLUMNS} FROM contents ORDER BY id"))
-            .fetch_all(&mut *conn)
-            .await?;
-    let mut streams: HashMap<String, Vec<Stream>> = HashMap::new();
-    for row in sqlx::query_as::<_, StreamRow>(&format!(
-        "SELECT {STREAM_COLUMNS} FROM streams ORDER BY content_id, ordinal"
-    ))
-    .fetch_all(&mut *conn)
-    .await?
-    {
-        streams
-            .entry(row.content_id.clone())
-            .or_default()
-            .push(row.into());
+const CONTENT_COLUMNS: &str = "id, title, duration_ms, available_countries, required_plans";
+const STREAM_COLUMNS: &str = "content_id, protocol, path, drm_system, drm_key_id";
+const SUBTITLE_COLUMNS: &str = "content_id, language, path";
+
+/// Titles sorted by id, all of them or `only` one: three queries whatever
+/// the number of titles.
+async fn read_contents(
+    conn: &mut PgConnection,
+    only: Option<&ContentId>,
+) -> Result<Vec<ContentPlayback>, sqlx::Error> {
+    // Two spellings rather than `$1 IS NULL OR id = $1`, which a cached
+    // generic plan may answer with a full scan.
+    let (by_id, by_content_id) = match only {
+        Some(_) => ("WHERE id = $1", "WHERE content_id = $1"),
+        None => ("", ""),
+    };
+    let sql = format!("SELECT {CONTENT_COLUMNS} FROM contents {by_id} ORDER BY id");
+    let rows: Vec<ContentRow> = fetch_all(conn, &sql, only).await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
     }
-    let mut subtitles: HashMap<String, Vec<Subtitle>> = HashMap::new();
-    for row in sqlx::query_as::<_, SubtitleRow>(&format!(
-        "SELECT {SUBTITLE_COLUMNS} FROM subtitles ORDER BY content_id, ordinal, language"
-    ))
-    .fetch_all(&mut *conn)
-    .await?
-    {
-        subtitles
-            .entry(row.content_id.clone())
-            .or_default()
-            .push(row.into());
-    }
+    let sql = format!("SELECT {STREAM_COLUMNS} FROM streams {by_content_id} ORDER BY content_id, ordinal");
+    let mut streams = by_content(fetch_all(conn, &sql, only).await?, StreamRow::split);
+    let sql = format!(
+        "SELECT {SUBTITLE_COLUMNS} FROM subtitles {by_content_id} ORDER BY content_id, ordinal, language"
+    );
+    let mut subtitles = by_content(fetch_all(conn, &sql, only).await?, SubtitleRow::split);
     Ok(rows
         .into_iter()
-        .map(|row| {
-            let s = streams.remove(&row.id).unwrap_or_default();
-            let t = subtitles.remove(&row.id).unwrap_or_default();
-            assemble(row, s, t)
+        .map(|row| ContentPlayback {
+            streams: streams.remove(&row.id).unwrap_or_default(),
+            subtitles: subtitles.remove(&row.id).unwrap_or_default(),
+            content_id: row.id,
+            title: row.title,
+            duration_ms: row.duration_ms,
+            available_countries: row.available_countries,
+            required_plans: row.required_plans,
         })
         .collect())
 }
 
-pub async fn entitlement(pool: &PgPool, user_id: &str) -> Result<Option<Entitlement>, sqlx::Error> {
+/// Runs `sql`, binding `only` as `$1` when it is given.
+async fn fetch_all<R>(
+    conn: &mut PgConnection,
+    sql: &str,
+    only: Option<&ContentId>,
+) -> Result<Vec<R>, sqlx::Error>
+where
+    R: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
+{
+    let mut query = sqlx::query_as::<_, R>(sql);
+    if let Some(content_id) = only {
+        query = query.bind(content_id.as_str());
+    }
+    query.fetch_all(conn).await
+}
+
+/// Groups child rows by title, keeping their order within each title.
+fn by_content<R, T>(rows: Vec<R>, split: fn(R) -> (String, T)) -> HashMap<String, Vec<T>> {
+    let mut groups: HashMap<String, Vec<T>> = HashMap::new();
+    for (content_id, item) in rows.into_iter().map(split) {
+        groups.entry(content_id).or_default().push(item);
+    }
+    groups
+}
+
+pub async fn entitlement(pool: &PgPool, user_id: &UserId) -> Result<Option<Entitlement>, sqlx::Error> {
     sqlx::query_as::<_, Entitlement>(
         "SELECT user_id, plan, max_streams, active FROM entitlements WHERE user_id = $1",
     )
-    .bind(user_id)
+    .bind(user_id.as_str())
     .fetch_optional(pool)
     .await
 }
 
 pub async fn progress(
     pool: &PgPool,
-    user_id: &str,
-    content_id: &str,
+    user_id: &UserId,
+    content_id: &ContentId,
 ) -> Result<Option<Progress>, sqlx::Error> {
     sqlx::query_as::<_, Progress>(
         "SELECT position_ms, updated_at FROM watch_progress \
          WHERE user_id = $1 AND content_id = $2",
     )
-    .bind(user_id)
-    .bind(content_id)
+    .bind(user_id.as_str())
+    .bind(content_id.as_str())
     .fetch_optional(pool)
     .await
 }
@@ -203,8 +196,8 @@ pub async fn upsert_progress(pool: &PgPool, items: &[ProgressItem]) -> Result<u6
     for item in items {
         user_ids.push(item.user_id.as_str());
         content_ids.push(item.content_id.as_str());
-        positions.push(item.position_ms);
-        stamps.push(item.updated_at);
+        positions.push(*item.position_ms);
+        stamps.push(*item.updated_at);
     }
     let result = sqlx::query(
         "INSERT INTO watch_progress (user_id, content_id, position_ms, updated_at)

@@ -4,7 +4,9 @@
 //! seeding twice changes nothing, and re-seeding restores demo rows that were
 //! edited by hand.
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgConnection, PgPool, Postgres};
 
 pub struct DemoUser {
     pub user_id: &'static str,
@@ -19,182 +21,108 @@ pub struct DemoContent {
     pub duration_ms: i64,
     pub available_countries: Option<&'static [&'static str]>,
     pub required_plans: &'static [&'static str],
-    pub streams: &'static [DemoStream],
     pub subtitles: &'static [&'static str],
+    /// Shared by all the title's protected streams, as one CENC key serves
+    /// every DRM system.
+    pub key_id: Option<&'static str>,
+    pub streams: &'static [DemoStream],
 }
 
 pub struct DemoStream {
     pub protocol: &'static str,
-    pub drm: Option<(&'static str, &'static str)>,
+    pub drm_system: Option<&'static str>,
 }
 
-const fn dash(drm: Option<(&'static str, &'static str)>) -> DemoStream {
-    DemoStream {
-        protocol: "dash",
-        drm,
+const DASH: DemoStream = DemoStream::new("dash", None);
+const HLS: DemoStream = DemoStream::new("hls", None);
+const DASH_WIDEVINE: DemoStream = DemoStream::new("dash", Some("widevine"));
+const DASH_PLAYREADY: DemoStream = DemoStream::new("dash", Some("playready"));
+const HLS_FAIRPLAY: DemoStream = DemoStream::new("hls", Some("fairplay"));
+const EVERYWHERE: Option<&[&str]> = None;
+const ANY_PLAN: &[&str] = &[];
+
+impl DemoStream {
+    const fn new(protocol: &'static str, drm_system: Option<&'static str>) -> Self {
+        Self { protocol, drm_system }
     }
 }
 
-const fn hls(drm: Option<(&'static str, &'static str)>) -> DemoStream {
-    DemoStream { protocol: "hls", drm }
+/// A title without streams yet; `DemoContent::streams` adds them.
+const fn title(
+    id: &'static str,
+    title: &'static str,
+    duration_ms: i64,
+    available_countries: Option<&'static [&'static str]>,
+    required_plans: &'static [&'static str],
+    subtitles: &'static [&'static str],
+) -> DemoContent {
+    DemoContent {
+        id,
+        title,
+        duration_ms,
+        available_countries,
+        required_plans,
+        subtitles,
+        key_id: None,
+        streams: &[],
+    }
+}
+
+impl DemoContent {
+    const fn streams(self, key_id: Option<&'static str>, streams: &'static [DemoStream]) -> Self {
+        Self {
+            key_id,
+            streams,
+            ..self
+        }
+    }
+}
+
+const fn user(user_id: &'static str, plan: &'static str, max_streams: i32, active: bool) -> DemoUser {
+    DemoUser {
+        user_id,
+        plan,
+        max_streams,
+        active,
+    }
 }
 
 pub const USERS: &[DemoUser] = &[
-    DemoUser {
-        user_id: "demo-basic",
-        plan: "basic",
-        max_streams: 1,
-        active: true,
-    },
-    DemoUser {
-        user_id: "demo-standard",
-        plan: "standard",
-        max_streams: 2,
-        active: true,
-    },
-    DemoUser {
-        user_id: "demo-premium",
-        plan: "premium",
-        max_streams: 4,
-        active: true,
-    },
-    DemoUser {
-        user_id: "demo-inactive",
-        plan: "standard",
-        max_streams: 2,
-        active: false,
-    },
+    user("demo-basic", "basic", 1, true),
+    user("demo-standard", "standard", 2, true),
+    user("demo-premium", "premium", 4, true),
+    user("demo-inactive", "standard", 2, false),
 ];
 
+/// One title to a row, laid out by hand because rustfmt would give every
+/// argument a line of its own and bury the table.
+#[rustfmt::skip]
 pub const CATALOG: &[DemoContent] = &[
-    DemoContent {
-        id: "m-0001",
-        title: "Parasite",
-        duration_ms: 7_920_000,
-        available_countries: None,
-        required_plans: &[],
-        streams: &[
-            dash(Some(("widevine", "0123abcd0123abcd0123abcd0123abcd"))),
-            hls(None),
-        ],
-        subtitles: &["ko", "en"],
-    },
-    DemoContent {
-        id: "m-0002",
-        title: "Oldboy",
-        duration_ms: 7_200_000,
-        available_countries: None,
-        required_plans: &["premium"],
-        streams: &[
-            dash(Some(("widevine", "9f8e7d6c5b4a39281706f5e4d3c2b1a0"))),
-            hls(Some(("fairplay", "9f8e7d6c5b4a39281706f5e4d3c2b1a0"))),
-        ],
-        subtitles: &["ko", "en"],
-    },
-    DemoContent {
-        id: "m-0003",
-        title: "The Host",
-        duration_ms: 7_140_000,
-        available_countries: Some(&["KR"]),
-        required_plans: &[],
-        streams: &[dash(None), hls(None)],
-        subtitles: &["ko"],
-    },
-    DemoContent {
-        id: "m-0004",
-        title: "Burning",
-        duration_ms: 8_880_000,
-        available_countries: None,
-        required_plans: &["standard", "premium"],
-        streams: &[
-            dash(Some(("playready", "a1b2c3d4e5f60718293a4b5c6d7e8f90"))),
-            hls(Some(("fairplay", "a1b2c3d4e5f60718293a4b5c6d7e8f90"))),
-        ],
-        subtitles: &["ko", "en", "ja"],
-    },
-    DemoContent {
-        id: "m-0005",
-        title: "Train to Busan",
-        duration_ms: 7_080_000,
-        available_countries: Some(&["KR", "JP", "US"]),
-        required_plans: &[],
-        streams: &[dash(Some(("widevine", "5b1f0c9e8d7a6b5c4d3e2f1a0b9c8d7e")))],
-        subtitles: &["ko", "en"],
-    },
-    DemoContent {
-        id: "m-0006",
-        title: "Memories of Murder",
-        duration_ms: 7_860_000,
-        available_countries: None,
-        required_plans: &[],
-        streams: &[dash(None), hls(None)],
-        subtitles: &["ko", "en", "fr"],
-    },
-    DemoContent {
-        id: "m-0007",
-        title: "The Handmaiden",
-        duration_ms: 8_700_000,
-        available_countries: Some(&["KR", "JP"]),
-        required_plans: &["premium"],
-        streams: &[
-            dash(Some(("playready", "c0ffee00c0ffee00c0ffee00c0ffee00"))),
-            hls(Some(("fairplay", "c0ffee00c0ffee00c0ffee00c0ffee00"))),
-        ],
-        subtitles: &["ko", "ja"],
-    },
-    DemoContent {
-        id: "m-0008",
-        title: "Minari",
-        duration_ms: 6_900_000,
-        available_countries: Some(&["US", "CA", "GB"]),
-        required_plans: &[],
-        streams: &[hls(None)],
-        subtitles: &["en", "ko"],
-    },
-    DemoContent {
-        id: "m-0009",
-        title: "Decision to Leave",
-        duration_ms: 8_280_000,
-        available_countries: None,
-        required_plans: &["standard", "premium"],
-        // One CENC manifest serves both Widevine and PlayReady clients.
-        streams: &[
-            dash(Some(("widevine", "deadbeefdeadbeefdeadbeefdeadbeef"))),
-            dash(Some(("playready", "deadbeefdeadbeefdeadbeefdeadbeef"))),
-            hls(Some(("fairplay", "deadbeefdeadbeefdeadbeefdeadbeef"))),
-        ],
-        subtitles: &["ko", "en", "es"],
-    },
-    DemoContent {
-        id: "m-0010",
-        title: "Broker",
-        duration_ms: 7_740_000,
-        available_countries: None,
-        required_plans: &["basic", "standard", "premium"],
-        streams: &[dash(Some(("widevine", "b40ce4b40ce4b40ce4b40ce4b40ce400")))],
-        subtitles: &["ko", "en", "ja"],
-    },
-    DemoContent {
-        id: "m-0011",
-        title: "Moneta Sample Trailer",
-        duration_ms: 90_000,
-        available_countries: None,
-        required_plans: &[],
-        streams: &[hls(None)],
-        subtitles: &[],
-    },
-    DemoContent {
-        id: "m-0012",
-        title: "Space Sweepers",
-        duration_ms: 8_160_000,
-        available_countries: Some(&["KR"]),
-        required_plans: &["premium"],
-        streams: &[
-            dash(Some(("widevine", "5ace5ace5ace5ace5ace5ace5ace5ace"))),
-            hls(Some(("fairplay", "5ace5ace5ace5ace5ace5ace5ace5ace"))),
-        ],
-        subtitles: &["ko", "en"],
-    },
+    title("m-0001", "Parasite", 7_920_000, EVERYWHERE, ANY_PLAN, &["ko", "en"])
+        .streams(Some("0123abcd0123abcd0123abcd0123abcd"), &[DASH_WIDEVINE, HLS]),
+    title("m-0002", "Oldboy", 7_200_000, EVERYWHERE, &["premium"], &["ko", "en"])
+        .streams(Some("9f8e7d6c5b4a39281706f5e4d3c2b1a0"), &[DASH_WIDEVINE, HLS_FAIRPLAY]),
+    title("m-0003", "The Host", 7_140_000, Some(&["KR"]), ANY_PLAN, &["ko"])
+        .streams(None, &[DASH, HLS]),
+    title("m-0004", "Burning", 8_880_000, EVERYWHERE, &["standard", "premium"], &["ko", "en", "ja"])
+        .streams(Some("a1b2c3d4e5f60718293a4b5c6d7e8f90"), &[DASH_PLAYREADY, HLS_FAIRPLAY]),
+    title("m-0005", "Train to Busan", 7_080_000, Some(&["KR", "JP", "US"]), ANY_PLAN, &["ko", "en"])
+        .streams(Some("5b1f0c9e8d7a6b5c4d3e2f1a0b9c8d7e"), &[DASH_WIDEVINE]),
+    title("m-0006", "Memories of Murder", 7_860_000, EVERYWHERE, ANY_PLAN, &["ko", "en", "fr"])
+        .streams(None, &[DASH, HLS]),
+    title("m-0007", "The Handmaiden", 8_700_000, Some(&["KR", "JP"]), &["premium"], &["ko", "ja"])
+        .streams(Some("c0ffee00c0ffee00c0ffee00c0ffee00"), &[DASH_PLAYREADY, HLS_FAIRPLAY]),
+    title("m-0008", "Minari", 6_900_000, Some(&["US", "CA", "GB"]), ANY_PLAN, &["en", "ko"])
+        .streams(None, &[HLS]),
+    // One CENC manifest serves both Widevine and PlayReady clients.
+    title("m-0009", "Decision to Leave", 8_280_000, EVERYWHERE, &["standard", "premium"], &["ko", "en", "es"])
+        .streams(Some("deadbeefdeadbeefdeadbeefdeadbeef"), &[DASH_WIDEVINE, DASH_PLAYREADY, HLS_FAIRPLAY]),
+    title("m-0010", "Broker", 7_740_000, EVERYWHERE, &["basic", "standard", "premium"], &["ko", "en", "ja"])
+        .streams(Some("b40ce4b40ce4b40ce4b40ce4b40ce400"), &[DASH_WIDEVINE]),
+    title("m-0011", "Moneta Sample Trailer", 90_000, EVERYWHERE, ANY_PLAN, &[])
+        .streams(None, &[HLS]),
+    title("m-0012", "Space Sweepers", 8_160_000, Some(&["KR"]), &["premium"], &["ko", "en"])
+        .streams(Some("5ace5ace5ace5ace5ace5ace5ace5ace"), &[DASH_WIDEVINE, HLS_FAIRPLAY]),
 ];
 
 pub fn stream_path(content_id: &str, protocol: &str) -> String {
@@ -226,7 +154,7 @@ pub async fn apply(pool: &PgPool) -> Result<SeedReport, sqlx::Error> {
         changed += seed_content(&mut tx, content).await?;
     }
     for user in USERS {
-        changed += sqlx::query(
+        let write = sqlx::query(
             "INSERT INTO entitlements (user_id, plan, max_streams, active)
              VALUES ($1, $2, $3, $4)
              ON CONFLICT (user_id) DO UPDATE
@@ -238,10 +166,8 @@ pub async fn apply(pool: &PgPool) -> Result<SeedReport, sqlx::Error> {
         .bind(user.user_id)
         .bind(user.plan)
         .bind(user.max_streams)
-        .bind(user.active)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .bind(user.active);
+        changed += rows_changed(&mut tx, write).await?;
     }
     tx.commit().await?;
     Ok(SeedReport {
@@ -252,7 +178,7 @@ pub async fn apply(pool: &PgPool) -> Result<SeedReport, sqlx::Error> {
 }
 
 async fn seed_content(conn: &mut PgConnection, content: &DemoContent) -> Result<u64, sqlx::Error> {
-    let mut changed = sqlx::query(
+    let write = sqlx::query(
         "INSERT INTO contents (id, title, duration_ms, available_countries, required_plans)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (id) DO UPDATE
@@ -268,24 +194,17 @@ async fn seed_content(conn: &mut PgConnection, content: &DemoContent) -> Result<
     .bind(content.title)
     .bind(content.duration_ms)
     .bind(content.available_countries)
-    .bind(content.required_plans)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    .bind(content.required_plans);
+    let mut changed = rows_changed(&mut *conn, write).await?;
 
     let stream_count = i32::try_from(content.streams.len()).unwrap_or(i32::MAX);
-    changed += sqlx::query("DELETE FROM streams WHERE content_id = $1 AND ordinal >= $2")
+    let write = sqlx::query("DELETE FROM streams WHERE content_id = $1 AND ordinal >= $2")
         .bind(content.id)
-        .bind(stream_count)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+        .bind(stream_count);
+    changed += rows_changed(&mut *conn, write).await?;
     for (ordinal, stream) in (0_i32..).zip(content.streams) {
-        let (drm_system, drm_key_id) = match stream.drm {
-            Some((system, key_id)) => (Some(system), Some(key_id)),
-            None => (None, None),
-        };
-        changed += sqlx::query(
+        let drm_key_id = stream.drm_system.and(content.key_id);
+        let write = sqlx::query(
             "INSERT INTO streams (content_id, ordinal, protocol, path, drm_system, drm_key_id)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (content_id, ordinal) DO UPDATE
@@ -299,21 +218,17 @@ async fn seed_content(conn: &mut PgConnection, content: &DemoContent) -> Result<
         .bind(ordinal)
         .bind(stream.protocol)
         .bind(stream_path(content.id, stream.protocol))
-        .bind(drm_system)
-        .bind(drm_key_id)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+        .bind(stream.drm_system)
+        .bind(drm_key_id);
+        changed += rows_changed(&mut *conn, write).await?;
     }
 
-    changed += sqlx::query("DELETE FROM subtitles WHERE content_id = $1 AND NOT (language = ANY($2))")
+    let write = sqlx::query("DELETE FROM subtitles WHERE content_id = $1 AND NOT (language = ANY($2))")
         .bind(content.id)
-        .bind(content.subtitles)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+        .bind(content.subtitles);
+    changed += rows_changed(&mut *conn, write).await?;
     for (ordinal, language) in (0_i32..).zip(content.subtitles) {
-        changed += sqlx::query(
+        let write = sqlx::query(
             "INSERT INTO subtitles (content_id, language, path, ordinal)
              VALUES ($1, $2, $3, $4)
              ON CONFLICT (content_id, language) DO UPDATE
@@ -324,18 +239,25 @@ async fn seed_content(conn: &mut PgConnection, content: &DemoContent) -> Result<
         .bind(content.id)
         .bind(*language)
         .bind(subtitle_path(content.id, language))
-        .bind(ordinal)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+        .bind(ordinal);
+        changed += rows_changed(&mut *conn, write).await?;
     }
     Ok(changed)
+}
+
+/// Runs one upsert or delete, which touches only rows that differ, so the
+/// count is what re-seeding had to repair.
+async fn rows_changed(
+    conn: &mut PgConnection,
+    write: Query<'_, Postgres, PgArguments>,
+) -> Result<u64, sqlx::Error> {
+    Ok(write.execute(conn).await?.rows_affected())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::valid_content_id;
+    use crate::domain::ContentId;
 
     #[test]
     fn demo_catalog_is_well_formed() {
@@ -345,8 +267,11 @@ mod tests {
         ids.dedup();
         assert_eq!(ids.len(), CATALOG.len(), "duplicate content id");
         for c in CATALOG {
-            assert!(valid_content_id(c.id), "{}", c.id);
+            assert!(ContentId::parse(c.id.to_owned()).is_ok(), "{}", c.id);
             assert!(!c.streams.is_empty(), "{} has no stream", c.id);
+            // The schema refuses a DRM system without its key id.
+            let protected = c.streams.iter().any(|s| s.drm_system.is_some());
+            assert_eq!(protected, c.key_id.is_some(), "{} key id", c.id);
         }
         let parasite = &CATALOG[0];
         assert_eq!((parasite.id, parasite.title), ("m-0001", "Parasite"));

@@ -13,21 +13,16 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::configuration::{Secret, Settings};
+use crate::configuration::Settings;
 use crate::db;
 use crate::error::{self, ApiError};
 use crate::middleware::request_context;
 use crate::routes::{contents, health, progress, users};
+use crate::state::AppState;
 
 /// A full batch of 1000 items is about 200 KiB; anything far larger is not a
 /// request this API expects.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-
-#[derive(Clone)]
-pub struct AppState {
-    pub db: PgPool,
-    pub token: Option<Arc<Secret>>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {

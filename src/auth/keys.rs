@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
-use crate::config::Secret;
+use crate::config::{ExposeSecret, Secret};
 
 /// One key, pinned to the one algorithm it may verify.
 pub struct VerificationKey {
@@ -55,7 +55,7 @@ impl KeySource for StaticSecret {
             Ok(vec![VerificationKey {
                 kid: None,
                 alg: Algorithm::HS256,
-                key: DecodingKey::from_secret(self.0.expose().as_bytes()),
+                key: DecodingKey::from_secret(self.0.expose_secret().as_bytes()),
             }])
         })
     }

@@ -9,7 +9,8 @@ use utoipa::ToSchema;
 use crate::auth::AuthError;
 use crate::playback::PlaybackError;
 use crate::playback::rules::Denial;
-use crate::sessions::{LiveSession, SessionError};
+use crate::model::LiveSession;
+use crate::sessions::SessionError;
 
 /// Seconds a client should wait before retrying a `503`.
 const RETRY_AFTER_S: &str = "2";
@@ -32,6 +33,10 @@ pub enum ApiError {
     Playback(#[from] PlaybackError),
     #[error("no such session")]
     SessionNotFound,
+    #[error("playback moved to another device")]
+    SessionEvicted,
+    #[error("too busy to count streams; try again")]
+    Busy,
     #[error("the concurrent-stream limit is reached")]
     StreamLimitReached {
         max_streams: u32,
@@ -58,6 +63,9 @@ impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
         match e {
             SessionError::NotFound => ApiError::SessionNotFound,
+            SessionError::Evicted => ApiError::SessionEvicted,
+            SessionError::Busy => ApiError::Busy,
+            SessionError::Internal => ApiError::Internal,
             SessionError::LimitReached { max_streams, active } => {
                 ApiError::StreamLimitReached { max_streams, active }
             }
@@ -118,6 +126,8 @@ impl ApiError {
                 PlaybackError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "dependency_unavailable"),
             },
             SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
+            SessionEvicted => (StatusCode::CONFLICT, "session_evicted"),
+            Busy => (StatusCode::SERVICE_UNAVAILABLE, "dependency_unavailable"),
             StreamLimitReached { .. } => (StatusCode::CONFLICT, "stream_limit_reached"),
             NotFound => (StatusCode::NOT_FOUND, "not_found"),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -136,9 +146,9 @@ impl IntoResponse for ApiError {
                     active
                         .iter()
                         .map(|s| ActiveSession {
-                            session_id: s.session_id.clone(),
-                            device_id: s.device_id.clone(),
-                            content_id: s.content_id.clone(),
+                            session_id: s.session_id.to_string(),
+                            device_id: s.device_id.to_string(),
+                            content_id: s.content_id.to_string(),
                         })
                         .collect(),
                 ),

@@ -12,8 +12,30 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use super::error::{ErrorBody, ErrorDetail, code_for_status};
-use super::validate::is_sane_request_id;
 use crate::telemetry::traces;
+
+/// A client-sent request id we are willing to echo and log: `[A-Za-z0-9_.:-]{1,128}`.
+fn is_sane_request_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+}
+
+/// The `method` label: the methods HTTP defines that Moneta may see, else
+/// `other`, so no client can add label values.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
 
 /// A client's request id is kept only when it is short and plain; otherwise a
 /// new one is made, so logs and headers never carry arbitrary client bytes.
@@ -49,7 +71,7 @@ impl Drop for InFlight {
 /// sent a `traceparent`. Named after the route template, as the OpenTelemetry
 /// HTTP conventions ask, so traces group like the metrics do.
 fn request_span(req: &Request, route: Option<&str>, request_id: &str) -> tracing::Span {
-    let method = req.method().as_str();
+    let method = method_label(req.method());
     let name = match route {
         Some(route) => format!("{method} {route}"),
         None => method.to_owned(),
@@ -74,7 +96,7 @@ fn request_span(req: &Request, route: Option<&str>, request_id: &str) -> tracing
 /// line per request.
 pub async fn observe(req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().clone();
+    let method = method_label(req.method());
     // Route templates, never raw paths: label cardinality stays bounded.
     let route = req
         .extensions()
@@ -103,7 +125,7 @@ pub async fn observe(req: Request, next: Next) -> Response {
     }
     metrics::counter!(
         "moneta_http_requests_total",
-        "method" => method.as_str().to_owned(),
+        "method" => method,
         "route" => route.clone(),
         "status" => status.to_string()
     )
@@ -114,7 +136,7 @@ pub async fn observe(req: Request, next: Next) -> Response {
     span.in_scope(|| {
         tracing::info!(
             target: "moneta::access",
-            method = %method,
+            method,
             route = %route,
             status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
@@ -151,4 +173,26 @@ pub async fn json_errors(response: Response) -> Response {
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(bytes)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Method;
+
+    #[test]
+    fn method_labels_are_a_closed_set() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        assert_eq!(method_label(&Method::from_bytes(b"QWERTY").unwrap()), "other");
+        assert_eq!(method_label(&Method::TRACE), "other");
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(is_sane_request_id("abc-123:x.y_z"));
+        assert!(!is_sane_request_id(""));
+        assert!(!is_sane_request_id("a b"));
+        assert!(!is_sane_request_id(&"a".repeat(129)));
+    }
 }

@@ -1,11 +1,11 @@
 //! The public HTTP surface: router, layers, extractors and the error mapping.
 
+pub mod admin;
 pub mod error;
 pub mod extract;
 mod middleware;
 pub mod openapi;
 pub mod routes;
-pub mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 
-use crate::startup::App;
+use crate::app::App;
 use error::ApiError;
 use routes::{health, playback_info, sessions};
 

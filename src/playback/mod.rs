@@ -1,8 +1,102 @@
-//! Playback: which title, for whom, with which URLs.
+//! Playback: which title, for whom, with which URLs. Orchestration over the
+//! sources the App hands in; the rules are pure (`rules.rs`, `ladder.rs`).
 
+mod answer;
 pub mod cdn;
-pub mod model;
+mod content;
+mod ladder;
 pub mod rules;
-mod service;
+mod user_state;
 
-pub use service::{Authorized, Playback, PlaybackError};
+use std::sync::Arc;
+
+pub use answer::Answers;
+pub use content::Titles;
+use rules::Denial;
+pub use user_state::UserStates;
+
+use crate::auth::Claims;
+use crate::model::{ContentId, ContentPlayback, Entitlement, PlaybackInfo, Sourced};
+use crate::sources::CallContext;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PlaybackError {
+    #[error("no such title")]
+    ContentNotFound,
+    #[error("no entitlement for this user")]
+    NoEntitlement,
+    #[error(transparent)]
+    Denied(#[from] Denial),
+    #[error("the catalog is unavailable")]
+    Unavailable,
+}
+
+/// A title the caller may watch, with everything needed to answer.
+pub struct Authorized {
+    pub content: Sourced<Arc<ContentPlayback>>,
+    pub entitlement: Sourced<Entitlement>,
+    pub position: Sourced<u64>,
+}
+
+impl Authorized {
+    pub fn degraded(&self) -> bool {
+        self.content.origin.is_degraded()
+            || self.entitlement.origin.is_degraded()
+            || self.position.origin.is_degraded()
+    }
+}
+
+/// One lookup in a cache; lookups that could not be made (Redis down) are
+/// counted by the dependency metrics, not here.
+fn cache_metric(cache: &'static str, hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    metrics::counter!("moneta_cache_requests_total", "cache" => cache, "result" => result).increment(1);
+}
+
+fn fallback_metric(dependency: &'static str, kind: &'static str) {
+    metrics::counter!("moneta_fallbacks_total", "dependency" => dependency, "kind" => kind).increment(1);
+}
+
+pub struct Playback {
+    titles: Titles,
+    users: UserStates,
+    answers: Answers,
+}
+
+impl Playback {
+    pub fn new(titles: Titles, users: UserStates, answers: Answers) -> Self {
+        Self {
+            titles,
+            users,
+            answers,
+        }
+    }
+
+    /// Everything the contract checks before a title may play. Only an
+    /// authorized request teaches Redis anything about the caller.
+    pub async fn authorize(
+        &self,
+        claims: &Claims,
+        content_id: &ContentId,
+        ctx: &CallContext,
+    ) -> Result<Authorized, PlaybackError> {
+        let (content, user) = tokio::join!(
+            self.titles.get(content_id, ctx),
+            self.users.get(claims, content_id, ctx)
+        );
+        let content = content?;
+        let mut user = user?;
+        rules::check_access(&content.value, &user.entitlement.value, claims.country.as_deref())?;
+        self.users.remember(claims, &mut user).await;
+        Ok(Authorized {
+            content,
+            entitlement: user.entitlement,
+            position: user.position,
+        })
+    }
+
+    /// The playback-info answer for an authorized title.
+    pub fn assemble(&self, authorized: &Authorized) -> PlaybackInfo {
+        self.answers.playback_info(authorized)
+    }
+}

@@ -1,6 +1,7 @@
 //! Who may watch what: pure rules, no I/O.
 
-use super::model::{ContentPlayback, Entitlement};
+use crate::auth::Claims;
+use crate::model::{ContentPlayback, Entitlement};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Denial {
@@ -10,6 +11,16 @@ pub enum Denial {
     PlanNotEligible,
     #[error("this title is not available in your region")]
     RegionUnavailable,
+}
+
+/// The entitlement a token vouches for, used when the internal API cannot answer.
+pub fn entitlement_from_claims(claims: &Claims) -> Entitlement {
+    Entitlement {
+        user_id: claims.sub.to_string(),
+        plan: claims.plan.clone().unwrap_or_default(),
+        max_streams: claims.max_streams.unwrap_or(1),
+        active: true,
+    }
 }
 
 /// Checks an entitlement and the caller's country against a title, in the
@@ -45,13 +56,14 @@ mod tests {
 
     fn content(plans: &[&str], countries: Option<&[&str]>) -> ContentPlayback {
         ContentPlayback {
-            content_id: "m-1".into(),
+            content_id: crate::model::ContentId::parse("m-1").unwrap(),
             title: "t".into(),
             duration_ms: 1,
             available_countries: countries.map(|c| c.iter().map(|s| s.to_string()).collect()),
             required_plans: plans.iter().map(|s| s.to_string()).collect(),
             streams: vec![],
             subtitles: vec![],
+            markers: vec![],
         }
     }
 

@@ -1,10 +1,13 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use failsafe::failure_policy::{ConsecutiveFailures, consecutive_failures};
+use failsafe::failure_policy::{
+    ConsecutiveFailures, FailurePolicy, OrElse, SuccessRateOverTimeWindow, consecutive_failures,
+    success_rate_over_time_window,
+};
 use failsafe::{Instrument, StateMachine};
 use tokio::sync::Semaphore;
 
@@ -100,7 +103,15 @@ impl Iterator for Doubling {
     }
 }
 
-type Breaker = StateMachine<ConsecutiveFailures<Doubling>, Observer>;
+/// Opens on a run of consecutive failures (a dead dependency) or on a low
+/// success rate over a window (a flapping one, whose failures never line up).
+type Policy = OrElse<ConsecutiveFailures<Doubling>, SuccessRateOverTimeWindow<Doubling>>;
+type Breaker = StateMachine<Policy, Observer>;
+
+/// A probe is skipped while real calls were made this recently: they keep
+/// the breaker current, and a probe's success must not close a half-open
+/// breaker while real calls still fail.
+const PROBE_QUIET: Duration = Duration::from_secs(2);
 
 struct Inner {
     dependency: &'static str,
@@ -111,6 +122,9 @@ struct Inner {
     /// failsafe lets every call through while half-open; this bounds the probes.
     probes: Semaphore,
     last_ok: AtomicBool,
+    /// Milliseconds after `born` of the last real (non-probe) call.
+    last_call_ms: AtomicU64,
+    born: Instant,
 }
 
 /// Timeout ∘ bulkhead ∘ circuit breaker ∘ metrics around one dependency.
@@ -131,12 +145,17 @@ impl Guard {
         // not "closed", on dashboards and in alerts.
         metrics::gauge!("moneta_circuit_breaker_state", "dependency" => dependency)
             .set(BreakerState::Closed as u8 as f64);
-        let policy = consecutive_failures(
-            settings.breaker_failures,
-            Doubling {
-                next: settings.breaker_open_min,
-                max: settings.breaker_open_max,
-            },
+        let backoff = Doubling {
+            next: settings.breaker_open_min,
+            max: settings.breaker_open_max,
+        };
+        let policy = consecutive_failures(settings.breaker_failures, backoff.clone()).or_else(
+            success_rate_over_time_window(
+                f64::from(settings.breaker_min_success_pct.min(100)) / 100.0,
+                settings.breaker_min_calls,
+                settings.breaker_window,
+                backoff,
+            ),
         );
         let breaker = failsafe::Config::new()
             .failure_policy(policy)
@@ -154,6 +173,8 @@ impl Guard {
                 bulkhead: Semaphore::new(settings.max_concurrency),
                 probes: Semaphore::new(settings.half_open_probes),
                 last_ok: AtomicBool::new(true),
+                last_call_ms: AtomicU64::new(0),
+                born: Instant::now(),
             }),
         }
     }
@@ -173,6 +194,33 @@ impl Guard {
 
     /// Runs `call` under the guard. `Err` from `call` counts as a failure of the dependency.
     pub async fn call<T, E, F>(&self, call: F) -> Result<T, DependencyError>
+    where
+        E: Display,
+        F: Future<Output = Result<T, E>>,
+    {
+        // +1: zero means "no real call yet".
+        let since_born = self.inner.born.elapsed().as_millis() as u64 + 1;
+        self.inner.last_call_ms.store(since_born, Ordering::Relaxed);
+        self.guarded(call).await
+    }
+
+    /// A background reachability check, made only while no real call has
+    /// been made for a while (so readiness and the breaker learn of an outage
+    /// or a recovery without traffic). Skipped calls answer `Ok`.
+    pub async fn probe<T, E, F>(&self, call: F) -> Result<(), DependencyError>
+    where
+        E: Display,
+        F: Future<Output = Result<T, E>>,
+    {
+        let now = self.inner.born.elapsed().as_millis() as u64;
+        let last = self.inner.last_call_ms.load(Ordering::Relaxed);
+        if last > 0 && now.saturating_sub(last) < PROBE_QUIET.as_millis() as u64 {
+            return Ok(());
+        }
+        self.guarded(call).await.map(drop)
+    }
+
+    async fn guarded<T, E, F>(&self, call: F) -> Result<T, DependencyError>
     where
         E: Display,
         F: Future<Output = Result<T, E>>,
@@ -238,6 +286,9 @@ mod tests {
             breaker_open_min: Duration::from_millis(100),
             breaker_open_max: Duration::from_millis(100),
             half_open_probes: 1,
+            breaker_min_success_pct: 50,
+            breaker_min_calls: 1_000,
+            breaker_window: Duration::from_secs(10),
         }
     }
 
@@ -281,13 +332,16 @@ mod tests {
             let _ = fail(&g).await;
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
+        // The first probe holds its slot until the second call has been answered.
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
         let slow = g.call(async {
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            let _ = held.await;
             Ok::<_, String>(())
         });
         let second = async {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            g.call(async { Ok::<_, String>(()) }).await
+            let answer = g.call(async { Ok::<_, String>(()) }).await;
+            let _ = release.send(());
+            answer
         };
         let (first, second) = tokio::join!(slow, second);
         assert!(first.is_ok());
@@ -297,18 +351,60 @@ mod tests {
     #[tokio::test]
     async fn bulkhead_rejects_instead_of_queueing() {
         let g = Guard::new("test", &settings());
+        // Both slots are held until the third call has been answered.
+        let gate = tokio::sync::Semaphore::new(0);
         let hold = || {
             g.call(async {
-                tokio::time::sleep(Duration::from_millis(30)).await;
+                let _ = gate.acquire().await;
                 Ok::<_, String>(())
             })
         };
         let third = async {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            g.call(async { Ok::<_, String>(()) }).await
+            let answer = g.call(async { Ok::<_, String>(()) }).await;
+            gate.add_permits(2);
+            answer
         };
         let (a, b, c) = tokio::join!(hold(), hold(), third);
         assert!(a.is_ok() && b.is_ok());
         assert!(matches!(c, Err(DependencyError::Saturated(_))));
+    }
+
+    #[tokio::test]
+    async fn opens_on_a_low_success_rate_without_consecutive_failures() {
+        let mut s = settings();
+        s.breaker_failures = 1_000;
+        s.breaker_min_calls = 10;
+        s.breaker_window = Duration::from_secs(1);
+        let g = Guard::new("test", &s);
+        // Never many failures in a row, but three calls in four fail. The
+        // rate only counts once the window has been observed whole; failsafe's
+        // moving average ignores calls within one millisecond of the previous.
+        let started = Instant::now();
+        let mut n = 0u32;
+        while g.state() == BreakerState::Closed && started.elapsed() < Duration::from_secs(20) {
+            let _ = match n % 4 {
+                0 => g.call(async { Ok::<_, String>(()) }).await,
+                _ => fail(&g).await,
+            };
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        assert_eq!(g.state(), BreakerState::Open);
+    }
+
+    #[tokio::test]
+    async fn probes_wait_while_real_calls_decide() {
+        let g = Guard::new("test", &settings());
+        let _ = fail(&g).await;
+        let probed = std::sync::atomic::AtomicBool::new(false);
+        let r = g
+            .probe(async {
+                probed.store(true, Ordering::Relaxed);
+                Ok::<_, String>(())
+            })
+            .await;
+        assert!(r.is_ok());
+        assert!(!probed.load(Ordering::Relaxed), "a probe ran right after a real call");
+        assert!(!g.is_up(), "a skipped probe must not mark the dependency up");
     }
 }

@@ -2,32 +2,28 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use reqwest::{StatusCode, Url};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use tracing::Span;
 use tracing::field::Empty;
 
 use super::CallContext;
-use crate::config::{Secret, Settings};
-use crate::playback::model::{ContentPlayback, Entitlement};
+use crate::config::{ExposeSecret, InternalApiSettings, Secret};
+use crate::model::{ContentId, ContentPlayback, Entitlement, Progress, ProgressItem, UserId};
 use crate::resilience::{DependencyError, Guard};
 use crate::telemetry::traces;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Progress {
-    pub position_ms: u64,
-    pub updated_at: DateTime<Utc>,
-}
-
-/// One position for `POST /internal/v1/progress:batch`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProgressItem {
-    pub user_id: String,
-    pub content_id: String,
-    pub position_ms: u64,
-    pub updated_at: DateTime<Utc>,
+/// What the internal API said to a batch of positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    Accepted,
+    /// The batch's content will never be accepted (`400`, `409`, `413`,
+    /// `422`). Not a failure of the dependency (the breaker stays closed); the
+    /// caller splits the batch to find the item at fault. Other `4xx` (a bad
+    /// token, a wrong base URL, throttling) say nothing about the items, so
+    /// they are failures and the positions wait.
+    Refused(StatusCode),
 }
 
 #[derive(Serialize)]
@@ -69,10 +65,9 @@ pub struct InternalApi {
 }
 
 impl InternalApi {
-    pub fn new(settings: &Settings) -> Result<Self, String> {
-        let base =
-            Url::parse(&settings.internal_api_url).map_err(|e| format!("MONETA_INTERNAL_API_URL: {e}"))?;
-        let timeout = settings.internal_api.timeout;
+    pub fn new(settings: &InternalApiSettings) -> Result<Self, String> {
+        let base = Url::parse(&settings.url).map_err(|e| format!("MONETA_INTERNAL_API_URL: {e}"))?;
+        let timeout = settings.guard.timeout;
         let http = reqwest::Client::builder()
             .connect_timeout(timeout)
             // The guard times calls out; this only backs it up for calls made outside it.
@@ -85,8 +80,8 @@ impl InternalApi {
         Ok(Self {
             http,
             base,
-            token: settings.internal_api_token.clone(),
-            guard: Guard::new("internal_api", &settings.internal_api),
+            token: settings.token.clone(),
+            guard: Guard::new("internal_api", &settings.guard),
         })
     }
 
@@ -152,7 +147,7 @@ impl InternalApi {
         traces::inject(span, &mut headers);
         let mut req = self.http.request(method, url).headers(headers);
         if let Some(token) = &self.token {
-            req = req.bearer_auth(token.expose());
+            req = req.bearer_auth(token.expose_secret());
         }
         if let Some(id) = &ctx.request_id {
             req = req.header("x-request-id", id);
@@ -185,12 +180,12 @@ impl InternalApi {
 
     pub async fn content(
         &self,
-        content_id: &str,
+        content_id: &ContentId,
         ctx: &CallContext,
     ) -> Result<Option<ContentPlayback>, DependencyError> {
         self.get(
             "/internal/v1/contents/{content_id}/playback",
-            &["internal", "v1", "contents", content_id, "playback"],
+            &["internal", "v1", "contents", content_id.as_str(), "playback"],
             ctx,
         )
         .await
@@ -198,12 +193,12 @@ impl InternalApi {
 
     pub async fn entitlement(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         ctx: &CallContext,
     ) -> Result<Option<Entitlement>, DependencyError> {
         self.get(
             "/internal/v1/users/{user_id}/entitlement",
-            &["internal", "v1", "users", user_id, "entitlement"],
+            &["internal", "v1", "users", user_id.as_str(), "entitlement"],
             ctx,
         )
         .await
@@ -211,19 +206,26 @@ impl InternalApi {
 
     pub async fn progress(
         &self,
-        user_id: &str,
-        content_id: &str,
+        user_id: &UserId,
+        content_id: &ContentId,
         ctx: &CallContext,
     ) -> Result<Option<Progress>, DependencyError> {
         self.get(
             "/internal/v1/users/{user_id}/progress/{content_id}",
-            &["internal", "v1", "users", user_id, "progress", content_id],
+            &[
+                "internal",
+                "v1",
+                "users",
+                user_id.as_str(),
+                "progress",
+                content_id.as_str(),
+            ],
             ctx,
         )
         .await
     }
 
-    pub async fn post_progress(&self, items: &[ProgressItem]) -> Result<(), DependencyError> {
+    pub async fn post_progress(&self, items: &[ProgressItem]) -> Result<BatchOutcome, DependencyError> {
         let url = self.url(&["internal", "v1", "progress:batch"]);
         let span = self.span(&reqwest::Method::POST, "/internal/v1/progress:batch", &url);
         let req = self
@@ -234,7 +236,11 @@ impl InternalApi {
             let resp = req.send().await?;
             status_span.record("http.response.status_code", resp.status().as_u16());
             match resp.status() {
-                s if s.is_success() => Ok(()),
+                s if s.is_success() => Ok(BatchOutcome::Accepted),
+                s @ (StatusCode::BAD_REQUEST
+                | StatusCode::CONFLICT
+                | StatusCode::PAYLOAD_TOO_LARGE
+                | StatusCode::UNPROCESSABLE_ENTITY) => Ok(BatchOutcome::Refused(s)),
                 other => Err(CallError::Status(other)),
             }
         })
@@ -250,7 +256,7 @@ impl InternalApi {
             &Span::none(),
         );
         self.guard
-            .call(async move {
+            .probe(async move {
                 let resp = req.send().await?;
                 match resp.status() {
                     s if s.is_server_error() => Err(CallError::Status(s)),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::playback::model::ContentPlayback;
+use crate::model::{ContentId, ContentPlayback};
 
 #[derive(Debug, thiserror::Error)]
 #[error("MONETA_FALLBACK_CATALOG_FILE: {0}")]
@@ -19,7 +19,7 @@ struct Document {
 
 #[derive(Default)]
 pub struct Snapshot {
-    contents: HashMap<String, Arc<ContentPlayback>>,
+    contents: HashMap<ContentId, Arc<ContentPlayback>>,
 }
 
 impl Snapshot {
@@ -44,7 +44,7 @@ impl Snapshot {
         Ok(Self { contents })
     }
 
-    pub fn get(&self, content_id: &str) -> Option<Arc<ContentPlayback>> {
+    pub fn get(&self, content_id: &ContentId) -> Option<Arc<ContentPlayback>> {
         self.contents.get(content_id).cloned()
     }
 

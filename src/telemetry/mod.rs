@@ -51,7 +51,7 @@ pub fn init(settings: &Settings) -> Result<Telemetry, String> {
     if *installed {
         return Ok(Telemetry { provider: None });
     }
-    let provider = traces::tracer_provider(settings)?;
+    let provider = traces::tracer_provider(&settings.otel)?;
     let spans = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("moneta"))
         .with_location(false)
@@ -64,7 +64,7 @@ pub fn init(settings: &Settings) -> Result<Telemetry, String> {
         .with_filter(filter_fn(traced).with_max_level_hint(Level::INFO));
     let installed_now = tracing_subscriber::registry()
         .with(spans)
-        .with(logs::layer(&settings.log_filter, settings.log_format))
+        .with(logs::layer(&settings.log.filter, settings.log.format))
         .try_init()
         .is_ok();
     // Someone else's subscriber (a test harness) keeps its place; ours is unused.

@@ -21,7 +21,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Registry;
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::config::{OtlpProtocol, Settings};
+use crate::config::{OtlpProtocol, OtelSettings};
 
 /// Upper bound on the wait for the last spans at exit, so an unreachable
 /// collector cannot eat the shutdown grace period.
@@ -37,16 +37,16 @@ static EXPORTING: AtomicBool = AtomicBool::new(false);
 /// The batch processor exports from its own thread through a bounded queue
 /// that drops when full, so a slow or absent collector never delays requests.
 /// The gRPC exporter must be built inside a Tokio runtime.
-pub fn tracer_provider(settings: &Settings) -> Result<SdkTracerProvider, String> {
+pub fn tracer_provider(settings: &OtelSettings) -> Result<SdkTracerProvider, String> {
     let resource = Resource::builder()
-        .with_service_name(settings.otel_service_name.clone())
+        .with_service_name(settings.service_name.clone())
         .with_attribute(opentelemetry::KeyValue::new(
             "service.version",
             env!("CARGO_PKG_VERSION"),
         ))
         .build();
     let builder = SdkTracerProvider::builder().with_resource(resource);
-    let Some(endpoint) = settings.otel_endpoint.as_deref() else {
+    let Some(endpoint) = settings.endpoint.as_deref() else {
         // Unexported spans need not record anything: a non-recording span
         // still has the ids logs need, at a fraction of the cost. A caller's
         // sampling decision is kept, so `traceparent` sent on says what it said.
@@ -54,7 +54,7 @@ pub fn tracer_provider(settings: &Settings) -> Result<SdkTracerProvider, String>
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)))
             .build());
     };
-    let exporter = match settings.otel_protocol {
+    let exporter = match settings.protocol {
         // The base endpoint names the collector; OTLP/HTTP adds the signal path.
         OtlpProtocol::HttpProtobuf => SpanExporter::builder()
             .with_http()

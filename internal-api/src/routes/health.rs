@@ -3,7 +3,7 @@ use axum::extract::State;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// Answers only when the database does, so an orchestrator can route around
 /// an instance that lost it.

@@ -8,7 +8,9 @@ use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use crate::helpers::{shared_server, spawn_seeded_app};
+use crate::helpers::{
+    TRACE_ID, entitlement_path, playback_path, send, shared_server, spawn_seeded_app, traced,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_internal-api");
 
@@ -125,12 +127,7 @@ async fn export_snapshot_prints_the_catalog_in_playback_shape() {
 
     for content in contents {
         let id = content["content_id"].as_str().expect("id");
-        let served: Value = app
-            .get(&format!("/internal/v1/contents/{id}/playback"))
-            .await
-            .json()
-            .await
-            .expect("json");
+        let served = app.get_json(&playback_path(id)).await;
         assert_eq!(content, &served, "snapshot entry differs from the API for {id}");
     }
 
@@ -237,24 +234,10 @@ async fn serve_logs_json_hides_the_token_and_stops_on_sigterm() {
     .expect("listening in time");
 
     let client = reqwest::Client::new();
-    let base = format!("http://{addr}");
-    let unauthorised = client
-        .get(format!("{base}/internal/v1/users/demo-basic/entitlement"))
-        .send()
-        .await
-        .expect("sent");
+    let url = format!("http://{addr}{}", entitlement_path("demo-basic"));
+    let unauthorised = send(client.get(&url)).await;
     assert_eq!(unauthorised.status().as_u16(), 401);
-    let response = client
-        .get(format!("{base}/internal/v1/users/demo-basic/entitlement"))
-        .bearer_auth(TOKEN)
-        .header("x-request-id", "cli-req-1")
-        .header(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        )
-        .send()
-        .await
-        .expect("sent");
+    let response = send(traced(client.get(&url).bearer_auth(TOKEN), "cli-req-1")).await;
     // Not seeded: the token was accepted and the user is unknown.
     assert_eq!(response.status().as_u16(), 404);
     assert_eq!(response.headers()["x-request-id"], "cli-req-1");
@@ -280,10 +263,7 @@ async fn serve_logs_json_hides_the_token_and_stops_on_sigterm() {
         .iter()
         .find(|e| e["span"]["request_id"] == "cli-req-1" && e["message"] == "request finished")
         .unwrap_or_else(|| panic!("no request log: {log:?}"));
-    assert_eq!(
-        request_log["span"]["trace_id"],
-        "4bf92f3577b34da6a3ce929d0e0e4736"
-    );
+    assert_eq!(request_log["span"]["trace_id"], TRACE_ID);
     assert_eq!(request_log["status"], 404);
     assert!(events.iter().any(|e| e["message"] == "stopped"), "{log:?}");
 }

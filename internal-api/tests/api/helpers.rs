@@ -1,16 +1,35 @@
 //! Test harness: a fresh database per test on a real PostgreSQL server
-//! (testkit), and the application served on a random port.
+//! (testkit), the application served on a random port, and the one way each
+//! suite sends a request and checks an answer.
 
 use std::time::Duration;
 
 use internal_api::configuration::Settings;
 use internal_api::startup::Application;
+use reqwest::{Method, RequestBuilder, Response};
 use serde_json::Value;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::oneshot;
 
 pub use testkit::{PgServer, shared_server};
+
+pub const BATCH: &str = "/internal/v1/progress:batch";
+/// What Moneta sends (W3C Trace Context); `TRACE_ID` is its trace id.
+pub const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+pub const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+pub fn playback_path(content_id: &str) -> String {
+    format!("/internal/v1/contents/{content_id}/playback")
+}
+
+pub fn entitlement_path(user_id: &str) -> String {
+    format!("/internal/v1/users/{user_id}/entitlement")
+}
+
+pub fn progress_path(user_id: &str, content_id: &str) -> String {
+    format!("/internal/v1/users/{user_id}/progress/{content_id}")
+}
 
 pub fn settings(database_url: &str, token: Option<&str>) -> Settings {
     let database_url = database_url.to_owned();
@@ -82,21 +101,27 @@ impl TestApp {
         format!("{}{path}", self.address)
     }
 
-    pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request sent")
+    /// A request to the app for a test to finish (headers, body) and `send`.
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client.request(method, self.url(path))
     }
 
-    pub async fn post_batch(&self, body: &Value) -> reqwest::Response {
-        self.client
-            .post(self.url("/internal/v1/progress:batch"))
-            .json(body)
-            .send()
-            .await
-            .expect("request sent")
+    pub async fn get(&self, path: &str) -> Response {
+        send(self.request(Method::GET, path)).await
+    }
+
+    pub async fn post_batch(&self, body: &Value) -> Response {
+        send(self.request(Method::POST, BATCH).json(body)).await
+    }
+
+    /// `GET path`, which must answer `200` with JSON; returns the body.
+    pub async fn get_json(&self, path: &str) -> Value {
+        assert_json(self.get(path).await, 200).await
+    }
+
+    /// `GET path`, which must fail with `status` and `code`; returns the body.
+    pub async fn get_error(&self, path: &str, status: u16, code: &str) -> Value {
+        assert_error(self.get(path).await, status, code).await
     }
 
     pub async fn progress_rows(&self) -> i64 {
@@ -107,9 +132,22 @@ impl TestApp {
     }
 }
 
-/// Asserts the documented error shape and returns the body.
-pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> Value {
-    assert_eq!(response.status().as_u16(), status, "unexpected status");
+pub async fn send(request: RequestBuilder) -> Response {
+    request.send().await.expect("request sent")
+}
+
+/// Sends the correlation headers Moneta sends: its request id and
+/// `TRACEPARENT`.
+pub fn traced(request: RequestBuilder, request_id: &str) -> RequestBuilder {
+    request
+        .header("x-request-id", request_id)
+        .header("traceparent", TRACEPARENT)
+}
+
+/// Asserts `status` and a JSON body, which it returns.
+pub async fn assert_json(response: Response, status: u16) -> Value {
+    let url = response.url().clone();
+    assert_eq!(response.status().as_u16(), status, "status of {url}");
     let content_type = response
         .headers()
         .get("content-type")
@@ -118,9 +156,14 @@ pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) 
         .to_owned();
     assert!(
         content_type.starts_with("application/json"),
-        "content-type {content_type}"
+        "{url}: content-type {content_type}"
     );
-    let body: Value = response.json().await.expect("JSON error body");
+    response.json().await.expect("JSON body")
+}
+
+/// Asserts the documented error shape and returns the body.
+pub async fn assert_error(response: Response, status: u16, code: &str) -> Value {
+    let body = assert_json(response, status).await;
     assert_eq!(body["error"]["code"], code, "body: {body}");
     assert!(body["error"]["message"].is_string(), "body: {body}");
     body

@@ -2,9 +2,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
+use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, assert_error, spawn_app};
+use crate::helpers::{BATCH, TestApp, assert_error, assert_json, progress_path, send, spawn_app};
+
+/// 2^53 - 1, the largest position CONTRACT section 6 lets Moneta accept.
+const MAX_POSITION_MS: i64 = 9_007_199_254_740_991;
 
 fn at(seconds: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(1_780_000_000 + seconds, 0)
@@ -21,20 +25,24 @@ fn item(user: &str, content: &str, position_ms: i64, updated_at: DateTime<Utc>) 
     })
 }
 
-async fn send(app: &TestApp, items: Vec<Value>) {
+async fn send_items(app: &TestApp, items: Vec<Value>) {
     let response = app.post_batch(&json!({ "items": items })).await;
     assert_eq!(response.status().as_u16(), 204);
 }
 
+async fn all_rows(app: &TestApp) -> Vec<(String, String, i64, DateTime<Utc>)> {
+    sqlx::query_as("SELECT user_id, content_id, position_ms, updated_at FROM watch_progress ORDER BY 1, 2")
+        .fetch_all(&app.db)
+        .await
+        .expect("rows")
+}
+
 async fn stored(app: &TestApp, user: &str, content: &str) -> Option<(i64, DateTime<Utc>)> {
-    let response = app
-        .get(&format!("/internal/v1/users/{user}/progress/{content}"))
-        .await;
+    let response = app.get(&progress_path(user, content)).await;
     if response.status().as_u16() == 404 {
         return None;
     }
-    assert_eq!(response.status().as_u16(), 200);
-    let body: Value = response.json().await.expect("json");
+    let body = assert_json(response, 200).await;
     assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{body}");
     let updated_at = body["updated_at"]
         .as_str()
@@ -47,14 +55,10 @@ async fn stored(app: &TestApp, user: &str, content: &str) -> Option<(i64, DateTi
 #[tokio::test]
 async fn a_stored_position_can_be_read_back() {
     let app = spawn_app().await;
-    assert_error(
-        app.get("/internal/v1/users/u1/progress/m-0001").await,
-        404,
-        "progress_not_found",
-    )
-    .await;
+    app.get_error(&progress_path("u1", "m-0001"), 404, "progress_not_found")
+        .await;
 
-    send(&app, vec![item("u1", "m-0001", 61_000, at(0))]).await;
+    send_items(&app, vec![item("u1", "m-0001", 61_000, at(0))]).await;
     assert_eq!(stored(&app, "u1", "m-0001").await, Some((61_000, at(0))));
     // Other keys are untouched.
     assert_eq!(stored(&app, "u1", "m-0002").await, None);
@@ -77,20 +81,20 @@ async fn timestamps_with_offsets_and_fractions_are_kept() {
 #[tokio::test]
 async fn an_older_write_is_ignored() {
     let app = spawn_app().await;
-    send(&app, vec![item("u1", "m-0001", 500, at(20))]).await;
-    send(&app, vec![item("u1", "m-0001", 100, at(10))]).await;
+    send_items(&app, vec![item("u1", "m-0001", 500, at(20))]).await;
+    send_items(&app, vec![item("u1", "m-0001", 100, at(10))]).await;
     assert_eq!(stored(&app, "u1", "m-0001").await, Some((500, at(20))));
-    send(&app, vec![item("u1", "m-0001", 900, at(30))]).await;
+    send_items(&app, vec![item("u1", "m-0001", 900, at(30))]).await;
     assert_eq!(stored(&app, "u1", "m-0001").await, Some((900, at(30))));
 }
 
 #[tokio::test]
 async fn equal_timestamps_resolve_the_same_way_in_any_order() {
     let app = spawn_app().await;
-    send(&app, vec![item("u1", "a", 300, at(5))]).await;
-    send(&app, vec![item("u1", "a", 200, at(5))]).await;
-    send(&app, vec![item("u2", "a", 200, at(5))]).await;
-    send(&app, vec![item("u2", "a", 300, at(5))]).await;
+    send_items(&app, vec![item("u1", "a", 300, at(5))]).await;
+    send_items(&app, vec![item("u1", "a", 200, at(5))]).await;
+    send_items(&app, vec![item("u2", "a", 200, at(5))]).await;
+    send_items(&app, vec![item("u2", "a", 300, at(5))]).await;
     assert_eq!(stored(&app, "u1", "a").await, Some((300, at(5))));
     assert_eq!(stored(&app, "u2", "a").await, Some((300, at(5))));
 }
@@ -103,20 +107,10 @@ async fn resending_a_batch_changes_nothing() {
         item("u1", "m-0002", 2_000, at(2)),
         item("u2", "m-0001", 3_000, at(3)),
     ];
-    send(&app, batch.clone()).await;
-    let before: Vec<(String, String, i64, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT user_id, content_id, position_ms, updated_at FROM watch_progress ORDER BY 1, 2",
-    )
-    .fetch_all(&app.db)
-    .await
-    .expect("rows");
-    send(&app, batch).await;
-    let after: Vec<(String, String, i64, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT user_id, content_id, position_ms, updated_at FROM watch_progress ORDER BY 1, 2",
-    )
-    .fetch_all(&app.db)
-    .await
-    .expect("rows");
+    send_items(&app, batch.clone()).await;
+    let before = all_rows(&app).await;
+    send_items(&app, batch).await;
+    let after = all_rows(&app).await;
     assert_eq!(before, after);
     assert_eq!(after.len(), 3);
 }
@@ -124,7 +118,7 @@ async fn resending_a_batch_changes_nothing() {
 #[tokio::test]
 async fn duplicates_within_one_batch_keep_the_newest() {
     let app = spawn_app().await;
-    send(
+    send_items(
         &app,
         vec![
             item("u1", "m-0001", 100, at(1)),
@@ -144,7 +138,7 @@ async fn duplicates_within_one_batch_keep_the_newest() {
 #[tokio::test]
 async fn an_empty_batch_is_accepted() {
     let app = spawn_app().await;
-    send(&app, vec![]).await;
+    send_items(&app, vec![]).await;
     assert_eq!(app.progress_rows().await, 0);
 }
 
@@ -210,21 +204,21 @@ async fn concurrent_batches_converge_on_the_newest_write() {
 async fn bad_batches_are_rejected_and_write_nothing() {
     let app = spawn_app().await;
     let good = item("u1", "m-0001", 1, at(0));
-    let url = app.url("/internal/v1/progress:batch");
-
-    let raw = |body: &'static str| {
-        app.client
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
+    let post = |content_type: &str, body: String| {
+        send(
+            app.request(Method::POST, BATCH)
+                .header("content-type", content_type)
+                .body(body),
+        )
     };
-    assert_error(raw("{not json").await.expect("sent"), 400, "invalid_body").await;
-    assert_error(raw("{}").await.expect("sent"), 400, "invalid_body").await;
-    assert_error(raw("{\"items\": 5}").await.expect("sent"), 400, "invalid_body").await;
+    let raw = |body: &str| post("application/json", body.to_owned());
+
+    assert_error(raw("{not json").await, 400, "invalid_body").await;
+    assert_error(raw("{}").await, 400, "invalid_body").await;
+    assert_error(raw("{\"items\": 5}").await, 400, "invalid_body").await;
     let overflow = r#"{"items": [{"user_id": "u1", "content_id": "m-0001",
         "position_ms": 99999999999999999999, "updated_at": "2026-01-01T00:00:00Z"}]}"#;
-    assert_error(raw(overflow).await.expect("sent"), 400, "invalid_body").await;
+    assert_error(raw(overflow).await, 400, "invalid_body").await;
 
     let cases = [
         json!({"items": [{"user_id": "u1", "content_id": "m-0001", "position_ms": "12", "updated_at": "2026-01-01T00:00:00Z"}]}),
@@ -245,23 +239,10 @@ async fn bad_batches_are_rejected_and_write_nothing() {
         assert!(!body["error"]["message"].as_str().unwrap_or_default().is_empty());
     }
 
-    let response = app
-        .client
-        .post(&url)
-        .body(json!({"items": [good.clone()]}).to_string())
-        .send()
-        .await
-        .expect("sent");
-    assert_error(response, 415, "unsupported_media_type").await;
-    let response = app
-        .client
-        .post(&url)
-        .header("content-type", "text/plain")
-        .body(json!({"items": [good.clone()]}).to_string())
-        .send()
-        .await
-        .expect("sent");
-    assert_error(response, 415, "unsupported_media_type").await;
+    let one_good = json!({"items": [good.clone()]}).to_string();
+    let untyped = send(app.request(Method::POST, BATCH).body(one_good.clone())).await;
+    assert_error(untyped, 415, "unsupported_media_type").await;
+    assert_error(post("text/plain", one_good).await, 415, "unsupported_media_type").await;
 
     let too_many: Vec<Value> = (0..1001)
         .map(|i| item(&format!("u{i}"), "m-0001", 1, at(0)))
@@ -285,24 +266,48 @@ async fn a_full_batch_is_accepted() {
     let items: Vec<Value> = (0..1000)
         .map(|i| item(&format!("user-{i}"), "m-0001", i, at(i)))
         .collect();
-    send(&app, items).await;
+    send_items(&app, items).await;
     assert_eq!(app.progress_rows().await, 1000);
 }
 
 #[tokio::test]
 async fn malformed_ids_in_the_progress_path_are_400() {
     let app = spawn_app().await;
-    assert_error(
-        app.get("/internal/v1/users/u1/progress/not%20valid").await,
-        400,
-        "invalid_content_id",
+    let bad_content = progress_path("u1", "not%20valid");
+    app.get_error(&bad_content, 400, "invalid_content_id").await;
+    let bad_user = progress_path(&"u".repeat(129), "m-0001");
+    app.get_error(&bad_user, 400, "invalid_user_id").await;
+}
+
+#[tokio::test]
+async fn positions_up_to_2_pow_53_minus_1_are_stored_and_read_back() {
+    let app = spawn_app().await;
+    send_items(
+        &app,
+        vec![
+            item("u1", "m-0001", MAX_POSITION_MS, at(0)),
+            item("u1", "m-0002", 0, at(0)),
+        ],
     )
     .await;
-    assert_error(
-        app.get(&format!("/internal/v1/users/{}/progress/m-0001", "u".repeat(129)))
-            .await,
-        400,
-        "invalid_user_id",
-    )
-    .await;
+    assert_eq!(stored(&app, "u1", "m-0001").await, Some((MAX_POSITION_MS, at(0))));
+    assert_eq!(stored(&app, "u1", "m-0002").await, Some((0, at(0))));
+    // Exactly, as the JSON number Moneta parses, not rounded through a float.
+    let body = app.get_json(&progress_path("u1", "m-0001")).await;
+    assert_eq!(body["position_ms"].to_string(), "9007199254740991");
+}
+
+#[tokio::test]
+async fn positions_beyond_2_pow_53_minus_1_or_negative_are_400() {
+    let app = spawn_app().await;
+    send_items(&app, vec![item("u1", "m-0001", 7, at(0))]).await;
+    for position_ms in [MAX_POSITION_MS + 1, i64::MAX, -1, i64::MIN] {
+        // A newer stamp, so only the position can be why nothing changes.
+        let batch = json!({ "items": [item("u1", "m-0001", position_ms, at(1))] });
+        let body = assert_error(app.post_batch(&batch).await, 400, "invalid_body").await;
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("position_ms"), "{position_ms}: {message}");
+    }
+    assert_eq!(stored(&app, "u1", "m-0001").await, Some((7, at(0))));
+    assert_eq!(app.progress_rows().await, 1);
 }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::http::AppState;
-use crate::startup::Phase;
+use crate::app::Phase;
 
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct Readiness {
@@ -40,11 +40,11 @@ pub async fn live() -> Json<serde_json::Value> {
 )]
 pub async fn ready(State(app): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let up = |ok: bool| if ok { "up" } else { "down" }.to_owned();
-    let redis = app.playback.redis().guard().is_up();
-    let api = app.internal_api.guard().is_up();
+    let redis = app.redis.is_up();
+    let api = app.internal_api.is_up();
     let (status, text) = match app.phase() {
         Phase::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
-        Phase::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
+        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
         Phase::Serving if redis && api => (StatusCode::OK, "ready"),
         Phase::Serving => (StatusCode::OK, "degraded"),
     };

@@ -4,8 +4,7 @@ use axum::extract::{Path, State};
 use crate::http::AppState;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::Caller;
-use crate::http::validate::is_content_id;
-use crate::playback::model::PlaybackInfo;
+use crate::model::{ContentId, PlaybackInfo};
 use crate::sources::CallContext;
 
 /// Stream URLs, DRM, subtitles and resume position for one title.
@@ -30,9 +29,7 @@ pub async fn playback_info(
     ctx: CallContext,
     Path(content_id): Path<String>,
 ) -> Result<Json<PlaybackInfo>, ApiError> {
-    if !is_content_id(&content_id) {
-        return Err(ApiError::InvalidContentId);
-    }
+    let content_id = ContentId::parse(content_id).map_err(|_| ApiError::InvalidContentId)?;
     let authorized = app.playback.authorize(&claims, &content_id, &ctx).await?;
     Ok(Json(app.playback.assemble(&authorized)))
 }

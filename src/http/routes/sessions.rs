@@ -8,16 +8,16 @@ use utoipa::ToSchema;
 use crate::http::AppState;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{Caller, JsonBody, OptionalJsonBody};
-use crate::http::validate::{is_content_id, is_device_id};
-use crate::playback::model::PlaybackInfo;
+use crate::model::{ContentId, DeviceId, LiveSession, PlaybackInfo, PositionMs, SessionId};
 use crate::sources::CallContext;
 
 #[derive(Deserialize, ToSchema)]
 pub struct StartSession {
+    /// Checked by the handler: a bad one is `invalid_content_id`, not `invalid_body`.
     #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", example = "m-0001")]
     pub content_id: String,
-    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,128}$", example = "tv-livingroom")]
-    pub device_id: String,
+    #[schema(value_type = String, pattern = "^[A-Za-z0-9_.:-]{1,128}$", example = "tv-livingroom")]
+    pub device_id: DeviceId,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -26,6 +26,9 @@ pub struct SessionStarted {
     pub heartbeat_interval_s: u64,
     pub expires_at: DateTime<Utc>,
     pub playback: PlaybackInfo,
+    /// With `MONETA_STREAM_LIMIT_POLICY=evict_oldest`: the session ended to make room.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evicted_session_id: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema, Clone, Copy)]
@@ -48,7 +51,9 @@ impl PlayerState {
 
 #[derive(Deserialize, ToSchema)]
 pub struct Heartbeat {
-    pub position_ms: u64,
+    /// 0 to 2^53 − 1.
+    #[schema(value_type = u64, maximum = 9007199254740991_u64)]
+    pub position_ms: PositionMs,
     pub state: PlayerState,
 }
 
@@ -60,7 +65,9 @@ pub struct HeartbeatAck {
 
 #[derive(Deserialize, ToSchema, Default)]
 pub struct StopSession {
-    pub position_ms: Option<u64>,
+    /// 0 to 2^53 − 1.
+    #[schema(value_type = Option<u64>, maximum = 9007199254740991_u64)]
+    pub position_ms: Option<PositionMs>,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -69,6 +76,23 @@ pub struct SessionView {
     pub device_id: String,
     pub content_id: String,
     pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl From<LiveSession> for SessionView {
+    fn from(s: LiveSession) -> Self {
+        Self {
+            session_id: s.session_id.into(),
+            device_id: s.device_id.into(),
+            content_id: s.content_id.into(),
+            expires_at: s.expires_at,
+        }
+    }
+}
+
+/// A path segment that is not a session id Moneta could have issued is an
+/// unknown session, like any other.
+fn session_id(raw: String) -> Result<SessionId, ApiError> {
+    SessionId::parse(raw).map_err(|_| ApiError::SessionNotFound)
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -94,7 +118,7 @@ pub struct SessionList {
         (status = 409, description = "stream_limit_reached", body = ErrorBody),
         (status = 413, description = "payload_too_large", body = ErrorBody),
         (status = 415, description = "unsupported_media_type", body = ErrorBody),
-        (status = 503, description = "dependency_unavailable", body = ErrorBody),
+        (status = 503, description = "dependency_unavailable (also when Moneta is too busy to count streams)", body = ErrorBody),
     )
 )]
 pub async fn start(
@@ -103,25 +127,19 @@ pub async fn start(
     ctx: CallContext,
     JsonBody(body): JsonBody<StartSession>,
 ) -> Result<(StatusCode, Json<SessionStarted>), ApiError> {
-    if !is_content_id(&body.content_id) {
-        return Err(ApiError::InvalidContentId);
-    }
-    if !is_device_id(&body.device_id) {
-        return Err(ApiError::InvalidBody(
-            "device_id must match [A-Za-z0-9_.:-]{1,128}".into(),
-        ));
-    }
+    let content_id = ContentId::parse(body.content_id).map_err(|_| ApiError::InvalidContentId)?;
     let started = app
         .sessions
-        .start(&claims, &body.content_id, &body.device_id, &ctx)
+        .start(&claims, &content_id, &body.device_id, &ctx)
         .await?;
     Ok((
         StatusCode::CREATED,
         Json(SessionStarted {
-            session_id: started.session_id,
-            heartbeat_interval_s: app.settings.heartbeat_interval.as_secs(),
+            session_id: started.session_id.into(),
+            heartbeat_interval_s: app.heartbeat_interval.as_secs(),
             expires_at: started.expires_at,
             playback: started.playback,
+            evicted_session_id: started.evicted.map(String::from),
         }),
     ))
 }
@@ -139,23 +157,26 @@ pub async fn start(
         (status = 400, description = "invalid_body", body = ErrorBody),
         (status = 401, description = "missing_token / invalid_token", body = ErrorBody),
         (status = 404, description = "session_not_found", body = ErrorBody),
+        (status = 409, description = "session_evicted (playback moved to another device)", body = ErrorBody),
         (status = 413, description = "payload_too_large", body = ErrorBody),
         (status = 415, description = "unsupported_media_type", body = ErrorBody),
+        (status = 503, description = "dependency_unavailable (too busy; the position was not taken)", body = ErrorBody),
     )
 )]
 pub async fn heartbeat(
     State(app): State<AppState>,
     Caller(claims): Caller,
-    Path(session_id): Path<String>,
+    Path(raw_id): Path<String>,
     JsonBody(body): JsonBody<Heartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
     metrics::counter!("moneta_heartbeats_total", "state" => body.state.as_str()).increment(1);
+    let session_id = session_id(raw_id)?;
     let expires_at = app
         .sessions
         .heartbeat(&claims, &session_id, body.position_ms)
         .await?;
     Ok(Json(HeartbeatAck {
-        session_id,
+        session_id: session_id.into(),
         expires_at,
     }))
 }
@@ -180,11 +201,11 @@ pub async fn heartbeat(
 pub async fn stop(
     State(app): State<AppState>,
     Caller(claims): Caller,
-    Path(session_id): Path<String>,
+    Path(raw_id): Path<String>,
     OptionalJsonBody(body): OptionalJsonBody<StopSession>,
 ) -> Result<StatusCode, ApiError> {
     let position = body.unwrap_or_default().position_ms;
-    app.sessions.stop(&claims, &session_id, position).await?;
+    app.sessions.stop(&claims, &session_id(raw_id)?, position).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -204,14 +225,6 @@ pub async fn list(State(app): State<AppState>, Caller(claims): Caller) -> Json<S
         Some(list) => (list, false),
         None => (Vec::new(), true),
     };
-    let sessions = sessions
-        .into_iter()
-        .map(|s| SessionView {
-            session_id: s.session_id,
-            device_id: s.device_id,
-            content_id: s.content_id,
-            expires_at: s.expires_at,
-        })
-        .collect();
+    let sessions = sessions.into_iter().map(SessionView::from).collect();
     Json(SessionList { sessions, degraded })
 }

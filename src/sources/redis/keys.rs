@@ -5,16 +5,26 @@
 //! `{`, `}` or `:` in it can neither end the tag early nor collide with a key
 //! of another user.
 
+use crate::model::{ContentId, UserId};
+
 const PREFIX: &str = "moneta";
 
 /// Cached title (fresh/stale envelope), shared by all users.
-pub fn content(content_id: &str) -> String {
+pub fn content(content_id: &ContentId) -> String {
     format!("{PREFIX}:content:{content_id}")
 }
 
-/// Positions waiting for the internal API (a list of JSON items).
-pub fn progress_spill() -> String {
-    format!("{PREFIX}:progress:pending")
+/// Stream of positions acknowledged to players and not yet delivered to the
+/// internal API (consumer group `delivery`). Shares its slot with
+/// [`progress_parked`] so one script can move entries between them.
+pub fn progress_log() -> String {
+    format!("{PREFIX}:{{progress}}:log")
+}
+
+/// Hash of positions the internal API could not take yet, one field per
+/// (user, title): an outage parks distinct pairs, not heartbeats.
+pub fn progress_parked() -> String {
+    format!("{PREFIX}:{{progress}}:parked")
 }
 
 /// The keys of one user; all of them hash to the same cluster slot.
@@ -23,11 +33,11 @@ pub struct UserKeys {
 }
 
 impl UserKeys {
-    pub fn new(user_id: &str) -> Self {
-        let mut tag = String::with_capacity(user_id.len() + 16);
+    pub fn new(user_id: &UserId) -> Self {
+        let mut tag = String::with_capacity(user_id.as_str().len() + 16);
         tag.push_str(PREFIX);
         tag.push_str(":{u:");
-        for c in user_id.chars() {
+        for c in user_id.as_str().chars() {
             match c {
                 '{' | '}' | ':' | '%' => tag.push_str(&format!("%{:02X}", c as u32)),
                 c => tag.push(c),
@@ -57,6 +67,11 @@ impl UserKeys {
     pub fn devices(&self) -> String {
         format!("{}:devices", self.tag)
     }
+    /// Hash: session id → 1 for sessions ended by `evict_oldest`, so their
+    /// next heartbeat can say so; lives as long as a session would.
+    pub fn evicted(&self) -> String {
+        format!("{}:evicted", self.tag)
+    }
 }
 
 /// The cluster hash slot part of a key (what Redis Cluster hashes).
@@ -77,26 +92,40 @@ mod tests {
 
     #[test]
     fn user_keys_share_one_hash_tag() {
-        let k = UserKeys::new("user-42");
+        let k = UserKeys::new(&user("user-42"));
         let tags = [
             k.entitlement(),
             k.positions(),
             k.sessions(),
             k.session_info(),
             k.devices(),
+            k.evicted(),
         ];
         assert!(tags.iter().all(|t| hash_tag(t) == "u:user-42"));
     }
 
     #[test]
     fn braces_in_user_ids_cannot_break_the_tag() {
-        let k = UserKeys::new("a}b{c:d");
+        let k = UserKeys::new(&user("a}b{c:d"));
         assert_eq!(hash_tag(&k.sessions()), "u:a%7Db%7Bc%3Ad");
-        assert_ne!(UserKeys::new("a:b").sessions(), UserKeys::new("a%3Ab").sessions());
+        assert_ne!(
+            UserKeys::new(&user("a:b")).sessions(),
+            UserKeys::new(&user("a%3Ab")).sessions()
+        );
     }
 
     #[test]
     fn content_keys_are_per_title() {
-        assert_eq!(content("m-0001"), "moneta:content:m-0001");
+        let id = ContentId::parse("m-0001").unwrap();
+        assert_eq!(content(&id), "moneta:content:m-0001");
+    }
+
+    #[test]
+    fn progress_keys_share_a_slot() {
+        assert_eq!(hash_tag(&progress_log()), hash_tag(&progress_parked()));
+    }
+
+    fn user(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
     }
 }

@@ -1,6 +1,15 @@
-//! Redis: the first source for everything, and the home of sessions.
+//! Redis: the first source for everything, the home of sessions, and the
+//! durable log of positions on their way to the internal API. Every Redis
+//! command Moneta sends is in this folder; callers see typed operations.
 
+mod catalog;
 pub mod keys;
+mod progress;
+mod sessions;
+
+pub use catalog::{CachedContent, UserView, WriteBack};
+pub use progress::{Delivery, PROGRESS_GROUP, ProgressLog, Settlement};
+pub use sessions::{EndOutcome, LiveList, SessionStore, StartOutcome, StartRequest, TouchOutcome};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,30 +18,19 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
-use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 use tracing::field::Empty;
 
-use crate::config::Settings;
-use crate::playback::model::{ContentPlayback, Entitlement};
+use crate::config::RedisSettings;
 use crate::resilience::{DependencyError, Guard};
-use crate::sources::internal_api::ProgressItem;
 use crate::telemetry::traces;
-use keys::UserKeys;
 
 /// How long resume positions live in Redis; the internal API keeps them for good.
 const POSITION_TTL_S: i64 = 30 * 24 * 3600;
 
-/// A cached title, or the fact that the internal API does not know it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CachedContent {
-    pub fetched_at_ms: u64,
-    pub content: Option<ContentPlayback>,
-}
-
 /// One connection object for both deployment shapes.
 #[derive(Clone)]
-pub enum Conn {
+enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
@@ -144,9 +142,9 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// Prepares the connection without connecting: Moneta starts while Redis is down.
-    pub fn new(settings: &Settings) -> RedisResult<Self> {
-        let timeout = settings.redis.timeout;
-        let connector = match &settings.redis_cluster_urls {
+    pub fn new(settings: &RedisSettings) -> RedisResult<Self> {
+        let timeout = settings.guard.timeout;
+        let connector = match &settings.cluster_urls {
             Some(urls) => {
                 let client = ClusterClient::builder(urls.clone())
                     .connection_timeout(timeout)
@@ -156,7 +154,7 @@ impl RedisStore {
                 Connector::Cluster(Box::new(client), Arc::new(OnceCell::new()))
             }
             None => {
-                let client = redis::Client::open(settings.redis_url.as_str())?;
+                let client = redis::Client::open(settings.url.as_str())?;
                 // Without these a paused Redis would hang every call on this connection.
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
@@ -168,12 +166,18 @@ impl RedisStore {
         };
         Ok(Self {
             connector: Arc::new(connector),
-            guard: Guard::new("redis", &settings.redis),
+            guard: Guard::new("redis", &settings.guard),
         })
     }
 
     pub fn guard(&self) -> &Guard {
         &self.guard
+    }
+
+    /// In cluster mode a script may only touch keys of one slot, so writes
+    /// to the shared progress log are a second command there.
+    fn is_cluster(&self) -> bool {
+        matches!(&*self.connector, Connector::Cluster(..))
     }
 
     async fn conn(&self) -> RedisResult<Conn> {
@@ -187,7 +191,7 @@ impl RedisStore {
     }
 
     /// Runs `op` on a connection under the guard.
-    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, DependencyError>
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, DependencyError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -200,163 +204,18 @@ impl RedisStore {
             .await
     }
 
+    /// Reachability probe for readiness and the breaker.
     pub async fn ping(&self) -> Result<(), DependencyError> {
-        self.run(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
-            .await
-    }
-
-    pub async fn content(&self, content_id: &str) -> Result<Option<CachedContent>, DependencyError> {
-        let key = keys::content(content_id);
-        let raw: Option<String> = self
-            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
-            .await?;
-        // A value that no longer parses (older layout) is a miss, not an error.
-        Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
-    }
-
-    pub async fn put_content(
-        &self,
-        content_id: &str,
-        cached: &CachedContent,
-        ttl: Duration,
-    ) -> Result<(), DependencyError> {
-        self.set_json(keys::content(content_id), cached, ttl).await
-    }
-
-    /// `SET key <json> PX ttl`.
-    async fn set_json<T: Serialize>(
-        &self,
-        key: String,
-        value: &T,
-        ttl: Duration,
-    ) -> Result<(), DependencyError> {
-        let value = serde_json::to_string(value).unwrap_or_default();
-        self.run(|mut c| async move {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("PX")
-                .arg(ttl.as_millis() as u64)
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
-    }
-
-    /// The caller's cached entitlement and resume position for a title, in one
-    /// round trip. `None` means "not cached"; `Some(None)` a cached "no entitlement".
-    pub async fn user_view(&self, user_id: &str, content_id: &str) -> Result<UserView, DependencyError> {
-        let keys = UserKeys::new(user_id);
-        let (ent, pos): (Option<String>, Option<u64>) = self
-            .run(|mut c| async move {
-                redis::pipe()
-                    .cmd("GET")
-                    .arg(keys.entitlement())
-                    .cmd("HGET")
-                    .arg(keys.positions())
-                    .arg(content_id)
-                    .query_async(&mut c)
-                    .await
+        self.guard
+            .probe(async {
+                let mut conn = self.conn().await?;
+                redis::cmd("PING").query_async::<()>(&mut conn).await
             })
-            .await?;
-        let entitlement = ent.and_then(|s| serde_json::from_str::<Option<Entitlement>>(&s).ok());
-        Ok(UserView {
-            entitlement,
-            position_ms: pos,
-        })
-    }
-
-    pub async fn put_entitlement(
-        &self,
-        user_id: &str,
-        entitlement: Option<&Entitlement>,
-        ttl: Duration,
-    ) -> Result<(), DependencyError> {
-        self.set_json(UserKeys::new(user_id).entitlement(), &entitlement, ttl)
             .await
     }
-
-    pub async fn put_position(
-        &self,
-        user_id: &str,
-        content_id: &str,
-        position_ms: u64,
-    ) -> Result<(), DependencyError> {
-        let key = UserKeys::new(user_id).positions();
-        self.run(|mut c| async move {
-            redis::pipe()
-                .cmd("HSET")
-                .arg(&key)
-                .arg(content_id)
-                .arg(position_ms)
-                .ignore()
-                .cmd("EXPIRE")
-                .arg(&key)
-                .arg(POSITION_TTL_S)
-                .ignore()
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
-    }
 }
 
-impl RedisStore {
-    /// Parks positions the internal API could not take. One key for the whole
-    /// fleet, touched only by flushers, so Redis Cluster keeps it in one slot;
-    /// trimmed to `capacity`, newest kept.
-    pub async fn spill_progress(
-        &self,
-        items: &[ProgressItem],
-        capacity: usize,
-    ) -> Result<(), DependencyError> {
-        let encoded: Vec<String> = items
-            .iter()
-            .filter_map(|i| serde_json::to_string(i).ok())
-            .collect();
-        if encoded.is_empty() {
-            return Ok(());
-        }
-        let key = keys::progress_spill();
-        self.run(|mut c| async move {
-            redis::pipe()
-                .cmd("RPUSH")
-                .arg(&key)
-                .arg(encoded)
-                .ignore()
-                .cmd("LTRIM")
-                .arg(&key)
-                .arg(-(capacity as i64))
-                .arg(-1)
-                .ignore()
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
-    }
-
-    /// Takes up to `max` parked positions (this instance's or another's).
-    pub async fn take_spilled_progress(&self, max: usize) -> Result<Vec<ProgressItem>, DependencyError> {
-        let key = keys::progress_spill();
-        let raw: Option<Vec<String>> = self
-            .run(|mut c| async move { redis::cmd("LPOP").arg(key).arg(max).query_async(&mut c).await })
-            .await?;
-        Ok(raw
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|s| serde_json::from_str(s).ok())
-            .collect())
-    }
-}
-
-/// Position TTL for scripts that write positions themselves.
-pub fn position_ttl_s() -> i64 {
-    POSITION_TTL_S
-}
-
-/// What Redis knows about one user and one title.
-#[derive(Debug, Clone, Default)]
-pub struct UserView {
-    pub entitlement: Option<Option<Entitlement>>,
-    pub position_ms: Option<u64>,
+/// Milliseconds since the epoch from a `TIME`-based script reply.
+fn millis_to_utc(ms: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }

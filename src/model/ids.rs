@@ -1,0 +1,243 @@
+//! Identifiers, parsed once where they enter (HTTP path, body, token, the
+//! internal API's JSON): a value of these types is valid by construction, so
+//! nothing below the edge checks a string again.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a string is not an identifier; the message names the rule, never the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidId(pub &'static str);
+
+fn plain(s: &str, max: usize, extra: &[u8]) -> bool {
+    !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $rule:expr, $check:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// The rule, as error messages and the OpenAPI document state it.
+            pub const RULE: &'static str = $rule;
+
+            pub fn parse(s: impl Into<String>) -> Result<Self, InvalidId> {
+                let s = s.into();
+                let check: fn(&str) -> bool = $check;
+                if check(&s) { Ok(Self(s)) } else { Err(InvalidId($rule)) }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = InvalidId;
+            fn try_from(s: String) -> Result<Self, InvalidId> {
+                Self::parse(s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A user id (the JWT `sub`): 1–128 bytes, no control characters (CONTRACT §6).
+    UserId,
+    "sub must be 1-128 bytes without control characters",
+    |s| !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control)
+);
+
+id_type!(
+    /// `[A-Za-z0-9_-]{1,64}`
+    ContentId,
+    "content_id must match [A-Za-z0-9_-]{1,64}",
+    |s| plain(s, 64, b"_-")
+);
+
+id_type!(
+    /// `[A-Za-z0-9_.:-]{1,128}`
+    DeviceId,
+    "device_id must match [A-Za-z0-9_.:-]{1,128}",
+    |s| plain(s, 128, b"_.:-")
+);
+
+id_type!(
+    /// A session id as Moneta issues it: `<random>.<content_id>.<mac>`. Only
+    /// the shape is checked here; whether Moneta issued it to this caller is
+    /// the MAC's business (`sessions::ids`).
+    SessionId,
+    "not a session id",
+    |s| SessionId::split_str(s).is_some()
+);
+
+/// Hex digits of the random part of a session id (128 bits).
+pub const SESSION_RANDOM_LEN: usize = 32;
+/// URL-safe base64 characters of a session id's MAC (128 bits).
+pub const SESSION_MAC_LEN: usize = 22;
+
+impl SessionId {
+    fn split_str(s: &str) -> Option<(&str, &str, &str)> {
+        let mut parts = s.split('.');
+        let (random, content, mac) = (parts.next()?, parts.next()?, parts.next()?);
+        let ok = parts.next().is_none()
+            && random.len() == SESSION_RANDOM_LEN
+            && random.bytes().all(|b| b.is_ascii_hexdigit())
+            && plain(content, 64, b"_-")
+            && mac.len() == SESSION_MAC_LEN
+            && mac.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        ok.then_some((random, content, mac))
+    }
+
+    /// `(random, title, mac)`.
+    pub fn parts(&self) -> (&str, ContentId, &str) {
+        // The shape was checked when the id was built.
+        let (random, content, mac) = Self::split_str(&self.0).unwrap_or(("", "", ""));
+        (random, ContentId(content.to_owned()), mac)
+    }
+
+    /// The title a session plays, so positions route while Redis is down.
+    pub fn content_id(&self) -> ContentId {
+        self.parts().1
+    }
+
+    /// Assembles an id from its parts (the MAC is computed by the caller).
+    pub fn from_parts(random: &str, content: &ContentId, mac: &str) -> Result<Self, InvalidId> {
+        Self::parse(format!("{random}.{content}.{mac}"))
+    }
+}
+
+/// A resume position: an integer from 0 to 2^53 − 1, so that every consumer
+/// of the JSON (JavaScript players, the internal API) reads it exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(try_from = "u64", into = "u64")]
+pub struct PositionMs(u64);
+
+impl PositionMs {
+    pub const MAX: u64 = (1 << 53) - 1;
+    pub const ZERO: PositionMs = PositionMs(0);
+
+    pub fn new(ms: u64) -> Result<Self, InvalidId> {
+        if ms <= Self::MAX {
+            Ok(Self(ms))
+        } else {
+            Err(InvalidId("position_ms must be an integer from 0 to 9007199254740991"))
+        }
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl TryFrom<u64> for PositionMs {
+    type Error = InvalidId;
+    fn try_from(ms: u64) -> Result<Self, InvalidId> {
+        Self::new(ms)
+    }
+}
+
+impl From<PositionMs> for u64 {
+    fn from(p: PositionMs) -> u64 {
+        p.0
+    }
+}
+
+impl fmt::Display for PositionMs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ids() {
+        assert!(ContentId::parse("m-0001").is_ok());
+        assert!(ContentId::parse("a".repeat(64)).is_ok());
+        for bad in ["", "m.1", "m 1", "m/1"] {
+            assert!(ContentId::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(ContentId::parse("a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn device_ids() {
+        assert!(DeviceId::parse("tv-livingroom").is_ok());
+        assert!(DeviceId::parse("a:b.c_d-e").is_ok());
+        assert!(DeviceId::parse("a/b").is_err());
+        assert!(DeviceId::parse("a".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn user_ids_are_bounded_and_printable() {
+        assert!(UserId::parse("user-42").is_ok());
+        assert!(UserId::parse("ünïcødé {weird}:id").is_ok());
+        assert!(UserId::parse("x".repeat(128)).is_ok());
+        assert!(UserId::parse("x".repeat(129)).is_err());
+        assert!(UserId::parse("").is_err());
+        assert!(UserId::parse("a\nb").is_err());
+        assert!(UserId::parse("a\u{7f}b").is_err());
+    }
+
+    #[test]
+    fn ids_refuse_bad_json() {
+        assert!(serde_json::from_str::<ContentId>("\"m/1\"").is_err());
+        assert_eq!(
+            serde_json::from_str::<ContentId>("\"m-1\"").unwrap().as_str(),
+            "m-1"
+        );
+    }
+
+    #[test]
+    fn session_ids_have_three_parts() {
+        let random = "a".repeat(SESSION_RANDOM_LEN);
+        let mac = "b".repeat(SESSION_MAC_LEN);
+        let id = SessionId::parse(format!("{random}.m-0001.{mac}")).unwrap();
+        assert_eq!(id.content_id().as_str(), "m-0001");
+        assert!(SessionId::parse(format!("{random}.m-0001")).is_err());
+        assert!(SessionId::parse(format!("{random}.m/1.{mac}")).is_err());
+        assert!(SessionId::parse(format!("{random}.m-1.{mac}.x")).is_err());
+        assert!(SessionId::parse("nope").is_err());
+    }
+
+    #[test]
+    fn positions_stop_at_two_to_the_53() {
+        assert!(PositionMs::new(PositionMs::MAX).is_ok());
+        assert!(PositionMs::new(PositionMs::MAX + 1).is_err());
+        assert!(serde_json::from_str::<PositionMs>("9007199254740992").is_err());
+        assert!(serde_json::from_str::<PositionMs>("-1").is_err());
+        assert!(serde_json::from_str::<PositionMs>("1.5").is_err());
+    }
+}

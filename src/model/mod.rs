@@ -1,0 +1,18 @@
+//! The ground floor: shapes every other module shares and the identifier
+//! types parsed once at the edge. Imports nothing else of the crate.
+
+mod answer;
+mod catalog;
+mod ids;
+mod progress;
+mod session;
+mod sourced;
+
+pub use answer::{Drm, Marker, PlaybackInfo, Stream, Subtitle};
+pub use catalog::{ContentPlayback, DrmSource, Entitlement, StreamSource, SubtitleSource};
+pub use ids::{
+    ContentId, DeviceId, InvalidId, PositionMs, SESSION_MAC_LEN, SESSION_RANDOM_LEN, SessionId, UserId,
+};
+pub use progress::{Progress, ProgressItem};
+pub use session::LiveSession;
+pub use sourced::{Origin, Sourced};

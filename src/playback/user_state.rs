@@ -1,0 +1,146 @@
+//! The caller's entitlement and resume position: Redis (one round trip
+//! together) → internal API → the JWT's claims / position 0.
+
+use std::time::Duration;
+
+use super::rules;
+use super::{PlaybackError, cache_metric, fallback_metric};
+use crate::auth::Claims;
+use crate::model::{ContentId, Entitlement, Origin, PositionMs, Sourced};
+use crate::sources::CallContext;
+use crate::sources::internal_api::InternalApi;
+use crate::sources::redis::{RedisStore, WriteBack};
+
+pub struct UserStates {
+    redis: RedisStore,
+    api: InternalApi,
+    entitlement_ttl: Duration,
+}
+
+/// A caller's state for one title, and what Redis should learn of it once
+/// the caller turns out to be allowed to play the title.
+pub struct UserState {
+    pub entitlement: Sourced<Entitlement>,
+    pub position: Sourced<u64>,
+    write_back: Option<WriteBack>,
+}
+
+impl UserStates {
+    pub fn new(redis: RedisStore, api: InternalApi, entitlement_ttl: Duration) -> Self {
+        Self {
+            redis,
+            api,
+            entitlement_ttl,
+        }
+    }
+
+    pub async fn get(
+        &self,
+        claims: &Claims,
+        content_id: &ContentId,
+        ctx: &CallContext,
+    ) -> Result<UserState, PlaybackError> {
+        let user = &claims.sub;
+        let view = match self.redis.user_view(user, content_id).await {
+            Ok(view) => Some(view),
+            Err(_) => {
+                fallback_metric("redis", "user_state_skip_cache");
+                None
+            }
+        };
+        let redis_up = view.is_some();
+        let view = view.unwrap_or_default();
+        if redis_up {
+            cache_metric("entitlement_redis", view.entitlement.is_some());
+            cache_metric("position_redis", view.position_ms.is_some());
+        }
+        let mut write_back = WriteBack::default();
+
+        let entitlement = async {
+            match view.entitlement {
+                Some(Some(e)) => Ok((Sourced::fresh(e), None)),
+                Some(None) => Err(PlaybackError::NoEntitlement),
+                // Boxed: the internal API's futures are large and this branch is the cold one.
+                None => Box::pin(self.entitlement_from_api(claims, ctx)).await,
+            }
+        };
+        let position = async {
+            match view.position_ms {
+                Some(p) => (Sourced::fresh(p), None),
+                None => Box::pin(self.position_from_api(claims, content_id, redis_up, ctx)).await,
+            }
+        };
+        let (entitlement, (position, learnt_position)) = tokio::join!(entitlement, position);
+        let (entitlement, learnt_entitlement) = entitlement?;
+        write_back.entitlement = learnt_entitlement;
+        write_back.position = learnt_position.map(|p| (content_id.clone(), p));
+        Ok(UserState {
+            entitlement,
+            position,
+            write_back: redis_up.then_some(write_back),
+        })
+    }
+
+    /// A "no entitlement" answer is cached too (and refused): it does not
+    /// grow with titles, only with users the internal API knows nothing of.
+    async fn entitlement_from_api(
+        &self,
+        claims: &Claims,
+        ctx: &CallContext,
+    ) -> Result<(Sourced<Entitlement>, Option<Option<Entitlement>>), PlaybackError> {
+        match self.api.entitlement(&claims.sub, ctx).await {
+            Ok(Some(found)) => Ok((Sourced::fresh(found.clone()), Some(Some(found)))),
+            Ok(None) => {
+                let _ = self
+                    .redis
+                    .write_back(
+                        &claims.sub,
+                        WriteBack {
+                            entitlement: Some(None),
+                            position: None,
+                        },
+                        self.entitlement_ttl,
+                    )
+                    .await;
+                Err(PlaybackError::NoEntitlement)
+            }
+            Err(_) => {
+                fallback_metric("internal_api", "claims_entitlement");
+                Ok((Sourced::new(rules::entitlement_from_claims(claims), Origin::Claims), None))
+            }
+        }
+    }
+
+    async fn position_from_api(
+        &self,
+        claims: &Claims,
+        content_id: &ContentId,
+        redis_up: bool,
+        ctx: &CallContext,
+    ) -> (Sourced<u64>, Option<PositionMs>) {
+        match self.api.progress(&claims.sub, content_id, ctx).await {
+            Ok(found) => {
+                let p = found.map(|p| p.position_ms).unwrap_or(0);
+                if redis_up {
+                    (Sourced::fresh(p), PositionMs::new(p).ok())
+                } else {
+                    // Positions reach Redis first and the internal API later, so
+                    // without Redis the API's copy may lag the newest heartbeat.
+                    fallback_metric("redis", "position_from_api");
+                    (Sourced::new(p, Origin::Stale), None)
+                }
+            }
+            Err(_) => {
+                fallback_metric("internal_api", "default_position");
+                (Sourced::new(0, Origin::Default), None)
+            }
+        }
+    }
+
+    /// Called once the caller may play the title.
+    pub async fn remember(&self, claims: &Claims, state: &mut UserState) {
+        if let Some(write) = state.write_back.take() {
+            self.redis.write_back(&claims.sub, write, self.entitlement_ttl).await;
+        }
+    }
+}

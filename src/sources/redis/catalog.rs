@@ -1,0 +1,125 @@
+//! Cached titles, entitlements and resume positions.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::{self, UserKeys};
+use super::{POSITION_TTL_S, RedisStore};
+use crate::model::{ContentId, ContentPlayback, Entitlement, PositionMs, UserId};
+use crate::resilience::DependencyError;
+
+/// A cached title, or the fact that the internal API does not know it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CachedContent {
+    pub fetched_at_ms: u64,
+    pub content: Option<ContentPlayback>,
+}
+
+/// What Redis knows about one user and one title.
+#[derive(Debug, Clone, Default)]
+pub struct UserView {
+    /// `None`: not cached; `Some(None)`: cached "no entitlement".
+    pub entitlement: Option<Option<Entitlement>>,
+    pub position_ms: Option<u64>,
+}
+
+/// Values learnt from the internal API, written back to Redis only once the
+/// caller turned out to be allowed to play the title: a request for a title
+/// that does not exist, or that the caller may not play, leaves nothing behind.
+#[derive(Debug, Clone, Default)]
+pub struct WriteBack {
+    pub entitlement: Option<Option<Entitlement>>,
+    pub position: Option<(ContentId, PositionMs)>,
+}
+
+impl RedisStore {
+    pub async fn content(&self, content_id: &ContentId) -> Result<Option<CachedContent>, DependencyError> {
+        let key = keys::content(content_id);
+        let raw: Option<String> = self
+            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .await?;
+        // A value that no longer parses (older layout) is a miss, not an error.
+        Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    /// Only titles the internal API answered for are written, so the number
+    /// of these keys is bounded by the catalog (unknown titles live 30 s).
+    pub async fn put_content(
+        &self,
+        content_id: &ContentId,
+        cached: &CachedContent,
+        ttl: Duration,
+    ) -> Result<(), DependencyError> {
+        let value = serde_json::to_string(cached).unwrap_or_default();
+        let key = keys::content(content_id);
+        self.run(|mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl.as_millis() as u64)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// The caller's cached entitlement and resume position for a title, in one
+    /// round trip.
+    pub async fn user_view(&self, user: &UserId, content_id: &ContentId) -> Result<UserView, DependencyError> {
+        let keys = UserKeys::new(user);
+        let (ent, pos): (Option<String>, Option<u64>) = self
+            .run(|mut c| async move {
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(keys.entitlement())
+                    .cmd("HGET")
+                    .arg(keys.positions())
+                    .arg(content_id.as_str())
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let entitlement = ent.and_then(|s| serde_json::from_str::<Option<Entitlement>>(&s).ok());
+        Ok(UserView {
+            entitlement,
+            position_ms: pos,
+        })
+    }
+
+    /// Applies what the internal API told about a user, in one round trip.
+    /// Best effort: a failed write only costs a later miss.
+    pub async fn write_back(&self, user: &UserId, write: WriteBack, entitlement_ttl: Duration) {
+        if write.entitlement.is_none() && write.position.is_none() {
+            return;
+        }
+        let keys = UserKeys::new(user);
+        let _ = self
+            .run(|mut c| async move {
+                let mut pipe = redis::pipe();
+                if let Some(entitlement) = &write.entitlement {
+                    pipe.cmd("SET")
+                        .arg(keys.entitlement())
+                        .arg(serde_json::to_string(entitlement).unwrap_or_default())
+                        .arg("PX")
+                        .arg(entitlement_ttl.as_millis() as u64)
+                        .ignore();
+                }
+                if let Some((content_id, position)) = &write.position {
+                    let positions = keys.positions();
+                    pipe.cmd("HSET")
+                        .arg(&positions)
+                        .arg(content_id.as_str())
+                        .arg(position.get())
+                        .ignore()
+                        .cmd("EXPIRE")
+                        .arg(&positions)
+                        .arg(POSITION_TTL_S)
+                        .ignore();
+                }
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await;
+    }
+}
