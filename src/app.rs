@@ -30,6 +30,8 @@ pub struct App {
     pub redis: Guard,
     pub internal_api: Guard,
     pub heartbeat_interval: Duration,
+    /// Set: the CDN cookies are also sent as `Set-Cookie` for this domain.
+    pub cdn_cookie_domain: Option<String>,
     phase: AtomicU8,
 }
 
@@ -41,6 +43,7 @@ impl App {
         unlogged: Arc<ProgressQueue>,
         guards: (Guard, Guard),
         heartbeat_interval: Duration,
+        cdn_cookie_domain: Option<String>,
     ) -> Self {
         Self {
             verifier,
@@ -50,6 +53,7 @@ impl App {
             redis: guards.0,
             internal_api: guards.1,
             heartbeat_interval,
+            cdn_cookie_domain,
             phase: AtomicU8::new(Phase::Starting as u8),
         }
     }

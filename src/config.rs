@@ -101,6 +101,8 @@ pub struct CdnSettings {
     pub key_pair_id: Option<String>,
     pub private_key_file: Option<PathBuf>,
     pub url_ttl: Duration,
+    /// Set: the signed cookies are also sent as `Set-Cookie` for this domain.
+    pub cookie_domain: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +110,19 @@ pub struct DrmSettings {
     pub license_url_widevine: String,
     pub license_url_playready: String,
     pub license_url_fairplay: String,
+    /// Set: every DRM stream carries a licence token signed with it (HS256).
+    pub token_secret: Option<Secret>,
+    pub token_ttl: Duration,
+    pub fairplay_certificate_url: Option<String>,
+}
+
+/// Where a stored position resumes (CONTRACT §7).
+#[derive(Debug, Clone, Copy)]
+pub struct ResumeSettings {
+    /// Below this share of the duration, playback starts from the beginning.
+    pub min_pct: u8,
+    /// At or above it, the title counts as watched (and starts from the beginning).
+    pub max_pct: u8,
 }
 
 impl DrmSettings {
@@ -156,6 +171,8 @@ pub struct ProgressSettings {
 /// The public listener's limits and its shutdown.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
+    /// Exact origins browsers may call from; empty: no CORS headers at all.
+    pub cors_allowed_origins: Vec<String>,
     pub listen_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub request_timeout: Duration,
@@ -187,6 +204,7 @@ pub struct Settings {
     pub jwt: JwtSettings,
     pub cdn: CdnSettings,
     pub drm: DrmSettings,
+    pub resume: ResumeSettings,
     pub catalog: CatalogSettings,
     pub sessions: SessionSettings,
     pub progress: ProgressSettings,
@@ -396,8 +414,37 @@ impl Settings {
             }
         };
         let secret = |key: &str| src.opt_string(key).map(Secret::from);
+        let resume = ResumeSettings {
+            min_pct: src.parse("MONETA_RESUME_MIN_PCT", 5)?,
+            max_pct: src.parse("MONETA_RESUME_MAX_PCT", 90)?,
+        };
+        if resume.max_pct > 100 || resume.min_pct > resume.max_pct {
+            return Err(ConfigError::new(
+                "MONETA_RESUME_MAX_PCT",
+                "must be at most 100 and not below MONETA_RESUME_MIN_PCT",
+            ));
+        }
+        let cors_allowed_origins: Vec<String> = src
+            .opt_string("MONETA_CORS_ALLOWED_ORIGINS")
+            .map(|list| {
+                list.split(',')
+                    .map(|o| o.trim().trim_end_matches('/').to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(bad) = cors_allowed_origins.iter().find(|o| {
+            !(o.starts_with("http://") || o.starts_with("https://"))
+                || o.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        }) {
+            return Err(ConfigError::new(
+                "MONETA_CORS_ALLOWED_ORIGINS",
+                format!("{bad:?} is not an origin (scheme://host[:port])"),
+            ));
+        }
         let settings = Settings {
             server: ServerSettings {
+                cors_allowed_origins,
                 listen_addr: src.parse("MONETA_LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], 3000)))?,
                 admin_addr: src.parse("MONETA_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9090)))?,
                 request_timeout: src.millis("MONETA_REQUEST_TIMEOUT_MS", 5_000)?,
@@ -435,12 +482,28 @@ impl Settings {
                 key_pair_id: cdn_key_pair_id,
                 private_key_file: cdn_private_key_file,
                 url_ttl: src.secs("MONETA_CDN_URL_TTL_S", 21_600)?,
+                cookie_domain: match src.opt_string("MONETA_CDN_COOKIE_DOMAIN") {
+                    Some(d) if d.is_empty() || !d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') => {
+                        return Err(ConfigError::new(
+                            "MONETA_CDN_COOKIE_DOMAIN",
+                            "must be a domain name such as .example.com",
+                        ));
+                    }
+                    other => other,
+                },
             },
             drm: DrmSettings {
                 license_url_widevine: drm("widevine")?,
                 license_url_playready: drm("playready")?,
                 license_url_fairplay: drm("fairplay")?,
+                token_secret: secret("MONETA_DRM_TOKEN_SECRET"),
+                token_ttl: src.secs("MONETA_DRM_TOKEN_TTL_S", 300)?,
+                fairplay_certificate_url: match src.get("MONETA_DRM_FAIRPLAY_CERTIFICATE_URL") {
+                    Some(_) => Some(src.url("MONETA_DRM_FAIRPLAY_CERTIFICATE_URL", "", &["http", "https"])?),
+                    None => None,
+                },
             },
+            resume,
             catalog: CatalogSettings {
                 fallback_file: src.opt_string("MONETA_FALLBACK_CATALOG_FILE").map(PathBuf::from),
                 content_ttl: src.secs("MONETA_CONTENT_TTL_S", 300)?,
@@ -506,6 +569,9 @@ mod tests {
         assert_eq!(s.internal_api.guard.timeout, Duration::from_secs(1));
         assert_eq!(s.cdn.url_ttl, Duration::from_secs(21_600));
         assert_eq!(s.sessions.limit_policy, StreamLimitPolicy::Block);
+        assert_eq!((s.resume.min_pct, s.resume.max_pct), (5, 90));
+        assert_eq!(s.drm.token_ttl, Duration::from_secs(300));
+        assert!(s.server.cors_allowed_origins.is_empty());
         assert_eq!(
             s.drm.license_url("playready"),
             Some("https://drm.example.com/playready")
@@ -534,10 +600,11 @@ mod tests {
             ("MONETA_JWT_HS256_SECRET", "topsecret"),
             ("MONETA_SESSION_SECRET", "sessionsecret"),
             ("MONETA_INTERNAL_API_TOKEN", "apitoken"),
+            ("MONETA_DRM_TOKEN_SECRET", "drmsecret"),
         ]))
         .unwrap();
         let dump = format!("{s:?}");
-        for secret in ["topsecret", "sessionsecret", "apitoken"] {
+        for secret in ["topsecret", "sessionsecret", "apitoken", "drmsecret"] {
             assert!(!dump.contains(secret), "{secret} printed");
         }
     }

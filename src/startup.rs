@@ -103,7 +103,7 @@ impl Application {
         let playback = Arc::new(Playback::new(
             Titles::new(redis.clone(), internal_api.clone(), snapshot, &settings.catalog),
             UserStates::new(redis.clone(), internal_api.clone(), settings.catalog.entitlement_ttl),
-            Answers::new(Cdn::new(&cdn.base_url, signer), settings.drm.clone()),
+            Answers::new(Cdn::new(&cdn.base_url, signer), settings.drm.clone(), settings.resume),
         ));
         let s = &settings.sessions;
         let sessions = Sessions::new(
@@ -131,6 +131,7 @@ impl Application {
             unlogged,
             (redis.guard().clone(), internal_api.guard().clone()),
             s.heartbeat_interval,
+            settings.cdn.cookie_domain.clone(),
         ));
         spawn_probes(redis, internal_api, app.clone());
         Ok(Self {
@@ -185,7 +186,7 @@ impl Application {
                 .await
         });
 
-        let router = crate::http::router(app.clone(), settings.server.request_timeout);
+        let router = crate::http::router(app.clone(), &settings.server);
         app.set_phase(Phase::Serving);
         tracing::info!(port = public.local_addr()?.port(), "moneta serving");
         let drain = settings.server.shutdown_drain;

@@ -1,6 +1,8 @@
 //! The public HTTP surface: router, layers, extractors and the error mapping.
 
 pub mod admin;
+mod cookies;
+mod cors;
 pub mod error;
 pub mod extract;
 mod middleware;
@@ -8,19 +10,19 @@ pub mod openapi;
 pub mod routes;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::{get, put};
+use axum::routing::{MethodRouter, get, put};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::app::App;
+use crate::config::ServerSettings;
 use error::ApiError;
 use routes::{health, playback_info, sessions};
 
@@ -29,17 +31,30 @@ pub type AppState = Arc<App>;
 /// Request bodies above this are refused (the edge enforces the same).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
-pub fn router(app: AppState, request_timeout: Duration) -> Router {
+pub fn router(app: AppState, server: &ServerSettings) -> Router {
     let openapi = Arc::new(openapi::document());
+    let cors = cors::Cors::new(&server.cors_allowed_origins);
+    // Each /v1 route answers browsers' preflights for exactly its methods.
+    let v1 = |route: MethodRouter<AppState>, methods: &[axum::http::Method]| match &cors {
+        Some(cors) => cors.around(route, methods),
+        None => route,
+    };
+    use axum::http::Method;
     Router::new()
         .route(
             "/v1/contents/{content_id}/playback-info",
-            get(playback_info::playback_info),
+            v1(get(playback_info::playback_info), &[Method::GET]),
         )
-        .route("/v1/playback/sessions", get(sessions::list).post(sessions::start))
+        .route(
+            "/v1/playback/sessions",
+            v1(get(sessions::list).post(sessions::start), &[Method::GET, Method::POST]),
+        )
         .route(
             "/v1/playback/sessions/{session_id}",
-            put(sessions::heartbeat).delete(sessions::stop),
+            v1(
+                put(sessions::heartbeat).delete(sessions::stop),
+                &[Method::PUT, Method::DELETE],
+            ),
         )
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
@@ -73,7 +88,7 @@ pub fn router(app: AppState, request_timeout: Duration) -> Router {
                 .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))
                 .layer(TimeoutLayer::with_status_code(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    request_timeout,
+                    server.request_timeout,
                 ))
                 .layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
         )

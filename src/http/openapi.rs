@@ -5,7 +5,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::error::{ActiveSession, ErrorBody, ErrorDetail};
 use super::routes::{health, playback_info, sessions};
-use crate::model::{Drm, Marker, PlaybackInfo, Stream, Subtitle};
+use crate::model::{CdnCookies, Drm, LicenseRequestHeaders, Marker, PlaybackInfo, Stream, Subtitle};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,7 +20,7 @@ use crate::model::{Drm, Marker, PlaybackInfo, Stream, Subtitle};
         health::ready,
     ),
     components(schemas(
-        PlaybackInfo, Stream, Drm, Subtitle, Marker, ErrorBody, ErrorDetail, ActiveSession,
+        PlaybackInfo, Stream, Drm, Subtitle, Marker, CdnCookies, LicenseRequestHeaders, ErrorBody, ErrorDetail, ActiveSession,
         sessions::StartSession, sessions::SessionStarted, sessions::Heartbeat, sessions::PlayerState,
         sessions::HeartbeatAck, sessions::StopSession, sessions::SessionView, sessions::SessionList,
         health::Readiness, health::Dependencies,

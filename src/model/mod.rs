@@ -8,11 +8,11 @@ mod progress;
 mod session;
 mod sourced;
 
-pub use answer::{Drm, Marker, PlaybackInfo, Stream, Subtitle};
+pub use answer::{CdnCookies, Drm, LicenseRequestHeaders, Marker, PlaybackInfo, Stream, Subtitle};
 pub use catalog::{ContentPlayback, DrmSource, Entitlement, StreamSource, SubtitleSource};
 pub use ids::{
     ContentId, DeviceId, InvalidId, PositionMs, SESSION_MAC_LEN, SESSION_RANDOM_LEN, SessionId, UserId,
 };
-pub use progress::{Progress, ProgressItem};
+pub use progress::{Progress, ProgressItem, ResumePoint};
 pub use session::LiveSession;
 pub use sourced::{Origin, Sourced};

@@ -1,9 +1,10 @@
 //! Stream and subtitle URLs: CDN paths joined to the base URL, optionally signed
-//! as CloudFront canned-policy URLs.
+//! as CloudFront canned-policy URLs, and the signed cookies (a custom policy
+//! over the title's folder) that let a player fetch its segments.
 //!
-//! The canned policy and CloudFront's URL-safe base64 alphabet are written here
-//! by hand: no maintained Rust crate signs CloudFront URLs without pulling an
-//! AWS SDK we do not otherwise need, and the format is a dozen lines.
+//! The policies and CloudFront's URL-safe base64 alphabet are written here by
+//! hand: no maintained Rust crate signs CloudFront URLs or cookies without
+//! pulling an AWS SDK we do not otherwise need, and the format is a dozen lines.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +17,8 @@ use rsa::pkcs1v15::SigningKey;
 use rsa::pkcs8::DecodePrivateKey;
 use rsa::signature::{SignatureEncoding, Signer};
 use sha1::Sha1;
+
+use crate::model::{CdnCookies, ContentId};
 
 #[derive(Debug, thiserror::Error)]
 #[error("MONETA_CDN_PRIVATE_KEY_FILE: {0}")]
@@ -52,6 +55,14 @@ impl Cdn {
             Some(signer) => signer.sign_at(&url, SystemTime::now()),
             None => url,
         }
+    }
+
+    /// Signed cookies for everything under `<base>/<content_id>/`, expiring
+    /// with the signed URLs; `None` without a key pair.
+    pub fn cookies(&self, content_id: &ContentId) -> Option<CdnCookies> {
+        let signer = self.signer.as_ref()?;
+        let resource = format!("{}/{content_id}/*", self.base);
+        Some(signer.cookies_at(&resource, SystemTime::now()))
     }
 }
 
@@ -91,21 +102,47 @@ impl CloudFrontSigner {
         }
     }
 
+    /// The expiry of anything signed at `now`: at least `ttl` ahead.
+    fn expires_at(&self, now: SystemTime) -> u64 {
+        let now_s = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        (now_s + self.ttl.as_secs()).div_ceil(self.step) * self.step
+    }
+
     /// Signs `url` so that it is valid at least `ttl` from `now`.
     pub fn sign_at(&self, url: &str, now: SystemTime) -> String {
-        let now_s = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let expires = (now_s + self.ttl.as_secs()).div_ceil(self.step) * self.step;
+        let expires = self.expires_at(now);
         let signed = self.cache.get_with((url.to_owned(), expires), || {
             Arc::from(self.sign_with_expiry(url, expires))
         });
         signed.to_string()
     }
 
+    /// Cookies for a wildcard `resource`, with the same expiry as URLs signed at `now`.
+    pub fn cookies_at(&self, resource: &str, now: SystemTime) -> CdnCookies {
+        let expires = self.expires_at(now);
+        // The cache holds `policy signature` for cookie resources (they end in `*`,
+        // which no URL does, so the keys never meet).
+        let signed = self.cache.get_with((resource.to_owned(), expires), || {
+            let policy = custom_policy(resource, expires);
+            let signature = self.sign(&policy);
+            Arc::from(format!("{} {signature}", cloudfront_base64(policy.as_bytes())))
+        });
+        let (policy, signature) = signed.split_once(' ').unwrap_or_default();
+        CdnCookies {
+            policy: policy.to_owned(),
+            signature: signature.to_owned(),
+            key_pair_id: self.key_pair_id.clone(),
+        }
+    }
+
+    /// RSA-SHA1 over `policy`, in CloudFront's base64.
+    fn sign(&self, policy: &str) -> String {
+        cloudfront_base64(&self.key.sign(policy.as_bytes()).to_bytes())
+    }
+
     /// The canned-policy URL for a fixed expiry (epoch seconds).
     pub fn sign_with_expiry(&self, url: &str, expires: u64) -> String {
-        let policy = canned_policy(url, expires);
-        let signature = self.key.sign(policy.as_bytes());
-        let encoded = cloudfront_base64(&signature.to_bytes());
+        let encoded = self.sign(&canned_policy(url, expires));
         let sep = if url.contains('?') { '&' } else { '?' };
         format!(
             "{url}{sep}Expires={expires}&Signature={encoded}&Key-Pair-Id={}",
@@ -119,6 +156,18 @@ fn canned_policy(url: &str, expires: u64) -> String {
     format!(
         r#"{{"Statement":[{{"Resource":"{url}","Condition":{{"DateLessThan":{{"AWS:EpochTime":{expires}}}}}}}]}}"#
     )
+}
+
+/// A custom policy: the only statement's `Resource` may hold a wildcard. Its
+/// exact bytes are what gets signed and sent, so it is compact JSON.
+fn custom_policy(resource: &str, expires: u64) -> String {
+    serde_json::json!({
+        "Statement": [{
+            "Resource": resource,
+            "Condition": {"DateLessThan": {"AWS:EpochTime": expires}}
+        }]
+    })
+    .to_string()
 }
 
 /// Standard base64 with CloudFront's replacements (`+`→`-`, `=`→`_`, `/`→`~`).
@@ -161,6 +210,17 @@ mod tests {
             v["Statement"][0]["Condition"]["DateLessThan"]["AWS:EpochTime"],
             1700000000
         );
+    }
+
+    #[test]
+    fn custom_policy_names_the_folder_and_the_expiry() {
+        let p = custom_policy("https://d.example/m-1/*", 1700000000);
+        let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+        let statement = &v["Statement"][0];
+        assert_eq!(statement["Resource"], "https://d.example/m-1/*");
+        assert_eq!(statement["Condition"]["DateLessThan"]["AWS:EpochTime"], 1700000000);
+        assert_eq!(v["Statement"].as_array().unwrap().len(), 1);
+        assert!(!p.contains(' '));
     }
 
     #[test]

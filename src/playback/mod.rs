@@ -10,13 +10,13 @@ mod user_state;
 
 use std::sync::Arc;
 
-pub use answer::Answers;
+pub use answer::{Answers, Audience};
 pub use content::Titles;
 use rules::Denial;
 pub use user_state::UserStates;
 
 use crate::auth::Claims;
-use crate::model::{ContentId, ContentPlayback, Entitlement, PlaybackInfo, Sourced};
+use crate::model::{ContentId, ContentPlayback, Entitlement, PlaybackInfo, ResumePoint, Sourced};
 use crate::sources::CallContext;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -35,7 +35,7 @@ pub enum PlaybackError {
 pub struct Authorized {
     pub content: Sourced<Arc<ContentPlayback>>,
     pub entitlement: Sourced<Entitlement>,
-    pub position: Sourced<u64>,
+    pub position: Sourced<ResumePoint>,
 }
 
 impl Authorized {
@@ -96,7 +96,7 @@ impl Playback {
     }
 
     /// The playback-info answer for an authorized title.
-    pub fn assemble(&self, authorized: &Authorized) -> PlaybackInfo {
-        self.answers.playback_info(authorized)
+    pub fn assemble(&self, authorized: &Authorized, audience: &Audience<'_>) -> PlaybackInfo {
+        self.answers.playback_info(authorized, audience)
     }
 }

@@ -1,7 +1,8 @@
 //! Who may watch what: pure rules, no I/O.
 
 use crate::auth::Claims;
-use crate::model::{ContentPlayback, Entitlement};
+use crate::config::ResumeSettings;
+use crate::model::{ContentPlayback, Entitlement, ResumePoint};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Denial {
@@ -20,6 +21,29 @@ pub fn entitlement_from_claims(claims: &Claims) -> Entitlement {
         plan: claims.plan.clone().unwrap_or_default(),
         max_streams: claims.max_streams.unwrap_or(1),
         active: true,
+    }
+}
+
+/// Where playback resumes and whether the title counts as watched (CONTRACT
+/// §7): under `min_pct` of the duration is no resume point; at or over
+/// `max_pct`, or stopped as completed, the title is watched and starts over.
+/// A title without a duration has no thresholds.
+pub fn resume(point: ResumePoint, duration_ms: u64, thresholds: ResumeSettings) -> (u64, bool) {
+    if point.completed {
+        return (0, true);
+    }
+    if duration_ms == 0 {
+        return (point.position_ms, false);
+    }
+    // In u128: position and duration may each be up to 2^53.
+    let share = |pct: u8| u128::from(duration_ms) * u128::from(pct);
+    let scaled = u128::from(point.position_ms) * 100;
+    if scaled >= share(thresholds.max_pct) {
+        (0, true)
+    } else if scaled < share(thresholds.min_pct) {
+        (0, false)
+    } else {
+        (point.position_ms, false)
     }
 }
 
@@ -74,6 +98,35 @@ mod tests {
             max_streams: 1,
             active,
         }
+    }
+
+    const THRESHOLDS: ResumeSettings = ResumeSettings { min_pct: 5, max_pct: 90 };
+
+    fn at(position_ms: u64) -> ResumePoint {
+        ResumePoint { position_ms, completed: false }
+    }
+
+    #[test]
+    fn resume_thresholds_are_inclusive_where_the_contract_says() {
+        let d = 100_000;
+        assert_eq!(resume(at(4_999), d, THRESHOLDS), (0, false));
+        assert_eq!(resume(at(5_000), d, THRESHOLDS), (5_000, false));
+        assert_eq!(resume(at(89_999), d, THRESHOLDS), (89_999, false));
+        assert_eq!(resume(at(90_000), d, THRESHOLDS), (0, true));
+        assert_eq!(resume(at(250_000), d, THRESHOLDS), (0, true));
+    }
+
+    #[test]
+    fn completed_is_watched_whatever_the_position() {
+        let p = ResumePoint { position_ms: 10, completed: true };
+        assert_eq!(resume(p, 100_000, THRESHOLDS), (0, true));
+    }
+
+    #[test]
+    fn no_duration_no_thresholds() {
+        assert_eq!(resume(at(1_234), 0, THRESHOLDS), (1_234, false));
+        let huge = crate::model::PositionMs::MAX;
+        assert_eq!(resume(at(huge), huge, THRESHOLDS), (0, true));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::rules;
 use super::{PlaybackError, cache_metric, fallback_metric};
 use crate::auth::Claims;
-use crate::model::{ContentId, Entitlement, Origin, PositionMs, Sourced};
+use crate::model::{ContentId, Entitlement, Origin, PositionMs, ResumePoint, Sourced};
 use crate::sources::CallContext;
 use crate::sources::internal_api::InternalApi;
 use crate::sources::redis::{RedisStore, WriteBack};
@@ -21,7 +21,7 @@ pub struct UserStates {
 /// the caller turns out to be allowed to play the title.
 pub struct UserState {
     pub entitlement: Sourced<Entitlement>,
-    pub position: Sourced<u64>,
+    pub position: Sourced<ResumePoint>,
     write_back: Option<WriteBack>,
 }
 
@@ -52,7 +52,7 @@ impl UserStates {
         let view = view.unwrap_or_default();
         if redis_up {
             cache_metric("entitlement_redis", view.entitlement.is_some());
-            cache_metric("position_redis", view.position_ms.is_some());
+            cache_metric("position_redis", view.position.is_some());
         }
         let mut write_back = WriteBack::default();
 
@@ -65,7 +65,7 @@ impl UserStates {
             }
         };
         let position = async {
-            match view.position_ms {
+            match view.position {
                 Some(p) => (Sourced::fresh(p), None),
                 None => Box::pin(self.position_from_api(claims, content_id, redis_up, ctx)).await,
             }
@@ -117,22 +117,26 @@ impl UserStates {
         content_id: &ContentId,
         redis_up: bool,
         ctx: &CallContext,
-    ) -> (Sourced<u64>, Option<PositionMs>) {
+    ) -> (Sourced<ResumePoint>, Option<PositionMs>) {
         match self.api.progress(&claims.sub, content_id, ctx).await {
             Ok(found) => {
                 let p = found.map(|p| p.position_ms).unwrap_or(0);
+                let point = ResumePoint {
+                    position_ms: p,
+                    completed: false,
+                };
                 if redis_up {
-                    (Sourced::fresh(p), PositionMs::new(p).ok())
+                    (Sourced::fresh(point), PositionMs::new(p).ok())
                 } else {
                     // Positions reach Redis first and the internal API later, so
                     // without Redis the API's copy may lag the newest heartbeat.
                     fallback_metric("redis", "position_from_api");
-                    (Sourced::new(p, Origin::Stale), None)
+                    (Sourced::new(point, Origin::Stale), None)
                 }
             }
             Err(_) => {
                 fallback_metric("internal_api", "default_position");
-                (Sourced::new(0, Origin::Default), None)
+                (Sourced::new(ResumePoint::default(), Origin::Default), None)
             }
         }
     }

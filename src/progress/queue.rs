@@ -7,14 +7,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use chrono::{DateTime, Utc};
-
-use crate::model::{ContentId, PositionMs, ProgressItem, UserId};
+use crate::model::{ContentId, ProgressItem, UserId};
 
 type Key = (UserId, ContentId);
 
 pub struct ProgressQueue {
-    pending: Mutex<HashMap<Key, (PositionMs, DateTime<Utc>)>>,
+    pending: Mutex<HashMap<Key, ProgressItem>>,
     capacity: usize,
 }
 
@@ -26,29 +24,33 @@ impl ProgressQueue {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, (PositionMs, DateTime<Utc>)>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, ProgressItem>> {
         // A poisoned lock only means another thread panicked mid-insert of plain data.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `item` unless a newer position for its pair is already here.
+    fn merge(pending: &mut HashMap<Key, ProgressItem>, item: ProgressItem) {
+        let key = (item.user_id.clone(), item.content_id.clone());
+        match pending.get(&key) {
+            Some(known) if known.updated_at > item.updated_at => {}
+            _ => {
+                pending.insert(key, item);
+            }
+        }
     }
 
     /// Queues a position; the newer of two positions for the same pair wins.
     /// Returns false when the queue is full and the position was not queued.
     pub fn record(&self, item: ProgressItem) -> bool {
         let mut pending = self.lock();
-        let (position_ms, at) = (item.position_ms, item.updated_at);
-        let key = (item.user_id, item.content_id);
-        if let Some(existing) = pending.get_mut(&key) {
-            if existing.1 <= at {
-                *existing = (position_ms, at);
-            }
-            return true;
-        }
-        if pending.len() >= self.capacity {
+        let known = pending.contains_key(&(item.user_id.clone(), item.content_id.clone()));
+        if !known && pending.len() >= self.capacity {
             drop(pending);
             super::dropped("queue_full", 1);
             return false;
         }
-        pending.insert(key, (position_ms, at));
+        Self::merge(&mut pending, item);
         let depth = pending.len();
         drop(pending);
         metrics::gauge!("moneta_progress_queue_depth").set(depth as f64);
@@ -66,18 +68,7 @@ impl ProgressQueue {
     pub fn take(&self, max: usize) -> Vec<ProgressItem> {
         let mut pending = self.lock();
         let keys: Vec<Key> = pending.keys().take(max).cloned().collect();
-        let items = keys
-            .into_iter()
-            .filter_map(|key| {
-                let (position_ms, updated_at) = pending.remove(&key)?;
-                Some(ProgressItem {
-                    user_id: key.0,
-                    content_id: key.1,
-                    position_ms,
-                    updated_at,
-                })
-            })
-            .collect();
+        let items = keys.iter().filter_map(|key| pending.remove(key)).collect();
         metrics::gauge!("moneta_progress_queue_depth").set(pending.len() as f64);
         items
     }
@@ -86,13 +77,7 @@ impl ProgressQueue {
     pub fn restore(&self, items: Vec<ProgressItem>) {
         let mut pending = self.lock();
         for item in items {
-            let key = (item.user_id, item.content_id);
-            match pending.get(&key) {
-                Some((_, at)) if *at >= item.updated_at => {}
-                _ => {
-                    pending.insert(key, (item.position_ms, item.updated_at));
-                }
-            }
+            Self::merge(&mut pending, item);
         }
         metrics::gauge!("moneta_progress_queue_depth").set(pending.len() as f64);
     }
@@ -101,6 +86,8 @@ impl ProgressQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::PositionMs;
+    use chrono::{DateTime, Utc};
 
     fn item(content: &str, position: u64, at: DateTime<Utc>) -> ProgressItem {
         ProgressItem {
@@ -108,6 +95,7 @@ mod tests {
             content_id: ContentId::parse(content).unwrap(),
             position_ms: PositionMs::new(position).unwrap(),
             updated_at: at,
+            completed: false,
         }
     }
 

@@ -18,7 +18,7 @@ pub use ids::{SessionKey, SessionKeyError};
 
 use crate::auth::Claims;
 use crate::model::{ContentId, DeviceId, LiveSession, PlaybackInfo, PositionMs, ProgressItem, SessionId};
-use crate::playback::{Playback, PlaybackError};
+use crate::playback::{Audience, Playback, PlaybackError};
 use crate::progress::ProgressQueue;
 use crate::resilience::DependencyError;
 use crate::sources::CallContext;
@@ -110,7 +110,11 @@ impl Sessions {
                 evict_oldest: self.evict_oldest,
             })
             .await;
-        let mut playback = self.playback.assemble(&authorized);
+        let audience = Audience {
+            claims,
+            session_id: Some(&session_id),
+        };
+        let mut playback = self.playback.assemble(&authorized, &audience);
         let (now, evicted) = match outcome {
             Ok(StartOutcome::Started { now, evicted }) => (now, evicted),
             Ok(StartOutcome::Full(active)) => {
@@ -147,13 +151,21 @@ impl Sessions {
 
     /// With Redis unreachable the position is kept in memory, delivered
     /// from there (it is the only kind of position a crash can lose).
-    fn keep_unlogged(&self, claims: &Claims, session_id: &SessionId, position: PositionMs, kind: &'static str) {
+    fn keep_unlogged(
+        &self,
+        claims: &Claims,
+        session_id: &SessionId,
+        position: PositionMs,
+        completed: bool,
+        kind: &'static str,
+    ) {
         fallback(kind);
         self.unlogged.record(ProgressItem {
             user_id: claims.sub.clone(),
             content_id: session_id.content_id(),
             position_ms: position,
             updated_at: Utc::now(),
+            completed,
         });
     }
 
@@ -171,27 +183,29 @@ impl Sessions {
             Ok(TouchOutcome::Evicted) => Err(SessionError::Evicted),
             Err(DependencyError::Saturated(_)) => Err(SessionError::Busy),
             Err(_) => {
-                self.keep_unlogged(claims, session_id, position, "heartbeat_unchecked");
+                self.keep_unlogged(claims, session_id, position, false, "heartbeat_unchecked");
                 Ok(Utc::now() + self.ttl)
             }
         }
     }
 
-    /// Ends a session at once, freeing its slot.
+    /// Ends a session at once, freeing its slot; `completed`: the title was
+    /// watched to the end.
     pub async fn stop(
         &self,
         claims: &Claims,
         session_id: &SessionId,
         position: Option<PositionMs>,
+        completed: bool,
     ) -> Result<(), SessionError> {
         self.verified(claims, session_id)?;
-        match self.store.end(&claims.sub, session_id, position).await {
+        match self.store.end(&claims.sub, session_id, position, completed).await {
             Ok(EndOutcome::Ended | EndOutcome::WasEvicted) => Ok(()),
             Ok(EndOutcome::Unknown) => Err(SessionError::NotFound),
             Err(DependencyError::Saturated(_)) => Err(SessionError::Busy),
             Err(_) => {
                 match position {
-                    Some(p) => self.keep_unlogged(claims, session_id, p, "stop_unchecked"),
+                    Some(p) => self.keep_unlogged(claims, session_id, p, completed, "stop_unchecked"),
                     None => fallback("stop_unchecked"),
                 }
                 Ok(())

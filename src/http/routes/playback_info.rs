@@ -3,8 +3,10 @@ use axum::extract::{Path, State};
 
 use crate::http::AppState;
 use crate::http::error::{ApiError, ErrorBody};
+use crate::http::cookies::CdnCookieHeaders;
 use crate::http::extract::Caller;
 use crate::model::{ContentId, PlaybackInfo};
+use crate::playback::Audience;
 use crate::sources::CallContext;
 
 /// Stream URLs, DRM, subtitles and resume position for one title.
@@ -28,8 +30,13 @@ pub async fn playback_info(
     Caller(claims): Caller,
     ctx: CallContext,
     Path(content_id): Path<String>,
-) -> Result<Json<PlaybackInfo>, ApiError> {
+) -> Result<(CdnCookieHeaders, Json<PlaybackInfo>), ApiError> {
     let content_id = ContentId::parse(content_id).map_err(|_| ApiError::InvalidContentId)?;
     let authorized = app.playback.authorize(&claims, &content_id, &ctx).await?;
-    Ok(Json(app.playback.assemble(&authorized)))
+    let audience = Audience {
+        claims: &claims,
+        session_id: None,
+    };
+    let info = app.playback.assemble(&authorized, &audience);
+    Ok((CdnCookieHeaders::new(&info, app.cdn_cookie_domain.as_deref()), Json(info)))
 }

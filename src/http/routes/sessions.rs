@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 
 use crate::http::AppState;
 use crate::http::error::{ApiError, ErrorBody};
+use crate::http::cookies::CdnCookieHeaders;
 use crate::http::extract::{Caller, JsonBody, OptionalJsonBody};
 use crate::model::{ContentId, DeviceId, LiveSession, PlaybackInfo, PositionMs, SessionId};
 use crate::sources::CallContext;
@@ -68,6 +69,9 @@ pub struct StopSession {
     /// 0 to 2^53 − 1.
     #[schema(value_type = Option<u64>, maximum = 9007199254740991_u64)]
     pub position_ms: Option<PositionMs>,
+    /// The title was watched to the end, whatever the position.
+    #[serde(default)]
+    pub completed: bool,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -126,14 +130,16 @@ pub async fn start(
     Caller(claims): Caller,
     ctx: CallContext,
     JsonBody(body): JsonBody<StartSession>,
-) -> Result<(StatusCode, Json<SessionStarted>), ApiError> {
+) -> Result<(StatusCode, CdnCookieHeaders, Json<SessionStarted>), ApiError> {
     let content_id = ContentId::parse(body.content_id).map_err(|_| ApiError::InvalidContentId)?;
     let started = app
         .sessions
         .start(&claims, &content_id, &body.device_id, &ctx)
         .await?;
+    let cookies = CdnCookieHeaders::new(&started.playback, app.cdn_cookie_domain.as_deref());
     Ok((
         StatusCode::CREATED,
+        cookies,
         Json(SessionStarted {
             session_id: started.session_id.into(),
             heartbeat_interval_s: app.heartbeat_interval.as_secs(),
@@ -204,8 +210,10 @@ pub async fn stop(
     Path(raw_id): Path<String>,
     OptionalJsonBody(body): OptionalJsonBody<StopSession>,
 ) -> Result<StatusCode, ApiError> {
-    let position = body.unwrap_or_default().position_ms;
-    app.sessions.stop(&claims, &session_id(raw_id)?, position).await?;
+    let body = body.unwrap_or_default();
+    app.sessions
+        .stop(&claims, &session_id(raw_id)?, body.position_ms, body.completed)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::{self, UserKeys};
 use super::{POSITION_TTL_S, RedisStore};
-use crate::model::{ContentId, ContentPlayback, Entitlement, PositionMs, UserId};
+use crate::model::{ContentId, ContentPlayback, Entitlement, PositionMs, ResumePoint, UserId};
 use crate::resilience::DependencyError;
 
 /// A cached title, or the fact that the internal API does not know it.
@@ -21,7 +21,7 @@ pub struct CachedContent {
 pub struct UserView {
     /// `None`: not cached; `Some(None)`: cached "no entitlement".
     pub entitlement: Option<Option<Entitlement>>,
-    pub position_ms: Option<u64>,
+    pub position: Option<ResumePoint>,
 }
 
 /// Values learnt from the internal API, written back to Redis only once the
@@ -69,7 +69,7 @@ impl RedisStore {
     /// round trip.
     pub async fn user_view(&self, user: &UserId, content_id: &ContentId) -> Result<UserView, DependencyError> {
         let keys = UserKeys::new(user);
-        let (ent, pos): (Option<String>, Option<u64>) = self
+        let (ent, pos): (Option<String>, Option<String>) = self
             .run(|mut c| async move {
                 redis::pipe()
                     .cmd("GET")
@@ -84,7 +84,7 @@ impl RedisStore {
         let entitlement = ent.and_then(|s| serde_json::from_str::<Option<Entitlement>>(&s).ok());
         Ok(UserView {
             entitlement,
-            position_ms: pos,
+            position: pos.as_deref().and_then(ResumePoint::decode),
         })
     }
 

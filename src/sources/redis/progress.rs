@@ -12,7 +12,6 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use redis::{Script, Value};
 
 use super::keys;
@@ -82,6 +81,7 @@ fn parse_entry(fields: &[(String, String)]) -> Option<ProgressItem> {
         content_id: ContentId::parse(get("c")?).ok()?,
         position_ms: PositionMs::new(get("p")?.parse().ok()?).ok()?,
         updated_at: millis_to_utc(get("t")?.parse().ok()?),
+        completed: get("w") == Some("1"),
     })
 }
 
@@ -103,18 +103,21 @@ fn entries(value: &Value) -> Vec<(String, Vec<(String, String)>)> {
         .collect()
 }
 
-fn add_entry(pipe: &mut redis::Pipeline, user: &UserId, content: &ContentId, position: PositionMs, at: DateTime<Utc>) {
+/// The same fields the session scripts write: `u c p t w`.
+fn add_entry(pipe: &mut redis::Pipeline, item: &ProgressItem) {
     pipe.cmd("XADD")
         .arg(keys::progress_log())
         .arg("*")
         .arg("u")
-        .arg(user.as_str())
+        .arg(item.user_id.as_str())
         .arg("c")
-        .arg(content.as_str())
+        .arg(item.content_id.as_str())
         .arg("p")
-        .arg(position.get())
+        .arg(item.position_ms.get())
         .arg("t")
-        .arg(at.timestamp_millis())
+        .arg(item.updated_at.timestamp_millis())
+        .arg("w")
+        .arg(if item.completed { "1" } else { "0" })
         .ignore();
 }
 
@@ -133,29 +136,15 @@ impl RedisStore {
 }
 
 impl ProgressLog {
-    /// Appends one position (cluster mode, where the session script cannot).
-    pub async fn append(
-        &self,
-        user: &UserId,
-        content: &ContentId,
-        position: PositionMs,
-        at: DateTime<Utc>,
-    ) -> Result<(), DependencyError> {
-        let mut pipe = redis::pipe();
-        add_entry(&mut pipe, user, content, position, at);
-        self.redis
-            .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-            .await
-    }
-
-    /// Appends positions that were kept in memory while Redis was down.
+    /// Appends positions: those kept in memory while Redis was down, and
+    /// (cluster mode, where the session script cannot) a heartbeat's.
     pub async fn append_all(&self, items: &[ProgressItem]) -> Result<(), DependencyError> {
         if items.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
         for item in items {
-            add_entry(&mut pipe, &item.user_id, &item.content_id, item.position_ms, item.updated_at);
+            add_entry(&mut pipe, item);
         }
         self.redis
             .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
@@ -306,6 +295,7 @@ mod tests {
             content_id: ContentId::parse("m-1").unwrap(),
             position_ms: PositionMs::new(42).unwrap(),
             updated_at: millis_to_utc(1_700_000_000_123),
+            completed: true,
         };
         let value = parked_value(&item);
         assert!(value.starts_with("1700000000123 "));

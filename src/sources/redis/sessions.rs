@@ -10,7 +10,7 @@ use redis::{Script, Value};
 
 use super::keys::{self, UserKeys};
 use super::{POSITION_TTL_S, RedisStore, millis_to_utc};
-use crate::model::{ContentId, DeviceId, LiveSession, PositionMs, SessionId, UserId};
+use crate::model::{ContentId, DeviceId, LiveSession, PositionMs, ProgressItem, SessionId, UserId};
 use crate::resilience::DependencyError;
 
 static START: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/start.lua")));
@@ -181,10 +181,14 @@ impl SessionStore {
         Ok(match int(reply.first()) {
             1 => {
                 if self.redis.is_cluster() {
-                    self.redis
-                        .progress_log()
-                        .append(user, &content, position, now)
-                        .await?;
+                    let item = ProgressItem {
+                        user_id: user.clone(),
+                        content_id: content,
+                        position_ms: position,
+                        updated_at: now,
+                        completed: false,
+                    };
+                    self.redis.progress_log().append_all(std::slice::from_ref(&item)).await?;
                 }
                 TouchOutcome::Touched(now)
             }
@@ -193,12 +197,14 @@ impl SessionStore {
         })
     }
 
-    /// Ends a session at once, freeing its slot; records a final position.
+    /// Ends a session at once, freeing its slot; records a final position
+    /// (and, `completed`, that the title was watched to the end).
     pub async fn end(
         &self,
         user: &UserId,
         session_id: &SessionId,
         position: Option<PositionMs>,
+        completed: bool,
     ) -> Result<EndOutcome, DependencyError> {
         let keys = UserKeys::new(user);
         let content = session_id.content_id();
@@ -215,7 +221,8 @@ impl SessionStore {
             .arg(position.map(|p| p.get().to_string()).unwrap_or_default())
             .arg(POSITION_TTL_S)
             .arg(user.as_str())
-            .arg(content.as_str());
+            .arg(content.as_str())
+            .arg(if completed { "1" } else { "0" });
         let reply: Vec<Value> = self
             .redis
             .run(|mut c| async move { call.invoke_async(&mut c).await })
@@ -225,14 +232,20 @@ impl SessionStore {
             2 => EndOutcome::WasEvicted,
             _ => return Ok(EndOutcome::Unknown),
         };
-        if let Some(position) = position
+        let recorded = text(reply.get(2))
+            .and_then(|p| p.parse().ok())
+            .and_then(|p| PositionMs::new(p).ok());
+        if let Some(position) = recorded
             && self.redis.is_cluster()
         {
-            let now = millis_to_utc(int(reply.get(1)));
-            self.redis
-                .progress_log()
-                .append(user, &content, position, now)
-                .await?;
+            let item = ProgressItem {
+                user_id: user.clone(),
+                content_id: content,
+                position_ms: position,
+                updated_at: millis_to_utc(int(reply.get(1))),
+                completed,
+            };
+            self.redis.progress_log().append_all(std::slice::from_ref(&item)).await?;
         }
         Ok(outcome)
     }

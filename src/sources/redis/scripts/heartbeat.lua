@@ -1,7 +1,8 @@
 -- Records a heartbeat and the position it carries: the resume position, and
 -- (single-node mode, KEYS[6] given) the entry in the progress log that carries
 -- it to the internal API, in the same atomic step, before the player is told
--- the position is safe. Liveness is judged by Redis' own clock.
+-- the position is safe. Liveness is judged by Redis' own clock. A heartbeat
+-- means the title is being watched again, so it clears a `completed` mark.
 -- KEYS[1] sessions zset, KEYS[2] session info hash, KEYS[3] positions hash,
 -- KEYS[4] devices hash, KEYS[5] evicted hash, KEYS[6] progress log stream (optional)
 -- ARGV: ttl_ms, session_id, position_ms, position_ttl_s, user_id, content_id
