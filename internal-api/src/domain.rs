@@ -22,6 +22,10 @@ pub struct ContentPlayback {
     pub required_plans: Vec<String>,
     pub streams: Vec<Stream>,
     pub subtitles: Vec<Subtitle>,
+    /// Always an array, sorted by `start_ms` then `type`. A snapshot written
+    /// before markers existed still reads, as a title without any.
+    #[serde(default)]
+    pub markers: Vec<Marker>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +45,17 @@ pub struct Drm {
 pub struct Subtitle {
     pub language: String,
     pub path: String,
+}
+
+/// A skippable part of a title; the schema keeps `type` to the contract's
+/// four values and `start_ms < end_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Marker {
+    #[serde(rename = "type")]
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
 }
 
 /// The document `export-snapshot` prints, read by Moneta as its fallback
@@ -254,6 +269,7 @@ mod tests {
                 drm: None,
             }],
             subtitles: vec![],
+            markers: vec![],
         };
         let v = serde_json::to_value(&c).expect("serialise");
         assert!(v["available_countries"].is_null());
@@ -262,5 +278,31 @@ mod tests {
                 .is_some_and(|o| o.contains_key("available_countries"))
         );
         assert!(v["streams"][0]["drm"].is_null());
+        assert_eq!(v["markers"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn markers_carry_the_contract_field_names() {
+        let marker = Marker {
+            kind: "intro".into(),
+            start_ms: 1,
+            end_ms: 2,
+        };
+        let v = serde_json::to_value(&marker).expect("serialise");
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "intro", "start_ms": 1, "end_ms": 2})
+        );
+    }
+
+    #[test]
+    fn a_snapshot_entry_without_markers_reads_as_none() {
+        let c: ContentPlayback = serde_json::from_value(serde_json::json!({
+            "content_id": "m-1", "title": "t", "duration_ms": 1,
+            "available_countries": null, "required_plans": [],
+            "streams": [], "subtitles": [],
+        }))
+        .expect("an entry written before markers existed");
+        assert!(c.markers.is_empty());
     }
 }

@@ -8,7 +8,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool};
 
 use crate::domain::{
-    ContentId, ContentPlayback, Drm, Entitlement, Progress, ProgressItem, Stream, Subtitle, UserId,
+    ContentId, ContentPlayback, Drm, Entitlement, Marker, Progress, ProgressItem, Stream, Subtitle, UserId,
 };
 
 #[derive(sqlx::FromRow)]
@@ -36,6 +36,13 @@ struct SubtitleRow {
     path: String,
 }
 
+#[derive(sqlx::FromRow)]
+struct MarkerRow {
+    content_id: String,
+    #[sqlx(flatten)]
+    marker: Marker,
+}
+
 impl StreamRow {
     fn split(self) -> (String, Stream) {
         let drm = match (self.drm_system, self.drm_key_id) {
@@ -59,6 +66,12 @@ impl SubtitleRow {
             path: self.path,
         };
         (self.content_id, subtitle)
+    }
+}
+
+impl MarkerRow {
+    fn split(self) -> (String, Marker) {
+        (self.content_id, self.marker)
     }
 }
 
@@ -88,8 +101,9 @@ pub async fn all_content_playback(pool: &PgPool) -> Result<Vec<ContentPlayback>,
 const CONTENT_COLUMNS: &str = "id, title, duration_ms, available_countries, required_plans";
 const STREAM_COLUMNS: &str = "content_id, protocol, path, drm_system, drm_key_id";
 const SUBTITLE_COLUMNS: &str = "content_id, language, path";
+const MARKER_COLUMNS: &str = "content_id, type, start_ms, end_ms";
 
-/// Titles sorted by id, all of them or `only` one: three queries whatever
+/// Titles sorted by id, all of them or `only` one: four queries whatever
 /// the number of titles.
 async fn read_contents(
     conn: &mut PgConnection,
@@ -112,11 +126,16 @@ async fn read_contents(
         "SELECT {SUBTITLE_COLUMNS} FROM subtitles {by_content_id} ORDER BY content_id, ordinal, language"
     );
     let mut subtitles = by_content(fetch_all(conn, &sql, only).await?, SubtitleRow::split);
+    // The contract's order; the primary key makes it total.
+    let sql =
+        format!("SELECT {MARKER_COLUMNS} FROM markers {by_content_id} ORDER BY content_id, start_ms, type");
+    let mut markers = by_content(fetch_all(conn, &sql, only).await?, MarkerRow::split);
     Ok(rows
         .into_iter()
         .map(|row| ContentPlayback {
             streams: streams.remove(&row.id).unwrap_or_default(),
             subtitles: subtitles.remove(&row.id).unwrap_or_default(),
+            markers: markers.remove(&row.id).unwrap_or_default(),
             content_id: row.id,
             title: row.title,
             duration_ms: row.duration_ms,

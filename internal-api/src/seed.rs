@@ -26,11 +26,18 @@ pub struct DemoContent {
     /// every DRM system.
     pub key_id: Option<&'static str>,
     pub streams: &'static [DemoStream],
+    pub markers: &'static [DemoMarker],
 }
 
 pub struct DemoStream {
     pub protocol: &'static str,
     pub drm_system: Option<&'static str>,
+}
+
+pub struct DemoMarker {
+    pub kind: &'static str,
+    pub start_ms: i64,
+    pub end_ms: i64,
 }
 
 const DASH: DemoStream = DemoStream::new("dash", None);
@@ -65,6 +72,7 @@ const fn title(
         subtitles,
         key_id: None,
         streams: &[],
+        markers: &[],
     }
 }
 
@@ -75,6 +83,18 @@ impl DemoContent {
             streams,
             ..self
         }
+    }
+
+    const fn markers(self, markers: &'static [DemoMarker]) -> Self {
+        Self { markers, ..self }
+    }
+}
+
+const fn marker(kind: &'static str, start_ms: i64, end_ms: i64) -> DemoMarker {
+    DemoMarker {
+        kind,
+        start_ms,
+        end_ms,
     }
 }
 
@@ -99,7 +119,8 @@ pub const USERS: &[DemoUser] = &[
 #[rustfmt::skip]
 pub const CATALOG: &[DemoContent] = &[
     title("m-0001", "Parasite", 7_920_000, EVERYWHERE, ANY_PLAN, &["ko", "en"])
-        .streams(Some("0123abcd0123abcd0123abcd0123abcd"), &[DASH_WIDEVINE, HLS]),
+        .streams(Some("0123abcd0123abcd0123abcd0123abcd"), &[DASH_WIDEVINE, HLS])
+        .markers(&[marker("intro", 30_000, 105_000), marker("credits", 7_680_000, 7_920_000)]),
     title("m-0002", "Oldboy", 7_200_000, EVERYWHERE, &["premium"], &["ko", "en"])
         .streams(Some("9f8e7d6c5b4a39281706f5e4d3c2b1a0"), &[DASH_WIDEVINE, HLS_FAIRPLAY]),
     title("m-0003", "The Host", 7_140_000, Some(&["KR"]), ANY_PLAN, &["ko"])
@@ -242,6 +263,36 @@ async fn seed_content(conn: &mut PgConnection, content: &DemoContent) -> Result<
         .bind(ordinal);
         changed += rows_changed(&mut *conn, write).await?;
     }
+    Ok(changed + seed_markers(conn, content).await?)
+}
+
+/// Two set-wise statements rather than one per marker: a marker has no
+/// ordinal to upsert by, so those not in the demo set are found by their key
+/// `(start_ms, type)`, the same key the upsert conflicts on.
+async fn seed_markers(conn: &mut PgConnection, content: &DemoContent) -> Result<u64, sqlx::Error> {
+    let kinds: Vec<&str> = content.markers.iter().map(|m| m.kind).collect();
+    let starts: Vec<i64> = content.markers.iter().map(|m| m.start_ms).collect();
+    let ends: Vec<i64> = content.markers.iter().map(|m| m.end_ms).collect();
+    let write = sqlx::query(
+        "DELETE FROM markers WHERE content_id = $1
+         AND (start_ms, type) NOT IN (SELECT * FROM UNNEST($2::int8[], $3::text[]))",
+    )
+    .bind(content.id)
+    .bind(&starts)
+    .bind(&kinds);
+    let mut changed = rows_changed(&mut *conn, write).await?;
+    let write = sqlx::query(
+        "INSERT INTO markers (content_id, type, start_ms, end_ms)
+         SELECT $1, * FROM UNNEST($2::text[], $3::int8[], $4::int8[])
+         ON CONFLICT (content_id, start_ms, type) DO UPDATE
+         SET end_ms = EXCLUDED.end_ms
+         WHERE markers.end_ms IS DISTINCT FROM EXCLUDED.end_ms",
+    )
+    .bind(content.id)
+    .bind(&kinds)
+    .bind(&starts)
+    .bind(&ends);
+    changed += rows_changed(&mut *conn, write).await?;
     Ok(changed)
 }
 
@@ -272,6 +323,20 @@ mod tests {
             // The schema refuses a DRM system without its key id.
             let protected = c.streams.iter().any(|s| s.drm_system.is_some());
             assert_eq!(protected, c.key_id.is_some(), "{} key id", c.id);
+            for m in c.markers {
+                assert!(
+                    ["intro", "recap", "credits", "preview"].contains(&m.kind),
+                    "{} marker type {}",
+                    c.id,
+                    m.kind
+                );
+                assert!(
+                    0 <= m.start_ms && m.start_ms < m.end_ms && m.end_ms <= c.duration_ms,
+                    "{} {} marker outside the title",
+                    c.id,
+                    m.kind
+                );
+            }
         }
         let parasite = &CATALOG[0];
         assert_eq!((parasite.id, parasite.title), ("m-0001", "Parasite"));

@@ -9,47 +9,15 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::helpers::{
-    TRACE_ID, entitlement_path, playback_path, send, shared_server, spawn_seeded_app, traced,
+    TRACE_ID, entitlement_path, internal_api, playback_path, run_ok, send, shared_server, spawn_seeded_app,
+    traced,
 };
-
-const BIN: &str = env!("CARGO_BIN_EXE_internal-api");
-
-/// The binary with a clean environment, so settings of whoever runs the
-/// tests cannot leak in.
-fn internal_api(database_url: Option<&str>) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    if let Some(url) = database_url {
-        cmd.env("DATABASE_URL", url);
-    }
-    cmd
-}
-
-async fn run_ok(cmd: &mut Command) -> std::process::Output {
-    let output = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("command finished in time")
-        .expect("command ran");
-    assert!(
-        output.status.success(),
-        "{:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
-        cmd,
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
 
 /// Every row of the seeded tables with its `xmin`, which changes whenever a
 /// row is rewritten, even to the same values.
 async fn table_state(pool: &PgPool) -> Vec<String> {
     let mut rows = Vec::new();
-    for table in ["contents", "streams", "subtitles", "entitlements"] {
+    for table in ["contents", "streams", "subtitles", "markers", "entitlements"] {
         let mut part: Vec<String> = sqlx::query_scalar(&format!(
             "SELECT '{table} ' || t.xmin::text || ' ' || t::text FROM {table} t ORDER BY t::text"
         ))
@@ -94,14 +62,10 @@ async fn seeding_twice_changes_nothing() {
 #[tokio::test]
 async fn reseeding_restores_edited_demo_rows() {
     let app = spawn_seeded_app().await;
-    sqlx::query("UPDATE entitlements SET max_streams = 9 WHERE user_id = 'demo-basic'")
-        .execute(&app.db)
-        .await
-        .expect("update");
-    sqlx::query("DELETE FROM streams WHERE content_id = 'm-0001' AND ordinal = 1")
-        .execute(&app.db)
-        .await
-        .expect("delete");
+    app.execute("UPDATE entitlements SET max_streams = 9 WHERE user_id = 'demo-basic'")
+        .await;
+    app.execute("DELETE FROM streams WHERE content_id = 'm-0001' AND ordinal = 1")
+        .await;
     let report = internal_api::seed::apply(&app.db).await.expect("seed");
     assert_eq!(report.rows_changed, 2);
     let again = internal_api::seed::apply(&app.db).await.expect("seed");

@@ -24,6 +24,10 @@ async fn playback_returns_the_contract_shape() {
             "subtitles": [
                 {"language": "ko", "path": "/m-0001/subs/ko.vtt"},
                 {"language": "en", "path": "/m-0001/subs/en.vtt"}
+            ],
+            "markers": [
+                {"type": "intro", "start_ms": 30_000, "end_ms": 105_000},
+                {"type": "credits", "start_ms": 7_680_000, "end_ms": 7_920_000}
             ]
         })
     );

@@ -1,7 +1,9 @@
 //! Test harness: a fresh database per test on a real PostgreSQL server
-//! (testkit), the application served on a random port, and the one way each
-//! suite sends a request and checks an answer.
+//! (testkit), the application served on a random port, the binary run with a
+//! clean environment, and the one way each suite sends a request and checks
+//! an answer.
 
+use std::process::Stdio;
 use std::time::Duration;
 
 use internal_api::configuration::Settings;
@@ -10,6 +12,7 @@ use reqwest::{Method, RequestBuilder, Response};
 use serde_json::Value;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use tokio::process::Command;
 use tokio::sync::oneshot;
 
 pub use testkit::{PgServer, shared_server};
@@ -124,6 +127,15 @@ impl TestApp {
         assert_error(self.get(path).await, status, code).await
     }
 
+    /// Edits the database behind the app's back, as an operator would by
+    /// hand.
+    pub async fn execute(&self, sql: &str) {
+        sqlx::query(sql)
+            .execute(&self.db)
+            .await
+            .unwrap_or_else(|err| panic!("{sql}: {err}"));
+    }
+
     pub async fn progress_rows(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM watch_progress")
             .fetch_one(&self.db)
@@ -167,4 +179,37 @@ pub async fn assert_error(response: Response, status: u16, code: &str) -> Value 
     assert_eq!(body["error"]["code"], code, "body: {body}");
     assert!(body["error"]["message"].is_string(), "body: {body}");
     body
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_internal-api");
+
+/// The binary with a clean environment, so settings of whoever runs the
+/// tests cannot leak in.
+pub fn internal_api(database_url: Option<&str>) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if let Some(url) = database_url {
+        cmd.env("DATABASE_URL", url);
+    }
+    cmd
+}
+
+pub async fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let output = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("command finished in time")
+        .expect("command ran");
+    assert!(
+        output.status.success(),
+        "{:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
+        cmd,
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
 }

@@ -5,6 +5,7 @@ mod cli;
 mod contents;
 mod health;
 mod helpers;
+mod markers;
 mod outage;
 mod progress;
 mod users;
