@@ -13,6 +13,10 @@ use crate::sources::redis::{Delivery, ProgressLog, Settlement};
 
 /// Rounds per tick at most, so a large backlog drains in bounded bites.
 const MAX_ROUNDS_PER_TICK: usize = 50;
+/// Consumers of instances gone this long (holding nothing) leave the group.
+const CONSUMER_IDLE: Duration = Duration::from_secs(3600);
+/// Ticks between two looks for such consumers.
+const CONSUMER_SWEEP_TICKS: u64 = 600;
 
 /// What became of each item of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,12 +239,17 @@ impl Courier {
     /// in memory within `grace` (what is in Redis is left for any instance).
     pub async fn run(self, stop: Arc<Notify>, grace: Duration) {
         let _ = self.log.ensure_group().await;
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = stop.notified() => break,
                 _ = tokio::time::sleep(self.interval) => {}
             }
             self.tick().await;
+            ticks += 1;
+            if ticks % CONSUMER_SWEEP_TICKS == 0 {
+                let _ = self.log.forget_idle_consumers(CONSUMER_IDLE).await;
+            }
         }
         let deadline = tokio::time::Instant::now() + grace;
         loop {

@@ -267,6 +267,62 @@ impl ProgressLog {
             .map(drop)
     }
 
+    /// Forgets consumers (instances long gone) that hold no entries and were
+    /// idle longer than `idle`, so the group does not grow with restarts.
+    pub async fn forget_idle_consumers(&self, idle: Duration) -> Result<usize, DependencyError> {
+        let log = keys::progress_log();
+        let consumers: Vec<Value> = self
+            .redis
+            .run(|mut c| {
+                let log = log.clone();
+                async move {
+                    redis::cmd("XINFO")
+                        .arg("CONSUMERS")
+                        .arg(log)
+                        .arg(PROGRESS_GROUP)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        let idle_ms = idle.as_millis() as i64;
+        let gone: Vec<String> = consumers
+            .iter()
+            .filter_map(|consumer| {
+                let fields: Vec<Value> = redis::from_redis_value_ref(consumer).ok()?;
+                let get = |name: &str| {
+                    fields
+                        .chunks(2)
+                        .find(|kv| kv.first().and_then(|k| redis::from_redis_value_ref::<String>(k).ok()).as_deref() == Some(name))
+                        .and_then(|kv| kv.get(1))
+                };
+                let name: String = redis::from_redis_value_ref(get("name")?).ok()?;
+                let pending: i64 = redis::from_redis_value_ref(get("pending")?).ok()?;
+                let idle: i64 = redis::from_redis_value_ref(get("idle")?).ok()?;
+                (pending == 0 && idle > idle_ms && name != self.consumer).then_some(name)
+            })
+            .collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let count = gone.len();
+        self.redis
+            .run(|mut c| async move {
+                let mut pipe = redis::pipe();
+                for name in &gone {
+                    pipe.cmd("XGROUP")
+                        .arg("DELCONSUMER")
+                        .arg(&log)
+                        .arg(PROGRESS_GROUP)
+                        .arg(name)
+                        .ignore();
+                }
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await?;
+        Ok(count)
+    }
+
     /// Entries in the log and parked pairs (for metrics and tests).
     pub async fn backlog(&self) -> Result<(u64, u64), DependencyError> {
         let (log, parked) = (keys::progress_log(), keys::progress_parked());
