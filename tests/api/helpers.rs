@@ -2,7 +2,7 @@
 //! in front of a small internal API that counts its calls and fails on demand.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,14 +19,15 @@ use moneta::config::Settings;
 use moneta::startup::Application;
 
 /// How the fake internal API misbehaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fault {
-    None = 0,
-    Status500 = 1,
-    Hang = 2,
-    Garbage = 3,
-    Slow = 4,
+    #[default]
+    None,
+    Status500,
+    Hang,
+    Garbage,
+    /// Answers correctly, but only after this long.
+    Slow(Duration),
 }
 
 #[derive(Default)]
@@ -41,7 +42,7 @@ pub struct FakeState {
     pub entitlement_calls: AtomicUsize,
     pub progress_calls: AtomicUsize,
     pub total_calls: AtomicUsize,
-    fault: AtomicU8,
+    fault: Mutex<Fault>,
 }
 
 #[derive(Clone)]
@@ -52,7 +53,7 @@ pub struct FakeApi {
 
 impl FakeApi {
     pub fn set_fault(&self, fault: Fault) {
-        self.state.fault.store(fault as u8, Ordering::SeqCst);
+        *self.state.fault.lock().unwrap() = fault;
     }
     pub fn content_calls(&self) -> usize {
         self.state.content_calls.load(Ordering::SeqCst)
@@ -74,24 +75,25 @@ impl FakeApi {
 
 async fn misbehave(state: &FakeState) -> Option<Response> {
     state.total_calls.fetch_add(1, Ordering::SeqCst);
-    match state.fault.load(Ordering::SeqCst) {
-        1 => Some((StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()),
-        2 => {
+    let fault = *state.fault.lock().unwrap();
+    match fault {
+        Fault::None => None,
+        Fault::Status500 => Some((StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()),
+        Fault::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             None
         }
-        3 => Some(
+        Fault::Garbage => Some(
             (
                 [("content-type", "application/json")],
                 "{\"content_id\": [not json",
             )
                 .into_response(),
         ),
-        4 => {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+        Fault::Slow(delay) => {
+            tokio::time::sleep(delay).await;
             None
         }
-        _ => None,
     }
 }
 
@@ -153,7 +155,7 @@ async fn progress(
 
 async fn batch(State(s): State<Arc<FakeState>>, Json(body): Json<Value>) -> Response {
     // A write has no JSON answer to garble; a broken server fails it instead.
-    if s.fault.load(Ordering::SeqCst) == Fault::Garbage as u8 {
+    if *s.fault.lock().unwrap() == Fault::Garbage {
         s.total_calls.fetch_add(1, Ordering::SeqCst);
         return (StatusCode::INTERNAL_SERVER_ERROR, "<html>bad gateway</html>").into_response();
     }
