@@ -9,7 +9,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -127,7 +126,8 @@ fn echo(method: Method, uri: Uri, headers: HeaderMap) -> impl IntoResponse {
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
+        // Only an edge that never answers reaches this.
+        .timeout(support::PATIENCE)
         .build()
         .expect("reqwest client")
 }
@@ -172,7 +172,7 @@ fn request_ids(response: &reqwest::Response) -> Vec<String> {
 fn raw_exchange(port: u16, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to nginx");
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(support::PATIENCE))
         .expect("read timeout");
     stream.write_all(request).expect("write raw request");
     let mut answer = Vec::new();

@@ -29,7 +29,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
 use serde_json::{Value, json};
-use support::{DEV_SECRET, MonetaProcess, RedisServer};
+use support::{DEV_SECRET, MonetaProcess, PATIENCE, RedisServer};
 
 // ---------------------------------------------------------------------------
 // In-test servers
@@ -477,7 +477,8 @@ async fn metrics_pass_promtool_and_carry_the_contract_series() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_state_is_exported_before_any_transition() {
-    // Nothing listens on either port: no call has succeeded or opened a breaker yet.
+    // Nothing listens on either port: no call has succeeded yet, and however
+    // long the scrape below takes, the failing probes cannot open a breaker.
     let redis_url = format!("redis://127.0.0.1:{}", support::free_port());
     let moneta = MonetaProcess::start(&[
         ("MONETA_REDIS_URL", redis_url),
@@ -485,6 +486,8 @@ async fn breaker_state_is_exported_before_any_transition() {
             "MONETA_INTERNAL_API_URL",
             format!("http://127.0.0.1:{}", support::free_port()),
         ),
+        ("MONETA_REDIS_BREAKER_FAILURES", "1000000".to_owned()),
+        ("MONETA_INTERNAL_API_BREAKER_FAILURES", "1000000".to_owned()),
     ]);
     let text = metrics_text(&moneta).await;
     for dependency in ["redis", "internal_api"] {
@@ -522,7 +525,7 @@ async fn traces_continue_the_incoming_traceparent_and_reach_the_collector() {
     .await;
     assert_eq!(resp.status(), 200);
 
-    let spans = eventually(Duration::from_secs(15), || {
+    let spans = eventually(PATIENCE, || {
         let spans = collector.spans_of(TRACE_ID);
         let server = spans.iter().any(|s| s.kind == SpanKind::Server as i32);
         let internal_api = spans.iter().any(|s| s.attributes.contains_key("url.full"));
@@ -623,13 +626,16 @@ async fn traces_reach_a_grpc_collector_and_the_last_ones_leave_at_shutdown() {
     )
     .await;
     assert_eq!(resp.status(), 200);
+    // Room for an early export to show; a slow machine only makes this check weaker.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         collector.spans_of(trace_id).is_empty(),
         "exported before shutdown"
     );
 
-    let status = tokio::task::block_in_place(|| moneta.terminate(Duration::from_secs(10)));
+    // The drain and the final flush have their own bounds; this deadline only
+    // catches a process that never exits.
+    let status = tokio::task::block_in_place(|| moneta.terminate(PATIENCE));
     assert!(
         status.is_some_and(|s| s.success()),
         "moneta did not stop cleanly: {status:?}"
@@ -646,6 +652,9 @@ async fn traces_reach_a_grpc_collector_and_the_last_ones_leave_at_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_collector_never_slows_requests() {
+    // An export to it waits this long; a request that waited for an export
+    // would take as long, one that did not stays an order of magnitude under.
+    const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
     // Accepts connections (the kernel does) but never reads or answers: the
     // worst collector, since every export waits for its timeout.
     let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -659,6 +668,10 @@ async fn an_unreachable_collector_never_slows_requests() {
             format!("http://127.0.0.1:{blackhole_port}"),
         ));
         env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_owned()));
+        env.push((
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+            EXPORT_TIMEOUT.as_millis().to_string(),
+        ));
         env.push(("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned()));
         let moneta = MonetaProcess::start(&env);
         let token = support::mint_token("u-nocollector", "premium", 4, "KR");
@@ -668,7 +681,7 @@ async fn an_unreachable_collector_never_slows_requests() {
             let started = Instant::now();
             assert_eq!(fetch(&url, Some(&token), None).await.status(), 200);
             assert!(
-                started.elapsed() < Duration::from_millis(500),
+                started.elapsed() < EXPORT_TIMEOUT / 10,
                 "{protocol}: a request took {:?} with the collector down",
                 started.elapsed()
             );
@@ -738,7 +751,7 @@ async fn log_lines_carry_the_trace_id_and_no_secret() {
             .into_iter()
             .find(|l| l["target"] == "moneta::access" && l["request_id"] == id)
     };
-    let line = eventually(Duration::from_secs(5), || access(&request_id))
+    let line = eventually(PATIENCE, || access(&request_id))
         .await
         .unwrap_or_else(|| panic!("no access-log line for {request_id}:\n{}", moneta.output()));
     assert_eq!(line["trace_id"], TRACE_ID);
@@ -752,13 +765,11 @@ async fn log_lines_carry_the_trace_id_and_no_secret() {
         "{line}"
     );
 
-    let line = eventually(Duration::from_secs(5), || access(&fresh_id))
-        .await
-        .unwrap();
+    let line = eventually(PATIENCE, || access(&fresh_id)).await.unwrap();
     assert!(is_hex_id(&line["trace_id"], 32), "{line}");
     assert_ne!(line["trace_id"], TRACE_ID);
 
-    let warnings = eventually(Duration::from_secs(5), || {
+    let warnings = eventually(PATIENCE, || {
         let w: Vec<Value> = json_lines(&moneta.output())
             .into_iter()
             .filter(|l| l["level"] == "WARN" && l["trace_id"] == failing_trace)
@@ -803,7 +814,7 @@ async fn warnings_carry_the_trace_id_when_info_logs_are_off() {
     .await;
     // Unknown title everywhere and no snapshot: 503, with warnings on the way.
     assert_eq!(resp.status(), 503);
-    let found = eventually(Duration::from_secs(5), || {
+    let found = eventually(PATIENCE, || {
         json_lines(&moneta.output())
             .into_iter()
             .find(|l| l["level"] == "WARN" && l["trace_id"] == TRACE_ID)

@@ -16,6 +16,12 @@ pub use redis::{RedisCluster, RedisServer};
 // Suites that check what reached PostgreSQL use the same client as the kit.
 pub use sqlx;
 
+/// The deadline for anything that should happen "soon": a process listening,
+/// a log line written, a background task's effect showing. It only ends a
+/// wait for something that is never going to happen, so it is generous: a
+/// loaded machine must not fail a test whose behaviour is right.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -46,7 +52,7 @@ pub fn require_binary(name: &str) -> PathBuf {
 
 /// Waits until something accepts on `port`, failing early if `child` exits.
 pub fn wait_for_port(port: u16, what: &str, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + PATIENCE;
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return;
@@ -56,7 +62,7 @@ pub fn wait_for_port(port: u16, what: &str, child: &mut Child) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("{what} did not listen on port {port} within 20 s");
+    panic!("{what} did not listen on port {port} within {PATIENCE:?}");
 }
 
 /// Sends a signal by name (`TERM`, `STOP`, `CONT`, …) to a process.

@@ -133,7 +133,7 @@ impl Nginx {
             prefix,
             child: Some(child),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + crate::PATIENCE;
         loop {
             if TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return Ok(nginx);
@@ -145,7 +145,8 @@ impl Nginx {
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "nginx did not accept connections on port {port} within 10 s:\n{}",
+                    "nginx did not accept connections on port {port} within {:?}:\n{}",
+                    crate::PATIENCE,
                     nginx.error_log()
                 ));
             }
@@ -185,7 +186,7 @@ impl Nginx {
     where
         F: FnMut(&[serde_json::Value]) -> bool,
     {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + crate::PATIENCE;
         loop {
             let lines = self.access_log();
             if found(&lines) {

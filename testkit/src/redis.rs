@@ -111,7 +111,7 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         // Slots are assigned at once, but every node must agree before clients use it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + crate::PATIENCE;
         for node in &nodes {
             loop {
                 let info = Command::new(require_binary("redis-cli"))

@@ -14,6 +14,8 @@ async fn sessions_and_playback_on_a_redis_cluster() {
     let app = spawn_app_with(|v| {
         v.push(("MONETA_REDIS_CLUSTER_URLS".into(), urls.clone()));
         v.push(("MONETA_CONTENT_LOCAL_TTL_MS".into(), "1".into()));
+        // The last read finds the entitlement cached, however long the test takes.
+        v.push(("MONETA_ENTITLEMENT_TTL_S".into(), "3600".into()));
     })
     .await;
     let token = app.token("u-basic", "basic", 1, "KR");

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::fault_proxy::FaultProxy;
 use crate::helpers::{Fault, TestApp, eventually, spawn_app, spawn_app_with};
-use crate::support::{self, RedisServer};
+use crate::support::{self, PATIENCE, RedisServer};
 
 const CLIENTS: usize = 32;
 /// Pause between a client's requests: enough load to matter, bounded in rate.
@@ -33,9 +33,6 @@ const DEPENDENCY_TIMEOUT: Duration = Duration::from_secs(5);
 const CALLS_IN_A_ROW: u32 = 2;
 /// Only a server that never answers reaches this.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
-/// The deadline for a breaker to open or close: it only ends a wait for
-/// something that is not going to happen.
-const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Long dependency timeouts (see the module comment). The whole-request bound
 /// stays above the longest chain of dependency calls, so that only the

@@ -3,6 +3,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::helpers::{Fault, eventually, spawn_app};
+use crate::support::PATIENCE;
+
+/// The contract's bound for delivering a position once the internal API is reachable.
+const DELIVERY: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn resume_position_round_trip() {
@@ -37,7 +41,7 @@ async fn positions_reach_the_internal_api() {
         assert_eq!(app.heartbeat(&token, id, p).await.status(), 200);
     }
     let api = app.api.clone();
-    let delivered = eventually(Duration::from_secs(5), || {
+    let delivered = eventually(DELIVERY, || {
         api.delivered()
             .iter()
             .any(|i| i["user_id"] == "u-standard" && i["content_id"] == "m-0001" && i["position_ms"] == 3_000)
@@ -53,11 +57,12 @@ async fn positions_written_while_the_api_is_down_arrive_after_recovery() {
     let s_id = app.started_session(&token, "m-0001", "tv").await;
     app.api.set_fault(Fault::Status500);
     assert_eq!(app.heartbeat(&token, s_id.as_str(), 777).await.status(), 200);
+    // Gives a delivery the chance to (wrongly) happen; a slow machine only makes this check weaker.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(app.api.delivered().is_empty());
     app.api.set_fault(Fault::None);
     let api = app.api.clone();
-    let delivered = eventually(Duration::from_secs(30), || {
+    let delivered = eventually(DELIVERY, || {
         api.delivered().iter().any(|i| i["position_ms"] == 777)
     })
     .await;
@@ -74,7 +79,8 @@ async fn positions_the_api_refuses_are_parked_in_redis_until_it_recovers() {
     let client = redis::Client::open(app.redis.url.as_str()).unwrap();
     let mut conn = client.get_connection().unwrap();
     let mut parked = 0;
-    for _ in 0..100 {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while tokio::time::Instant::now() < deadline {
         parked = redis::cmd("LLEN")
             .arg("moneta:progress:pending")
             .query(&mut conn)
@@ -88,7 +94,7 @@ async fn positions_the_api_refuses_are_parked_in_redis_until_it_recovers() {
     app.api.set_fault(Fault::None);
     let api = app.api.clone();
     assert!(
-        eventually(Duration::from_secs(30), || api
+        eventually(DELIVERY, || api
             .delivered()
             .iter()
             .any(|i| i["position_ms"] == 888))

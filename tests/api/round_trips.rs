@@ -30,7 +30,12 @@ fn reset(app: &TestApp) {
 
 #[tokio::test]
 async fn warm_playback_info_is_one_pipeline_and_heartbeat_one_script() {
-    let app = spawn_app_with(|v| v.push(("MONETA_CONTENT_LOCAL_TTL_MS".into(), "600000".into()))).await;
+    // The counted reads find every cache warm, however long the test takes.
+    let app = spawn_app_with(|v| {
+        v.push(("MONETA_CONTENT_LOCAL_TTL_MS".into(), "3600000".into()));
+        v.push(("MONETA_ENTITLEMENT_TTL_S".into(), "3600".into()));
+    })
+    .await;
     let token = app.token("u-standard", "standard", 2, "KR");
     for _ in 0..2 {
         assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);

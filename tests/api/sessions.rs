@@ -119,15 +119,19 @@ async fn stop_frees_the_slot_at_once() {
 
 #[tokio::test]
 async fn sessions_without_heartbeat_stop_counting() {
+    // Long enough that the session is surely still live for the 409 below,
+    // however slow the machine; its end is waited for, not raced.
+    let ttl = Duration::from_secs(5);
     let app = spawn_app_with(|v| {
-        v.push(("MONETA_SESSION_TTL_S".into(), "2".into()));
+        v.push(("MONETA_SESSION_TTL_S".into(), ttl.as_secs().to_string()));
         v.push(("MONETA_HEARTBEAT_INTERVAL_S".into(), "1".into()));
     })
     .await;
     let token = app.token("u-basic", "basic", 1, "KR");
     let s_id = app.started_session(&token, "m-0001", "phone").await;
     assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 409);
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // The session's last heartbeat was before this answer, so after this sleep it is over the TTL.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
     assert_eq!(app.heartbeat(&token, s_id.as_str(), 1).await.status(), 404);
     assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 201);
 }

@@ -1,12 +1,10 @@
 //! SIGTERM: the real binary stops accepting, finishes in-flight requests and
 //! delivers pending positions before it exits.
 
-use std::time::Duration;
-
 use serde_json::{Value, json};
 
 use crate::helpers::spawn_fake_api;
-use crate::support::{MonetaProcess, RedisServer, mint_token};
+use crate::support::{MonetaProcess, PATIENCE, RedisServer, mint_token};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_a_just_written_position() {
@@ -45,8 +43,10 @@ async fn sigterm_flushes_a_just_written_position() {
     assert_eq!(resp.status(), 200);
     assert!(api.delivered().is_empty());
 
+    // Drain, in-flight requests and the flush each have their own bounds;
+    // this deadline only catches a process that never exits.
     let status = tokio::task::spawn_blocking(move || {
-        let status = moneta.terminate(Duration::from_secs(15));
+        let status = moneta.terminate(PATIENCE);
         (status, moneta.output())
     })
     .await

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 // Each test binary uses a different part of the kit.
 #[allow(unused_imports)]
-pub use testkit::{RedisServer, free_port, nginx, require_binary, signal, wait_for_port};
+pub use testkit::{PATIENCE, RedisServer, free_port, nginx, require_binary, signal, wait_for_port};
 
 pub const DEV_SECRET: &str = "integration-test-secret-do-not-use";
 
