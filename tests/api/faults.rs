@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::fault_proxy::FaultProxy;
-use crate::helpers::{Fault, TestApp, eventually, spawn_app, spawn_app_with};
-use crate::support::{self, PATIENCE, RedisServer};
+use crate::helpers::{TestApp, spawn_app, spawn_app_on};
+use crate::support::{self, FakeApi, Fault, PATIENCE, RedisServer, eventually, metric_value, spawn_fake_api};
 
 const CLIENTS: usize = 32;
 /// Pause between a client's requests: enough load to matter, bounded in rate.
@@ -34,21 +34,22 @@ const CALLS_IN_A_ROW: u32 = 2;
 /// Only a server that never answers reaches this.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Long dependency timeouts (see the module comment). The whole-request bound
-/// stays above the longest chain of dependency calls, so that only the
-/// dependencies' own timeouts are under test.
-fn long_timeouts(vars: &mut Vec<(String, String)>) {
-    let millis = |d: Duration| d.as_millis().to_string();
-    for (key, value) in [
-        ("MONETA_REDIS_TIMEOUT_MS", millis(DEPENDENCY_TIMEOUT)),
-        ("MONETA_INTERNAL_API_TIMEOUT_MS", millis(DEPENDENCY_TIMEOUT)),
-        (
-            "MONETA_REQUEST_TIMEOUT_MS",
-            millis(DEPENDENCY_TIMEOUT * (CALLS_IN_A_ROW + 2)),
-        ),
-    ] {
-        vars.push((key.to_owned(), value));
-    }
+/// The app under test with long dependency timeouts (see the module comment)
+/// and `extra` settings. The whole-request bound stays above the longest
+/// chain of dependency calls, so that only the dependencies' own timeouts are
+/// under test.
+async fn spawn_fault_app(api: FakeApi, extra: &[(&str, &str)]) -> TestApp {
+    let timeout = DEPENDENCY_TIMEOUT.as_millis().to_string();
+    let request_timeout = (DEPENDENCY_TIMEOUT * (CALLS_IN_A_ROW + 2))
+        .as_millis()
+        .to_string();
+    let mut settings = vec![
+        ("MONETA_REDIS_TIMEOUT_MS", timeout.as_str()),
+        ("MONETA_INTERNAL_API_TIMEOUT_MS", timeout.as_str()),
+        ("MONETA_REQUEST_TIMEOUT_MS", request_timeout.as_str()),
+    ];
+    settings.extend_from_slice(extra);
+    spawn_app_on(api, &settings).await
 }
 
 #[derive(Default)]
@@ -143,23 +144,13 @@ async fn drive(app: &TestApp, window: Duration, cold: bool) -> Report {
     Arc::try_unwrap(report).ok().unwrap().into_inner().unwrap()
 }
 
-async fn breaker_state(app: &TestApp, dependency: &str) -> Option<u8> {
-    let text = app.metrics().await;
-    let prefix = format!("moneta_circuit_breaker_state{{dependency=\"{dependency}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-async fn wait_for_breaker(app: &TestApp, dependency: &str, state: u8) {
-    let deadline = Instant::now() + PATIENCE;
-    while Instant::now() < deadline {
-        if breaker_state(app, dependency).await == Some(state) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{dependency} breaker never reached state {state}");
+async fn wait_for_breaker_open(app: &TestApp, dependency: &str) {
+    let series = format!("moneta_circuit_breaker_state{{dependency=\"{dependency}\"}}");
+    let open = eventually(PATIENCE, async || {
+        (metric_value(&app.metrics().await, &series) == Some(2.0)).then_some(())
+    })
+    .await;
+    assert!(open.is_some(), "{dependency} breaker never opened");
 }
 
 /// Calls that reached `dependency` (not rejected by its guard), as Moneta counts them.
@@ -175,7 +166,7 @@ async fn attempts(app: &TestApp, dependency: &str) -> u64 {
 
 /// Drives load while `dependency`'s breaker is open; asserts answers that did
 /// not wait on the dependency and almost no calls reaching it.
-async fn while_open(app: &TestApp, name: &str, dependency: &str, cold: bool) -> Report {
+async fn while_open(app: &TestApp, name: &str, dependency: &str, cold: bool) {
     let before = attempts(app, dependency).await;
     let open = drive(app, Duration::from_secs(2), cold).await;
     let reached = attempts(app, dependency).await - before;
@@ -195,53 +186,33 @@ async fn while_open(app: &TestApp, name: &str, dependency: &str, cold: bool) -> 
         "{name}: {reached} calls reached the dead {dependency}"
     );
     assert!(open.degraded > 0, "{name}: answers say degraded");
-    open
 }
 
 /// Asks until an answer is not degraded; returns how long that took.
 async fn recovery_time(app: &TestApp) -> Duration {
     let started = Instant::now();
     let token = support::mint_token("u-basic", "basic", 1, "KR");
-    while started.elapsed() < PATIENCE {
+    let recovered = eventually(PATIENCE, async || {
         let resp = app.playback_info("m-0001", &token).await;
-        if resp.status() == 200 {
-            let body: Value = resp.json().await.unwrap();
-            if body["degraded"] == false {
-                return started.elapsed();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("answers were still degraded {PATIENCE:?} after the fault ended");
+        let body: Value = resp.json().await.unwrap_or_default();
+        (body["degraded"] == false).then_some(())
+    })
+    .await;
+    assert!(
+        recovered.is_some(),
+        "answers were still degraded {PATIENCE:?} after the fault ended"
+    );
+    started.elapsed()
 }
 
-/// Starts a session and sends a heartbeat during the fault; returns the position sent.
+/// Starts a session and sends a heartbeat with `position` during the fault.
 async fn write_position_during_fault(app: &TestApp, user: &str, position: u64) {
     let token = support::mint_token(user, "standard", 2, "KR");
-    let resp = app.start_session(&token, "m-0001", "fault-device").await;
-    assert_eq!(resp.status(), 201, "start during the fault");
-    let body: Value = resp.json().await.unwrap();
-    let id = body["session_id"].as_str().unwrap().to_owned();
+    let id = app.started_session(&token, "m-0001", "fault-device").await;
     assert_eq!(
         app.heartbeat(&token, &id, position).await.status(),
         200,
         "heartbeat during the fault"
-    );
-}
-
-async fn assert_position_delivered(app: &TestApp, user: &str, position: u64) {
-    let api = app.api.clone();
-    let user = user.to_owned();
-    let ok = eventually(Duration::from_secs(30), move || {
-        api.delivered()
-            .iter()
-            .any(|i| i["user_id"] == user.as_str() && i["position_ms"] == position)
-    })
-    .await;
-    assert!(
-        ok,
-        "position {position} was lost; delivered: {:?}",
-        app.api.delivered()
     );
 }
 
@@ -264,13 +235,13 @@ fn assert_clean(name: &str, r: &Report) {
 }
 
 async fn internal_api_fault(name: &str, fault: Fault) {
-    let app = spawn_app_with(long_timeouts).await;
+    let app = spawn_fault_app(spawn_fake_api().await, &[]).await;
     let warm = drive(&app, Duration::from_millis(500), true).await;
     assert_clean(&format!("{name} (before)"), &warm);
     app.api.set_fault(fault);
     write_position_during_fault(&app, "u-standard", 31_000).await;
     let _ = drive(&app, Duration::from_secs(2), true).await;
-    wait_for_breaker(&app, "internal_api", 2).await;
+    wait_for_breaker_open(&app, "internal_api").await;
     let calls_before = app.api.total_calls();
     while_open(&app, name, "internal_api", true).await;
     let served = app.api.total_calls() - calls_before;
@@ -278,79 +249,63 @@ async fn internal_api_fault(name: &str, fault: Fault) {
     app.api.set_fault(Fault::None);
     let recovered = recovery_time(&app).await;
     println!("{name}: not degraded again after {recovered:?}");
-    assert_position_delivered(&app, "u-standard", 31_000).await;
+    app.api.assert_receives_position("u-standard", 31_000).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn internal_api_answering_500() {
-    internal_api_fault("internal API 500", Fault::Status500).await;
+macro_rules! internal_api_faults {
+    ($($test:ident: $fault:expr,)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            internal_api_fault(stringify!($test), $fault).await;
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn internal_api_hanging() {
-    internal_api_fault("internal API hanging", Fault::Hang).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn internal_api_answering_slowly() {
+internal_api_faults! {
+    internal_api_answering_500: Fault::Status500,
+    internal_api_hanging: Fault::Hang,
     // Slower than the timeout, so every call times out although it would be answered.
-    internal_api_fault("internal API slow", Fault::Slow(DEPENDENCY_TIMEOUT * 2)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn internal_api_answering_garbage() {
-    internal_api_fault("internal API garbage JSON", Fault::Garbage).await;
+    internal_api_answering_slowly: Fault::Slow(DEPENDENCY_TIMEOUT * 2),
+    internal_api_answering_garbage: Fault::Garbage,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_api_refusing_connections() {
-    let redis = RedisServer::start();
-    let api = crate::helpers::spawn_fake_api().await;
+    let api = spawn_fake_api().await;
     let proxy = FaultProxy::start(api.port).await;
-    let proxy_port = proxy.port;
-    let mut app = spawn_app_with(|v| {
-        long_timeouts(v);
-        v.retain(|(k, _)| k != "MONETA_INTERNAL_API_URL" && k != "MONETA_REDIS_URL");
-        v.push((
-            "MONETA_INTERNAL_API_URL".into(),
-            format!("http://127.0.0.1:{proxy_port}"),
-        ));
-        v.push(("MONETA_REDIS_URL".into(), redis.url.clone()));
-    })
-    .await;
-    // The app's own fake API is not used here; observe the proxied one.
-    app.api = api.clone();
+    let proxied = format!("http://127.0.0.1:{}", proxy.port);
+    let app = spawn_fault_app(api, &[("MONETA_INTERNAL_API_URL", &proxied)]).await;
     let _ = drive(&app, Duration::from_millis(500), true).await;
     proxy.refuse();
     write_position_during_fault(&app, "u-standard", 41_000).await;
     let _ = drive(&app, Duration::from_secs(1), true).await;
-    wait_for_breaker(&app, "internal_api", 2).await;
+    wait_for_breaker_open(&app, "internal_api").await;
     while_open(&app, "internal API refusing", "internal_api", true).await;
     proxy.restore().await;
     let recovered = recovery_time(&app).await;
     println!("internal API refusing: not degraded again after {recovered:?}");
-    assert_position_delivered(&app, "u-standard", 41_000).await;
+    app.api.assert_receives_position("u-standard", 41_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted() {
-    let mut app = spawn_app_with(long_timeouts).await;
+    let mut app = spawn_fault_app(spawn_fake_api().await, &[]).await;
     let _ = drive(&app, Duration::from_millis(500), false).await;
     let port = app.redis.port;
     app.redis.kill();
     write_position_during_fault(&app, "u-standard", 51_000).await;
     let _ = drive(&app, Duration::from_secs(1), false).await;
-    wait_for_breaker(&app, "redis", 2).await;
+    wait_for_breaker_open(&app, "redis").await;
     while_open(&app, "redis killed", "redis", false).await;
     app.redis = RedisServer::start_on(port);
     let recovered = recovery_time(&app).await;
     println!("redis restarted: not degraded again after {recovered:?}");
-    assert_position_delivered(&app, "u-standard", 51_000).await;
+    app.api.assert_receives_position("u-standard", 51_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_with_sigstop() {
-    let app = spawn_app_with(long_timeouts).await;
+    let app = spawn_fault_app(spawn_fake_api().await, &[]).await;
     let _ = drive(&app, Duration::from_millis(500), false).await;
     app.redis.pause();
     let hung = drive(&app, Duration::from_secs(1), false).await;
@@ -361,13 +316,13 @@ async fn redis_paused_with_sigstop() {
         "no answer waits on a hung Redis beyond its timeouts: {:?} (bound {bound:?})",
         hung.worst()
     );
-    wait_for_breaker(&app, "redis", 2).await;
+    wait_for_breaker_open(&app, "redis").await;
     write_position_during_fault(&app, "u-premium", 61_000).await;
     while_open(&app, "redis paused", "redis", false).await;
     app.redis.resume();
     let recovered = recovery_time(&app).await;
     println!("redis resumed: not degraded again after {recovered:?}");
-    assert_position_delivered(&app, "u-premium", 61_000).await;
+    app.api.assert_receives_position("u-premium", 61_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
