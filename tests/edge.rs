@@ -9,7 +9,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -18,43 +17,29 @@ use axum::response::IntoResponse;
 use axum::serve::ListenerExt;
 use serde_json::{Value, json};
 use support::nginx::{Nginx, NginxOptions};
-use support::{MonetaProcess, RedisServer};
+use support::{PATIENCE, PublicApi, SnapshotMoneta, assert_error};
 
 // ---------------------------------------------------------------------------
 // Fixtures
 
-/// Moneta with a live Redis, an internal API nobody answers for, and the
-/// fallback snapshot, so playback-info for m-0001 answers 200 (degraded).
-struct Moneta {
-    process: MonetaProcess,
-    _redis: RedisServer,
-    _dir: tempfile::TempDir,
+/// nginx in front of Moneta on a live Redis with the fallback snapshot and an
+/// internal API nobody answers for, so playback-info for m-0001 answers 200 (degraded).
+fn moneta_behind(options: impl FnOnce(NginxOptions) -> NginxOptions) -> (SnapshotMoneta, Nginx) {
+    let moneta = SnapshotMoneta::start(&[]);
+    let upstream = format!("127.0.0.1:{}", moneta.process.port);
+    let nginx = Nginx::start(options(NginxOptions::new(upstream)));
+    (moneta, nginx)
 }
 
-impl Moneta {
-    fn start() -> Moneta {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let redis = RedisServer::start();
-        let snapshot = support::write_snapshot(dir.path());
-        let nobody_listens = support::free_port();
-        let process = MonetaProcess::start(&[
-            ("MONETA_REDIS_URL", redis.url.clone()),
-            (
-                "MONETA_INTERNAL_API_URL",
-                format!("http://127.0.0.1:{nobody_listens}"),
-            ),
-            ("MONETA_FALLBACK_CATALOG_FILE", snapshot.display().to_string()),
-        ]);
-        Moneta {
-            process,
-            _redis: redis,
-            _dir: dir,
-        }
-    }
+/// nginx in front of an [`Echo`].
+async fn echo_behind(options: impl FnOnce(NginxOptions) -> NginxOptions) -> (Echo, Nginx) {
+    let echo = Echo::start().await;
+    let nginx = Nginx::start(options(NginxOptions::new(echo.upstream())));
+    (echo, nginx)
+}
 
-    fn upstream(&self) -> String {
-        format!("127.0.0.1:{}", self.process.port)
-    }
+fn public_api(nginx: &Nginx) -> PublicApi {
+    PublicApi::new(nginx.url(""))
 }
 
 /// Stands in for Moneta where the test must see what nginx sends upstream.
@@ -125,38 +110,8 @@ fn echo(method: Method, uri: Uri, headers: HeaderMap) -> impl IntoResponse {
     )
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("reqwest client")
-}
-
 fn token() -> String {
     support::mint_token("demo-premium", "premium", 4, "KR")
-}
-
-/// Asserts the contract's error shape and returns the body.
-async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> Value {
-    let url = response.url().clone();
-    assert_eq!(response.status().as_u16(), status, "status of {url}");
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    assert!(
-        content_type.starts_with("application/json"),
-        "{url}: content-type {content_type:?}"
-    );
-    let body: Value = response.json().await.expect("error body is JSON");
-    assert_eq!(body["error"]["code"], code, "{url}: {body}");
-    assert!(
-        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{url}: error without a message: {body}"
-    );
-    body
 }
 
 fn request_ids(response: &reqwest::Response) -> Vec<String> {
@@ -171,9 +126,7 @@ fn request_ids(response: &reqwest::Response) -> Vec<String> {
 /// Sends raw bytes, for requests no HTTP client would produce.
 fn raw_exchange(port: u16, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to nginx");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
+    stream.set_read_timeout(Some(PATIENCE)).expect("read timeout");
     stream.write_all(request).expect("write raw request");
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
@@ -185,20 +138,19 @@ fn raw_exchange(port: u16, request: &[u8]) -> String {
 
 #[tokio::test]
 async fn public_routes_reach_moneta_and_its_answers_pass_untouched() {
-    let moneta = Moneta::start();
-    let nginx = Nginx::start(NginxOptions::new(moneta.upstream()));
-    let http = client();
+    let (_moneta, nginx) = moneta_behind(|o| o);
+    let edge = public_api(&nginx);
     let token = token();
 
-    let live = http.get(nginx.url("/health/live")).send().await.unwrap();
+    let live = edge.get_anonymously("/health/live").await;
     assert_eq!(live.status(), 200);
 
-    let ready = http.get(nginx.url("/health/ready")).send().await.unwrap();
+    let ready = edge.get_anonymously("/health/ready").await;
     assert_eq!(ready.status(), 200);
     let ready: Value = ready.json().await.unwrap();
     assert!(ready["status"].is_string(), "{ready}");
 
-    let openapi = http.get(nginx.url("/openapi.json")).send().await.unwrap();
+    let openapi = edge.get_anonymously("/openapi.json").await;
     assert_eq!(openapi.status(), 200);
     let openapi: Value = openapi.json().await.unwrap();
     assert!(
@@ -206,118 +158,59 @@ async fn public_routes_reach_moneta_and_its_answers_pass_untouched() {
         "not an OpenAPI 3 document"
     );
 
-    let info = http
-        .get(nginx.url("/v1/contents/m-0001/playback-info"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let info = edge.playback_info("m-0001", &token).await;
     assert_eq!(info.status(), 200);
     let info: Value = info.json().await.unwrap();
     assert_eq!(info["content_id"], "m-0001");
     assert_eq!(info["degraded"], true, "{info}");
 
     // Moneta's own errors must not be replaced by the edge's error pages.
-    let anonymous = http
-        .get(nginx.url("/v1/contents/m-0001/playback-info"))
-        .send()
-        .await
-        .unwrap();
-    expect_error(anonymous, 401, "missing_token").await;
+    let anonymous = edge.get_anonymously("/v1/contents/m-0001/playback-info").await;
+    assert_error(anonymous, 401, "missing_token").await;
 
-    let unknown = http
-        .get(nginx.url("/v1/contents/m-9999/playback-info"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let unknown = edge.playback_info("m-9999", &token).await;
     assert!(
         unknown.headers().contains_key("retry-after"),
         "Moneta's Retry-After was lost"
     );
-    expect_error(unknown, 503, "dependency_unavailable").await;
+    assert_error(unknown, 503, "dependency_unavailable").await;
 
     // The session routes, including the one with an id in its path.
-    let started = http
-        .post(nginx.url("/v1/playback/sessions"))
-        .bearer_auth(&token)
-        .json(&json!({"content_id": "m-0001", "device_id": "tv-edge"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(started.status(), 201);
-    let started: Value = started.json().await.unwrap();
-    let session_id = started["session_id"].as_str().expect("session_id").to_owned();
-
-    let listed = http
-        .get(nginx.url("/v1/playback/sessions"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(listed.status(), 200);
-
-    let heartbeat = http
-        .put(nginx.url(&format!("/v1/playback/sessions/{session_id}")))
-        .bearer_auth(&token)
-        .json(&json!({"position_ms": 1000, "state": "playing"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(heartbeat.status(), 200);
-
-    let stopped = http
-        .delete(nginx.url(&format!("/v1/playback/sessions/{session_id}")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stopped.status(), 204);
+    let session_id = edge.started_session(&token, "m-0001", "tv-edge").await;
+    assert_eq!(edge.get("/v1/playback/sessions", &token).await.status(), 200);
+    assert_eq!(edge.heartbeat(&token, &session_id, 1000).await.status(), 200);
+    assert_eq!(edge.stop_session(&token, &session_id).await.status(), 204);
 }
 
 #[tokio::test]
 async fn bodies_over_16_kib_are_refused_with_413_json() {
-    let moneta = Moneta::start();
-    let nginx = Nginx::start(NginxOptions::new(moneta.upstream()));
-    let http = client();
+    let (_moneta, nginx) = moneta_behind(|o| o);
+    let edge = public_api(&nginx);
     let token = token();
 
-    let too_big = http
-        .post(nginx.url("/v1/playback/sessions"))
-        .bearer_auth(&token)
-        .header("content-type", "application/json")
-        .body(vec![b' '; 17 * 1024])
-        .send()
-        .await
-        .unwrap();
-    expect_error(too_big, 413, "payload_too_large").await;
+    let sessions = "/v1/playback/sessions";
+    let json = "application/json";
+    let too_big = edge
+        .send_raw(Method::POST, sessions, Some(&token), json, vec![b' '; 17 * 1024])
+        .await;
+    assert_error(too_big, 413, "payload_too_large").await;
 
     // Just under the limit goes through to Moneta, which judges the body.
     let mut body = br#"{"content_id":"m-0001","device_id":"tv-edge"}"#.to_vec();
     body.resize(15 * 1024, b' ');
-    let fits = http
-        .post(nginx.url("/v1/playback/sessions"))
-        .bearer_auth(&token)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let fits = edge
+        .send_raw(Method::POST, sessions, Some(&token), json, body)
+        .await;
     assert_ne!(fits.status(), 413, "a 15 KiB body was refused");
     assert!(fits.status().as_u16() < 500, "{}", fits.status());
 
     // Moneta has the same limit; the point of the edge one is that an
     // oversized body never costs the service anything.
-    let echo = Echo::start().await;
-    let edge = Nginx::start(NginxOptions::new(echo.upstream()));
-    let too_big = http
-        .post(edge.url("/v1/playback/sessions"))
-        .header("content-type", "application/json")
-        .body(vec![b' '; 17 * 1024])
-        .send()
-        .await
-        .unwrap();
-    expect_error(too_big, 413, "payload_too_large").await;
+    let (echo, nginx) = echo_behind(|o| o).await;
+    let too_big = public_api(&nginx)
+        .send_raw(Method::POST, sessions, None, json, vec![b' '; 17 * 1024])
+        .await;
+    assert_error(too_big, 413, "payload_too_large").await;
     assert_eq!(
         echo.requests.load(Ordering::SeqCst),
         0,
@@ -327,16 +220,15 @@ async fn bodies_over_16_kib_are_refused_with_413_json() {
 
 #[tokio::test]
 async fn bursts_over_the_rate_limit_get_429_json() {
-    let moneta = Moneta::start();
     // One request a minute: nothing refills while the test runs, however
     // slow the machine, so the counts below are exact.
-    let nginx = Nginx::start(NginxOptions::new(moneta.upstream()).rate_limit("1r/m", 5));
-    let http = client();
+    let (_moneta, nginx) = moneta_behind(|o| o.rate_limit("1r/m", 5));
+    let edge = public_api(&nginx);
 
     let mut statuses = Vec::new();
     let mut limited = None;
     for _ in 0..30 {
-        let response = http.get(nginx.url("/health/live")).send().await.unwrap();
+        let response = edge.get_anonymously("/health/live").await;
         statuses.push(response.status().as_u16());
         if response.status() == 429 && limited.is_none() {
             limited = Some(response);
@@ -360,7 +252,7 @@ async fn bursts_over_the_rate_limit_get_429_json() {
     let limited = limited.expect("a 429");
     assert!(limited.headers().contains_key("retry-after"));
     assert_eq!(request_ids(&limited).len(), 1);
-    expect_error(limited, 429, "rate_limited").await;
+    assert_error(limited, 429, "rate_limited").await;
 
     nginx.wait_for_access_log("a REJECTED line", |lines| {
         lines
@@ -371,12 +263,11 @@ async fn bursts_over_the_rate_limit_get_429_json() {
 
 #[tokio::test]
 async fn server_version_is_hidden_and_request_ids_are_set_or_kept() {
-    let moneta = Moneta::start();
-    let nginx = Nginx::start(NginxOptions::new(moneta.upstream()));
-    let http = client();
+    let (_moneta, nginx) = moneta_behind(|o| o);
+    let edge = public_api(&nginx);
 
     for path in ["/health/live", "/metrics"] {
-        let response = http.get(nginx.url(path)).send().await.unwrap();
+        let response = edge.get_anonymously(path).await;
         let server = response
             .headers()
             .get("server")
@@ -393,34 +284,23 @@ async fn server_version_is_hidden_and_request_ids_are_set_or_kept() {
         assert!(!ids[0].is_empty());
 
         // Sent and sane: kept.
-        let kept = http
-            .get(nginx.url(path))
-            .header("x-request-id", "edge-test.42:a_b")
-            .send()
-            .await
-            .unwrap();
+        let kept = edge
+            .get_with(path, None, &[("x-request-id", "edge-test.42:a_b")])
+            .await;
         assert_eq!(request_ids(&kept), ["edge-test.42:a_b"], "{path}");
 
         // Sent but not sane: replaced, never echoed.
         let insane = "x".repeat(300);
-        let replaced = http
-            .get(nginx.url(path))
-            .header("x-request-id", insane.as_str())
-            .send()
-            .await
-            .unwrap();
+        let replaced = edge.get_with(path, None, &[("x-request-id", &insane)]).await;
         let ids = request_ids(&replaced);
         assert_eq!(ids.len(), 1, "{path}: {ids:?}");
         assert_ne!(ids[0], insane, "{path}");
     }
 
     // The JSON access log carries the id the client was given.
-    let response = http
-        .get(nginx.url("/openapi.json"))
-        .header("x-request-id", "edge-access-log-1")
-        .send()
-        .await
-        .unwrap();
+    let response = edge
+        .get_with("/openapi.json", None, &[("x-request-id", "edge-access-log-1")])
+        .await;
     assert_eq!(response.status(), 200);
     let lines = nginx.wait_for_access_log("edge-access-log-1", |lines| {
         lines.iter().any(|l| l["request_id"] == "edge-access-log-1")
@@ -440,9 +320,8 @@ async fn server_version_is_hidden_and_request_ids_are_set_or_kept() {
 
 #[tokio::test]
 async fn everything_outside_the_allow_list_is_a_json_404_and_never_forwarded() {
-    let echo = Echo::start().await;
-    let nginx = Nginx::start(NginxOptions::new(echo.upstream()));
-    let http = client();
+    let (echo, nginx) = echo_behind(|o| o).await;
+    let edge = public_api(&nginx);
 
     let denied = [
         "/",
@@ -466,13 +345,9 @@ async fn everything_outside_the_allow_list_is_a_json_404_and_never_forwarded() {
     ];
     for path in denied {
         for method in [Method::GET, Method::POST] {
-            let response = http
-                .request(method.clone(), nginx.url(path))
-                .send()
-                .await
-                .unwrap();
+            let response = PublicApi::send(edge.request(method.clone(), path, None)).await;
             assert_eq!(request_ids(&response).len(), 1, "{method} {path}");
-            expect_error(response, 404, "not_found").await;
+            assert_error(response, 404, "not_found").await;
         }
     }
     assert_eq!(
@@ -482,12 +357,9 @@ async fn everything_outside_the_allow_list_is_a_json_404_and_never_forwarded() {
     );
 
     // Errors nginx raises before routing are JSON too.
-    let trace = http
-        .request(Method::from_bytes(b"TRACE").unwrap(), nginx.url("/health/live"))
-        .send()
-        .await
-        .unwrap();
-    expect_error(trace, 405, "method_not_allowed").await;
+    let trace = Method::from_bytes(b"TRACE").unwrap();
+    let trace = PublicApi::send(edge.request(trace, "/health/live", None)).await;
+    assert_error(trace, 405, "method_not_allowed").await;
 
     let garbage = raw_exchange(nginx.port, b"GARBAGE\r\n\r\n");
     assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
@@ -495,27 +367,24 @@ async fn everything_outside_the_allow_list_is_a_json_404_and_never_forwarded() {
     assert!(!garbage.contains("<html>"), "{garbage}");
 
     // The allowed routes do reach it.
-    let allowed = http.get(nginx.url("/health/live")).send().await.unwrap();
+    let allowed = edge.get_anonymously("/health/live").await;
     assert_eq!(allowed.status(), 200);
     assert_eq!(echo.requests.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn forwarding_headers_are_set_by_nginx_not_taken_from_the_client() {
-    let echo = Echo::start().await;
-    let nginx = Nginx::start(NginxOptions::new(echo.upstream()));
-    let http = client();
+    let (_echo, nginx) = echo_behind(|o| o).await;
+    let edge = public_api(&nginx);
 
-    let response = http
-        .get(nginx.url("/health/live"))
-        .header("x-forwarded-for", "6.6.6.6")
-        .header("x-real-ip", "6.6.6.6")
-        .header("forwarded", "for=6.6.6.6")
-        .header("x-forwarded-host", "evil.example")
-        .header("x-forwarded-proto", "https")
-        .send()
-        .await
-        .unwrap();
+    let spoofed = [
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-real-ip", "6.6.6.6"),
+        ("forwarded", "for=6.6.6.6"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "https"),
+    ];
+    let response = edge.get_with("/health/live", None, &spoofed).await;
     assert_eq!(response.status(), 200);
     assert!(
         !response.headers().contains_key("x-powered-by"),
@@ -536,31 +405,28 @@ async fn forwarding_headers_are_set_by_nginx_not_taken_from_the_client() {
     assert_eq!(headers["x-request-id"], json!(nginx_id), "{seen}");
     assert_eq!(headers["connection"], Value::Null, "{seen}");
 
-    let with_id = http
-        .get(nginx.url("/health/live"))
-        .header("x-request-id", "client-chosen-1")
-        .send()
-        .await
-        .unwrap();
+    let with_id = edge
+        .get_with("/health/live", None, &[("x-request-id", "client-chosen-1")])
+        .await;
     let seen: Value = with_id.json().await.unwrap();
     assert_eq!(seen["headers"]["x-request-id"], json!(["client-chosen-1"]));
 }
 
 #[tokio::test]
 async fn only_a_trusted_load_balancer_can_name_the_client() {
-    let echo = Echo::start().await;
     // The test client itself plays the load balancer here.
-    let nginx = Nginx::start(NginxOptions::new(echo.upstream()).trust_proxy("127.0.0.1/32"));
-    let http = client();
+    let (_echo, nginx) = echo_behind(|o| o.trust_proxy("127.0.0.1/32")).await;
+    let edge = public_api(&nginx);
 
     // What a balancer produces when a client spoofs the header: the client's
     // claim first, the address the balancer saw appended last.
-    let seen: Value = http
-        .get(nginx.url("/health/live"))
-        .header("x-forwarded-for", "6.6.6.6, 203.0.113.7")
-        .send()
+    let seen: Value = edge
+        .get_with(
+            "/health/live",
+            None,
+            &[("x-forwarded-for", "6.6.6.6, 203.0.113.7")],
+        )
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -573,12 +439,11 @@ async fn only_a_trusted_load_balancer_can_name_the_client() {
 
 #[tokio::test]
 async fn upstream_connections_are_kept_alive() {
-    let echo = Echo::start().await;
-    let nginx = Nginx::start(NginxOptions::new(echo.upstream()));
-    let http = client();
+    let (echo, nginx) = echo_behind(|o| o).await;
+    let edge = public_api(&nginx);
 
     for _ in 0..20 {
-        let response = http.get(nginx.url("/health/live")).send().await.unwrap();
+        let response = edge.get_anonymously("/health/live").await;
         assert_eq!(response.status(), 200);
         let _ = response.bytes().await.unwrap();
     }
@@ -594,12 +459,10 @@ async fn upstream_connections_are_kept_alive() {
 async fn an_unreachable_upstream_is_a_json_502() {
     let nobody_listens = support::free_port();
     let nginx = Nginx::start(NginxOptions::new(format!("127.0.0.1:{nobody_listens}")));
-    let response = client()
-        .get(nginx.url("/v1/contents/m-0001/playback-info"))
-        .send()
-        .await
-        .unwrap();
+    let response = public_api(&nginx)
+        .get_anonymously("/v1/contents/m-0001/playback-info")
+        .await;
     assert!(response.headers().contains_key("retry-after"));
     assert_eq!(request_ids(&response).len(), 1);
-    expect_error(response, 502, "bad_gateway").await;
+    assert_error(response, 502, "bad_gateway").await;
 }

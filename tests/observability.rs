@@ -9,16 +9,15 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::routing::post;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -28,92 +27,14 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
-use serde_json::{Value, json};
-use support::{DEV_SECRET, MonetaProcess, RedisServer};
+use serde_json::Value;
+use support::{
+    DEV_SECRET, FakeApi, Fault, MonetaProcess, PATIENCE, PublicApi, RedisServer, eventually,
+    run_moneta_until_exit, spawn_fake_api,
+};
 
 // ---------------------------------------------------------------------------
 // In-test servers
-
-/// A small internal API that remembers the `traceparent` of every call and
-/// fails with 500 on demand.
-#[derive(Default)]
-struct FakeApi {
-    failing: AtomicBool,
-    traceparents: Mutex<Vec<String>>,
-}
-
-impl FakeApi {
-    fn note(&self, headers: &HeaderMap) -> Option<Response> {
-        if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
-            self.traceparents.lock().unwrap().push(tp.to_owned());
-        }
-        self.failing
-            .load(Ordering::SeqCst)
-            .then(|| (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response())
-    }
-
-    fn traceparents(&self) -> Vec<String> {
-        self.traceparents.lock().unwrap().clone()
-    }
-}
-
-async fn api_content(
-    State(s): State<Arc<FakeApi>>,
-    headers: HeaderMap,
-    UrlPath(id): UrlPath<String>,
-) -> Response {
-    if let Some(r) = s.note(&headers) {
-        return r;
-    }
-    match id.as_str() {
-        "m-0001" => Json(support::sample_content("m-0001")).into_response(),
-        _ => StatusCode::NOT_FOUND.into_response(),
-    }
-}
-
-async fn api_entitlement(
-    State(s): State<Arc<FakeApi>>,
-    headers: HeaderMap,
-    UrlPath(user): UrlPath<String>,
-) -> Response {
-    if let Some(r) = s.note(&headers) {
-        return r;
-    }
-    Json(json!({"user_id": user, "plan": "premium", "max_streams": 4, "active": true})).into_response()
-}
-
-async fn api_progress(State(s): State<Arc<FakeApi>>, headers: HeaderMap) -> Response {
-    if let Some(r) = s.note(&headers) {
-        return r;
-    }
-    StatusCode::NOT_FOUND.into_response()
-}
-
-async fn api_batch(State(s): State<Arc<FakeApi>>, headers: HeaderMap) -> Response {
-    if let Some(r) = s.note(&headers) {
-        return r;
-    }
-    StatusCode::NO_CONTENT.into_response()
-}
-
-async fn api_health(State(s): State<Arc<FakeApi>>) -> Response {
-    if s.failing.load(Ordering::SeqCst) {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    }
-    Json(json!({"status": "ok"})).into_response()
-}
-
-async fn spawn_fake_api() -> (Arc<FakeApi>, u16) {
-    let state = Arc::new(FakeApi::default());
-    let router = Router::new()
-        .route("/internal/v1/contents/{id}/playback", get(api_content))
-        .route("/internal/v1/users/{user}/entitlement", get(api_entitlement))
-        .route("/internal/v1/users/{user}/progress/{content}", get(api_progress))
-        .route("/internal/v1/progress:batch", post(api_batch))
-        .route("/health", get(api_health))
-        .with_state(state.clone());
-    (state, serve(router).await)
-}
 
 async fn serve(router: Router) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -260,39 +181,50 @@ async fn spawn_collector() -> (Arc<Collector>, u16) {
 // ---------------------------------------------------------------------------
 // Helpers
 
-fn base_env(redis: &RedisServer, api_port: u16) -> Vec<(&'static str, String)> {
-    vec![
-        ("MONETA_REDIS_URL", redis.url.clone()),
-        ("MONETA_INTERNAL_API_URL", format!("http://127.0.0.1:{api_port}")),
-        ("MONETA_INTERNAL_API_TOKEN", "internal-token-for-tests".to_owned()),
-        // A failing internal API opens its breaker only after many calls, so
-        // every request in these tests still reaches it.
-        ("MONETA_INTERNAL_API_BREAKER_FAILURES", "1000".to_owned()),
-    ]
+/// Moneta (the binary) on a fresh Redis in front of the fake internal API.
+struct Observed {
+    moneta: MonetaProcess,
+    public: PublicApi,
+    api: FakeApi,
+    _redis: RedisServer,
 }
 
-async fn fetch(url: &str, token: Option<&str>, traceparent: Option<&str>) -> reqwest::Response {
-    let mut req = reqwest::Client::new().get(url);
-    if let Some(token) = token {
-        req = req.bearer_auth(token);
+impl Observed {
+    async fn start(extra: &[(&'static str, String)]) -> Observed {
+        let redis = RedisServer::start();
+        let api = spawn_fake_api().await;
+        let mut env = vec![
+            ("MONETA_REDIS_URL", redis.url.clone()),
+            ("MONETA_INTERNAL_API_URL", api.url()),
+            ("MONETA_INTERNAL_API_TOKEN", INTERNAL_API_TOKEN.to_owned()),
+            // A failing internal API opens its breaker only after many calls, so
+            // every request in these tests still reaches it.
+            ("MONETA_INTERNAL_API_BREAKER_FAILURES", "1000".to_owned()),
+        ];
+        env.extend(extra.iter().cloned());
+        let moneta = MonetaProcess::start(&env);
+        Observed {
+            public: moneta.public_api(),
+            moneta,
+            api,
+            _redis: redis,
+        }
     }
-    if let Some(tp) = traceparent {
-        req = req.header("traceparent", tp);
+
+    /// playback-info for m-0001, continuing `trace_id` when given.
+    async fn playback(&self, token: &str, trace_id: Option<&str>) -> reqwest::Response {
+        let traceparent = trace_id.map(|id| format!("00-{id}-{PARENT_ID}-01"));
+        let headers: Vec<(&str, &str)> = traceparent
+            .iter()
+            .map(|tp| ("traceparent", tp.as_str()))
+            .collect();
+        self.public
+            .get_with("/v1/contents/m-0001/playback-info", Some(token), &headers)
+            .await
     }
-    req.send().await.expect("request failed")
 }
 
-async fn metrics_text(moneta: &MonetaProcess) -> String {
-    fetch(
-        &format!("http://127.0.0.1:{}/metrics", moneta.admin_port),
-        None,
-        None,
-    )
-    .await
-    .text()
-    .await
-    .unwrap()
-}
+const INTERNAL_API_TOKEN: &str = "internal-token-for-tests";
 
 /// Pipes `text` into `promtool check metrics`; promtool is required.
 fn promtool_check_metrics(text: &str) -> (bool, String) {
@@ -347,19 +279,6 @@ fn assert_type(text: &str, name: &str, kind: &str) {
     assert!(text.lines().any(|l| l == line), "missing `{line}`");
 }
 
-async fn eventually<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = check() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 const PLAYBACK_ROUTE: &str = "/v1/contents/{content_id}/playback-info";
 
 // ---------------------------------------------------------------------------
@@ -367,42 +286,21 @@ const PLAYBACK_ROUTE: &str = "/v1/contents/{content_id}/playback-info";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_carry_the_contract_series() {
-    let redis = RedisServer::start();
-    let (api, api_port) = spawn_fake_api().await;
-    let moneta = MonetaProcess::start(&base_env(&redis, api_port));
-    let base = moneta.base_url();
-
-    let token = support::mint_token("u-metrics", "premium", 4, "KR");
-    let resp = fetch(
-        &format!("{base}/v1/contents/m-0001/playback-info"),
-        Some(&token),
-        None,
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
+    let stack = Observed::start(&[]).await;
+    let token = support::mint_token("u-premium", "premium", 4, "KR");
+    assert_eq!(stack.playback(&token, None).await.status(), 200);
     // Served from the cache, for the cache counters' hit side.
-    let resp = fetch(
-        &format!("{base}/v1/contents/m-0001/playback-info"),
-        Some(&token),
-        None,
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(fetch(&format!("{base}/nowhere"), None, None).await.status(), 404);
+    assert_eq!(stack.playback(&token, None).await.status(), 200);
+    assert_eq!(stack.public.get_anonymously("/nowhere").await.status(), 404);
     // With the internal API failing, a new user's entitlement comes from the claims.
-    api.failing.store(true, Ordering::SeqCst);
-    let other = support::mint_token("u-metrics-2", "premium", 4, "KR");
-    let resp = fetch(
-        &format!("{base}/v1/contents/m-0001/playback-info"),
-        Some(&other),
-        None,
-    )
-    .await;
+    stack.api.set_fault(Fault::Status500);
+    let other = support::mint_token("u-standard", "premium", 4, "KR");
+    let resp = stack.playback(&other, None).await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["degraded"], true);
 
-    let text = metrics_text(&moneta).await;
+    let text = stack.moneta.metrics().await;
     let (ok, report) = promtool_check_metrics(&text);
     assert!(ok, "promtool check metrics failed:\n{report}\n---\n{text}");
 
@@ -477,16 +375,18 @@ async fn metrics_pass_promtool_and_carry_the_contract_series() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_state_is_exported_before_any_transition() {
-    // Nothing listens on either port: no call has succeeded or opened a breaker yet.
-    let redis_url = format!("redis://127.0.0.1:{}", support::free_port());
+    // Nothing listens on either port: no call has succeeded yet, and however
+    // long the scrape below takes, the failing probes cannot open a breaker.
     let moneta = MonetaProcess::start(&[
-        ("MONETA_REDIS_URL", redis_url),
         (
-            "MONETA_INTERNAL_API_URL",
-            format!("http://127.0.0.1:{}", support::free_port()),
+            "MONETA_REDIS_URL",
+            format!("redis://127.0.0.1:{}", support::free_port()),
         ),
+        ("MONETA_INTERNAL_API_URL", support::nobody_listens()),
+        ("MONETA_REDIS_BREAKER_FAILURES", "1000000".to_owned()),
+        ("MONETA_INTERNAL_API_BREAKER_FAILURES", "1000000".to_owned()),
     ]);
-    let text = metrics_text(&moneta).await;
+    let text = moneta.metrics().await;
     for dependency in ["redis", "internal_api"] {
         let line = format!("moneta_circuit_breaker_state{{dependency=\"{dependency}\"}} 0");
         assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
@@ -501,28 +401,20 @@ const PARENT_ID: &str = "00f067aa0ba902b7";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traces_continue_the_incoming_traceparent_and_reach_the_collector() {
-    let redis = RedisServer::start();
-    let (api, api_port) = spawn_fake_api().await;
     let (collector, collector_port) = spawn_collector().await;
-    let mut env = base_env(&redis, api_port);
-    env.push((
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        format!("http://127.0.0.1:{collector_port}"),
-    ));
-    env.push(("OTEL_SERVICE_NAME", "moneta-under-test".to_owned()));
-    env.push(("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()));
-    let moneta = MonetaProcess::start(&env);
-
-    let token = support::mint_token("u-trace", "premium", 4, "KR");
-    let resp = fetch(
-        &format!("{}/v1/contents/m-0001/playback-info", moneta.base_url()),
-        Some(&token),
-        Some(&format!("00-{TRACE_ID}-{PARENT_ID}-01")),
-    )
+    let stack = Observed::start(&[
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{collector_port}"),
+        ),
+        ("OTEL_SERVICE_NAME", "moneta-under-test".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ])
     .await;
-    assert_eq!(resp.status(), 200);
+    let token = support::mint_token("u-premium", "premium", 4, "KR");
+    assert_eq!(stack.playback(&token, Some(TRACE_ID)).await.status(), 200);
 
-    let spans = eventually(Duration::from_secs(15), || {
+    let spans = eventually(PATIENCE, async || {
         let spans = collector.spans_of(TRACE_ID);
         let server = spans.iter().any(|s| s.kind == SpanKind::Server as i32);
         let internal_api = spans.iter().any(|s| s.attributes.contains_key("url.full"));
@@ -566,11 +458,9 @@ async fn traces_continue_the_incoming_traceparent_and_reach_the_collector() {
         assert_eq!(span.kind, SpanKind::Client as i32);
         assert_eq!(span.attributes["http.request.method"], "GET");
         assert_eq!(span.attributes["server.address"], "127.0.0.1");
+        assert!(span.attributes["url.full"].starts_with(&format!("{}/internal/v1/", stack.api.url())));
         assert!(
-            span.attributes["url.full"].starts_with(&format!("http://127.0.0.1:{api_port}/internal/v1/"))
-        );
-        assert!(
-            !span.name.contains("u-trace"),
+            !span.name.contains("u-premium"),
             "user ids stay out of span names: {}",
             span.name
         );
@@ -582,7 +472,7 @@ async fn traces_continue_the_incoming_traceparent_and_reach_the_collector() {
     assert_eq!(content.attributes["http.response.status_code"], "200");
 
     // The internal API saw the same trace, with the client span as its parent.
-    let seen = api.traceparents();
+    let seen = stack.api.traceparents();
     let ours: Vec<&String> = seen
         .iter()
         .filter(|tp| tp.starts_with(&format!("00-{TRACE_ID}-")))
@@ -602,34 +492,30 @@ async fn traces_continue_the_incoming_traceparent_and_reach_the_collector() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traces_reach_a_grpc_collector_and_the_last_ones_leave_at_shutdown() {
-    let redis = RedisServer::start();
-    let (_api, api_port) = spawn_fake_api().await;
     let (collector, collector_port) = spawn_grpc_collector().await;
-    let mut env = base_env(&redis, api_port);
-    env.push((
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        format!("http://127.0.0.1:{collector_port}"),
-    ));
-    env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_owned()));
-    // No scheduled export within the test: only the flush at shutdown sends.
-    env.push(("OTEL_BSP_SCHEDULE_DELAY", "600000".to_owned()));
-    let mut moneta = MonetaProcess::start(&env);
-    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
-    let token = support::mint_token("u-grpc", "premium", 4, "KR");
-    let resp = fetch(
-        &format!("{}/v1/contents/m-0001/playback-info", moneta.base_url()),
-        Some(&token),
-        Some(&format!("00-{trace_id}-{PARENT_ID}-01")),
-    )
+    let mut stack = Observed::start(&[
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{collector_port}"),
+        ),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_owned()),
+        // No scheduled export within the test: only the flush at shutdown sends.
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000".to_owned()),
+    ])
     .await;
-    assert_eq!(resp.status(), 200);
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let token = support::mint_token("u-premium", "premium", 4, "KR");
+    assert_eq!(stack.playback(&token, Some(trace_id)).await.status(), 200);
+    // Room for an early export to show; a slow machine only makes this check weaker.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         collector.spans_of(trace_id).is_empty(),
         "exported before shutdown"
     );
 
-    let status = tokio::task::block_in_place(|| moneta.terminate(Duration::from_secs(10)));
+    // The drain and the final flush have their own bounds; this deadline only
+    // catches a process that never exits.
+    let status = tokio::task::block_in_place(|| stack.moneta.terminate(PATIENCE));
     assert!(
         status.is_some_and(|s| s.success()),
         "moneta did not stop cleanly: {status:?}"
@@ -646,29 +532,34 @@ async fn traces_reach_a_grpc_collector_and_the_last_ones_leave_at_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_collector_never_slows_requests() {
+    // An export to it waits this long; a request that waited for an export
+    // would take as long, one that did not stays an order of magnitude under.
+    const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
     // Accepts connections (the kernel does) but never reads or answers: the
     // worst collector, since every export waits for its timeout.
     let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let blackhole_port = blackhole.local_addr().unwrap().port();
     for protocol in ["http/protobuf", "grpc"] {
-        let redis = RedisServer::start();
-        let (_api, api_port) = spawn_fake_api().await;
-        let mut env = base_env(&redis, api_port);
-        env.push((
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://127.0.0.1:{blackhole_port}"),
-        ));
-        env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_owned()));
-        env.push(("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned()));
-        let moneta = MonetaProcess::start(&env);
-        let token = support::mint_token("u-nocollector", "premium", 4, "KR");
-        let url = format!("{}/v1/contents/m-0001/playback-info", moneta.base_url());
-        assert_eq!(fetch(&url, Some(&token), None).await.status(), 200);
+        let stack = Observed::start(&[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{blackhole_port}"),
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_owned()),
+            (
+                "OTEL_EXPORTER_OTLP_TIMEOUT",
+                EXPORT_TIMEOUT.as_millis().to_string(),
+            ),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned()),
+        ])
+        .await;
+        let token = support::mint_token("u-premium", "premium", 4, "KR");
+        assert_eq!(stack.playback(&token, None).await.status(), 200);
         for _ in 0..30 {
             let started = Instant::now();
-            assert_eq!(fetch(&url, Some(&token), None).await.status(), 200);
+            assert_eq!(stack.playback(&token, None).await.status(), 200);
             assert!(
-                started.elapsed() < Duration::from_millis(500),
+                started.elapsed() < EXPORT_TIMEOUT / 10,
                 "{protocol}: a request took {:?} with the collector down",
                 started.elapsed()
             );
@@ -678,14 +569,11 @@ async fn an_unreachable_collector_never_slows_requests() {
 
 #[test]
 fn an_unknown_otlp_protocol_stops_the_start() {
-    let out = Command::new(env!("CARGO_BIN_EXE_moneta"))
-        .env_clear()
-        .env("MONETA_JWT_HS256_SECRET", DEV_SECRET)
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, stderr) = run_moneta_until_exit(&[
+        ("MONETA_JWT_HS256_SECRET", DEV_SECRET.to_owned()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon".to_owned()),
+    ]);
+    assert_eq!(code, Some(2));
     assert!(stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{stderr}");
 }
 
@@ -708,37 +596,29 @@ fn is_hex_id(v: &Value, len: usize) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_lines_carry_the_trace_id_and_no_secret() {
-    let redis = RedisServer::start();
-    let (api, api_port) = spawn_fake_api().await;
     // No OTLP endpoint: ids are still made and logged.
-    let moneta = MonetaProcess::start(&base_env(&redis, api_port));
-    let token = support::mint_token("u-logs", "premium", 4, "KR");
-    let url = format!("{}/v1/contents/m-0001/playback-info", moneta.base_url());
+    let stack = Observed::start(&[]).await;
+    let moneta = &stack.moneta;
+    let token = support::mint_token("u-premium", "premium", 4, "KR");
 
-    let resp = fetch(&url, Some(&token), Some(&format!("00-{TRACE_ID}-{PARENT_ID}-01"))).await;
+    let resp = stack.playback(&token, Some(TRACE_ID)).await;
     assert_eq!(resp.status(), 200);
     let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     // Without a traceparent, a fresh trace.
-    let fresh = fetch(&url, Some(&token), None).await;
+    let fresh = stack.playback(&token, None).await;
     let fresh_id = fresh.headers()["x-request-id"].to_str().unwrap().to_owned();
     // A failing dependency writes warnings inside the request.
-    api.failing.store(true, Ordering::SeqCst);
-    let other = support::mint_token("u-logs-2", "premium", 4, "KR");
+    stack.api.set_fault(Fault::Status500);
+    let other = support::mint_token("u-standard", "premium", 4, "KR");
     let failing_trace = "0123456789abcdef0123456789abcdef";
-    let resp = fetch(
-        &url,
-        Some(&other),
-        Some(&format!("00-{failing_trace}-{PARENT_ID}-01")),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
+    assert_eq!(stack.playback(&other, Some(failing_trace)).await.status(), 200);
 
     let access = |id: &str| {
         json_lines(&moneta.output())
             .into_iter()
             .find(|l| l["target"] == "moneta::access" && l["request_id"] == id)
     };
-    let line = eventually(Duration::from_secs(5), || access(&request_id))
+    let line = eventually(PATIENCE, async || access(&request_id))
         .await
         .unwrap_or_else(|| panic!("no access-log line for {request_id}:\n{}", moneta.output()));
     assert_eq!(line["trace_id"], TRACE_ID);
@@ -752,13 +632,11 @@ async fn log_lines_carry_the_trace_id_and_no_secret() {
         "{line}"
     );
 
-    let line = eventually(Duration::from_secs(5), || access(&fresh_id))
-        .await
-        .unwrap();
+    let line = eventually(PATIENCE, async || access(&fresh_id)).await.unwrap();
     assert!(is_hex_id(&line["trace_id"], 32), "{line}");
     assert_ne!(line["trace_id"], TRACE_ID);
 
-    let warnings = eventually(Duration::from_secs(5), || {
+    let warnings = eventually(PATIENCE, async || {
         let w: Vec<Value> = json_lines(&moneta.output())
             .into_iter()
             .filter(|l| l["level"] == "WARN" && l["trace_id"] == failing_trace)
@@ -773,12 +651,7 @@ async fn log_lines_carry_the_trace_id_and_no_secret() {
     );
 
     let output = moneta.output();
-    for secret in [
-        DEV_SECRET,
-        token.as_str(),
-        other.as_str(),
-        "internal-token-for-tests",
-    ] {
+    for secret in [DEV_SECRET, token.as_str(), other.as_str(), INTERNAL_API_TOKEN] {
         assert!(!output.contains(secret), "a secret reached the output");
     }
     // Not even the signature part of a token.
@@ -788,22 +661,14 @@ async fn log_lines_carry_the_trace_id_and_no_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warnings_carry_the_trace_id_when_info_logs_are_off() {
-    let redis = RedisServer::start();
-    let (api, api_port) = spawn_fake_api().await;
-    api.failing.store(true, Ordering::SeqCst);
-    let mut env = base_env(&redis, api_port);
-    env.push(("RUST_LOG", "warn".to_owned()));
-    let moneta = MonetaProcess::start(&env);
-    let token = support::mint_token("u-quiet", "premium", 4, "KR");
-    let resp = fetch(
-        &format!("{}/v1/contents/m-0001/playback-info", moneta.base_url()),
-        Some(&token),
-        Some(&format!("00-{TRACE_ID}-{PARENT_ID}-01")),
-    )
-    .await;
+    let stack = Observed::start(&[("RUST_LOG", "warn".to_owned())]).await;
+    let moneta = &stack.moneta;
+    stack.api.set_fault(Fault::Status500);
+    let token = support::mint_token("u-premium", "premium", 4, "KR");
+    let resp = stack.playback(&token, Some(TRACE_ID)).await;
     // Unknown title everywhere and no snapshot: 503, with warnings on the way.
     assert_eq!(resp.status(), 503);
-    let found = eventually(Duration::from_secs(5), || {
+    let found = eventually(PATIENCE, async || {
         json_lines(&moneta.output())
             .into_iter()
             .find(|l| l["level"] == "WARN" && l["trace_id"] == TRACE_ID)
@@ -844,28 +709,17 @@ fn rule_files() -> Vec<String> {
 #[test]
 fn alert_rules_pass_promtool_and_their_unit_tests() {
     let promtool = support::require_binary("promtool");
-    let out = Command::new(&promtool)
-        .arg("check")
-        .arg("rules")
-        .args(rule_files())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check rules:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    testkit::run(
+        Command::new(&promtool)
+            .args(["check", "rules"])
+            .args(rule_files()),
+        "promtool check rules",
     );
-    let out = Command::new(&promtool)
-        .current_dir(repo().join("deploy/prometheus"))
-        .args(["test", "rules", "tests/moneta-rules.test.yml"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "promtool test rules:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    testkit::run(
+        Command::new(&promtool)
+            .current_dir(repo().join("deploy/prometheus"))
+            .args(["test", "rules", "tests/moneta-rules.test.yml"]),
+        "promtool test rules",
     );
 }
 

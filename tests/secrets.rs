@@ -6,8 +6,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use aws_sdk_secretsmanager::Client;
 use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};
@@ -16,7 +15,10 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rsa::traits::PublicKeyParts;
 use serde_json::{Value, json};
 
-use support::{MonetaProcess, RedisServer, free_port, require_binary};
+use support::{
+    PATIENCE, Process, PublicApi, SnapshotMoneta, assert_error, eventually, free_port, metric_value,
+    require_binary, run_moneta_until_exit,
+};
 
 const SECRET_ID: &str = "moneta/jwt-keys";
 /// Shared-secret material placed in the key set, to prove it never reaches a log line.
@@ -25,31 +27,18 @@ const HMAC_MATERIAL: &str = "moneta-hmac-material-that-must-never-be-logged";
 /// Secrets Manager stand-in on a free loopback port, killed on drop.
 struct Moto {
     port: u16,
-    child: Child,
+    process: Process,
 }
 
 impl Moto {
     fn start() -> Moto {
-        let bin = require_binary("moto_server");
         let port = free_port();
-        let mut child = Command::new(bin)
-            .args(["-p", &port.to_string(), "-H", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start moto_server");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("moto_server exited early with {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not listen on port {port} within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        let mut command = Command::new(require_binary("moto_server"));
+        command.args(["-p", &port.to_string(), "-H", "127.0.0.1"]);
+        Moto {
+            port,
+            process: Process::logged(&mut command, "moto_server").listening_on(port),
         }
-        Moto { port, child }
     }
 
     fn endpoint(&self) -> String {
@@ -67,14 +56,7 @@ impl Moto {
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.kill();
     }
 }
 
@@ -153,103 +135,60 @@ fn aws_env(moto_endpoint: &str) -> Vec<(&'static str, String)> {
 /// Moneta on real Redis, Secrets Manager keys refreshed every second, and an
 /// internal API that is down, so a valid token gets the degraded snapshot answer.
 struct Stack {
-    moneta: MonetaProcess,
-    http: reqwest::Client,
-    _redis: RedisServer,
-    _dir: tempfile::TempDir,
+    moneta: SnapshotMoneta,
+    public: PublicApi,
 }
 
 impl Stack {
     fn start(moto: &Moto) -> Stack {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let redis = RedisServer::start();
-        let snapshot = support::write_snapshot(dir.path());
         let mut envs = aws_env(&moto.endpoint());
-        envs.extend([
-            ("MONETA_JWT_REFRESH_S", "1".to_owned()),
-            ("MONETA_REDIS_URL", redis.url.clone()),
-            (
-                "MONETA_INTERNAL_API_URL",
-                format!("http://127.0.0.1:{}", free_port()),
-            ),
-            (
-                "MONETA_FALLBACK_CATALOG_FILE",
-                snapshot.to_string_lossy().into_owned(),
-            ),
-        ]);
-        let moneta = MonetaProcess::start(&envs);
-        Stack {
-            moneta,
-            http: reqwest::Client::new(),
-            _redis: redis,
-            _dir: dir,
-        }
+        envs.push(("MONETA_JWT_REFRESH_S", "1".to_owned()));
+        let moneta = SnapshotMoneta::start(&envs);
+        let public = moneta.process.public_api();
+        Stack { moneta, public }
     }
 
-    /// Status and `error.code` (or `degraded`) of a playback-info request.
-    async fn playback(&self, token: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .get(format!(
-                "{}/v1/contents/m-0001/playback-info",
-                self.moneta.base_url()
-            ))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("playback-info request");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+    /// A playback-info request with a token signed by `key`.
+    async fn playback(&self, key: &SigningKey) -> reqwest::Response {
+        self.public.playback_info("m-0001", &key.token("u-1")).await
     }
 
     async fn assert_accepts(&self, key: &SigningKey) {
-        let (status, body) = self.playback(&key.token("u-1")).await;
+        let resp = self.playback(key).await;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or_default();
         assert_eq!(status, 200, "key {} refused: {body}", key.kid);
         assert_eq!(body["degraded"], true, "{body}");
     }
 
     async fn assert_refuses(&self, key: &SigningKey) {
-        let (status, body) = self.playback(&key.token("u-1")).await;
-        assert_eq!(status, 401, "key {} accepted", key.kid);
-        assert_eq!(body["error"]["code"], "invalid_token");
+        let resp = self.playback(key).await;
+        assert_eq!(resp.status(), 401, "key {} accepted", key.kid);
+        assert_error(resp, 401, "invalid_token").await;
     }
 
     /// Waits until the key is accepted (`true`) or refused (`false`).
-    async fn wait_until(&self, key: &SigningKey, accepted: bool, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let (status, _) = self.playback(&key.token("u-1")).await;
-            if (status == 200) == accepted {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "key {} still {} after {within:?}; log:\n{}",
-                key.kid,
-                if accepted { "refused" } else { "accepted" },
-                self.moneta.output()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    async fn wait_until(&self, key: &SigningKey, accepted: bool) {
+        let settled = eventually(PATIENCE, async || {
+            ((self.playback(key).await.status() == 200) == accepted).then_some(())
+        })
+        .await;
+        assert!(
+            settled.is_some(),
+            "key {} still {} after {PATIENCE:?}; log:\n{}",
+            key.kid,
+            if accepted { "refused" } else { "accepted" },
+            self.moneta.process.output()
+        );
     }
 
-    async fn metrics(&self) -> String {
-        self.http
-            .get(format!("http://127.0.0.1:{}/metrics", self.moneta.admin_port))
-            .send()
-            .await
-            .expect("metrics request")
-            .text()
-            .await
-            .expect("metrics body")
+    fn output(&self) -> String {
+        self.moneta.process.output()
     }
-}
 
-fn metric_value(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    async fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.moneta.process.metrics().await, series)
+    }
 }
 
 #[tokio::test]
@@ -260,31 +199,29 @@ async fn rotation_accepts_current_and_previous_then_drops_the_oldest() {
     let [a, b, c] = ["key-a", "key-b", "key-c"].map(|kid| SigningKey::generate(dir.path(), kid));
 
     create_secret(&sm, &key_set(&[&a])).await;
+    let started = chrono::Utc::now().timestamp() as f64;
     let stack = Stack::start(&moto);
     stack.assert_accepts(&a).await;
     stack.assert_refuses(&b).await;
 
     rotate(&sm, &key_set(&[&b])).await;
-    stack.wait_until(&b, true, Duration::from_secs(15)).await;
+    stack.wait_until(&b, true).await;
     stack.assert_accepts(&a).await; // now AWSPREVIOUS
 
     rotate(&sm, &key_set(&[&c])).await;
-    stack.wait_until(&a, false, Duration::from_secs(15)).await;
+    stack.wait_until(&a, false).await;
     stack.assert_refuses(&a).await;
     stack.assert_accepts(&b).await;
     stack.assert_accepts(&c).await;
 
-    let metrics = stack.metrics().await;
-    let last = metric_value(
-        &metrics,
-        r#"moneta_jwt_keys_last_refresh_timestamp_seconds{source="MONETA_JWT_SECRET_ID"}"#,
-    )
-    .expect("last refresh gauge");
-    assert!(
-        (chrono::Utc::now().timestamp() as f64 - last).abs() < 30.0,
-        "{last}"
-    );
-    let log = stack.moneta.output();
+    let last = stack
+        .metric(r#"moneta_jwt_keys_last_refresh_timestamp_seconds{source="MONETA_JWT_SECRET_ID"}"#)
+        .await
+        .expect("last refresh gauge");
+    // A Unix time in seconds, of a refresh made while this test ran.
+    let now = chrono::Utc::now().timestamp() as f64;
+    assert!(started - 1.0 <= last && last <= now + 1.0, "{last}");
+    let log = stack.output();
     let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(HMAC_MATERIAL);
     assert!(
         !log.contains(HMAC_MATERIAL) && !log.contains(&k),
@@ -304,47 +241,16 @@ async fn secrets_manager_outage_keeps_the_last_good_keys() {
 
     moto.kill();
     let failures = r#"moneta_jwt_key_refresh_failures_total{source="MONETA_JWT_SECRET_ID"}"#;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let seen = metric_value(&stack.metrics().await, failures).unwrap_or(0.0);
-        if seen >= 2.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no failed refresh counted");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let counted = eventually(PATIENCE, async || {
+        (stack.metric(failures).await.unwrap_or(0.0) >= 2.0).then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "no failed refresh counted");
     stack.assert_accepts(&a).await;
     assert!(
-        stack.moneta.output().contains("keeping the last good keys"),
+        stack.output().contains("keeping the last good keys"),
         "the failed refresh was not logged"
     );
-}
-
-/// Runs moneta until it exits (at most 30 s); returns its exit code and stderr.
-fn run_until_exit(envs: &[(&str, String)]) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moneta"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("MONETA_LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
-        .env("MONETA_ADMIN_ADDR", format!("127.0.0.1:{}", free_port()))
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start moneta");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("moneta kept running although its keys cannot be loaded");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("output");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn assert_start_refused(code: Option<i32>, stderr: &str) {
@@ -357,15 +263,14 @@ fn assert_start_refused(code: Option<i32>, stderr: &str) {
 #[test]
 fn a_missing_secret_stops_the_start_with_exit_code_2() {
     let moto = Moto::start();
-    let (code, stderr) = run_until_exit(&aws_env(&moto.endpoint()));
+    let (code, stderr) = run_moneta_until_exit(&aws_env(&moto.endpoint()));
     assert_start_refused(code, &stderr);
     assert!(stderr.contains(SECRET_ID), "{stderr}");
 }
 
 #[test]
 fn an_unreachable_secrets_manager_stops_the_start_with_exit_code_2() {
-    let closed = format!("http://127.0.0.1:{}", free_port());
-    let (code, stderr) = run_until_exit(&aws_env(&closed));
+    let (code, stderr) = run_moneta_until_exit(&aws_env(&support::nobody_listens()));
     assert_start_refused(code, &stderr);
 }
 
@@ -375,7 +280,7 @@ async fn a_secret_that_is_not_a_key_set_stops_the_start_without_echoing_it() {
     let value = format!("{HMAC_MATERIAL:?}");
     create_secret(&moto.client(), &value).await;
     let envs = aws_env(&moto.endpoint());
-    let (code, stderr) = tokio::task::spawn_blocking(move || run_until_exit(&envs))
+    let (code, stderr) = tokio::task::spawn_blocking(move || run_moneta_until_exit(&envs))
         .await
         .expect("join");
     assert_start_refused(code, &stderr);

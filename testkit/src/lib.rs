@@ -4,17 +4,20 @@
 
 pub mod nginx;
 pub mod postgres;
+pub mod process;
 pub mod redis;
+pub mod wait;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
 pub use postgres::{PgServer, shared_server};
+pub use process::Process;
 pub use redis::{RedisCluster, RedisServer};
 // Suites that check what reached PostgreSQL use the same client as the kit.
 pub use sqlx;
+pub use wait::{PATIENCE, eventually, eventually_blocking};
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -44,19 +47,21 @@ pub fn require_binary(name: &str) -> PathBuf {
         })
 }
 
-/// Waits until something accepts on `port`, failing early if `child` exits.
-pub fn wait_for_port(port: u16, what: &str, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited early with {status}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("{what} did not listen on port {port} within 20 s");
+/// Runs `command` to completion and returns its output; panics with that
+/// output unless it succeeded.
+pub fn run(command: &mut Command, what: &str) -> Output {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what} ({command:?}): {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
 }
 
 /// Sends a signal by name (`TERM`, `STOP`, `CONT`, …) to a process.

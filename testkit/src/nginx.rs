@@ -12,9 +12,11 @@
 use std::fs;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::Process;
+use crate::wait::{PATIENCE, eventually_blocking};
 
 /// The variables the edge template reads; anything else in `${...}` form is a
 /// mistake in the template, caught by [`render_template`].
@@ -66,7 +68,7 @@ pub struct Nginx {
     pub port: u16,
     binary: PathBuf,
     prefix: tempfile::TempDir,
-    child: Option<Child>,
+    process: Option<Process>,
 }
 
 impl Nginx {
@@ -95,15 +97,8 @@ impl Nginx {
             .expect("create nginx prefix");
         render_prefix(prefix.path(), port, options);
 
-        let conf = prefix.path().join("nginx.conf");
-        let prefix_arg = format!("{}/", prefix.path().display());
-        let check = Command::new(binary)
-            .arg("-t")
-            .arg("-q")
-            .arg("-p")
-            .arg(&prefix_arg)
-            .arg("-c")
-            .arg(&conf)
+        let check = nginx_command(binary, prefix.path())
+            .args(["-t", "-q"])
             .output()
             .expect("run nginx -t");
         if !check.status.success() {
@@ -114,42 +109,37 @@ impl Nginx {
         }
 
         let stderr = fs::File::create(prefix.path().join("error.log")).expect("create error.log");
-        let child = Command::new(binary)
-            .arg("-p")
-            .arg(&prefix_arg)
-            .arg("-c")
-            .arg(&conf)
-            .arg("-g")
-            .arg("daemon off;")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
-
+        let process = Process::spawn(
+            nginx_command(binary, prefix.path())
+                .args(["-g", "daemon off;"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr),
+            "nginx",
+        );
         let mut nginx = Nginx {
             port,
             binary: binary.to_owned(),
             prefix,
-            child: Some(child),
+            process: Some(process),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        let listening = eventually_blocking(PATIENCE, || {
             if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(nginx);
+                return Some(Ok(()));
             }
-            let exited = nginx.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            if let Some(status) = exited {
-                nginx.child = None;
-                return Err(format!("nginx exited with {status}:\n{}", nginx.error_log()));
+            let exited = nginx.process.as_mut().and_then(Process::exit_status);
+            exited.map(Err)
+        });
+        match listening {
+            Some(Ok(())) => Ok(nginx),
+            Some(Err(status)) => {
+                nginx.process = None;
+                Err(format!("nginx exited with {status}:\n{}", nginx.error_log()))
             }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "nginx did not accept connections on port {port} within 10 s:\n{}",
-                    nginx.error_log()
-                ));
-            }
-            thread::sleep(Duration::from_millis(20));
+            None => Err(format!(
+                "nginx did not accept connections on port {port} within {PATIENCE:?}:\n{}",
+                nginx.error_log()
+            )),
         }
     }
 
@@ -185,48 +175,44 @@ impl Nginx {
     where
         F: FnMut(&[serde_json::Value]) -> bool,
     {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        eventually_blocking(PATIENCE, || {
             let lines = self.access_log();
-            if found(&lines) {
-                return lines;
-            }
-            if Instant::now() > deadline {
-                panic!("access log never showed {what}; it holds:\n{lines:#?}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+            found(&lines).then_some(lines)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "access log never showed {what}; it holds:\n{:#?}",
+                self.access_log()
+            )
+        })
     }
 }
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        let Some(mut process) = self.process.take() else {
             return;
         };
         // SIGKILL on the master would orphan the workers and their listening
         // sockets; `nginx -s stop` makes the master take them down with it.
-        let conf = self.prefix.path().join("nginx.conf");
-        let _ = Command::new(&self.binary)
-            .arg("-p")
-            .arg(format!("{}/", self.prefix.path().display()))
-            .arg("-c")
-            .arg(&conf)
-            .arg("-s")
-            .arg("stop")
+        let _ = nginx_command(&self.binary, self.prefix.path())
+            .args(["-s", "stop"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        let _ = process.wait_for_exit(Duration::from_secs(5));
     }
+}
+
+/// nginx working in `prefix`, on the configuration rendered there.
+fn nginx_command(binary: &Path, prefix: &Path) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .arg("-p")
+        .arg(format!("{}/", prefix.display()))
+        .arg("-c")
+        .arg(prefix.join("nginx.conf"));
+    command
 }
 
 /// The repository's `nginx/` directory, or `$MONETA_EDGE_NGINX_DIR` to try

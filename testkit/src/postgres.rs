@@ -7,12 +7,12 @@
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
 use sqlx::{Connection, PgConnection};
 
-use crate::free_port;
+use crate::{free_port, run};
 
 const SUPERUSER: &str = "postgres";
 
@@ -89,21 +89,6 @@ fn pg_command(program: &Path) -> Command {
     } else {
         Command::new(program)
     }
-}
-
-fn run(cmd: &mut Command, what: &str) -> Output {
-    let output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {what} ({cmd:?}): {e}"));
-    assert!(
-        output.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
 }
 
 /// A PostgreSQL server in its own temporary directory, listening on a

@@ -1,13 +1,14 @@
 //! A real redis-server without persistence.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
-use crate::{free_port, require_binary, signal, wait_for_port};
+use crate::wait::{PATIENCE, eventually_blocking};
+use crate::{Process, free_port, require_binary, run, signal};
 
 pub struct RedisServer {
     pub port: u16,
     pub url: String,
-    child: Child,
+    process: Process,
 }
 
 impl RedisServer {
@@ -22,8 +23,8 @@ impl RedisServer {
 
     /// Starts with extra `redis-server` arguments.
     pub fn start_with(port: u16, extra: &[&str]) -> RedisServer {
-        let bin = require_binary("redis-server");
-        let mut child = Command::new(bin)
+        let mut command = Command::new(require_binary("redis-server"));
+        command
             .args([
                 "--port",
                 &port.to_string(),
@@ -37,19 +38,16 @@ impl RedisServer {
             .args(["--protected-mode", "no", "--loglevel", "warning"])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start redis-server");
-        wait_for_port(port, "redis-server", &mut child);
+            .stderr(Stdio::null());
         RedisServer {
             port,
             url: format!("redis://127.0.0.1:{port}"),
-            child,
+            process: Process::spawn(&mut command, "redis-server").listening_on(port),
         }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Freezes the server (SIGSTOP): connections hang instead of being refused.
@@ -62,15 +60,14 @@ impl RedisServer {
     }
 
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        signal(self.pid(), "CONT");
-        self.kill();
+        // A stopped process would die only once continued.
+        self.resume();
     }
 }
 
@@ -99,34 +96,34 @@ impl RedisCluster {
             })
             .collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        let out = Command::new(require_binary("redis-cli"))
-            .args(["--cluster", "create"])
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli --cluster create");
-        assert!(
-            out.status.success(),
-            "cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
+        run(
+            Command::new(require_binary("redis-cli"))
+                .args(["--cluster", "create"])
+                .args(&addrs)
+                .args(["--cluster-replicas", "0", "--cluster-yes"]),
+            "redis-cli --cluster create",
         );
         // Slots are assigned at once, but every node must agree before clients use it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         for node in &nodes {
-            loop {
-                let info = Command::new(require_binary("redis-cli"))
-                    .args(["-p", &node.port.to_string(), "cluster", "info"])
-                    .output()
-                    .expect("redis-cli cluster info");
-                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
-                    break;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "cluster did not become ready"
+            let ready = eventually_blocking(PATIENCE, || {
+                let info = run(
+                    Command::new(require_binary("redis-cli")).args([
+                        "-p",
+                        &node.port.to_string(),
+                        "cluster",
+                        "info",
+                    ]),
+                    "redis-cli cluster info",
                 );
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
+                String::from_utf8_lossy(&info.stdout)
+                    .contains("cluster_state:ok")
+                    .then_some(())
+            });
+            assert!(
+                ready.is_some(),
+                "cluster node {} never reached cluster_state:ok",
+                node.port
+            );
         }
         RedisCluster { nodes, _dir: dir }
     }

@@ -1,8 +1,8 @@
 use base64::Engine;
 use serde_json::json;
 
-use crate::helpers::{error_code, spawn_app};
-use crate::support::DEV_SECRET;
+use crate::helpers::{assert_invalid_token, spawn_app};
+use crate::support::{DEV_SECRET, assert_error};
 
 fn b64(v: &serde_json::Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
@@ -25,14 +25,8 @@ fn now() -> i64 {
 #[tokio::test]
 async fn missing_token_is_401_missing_token() {
     let app = spawn_app().await;
-    let resp = app
-        .client
-        .get(format!("{}/v1/contents/m-0001/playback-info", app.address))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 401);
-    assert_eq!(error_code(resp).await, "missing_token");
+    let resp = app.get_anonymously("/v1/contents/m-0001/playback-info").await;
+    assert_error(resp, 401, "missing_token").await;
 }
 
 #[tokio::test]
@@ -80,16 +74,7 @@ async fn every_bad_token_is_401_invalid_token() {
         ("bad base64", "@@@.###.$$$".into()),
     ];
     for (name, token) in cases {
-        let resp = app.playback_info("m-0001", &token).await;
-        assert_eq!(resp.status(), 401, "{name}");
-        assert_eq!(
-            resp.headers()
-                .get("www-authenticate")
-                .and_then(|v| v.to_str().ok()),
-            Some(r#"Bearer error="invalid_token""#),
-            "{name}"
-        );
-        assert_eq!(error_code(resp).await, "invalid_token", "{name}");
+        assert_invalid_token(app.playback_info("m-0001", &token).await, name).await;
     }
 }
 
@@ -97,15 +82,15 @@ async fn every_bad_token_is_401_invalid_token() {
 async fn a_scheme_other_than_bearer_is_refused() {
     let app = spawn_app().await;
     let token = app.token("u-basic", "basic", 1, "KR");
+    let basic = format!("Basic {token}");
     let resp = app
-        .client
-        .get(format!("{}/v1/contents/m-0001/playback-info", app.address))
-        .header("authorization", format!("Basic {token}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 401);
-    assert_eq!(error_code(resp).await, "invalid_token");
+        .get_with(
+            "/v1/contents/m-0001/playback-info",
+            None,
+            &[("authorization", &basic)],
+        )
+        .await;
+    assert_error(resp, 401, "invalid_token").await;
 }
 
 #[tokio::test]

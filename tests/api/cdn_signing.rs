@@ -38,14 +38,11 @@ async fn signed_urls_match_botocore() {
         String::from_utf8_lossy(&status.stderr)
     );
     let key_path = key.display().to_string();
-    let app = spawn_app_with(|v| {
-        v.push(("MONETA_CDN_KEY_PAIR_ID".into(), "K2JCJMDEHXQW5F".into()));
-        v.push(("MONETA_CDN_PRIVATE_KEY_FILE".into(), key_path.clone()));
-        v.push((
-            "MONETA_CDN_BASE_URL".into(),
-            "https://d111111abcdef8.cloudfront.net".into(),
-        ));
-    })
+    let app = spawn_app_with(&[
+        ("MONETA_CDN_KEY_PAIR_ID", "K2JCJMDEHXQW5F"),
+        ("MONETA_CDN_PRIVATE_KEY_FILE", &key_path),
+        ("MONETA_CDN_BASE_URL", "https://d111111abcdef8.cloudfront.net"),
+    ])
     .await;
     let now = chrono::Utc::now().timestamp();
     let body: Value = app

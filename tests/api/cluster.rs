@@ -11,13 +11,15 @@ use crate::helpers::spawn_app_with;
 async fn sessions_and_playback_on_a_redis_cluster() {
     let cluster = RedisCluster::start(3);
     let urls = cluster.urls();
-    let app = spawn_app_with(|v| {
-        v.push(("MONETA_REDIS_CLUSTER_URLS".into(), urls.clone()));
-        v.push(("MONETA_CONTENT_LOCAL_TTL_MS".into(), "1".into()));
-    })
+    let app = spawn_app_with(&[
+        ("MONETA_REDIS_CLUSTER_URLS", &urls),
+        ("MONETA_CONTENT_LOCAL_TTL_MS", "1"),
+        // The last read finds the entitlement cached, however long the test takes.
+        ("MONETA_ENTITLEMENT_TTL_S", "3600"),
+    ])
     .await;
     let token = app.token("u-basic", "basic", 1, "KR");
-    let info: Value = app.playback_info("m-0001", &token).await.json().await.unwrap();
+    let info = app.playback_info_json("m-0001", &token).await;
     assert_eq!(info["degraded"], false, "{info}");
 
     let resp = app.start_session(&token, "m-0001", "tv").await;
@@ -30,17 +32,12 @@ async fn sessions_and_playback_on_a_redis_cluster() {
     assert_eq!(app.start_session(&token, "m-0001", "phone").await.status(), 409);
     let id = s["session_id"].as_str().unwrap();
     assert_eq!(app.heartbeat(&token, id, 4_321).await.status(), 200);
-    let list: Value = app
-        .get("/v1/playback/sessions", &token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list = app.sessions(&token).await;
     assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
     assert_eq!(list["degraded"], false);
 
     let calls = app.api.total_calls();
-    let info: Value = app.playback_info("m-0001", &token).await.json().await.unwrap();
+    let info = app.playback_info_json("m-0001", &token).await;
     assert_eq!(info["resume_position_ms"], 4_321);
     assert_eq!(info["degraded"], false);
     assert_eq!(

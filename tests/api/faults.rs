@@ -1,7 +1,14 @@
 //! Fault tests: real dependencies killed, paused (SIGSTOP), refused, hung,
 //! slowed and broken while 32 clients keep asking. Each asserts no 5xx beyond
-//! the contract's 503, no connection errors, fast answers while the breaker is
-//! open, recovery within 15 s and no lost positions.
+//! the contract's 503, no connection errors, answers that do not wait on the
+//! dead dependency while its breaker is open, recovery once the fault ends and
+//! no lost positions.
+//!
+//! Nothing here bounds latency in absolute terms: these tests share the
+//! machine with the rest of the suite. Every dependency call may take
+//! [`DEPENDENCY_TIMEOUT`], so an answer that waited on a dead dependency takes
+//! at least that long, and one that did not stays an order of magnitude under
+//! it however loaded the machine is.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,12 +18,39 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::fault_proxy::FaultProxy;
-use crate::helpers::{Fault, TestApp, eventually, spawn_app, spawn_app_with};
-use crate::support::{self, RedisServer};
+use crate::helpers::{TestApp, spawn_app, spawn_app_on};
+use crate::support::{self, FakeApi, Fault, PATIENCE, RedisServer, eventually, metric_value, spawn_fake_api};
 
 const CLIENTS: usize = 32;
 /// Pause between a client's requests: enough load to matter, bounded in rate.
 const THINK: Duration = Duration::from_millis(5);
+/// Fewer answers than this say too little to judge a phase by, so a phase
+/// lasts until it has them, however slow the machine.
+const MIN_ANSWERS: usize = 200;
+const DEPENDENCY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A playback-info makes at most two calls to one dependency in a row (a
+/// title's Redis copy is read, then refreshed), each bounded by the timeout.
+const CALLS_IN_A_ROW: u32 = 2;
+/// Only a server that never answers reaches this.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The app under test with long dependency timeouts (see the module comment)
+/// and `extra` settings. The whole-request bound stays above the longest
+/// chain of dependency calls, so that only the dependencies' own timeouts are
+/// under test.
+async fn spawn_fault_app(api: FakeApi, extra: &[(&str, &str)]) -> TestApp {
+    let timeout = DEPENDENCY_TIMEOUT.as_millis().to_string();
+    let request_timeout = (DEPENDENCY_TIMEOUT * (CALLS_IN_A_ROW + 2))
+        .as_millis()
+        .to_string();
+    let mut settings = vec![
+        ("MONETA_REDIS_TIMEOUT_MS", timeout.as_str()),
+        ("MONETA_INTERNAL_API_TIMEOUT_MS", timeout.as_str()),
+        ("MONETA_REQUEST_TIMEOUT_MS", request_timeout.as_str()),
+    ];
+    settings.extend_from_slice(extra);
+    spawn_app_on(api, &settings).await
+}
 
 #[derive(Default)]
 struct Report {
@@ -33,16 +67,21 @@ impl Report {
         l.sort();
         l.get(l.len() * 95 / 100).copied().unwrap_or_default()
     }
+    fn worst(&self) -> Duration {
+        self.latencies.iter().max().copied().unwrap_or_default()
+    }
     fn total(&self) -> usize {
         self.statuses.values().sum()
     }
 }
 
-/// Drives playback-info from `CLIENTS` clients for `window`; each request is a
-/// fresh user when `cold`, so it misses the user caches and needs the internal API.
+/// Drives playback-info from `CLIENTS` clients for `window` (and until
+/// `MIN_ANSWERS` came back); each request is a fresh user when `cold`, so it
+/// misses the user caches and needs the internal API.
 async fn drive(app: &TestApp, window: Duration, cold: bool) -> Report {
     let report = Arc::new(Mutex::new(Report::default()));
     let counter = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + window;
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|_| {
@@ -50,9 +89,10 @@ async fn drive(app: &TestApp, window: Duration, cold: bool) -> Report {
             let base = app.address.clone();
             let report = report.clone();
             let counter = counter.clone();
+            let answered = answered.clone();
             tokio::spawn(async move {
                 let warm_token = support::mint_token("load-warm", "standard", 2, "KR");
-                while Instant::now() < deadline {
+                while Instant::now() < deadline || answered.load(Ordering::Relaxed) < MIN_ANSWERS {
                     let token = if cold {
                         let n = counter.fetch_add(1, Ordering::Relaxed);
                         support::mint_token(&format!("load-{n}"), "standard", 2, "KR")
@@ -63,7 +103,7 @@ async fn drive(app: &TestApp, window: Duration, cold: bool) -> Report {
                     let result = client
                         .get(format!("{base}/v1/contents/m-0001/playback-info"))
                         .bearer_auth(&token)
-                        .timeout(Duration::from_secs(10))
+                        .timeout(CLIENT_TIMEOUT)
                         .send()
                         .await;
                     let elapsed = started.elapsed();
@@ -74,6 +114,7 @@ async fn drive(app: &TestApp, window: Duration, cold: bool) -> Report {
                         }
                         Err(_) => None,
                     };
+                    answered.fetch_add(1, Ordering::Relaxed);
                     {
                         let mut r = report.lock().unwrap();
                         r.latencies.push(elapsed);
@@ -103,23 +144,13 @@ async fn drive(app: &TestApp, window: Duration, cold: bool) -> Report {
     Arc::try_unwrap(report).ok().unwrap().into_inner().unwrap()
 }
 
-async fn breaker_state(app: &TestApp, dependency: &str) -> Option<u8> {
-    let text = app.metrics().await;
-    let prefix = format!("moneta_circuit_breaker_state{{dependency=\"{dependency}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-async fn wait_for_breaker(app: &TestApp, dependency: &str, state: u8, within: Duration) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if breaker_state(app, dependency).await == Some(state) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{dependency} breaker never reached state {state}");
+async fn wait_for_breaker_open(app: &TestApp, dependency: &str) {
+    let series = format!("moneta_circuit_breaker_state{{dependency=\"{dependency}\"}}");
+    let open = eventually(PATIENCE, async || {
+        (metric_value(&app.metrics().await, &series) == Some(2.0)).then_some(())
+    })
+    .await;
+    assert!(open.is_some(), "{dependency} breaker never opened");
 }
 
 /// Calls that reached `dependency` (not rejected by its guard), as Moneta counts them.
@@ -133,9 +164,9 @@ async fn attempts(app: &TestApp, dependency: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-/// Drives load while `dependency`'s breaker is open; asserts fast answers and
-/// almost no calls reaching the dead dependency.
-async fn while_open(app: &TestApp, name: &str, dependency: &str, cold: bool) -> Report {
+/// Drives load while `dependency`'s breaker is open; asserts answers that did
+/// not wait on the dependency and almost no calls reaching it.
+async fn while_open(app: &TestApp, name: &str, dependency: &str, cold: bool) {
     let before = attempts(app, dependency).await;
     let open = drive(app, Duration::from_secs(2), cold).await;
     let reached = attempts(app, dependency).await - before;
@@ -145,8 +176,9 @@ async fn while_open(app: &TestApp, name: &str, dependency: &str, cold: bool) -> 
         open.p95()
     );
     assert!(
-        open.p95() < Duration::from_millis(50),
-        "{name}: p95 {:?} while the breaker was open",
+        open.p95() < DEPENDENCY_TIMEOUT / 10,
+        "{name}: p95 {:?} while the breaker was open: answers waited on the dependency \
+         (its timeout is {DEPENDENCY_TIMEOUT:?})",
         open.p95()
     );
     assert!(
@@ -154,33 +186,29 @@ async fn while_open(app: &TestApp, name: &str, dependency: &str, cold: bool) -> 
         "{name}: {reached} calls reached the dead {dependency}"
     );
     assert!(open.degraded > 0, "{name}: answers say degraded");
-    open
 }
 
 /// Asks until an answer is not degraded; returns how long that took.
 async fn recovery_time(app: &TestApp) -> Duration {
     let started = Instant::now();
     let token = support::mint_token("u-basic", "basic", 1, "KR");
-    while started.elapsed() < Duration::from_secs(15) {
+    let recovered = eventually(PATIENCE, async || {
         let resp = app.playback_info("m-0001", &token).await;
-        if resp.status() == 200 {
-            let body: Value = resp.json().await.unwrap();
-            if body["degraded"] == false {
-                return started.elapsed();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("answers were still degraded 15 s after the fault ended");
+        let body: Value = resp.json().await.unwrap_or_default();
+        (body["degraded"] == false).then_some(())
+    })
+    .await;
+    assert!(
+        recovered.is_some(),
+        "answers were still degraded {PATIENCE:?} after the fault ended"
+    );
+    started.elapsed()
 }
 
-/// Starts a session and sends a heartbeat during the fault; returns the position sent.
+/// Starts a session and sends a heartbeat with `position` during the fault.
 async fn write_position_during_fault(app: &TestApp, user: &str, position: u64) {
     let token = support::mint_token(user, "standard", 2, "KR");
-    let resp = app.start_session(&token, "m-0001", "fault-device").await;
-    assert_eq!(resp.status(), 201, "start during the fault");
-    let body: Value = resp.json().await.unwrap();
-    let id = body["session_id"].as_str().unwrap().to_owned();
+    let id = app.started_session(&token, "m-0001", "fault-device").await;
     assert_eq!(
         app.heartbeat(&token, &id, position).await.status(),
         200,
@@ -188,27 +216,12 @@ async fn write_position_during_fault(app: &TestApp, user: &str, position: u64) {
     );
 }
 
-async fn assert_position_delivered(app: &TestApp, user: &str, position: u64) {
-    let api = app.api.clone();
-    let user = user.to_owned();
-    let ok = eventually(Duration::from_secs(30), move || {
-        api.delivered()
-            .iter()
-            .any(|i| i["user_id"] == user.as_str() && i["position_ms"] == position)
-    })
-    .await;
-    assert!(
-        ok,
-        "position {position} was lost; delivered: {:?}",
-        app.api.delivered()
-    );
-}
-
 fn assert_clean(name: &str, r: &Report) {
     println!(
-        "{name}: {} requests, p95 {:?}, statuses {:?}, degraded {}",
+        "{name}: {} requests, p95 {:?}, worst {:?}, statuses {:?}, degraded {}",
         r.total(),
         r.p95(),
+        r.worst(),
         r.statuses,
         r.degraded
     );
@@ -218,17 +231,17 @@ fn assert_clean(name: &str, r: &Report) {
         &r.bad_5xx[..r.bad_5xx.len().min(5)]
     );
     assert_eq!(r.connection_errors, 0, "{name}: connection errors");
-    assert!(r.total() > 100, "{name}: too little load to judge");
+    assert!(r.total() >= MIN_ANSWERS, "{name}: too little load to judge");
 }
 
 async fn internal_api_fault(name: &str, fault: Fault) {
-    let app = spawn_app().await;
+    let app = spawn_fault_app(spawn_fake_api().await, &[]).await;
     let warm = drive(&app, Duration::from_millis(500), true).await;
     assert_clean(&format!("{name} (before)"), &warm);
     app.api.set_fault(fault);
     write_position_during_fault(&app, "u-standard", 31_000).await;
     let _ = drive(&app, Duration::from_secs(2), true).await;
-    wait_for_breaker(&app, "internal_api", 2, Duration::from_secs(10)).await;
+    wait_for_breaker_open(&app, "internal_api").await;
     let calls_before = app.api.total_calls();
     while_open(&app, name, "internal_api", true).await;
     let served = app.api.total_calls() - calls_before;
@@ -236,93 +249,80 @@ async fn internal_api_fault(name: &str, fault: Fault) {
     app.api.set_fault(Fault::None);
     let recovered = recovery_time(&app).await;
     println!("{name}: not degraded again after {recovered:?}");
-    assert_position_delivered(&app, "u-standard", 31_000).await;
+    app.api.assert_receives_position("u-standard", 31_000).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn internal_api_answering_500() {
-    internal_api_fault("internal API 500", Fault::Status500).await;
+macro_rules! internal_api_faults {
+    ($($test:ident: $fault:expr,)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            internal_api_fault(stringify!($test), $fault).await;
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn internal_api_hanging() {
-    internal_api_fault("internal API hanging", Fault::Hang).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn internal_api_answering_slowly() {
-    internal_api_fault("internal API slow", Fault::Slow).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn internal_api_answering_garbage() {
-    internal_api_fault("internal API garbage JSON", Fault::Garbage).await;
+internal_api_faults! {
+    internal_api_answering_500: Fault::Status500,
+    internal_api_hanging: Fault::Hang,
+    // Slower than the timeout, so every call times out although it would be answered.
+    internal_api_answering_slowly: Fault::Slow(DEPENDENCY_TIMEOUT * 2),
+    internal_api_answering_garbage: Fault::Garbage,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_api_refusing_connections() {
-    let redis = RedisServer::start();
-    let api = crate::helpers::spawn_fake_api().await;
+    let api = spawn_fake_api().await;
     let proxy = FaultProxy::start(api.port).await;
-    let proxy_port = proxy.port;
-    let mut app = spawn_app_with(|v| {
-        v.retain(|(k, _)| k != "MONETA_INTERNAL_API_URL" && k != "MONETA_REDIS_URL");
-        v.push((
-            "MONETA_INTERNAL_API_URL".into(),
-            format!("http://127.0.0.1:{proxy_port}"),
-        ));
-        v.push(("MONETA_REDIS_URL".into(), redis.url.clone()));
-    })
-    .await;
-    // The app's own fake API is not used here; observe the proxied one.
-    app.api = api.clone();
+    let proxied = format!("http://127.0.0.1:{}", proxy.port);
+    let app = spawn_fault_app(api, &[("MONETA_INTERNAL_API_URL", &proxied)]).await;
     let _ = drive(&app, Duration::from_millis(500), true).await;
     proxy.refuse();
     write_position_during_fault(&app, "u-standard", 41_000).await;
     let _ = drive(&app, Duration::from_secs(1), true).await;
-    wait_for_breaker(&app, "internal_api", 2, Duration::from_secs(10)).await;
+    wait_for_breaker_open(&app, "internal_api").await;
     while_open(&app, "internal API refusing", "internal_api", true).await;
     proxy.restore().await;
     let recovered = recovery_time(&app).await;
     println!("internal API refusing: not degraded again after {recovered:?}");
-    assert_position_delivered(&app, "u-standard", 41_000).await;
+    app.api.assert_receives_position("u-standard", 41_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted() {
-    let mut app = spawn_app().await;
+    let mut app = spawn_fault_app(spawn_fake_api().await, &[]).await;
     let _ = drive(&app, Duration::from_millis(500), false).await;
     let port = app.redis.port;
     app.redis.kill();
     write_position_during_fault(&app, "u-standard", 51_000).await;
     let _ = drive(&app, Duration::from_secs(1), false).await;
-    wait_for_breaker(&app, "redis", 2, Duration::from_secs(10)).await;
+    wait_for_breaker_open(&app, "redis").await;
     while_open(&app, "redis killed", "redis", false).await;
     app.redis = RedisServer::start_on(port);
     let recovered = recovery_time(&app).await;
     println!("redis restarted: not degraded again after {recovered:?}");
-    assert_position_delivered(&app, "u-standard", 51_000).await;
+    app.api.assert_receives_position("u-standard", 51_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_with_sigstop() {
-    let app = spawn_app().await;
+    let app = spawn_fault_app(spawn_fake_api().await, &[]).await;
     let _ = drive(&app, Duration::from_millis(500), false).await;
     app.redis.pause();
     let hung = drive(&app, Duration::from_secs(1), false).await;
     assert_clean("redis paused (breaker closing in)", &hung);
-    let worst = hung.latencies.iter().max().copied().unwrap_or_default();
+    let bound = DEPENDENCY_TIMEOUT * (CALLS_IN_A_ROW + 1);
     assert!(
-        worst < Duration::from_millis(1500),
-        "no answer waits long on a hung Redis: {worst:?}"
+        hung.worst() < bound,
+        "no answer waits on a hung Redis beyond its timeouts: {:?} (bound {bound:?})",
+        hung.worst()
     );
-    wait_for_breaker(&app, "redis", 2, Duration::from_secs(10)).await;
+    wait_for_breaker_open(&app, "redis").await;
     write_position_during_fault(&app, "u-premium", 61_000).await;
     while_open(&app, "redis paused", "redis", false).await;
     app.redis.resume();
     let recovered = recovery_time(&app).await;
     println!("redis resumed: not degraded again after {recovered:?}");
-    assert_position_delivered(&app, "u-premium", 61_000).await;
+    app.api.assert_receives_position("u-premium", 61_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

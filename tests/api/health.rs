@@ -5,19 +5,8 @@ use crate::helpers::spawn_app;
 #[tokio::test]
 async fn live_and_ready() {
     let app = spawn_app().await;
-    let resp = app
-        .client
-        .get(format!("{}/health/live", app.address))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let resp = app
-        .client
-        .get(format!("{}/health/ready", app.address))
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(app.get_anonymously("/health/live").await.status(), 200);
+    let resp = app.get_anonymously("/health/ready").await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["status"], "ready");
@@ -28,15 +17,7 @@ async fn live_and_ready() {
 #[tokio::test]
 async fn openapi_document_lists_the_routes() {
     let app = spawn_app().await;
-    let doc: Value = app
-        .client
-        .get(format!("{}/openapi.json", app.address))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.get_anonymously("/openapi.json").await.json().await.unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     for path in [
         "/v1/contents/{content_id}/playback-info",

@@ -1,7 +1,8 @@
+use reqwest::Method;
 use serde_json::Value;
 
-use crate::helpers::{Fault, error_code, spawn_app, spawn_app_with};
-use crate::support;
+use crate::helpers::{spawn_app, spawn_app_with};
+use crate::support::{self, Fault, PublicApi, assert_error};
 
 #[tokio::test]
 async fn answers_the_contract_shape() {
@@ -40,23 +41,19 @@ async fn answers_the_contract_shape() {
 }
 
 #[tokio::test]
-async fn invalid_content_id_is_400() {
+async fn invalid_content_id_is_400_and_unknown_content_404() {
     let app = spawn_app().await;
     let token = app.token("u-basic", "basic", 1, "KR");
-    for id in ["bad.id", "a%20b", &"x".repeat(65)] {
+    let long = "x".repeat(65);
+    for (id, status, code) in [
+        ("bad.id", 400, "invalid_content_id"),
+        ("a%20b", 400, "invalid_content_id"),
+        (long.as_str(), 400, "invalid_content_id"),
+        ("m-9999", 404, "content_not_found"),
+    ] {
         let resp = app.playback_info(id, &token).await;
-        assert_eq!(resp.status(), 400, "{id}");
-        assert_eq!(error_code(resp).await, "invalid_content_id");
+        assert_error(resp, status, code).await;
     }
-}
-
-#[tokio::test]
-async fn unknown_content_is_404() {
-    let app = spawn_app().await;
-    let token = app.token("u-basic", "basic", 1, "KR");
-    let resp = app.playback_info("m-9999", &token).await;
-    assert_eq!(resp.status(), 404);
-    assert_eq!(error_code(resp).await, "content_not_found");
 }
 
 #[tokio::test]
@@ -73,7 +70,7 @@ async fn entitlement_rules_give_403s() {
             .playback_info(content, &app.token(user, plan, 1, country))
             .await;
         assert_eq!(resp.status(), 403, "{user} {content}");
-        assert_eq!(error_code(resp).await, code);
+        assert_error(resp, 403, code).await;
     }
     // The entitlement decides, not the token's claim: premium in the token does not help.
     let resp = app
@@ -97,7 +94,7 @@ async fn entitlement_rules_give_403s() {
 #[tokio::test]
 async fn redis_is_read_first() {
     // No in-process copy: the second read must come from Redis.
-    let app = spawn_app_with(|v| v.push(("MONETA_CONTENT_LOCAL_TTL_MS".into(), "1".into()))).await;
+    let app = spawn_app_with(&[("MONETA_CONTENT_LOCAL_TTL_MS", "1")]).await;
     let token = app.token("u-basic", "basic", 1, "KR");
     assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
     let after_first = app.api.total_calls();
@@ -121,22 +118,16 @@ async fn internal_api_down_without_fallback_is_503() {
     let resp = app
         .playback_info("m-0001", &app.token("u-basic", "basic", 1, "KR"))
         .await;
-    assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
-    assert_eq!(error_code(resp).await, "dependency_unavailable");
+    assert_error(resp, 503, "dependency_unavailable").await;
 }
 
 #[tokio::test]
 async fn internal_api_down_serves_the_snapshot_and_claims_degraded() {
     let dir = tempfile::tempdir().unwrap();
     let snapshot = support::write_snapshot(dir.path());
-    let app = spawn_app_with(|v| {
-        v.push((
-            "MONETA_FALLBACK_CATALOG_FILE".into(),
-            snapshot.display().to_string(),
-        ));
-    })
-    .await;
+    let snapshot = snapshot.display().to_string();
+    let app = spawn_app_with(&[("MONETA_FALLBACK_CATALOG_FILE", &snapshot)]).await;
     app.api.set_fault(Fault::Status500);
     let resp = app
         .playback_info("m-0001", &app.token("u-basic", "basic", 1, "KR"))
@@ -149,16 +140,16 @@ async fn internal_api_down_serves_the_snapshot_and_claims_degraded() {
 
 #[tokio::test]
 async fn stale_copy_serves_when_the_api_fails_later() {
-    let app = spawn_app_with(|v| {
-        v.push(("MONETA_CONTENT_TTL_S".into(), "1".into()));
-        v.push(("MONETA_CONTENT_LOCAL_TTL_MS".into(), "1".into()));
-    })
+    let app = spawn_app_with(&[
+        ("MONETA_CONTENT_TTL_S", "1"),
+        ("MONETA_CONTENT_LOCAL_TTL_MS", "1"),
+    ])
     .await;
     let token = app.token("u-basic", "basic", 1, "KR");
     assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     app.api.set_fault(Fault::Status500);
-    let body: Value = app.playback_info("m-0001", &token).await.json().await.unwrap();
+    let body = app.playback_info_json("m-0001", &token).await;
     assert_eq!(body["degraded"], true, "stale title and claims-based entitlement");
     assert_eq!(body["title"], "Title m-0001");
 }
@@ -167,15 +158,9 @@ async fn stale_copy_serves_when_the_api_fails_later() {
 async fn request_ids_are_kept_when_sane_and_replaced_otherwise() {
     let app = spawn_app().await;
     let token = app.token("u-basic", "basic", 1, "KR");
-    let url = format!("{}/v1/contents/m-0001/playback-info", app.address);
-    let resp = app
-        .client
-        .get(&url)
-        .bearer_auth(&token)
-        .header("x-request-id", "client-abc.123")
-        .send()
-        .await
-        .unwrap();
+    let path = "/v1/contents/m-0001/playback-info";
+    let with_id = async |id: &str| app.get_with(path, Some(&token), &[("x-request-id", id)]).await;
+    let resp = with_id("client-abc.123").await;
     assert_eq!(resp.headers()["x-request-id"], "client-abc.123");
     assert!(
         app.api
@@ -185,14 +170,7 @@ async fn request_ids_are_kept_when_sane_and_replaced_otherwise() {
             .unwrap()
             .contains(&"client-abc.123".to_owned())
     );
-    let resp = app
-        .client
-        .get(&url)
-        .bearer_auth(&token)
-        .header("x-request-id", "bad id <script>")
-        .send()
-        .await
-        .unwrap();
+    let resp = with_id("bad id <script>").await;
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_ne!(id, "bad id <script>");
     assert!(!id.is_empty());
@@ -203,15 +181,8 @@ async fn unknown_route_and_wrong_method_are_json() {
     let app = spawn_app().await;
     let token = app.token("u-basic", "basic", 1, "KR");
     let resp = app.get("/v1/nothing-here", &token).await;
-    assert_eq!(resp.status(), 404);
-    assert_eq!(error_code(resp).await, "not_found");
-    let resp = app
-        .client
-        .post(format!("{}/v1/contents/m-0001/playback-info", app.address))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 405);
-    assert_eq!(error_code(resp).await, "method_not_allowed");
+    assert_error(resp, 404, "not_found").await;
+    let post = app.request(Method::POST, "/v1/contents/m-0001/playback-info", Some(&token));
+    let resp = PublicApi::send(post).await;
+    assert_error(resp, 405, "method_not_allowed").await;
 }

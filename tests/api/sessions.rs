@@ -1,8 +1,10 @@
 use std::time::Duration;
 
+use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{error_code, spawn_app, spawn_app_with};
+use crate::helpers::{spawn_app, spawn_app_with};
+use crate::support::assert_error;
 
 #[tokio::test]
 async fn start_heartbeat_list_stop() {
@@ -23,27 +25,16 @@ async fn start_heartbeat_list_stop() {
     assert_eq!(ack["session_id"], id.as_str());
     assert!(chrono::DateTime::parse_from_rfc3339(ack["expires_at"].as_str().unwrap()).is_ok());
 
-    let list: Value = app
-        .get("/v1/playback/sessions", &token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list = app.sessions(&token).await;
     assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
     assert_eq!(list["sessions"][0]["device_id"], "tv-livingroom");
     assert_eq!(list["sessions"][0]["content_id"], "m-0001");
 
     assert_eq!(app.stop_session(&token, &id).await.status(), 204);
-    let list: Value = app
-        .get("/v1/playback/sessions", &token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list = app.sessions(&token).await;
     assert!(list["sessions"].as_array().unwrap().is_empty());
     let resp = app.stop_session(&token, &id).await;
-    assert_eq!(resp.status(), 404);
-    assert_eq!(error_code(resp).await, "session_not_found");
+    assert_error(resp, 404, "session_not_found").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,8 +64,7 @@ async fn fifty_parallel_starts_never_exceed_the_limit() {
         match resp.status().as_u16() {
             201 => created += 1,
             409 => {
-                let body: Value = resp.json().await.unwrap();
-                assert_eq!(body["error"]["code"], "stream_limit_reached");
+                let body = assert_error(resp, 409, "stream_limit_reached").await;
                 assert_eq!(body["error"]["max_streams"], 2);
                 assert_eq!(body["error"]["active_sessions"].as_array().unwrap().len(), 2);
                 conflicts += 1;
@@ -119,15 +109,20 @@ async fn stop_frees_the_slot_at_once() {
 
 #[tokio::test]
 async fn sessions_without_heartbeat_stop_counting() {
-    let app = spawn_app_with(|v| {
-        v.push(("MONETA_SESSION_TTL_S".into(), "2".into()));
-        v.push(("MONETA_HEARTBEAT_INTERVAL_S".into(), "1".into()));
-    })
+    // Long enough that the session is surely still live for the 409 below,
+    // however slow the machine; its end is waited for, not raced.
+    let ttl = Duration::from_secs(5);
+    let ttl_s = ttl.as_secs().to_string();
+    let app = spawn_app_with(&[
+        ("MONETA_SESSION_TTL_S", &ttl_s),
+        ("MONETA_HEARTBEAT_INTERVAL_S", "1"),
+    ])
     .await;
     let token = app.token("u-basic", "basic", 1, "KR");
     let s_id = app.started_session(&token, "m-0001", "phone").await;
     assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 409);
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // The session's last heartbeat was before this answer, so after this sleep it is over the TTL.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
     assert_eq!(app.heartbeat(&token, s_id.as_str(), 1).await.status(), 404);
     assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 201);
 }
@@ -150,28 +145,21 @@ async fn start_applies_the_playback_checks() {
     let resp = app
         .start_session(&app.token("u-standard", "standard", 2, "KR"), "m-0002", "tv")
         .await;
-    assert_eq!(resp.status(), 403);
-    assert_eq!(error_code(resp).await, "plan_not_eligible");
+    assert_error(resp, 403, "plan_not_eligible").await;
     let resp = app
         .start_session(&app.token("u-basic", "basic", 1, "KR"), "m-4040", "tv")
         .await;
-    assert_eq!(resp.status(), 404);
-    assert_eq!(error_code(resp).await, "content_not_found");
+    assert_error(resp, 404, "content_not_found").await;
 }
 
 #[tokio::test]
 async fn bad_bodies_are_rejected_and_nothing_is_written() {
     let app = spawn_app().await;
     let token = app.token("u-basic", "basic", 1, "KR");
-    let url = format!("{}/v1/playback/sessions", app.address);
-    let send = |body: String, ct: &'static str| {
-        app.client
-            .post(&url)
-            .bearer_auth(&token)
-            .header("content-type", ct)
-            .body(body)
-            .send()
+    let send = async |method: Method, path: &str, content_type: &str, body: String| {
+        app.send_raw(method, path, Some(&token), content_type, body).await
     };
+    let start = "/v1/playback/sessions";
     let cases = [
         ("{not json", "application/json", 400, "invalid_body"),
         (
@@ -201,54 +189,34 @@ async fn bad_bodies_are_rejected_and_nothing_is_written() {
         ),
     ];
     for (body, ct, status, code) in cases {
-        let resp = send(body.to_owned(), ct).await.unwrap();
+        let resp = send(Method::POST, start, ct, body.to_owned()).await;
         assert_eq!(resp.status(), status, "{body}");
-        assert_eq!(error_code(resp).await, code, "{body}");
+        assert_error(resp, status, code).await;
     }
     let big = format!(
         r#"{{"content_id": "m-0001", "device_id": "tv", "pad": "{}"}}"#,
         "x".repeat(20_000)
     );
-    assert_eq!(send(big, "application/json").await.unwrap().status(), 413);
-    let list: Value = app
-        .get("/v1/playback/sessions", &token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let json = "application/json";
+    assert_eq!(send(Method::POST, start, json, big).await.status(), 413);
+    let list = app.sessions(&token).await;
     assert!(
         list["sessions"].as_array().unwrap().is_empty(),
         "nothing half-written"
     );
 
     let s_id = app.started_session(&token, "m-0001", "tv").await;
-    let hb_url = format!("{}/v1/playback/sessions/{}", app.address, s_id.as_str());
+    let session = format!("/v1/playback/sessions/{s_id}");
     for body in [
         r#"{"position_ms": 1, "state": "dancing"}"#,
         r#"{"position_ms": -1, "state": "playing"}"#,
         r#"{"state": "paused"}"#,
     ] {
-        let resp = app
-            .client
-            .put(&hb_url)
-            .bearer_auth(&token)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let resp = send(Method::PUT, &session, json, body.to_owned()).await;
         assert_eq!(resp.status(), 400, "{body}");
-        assert_eq!(error_code(resp).await, "invalid_body");
+        assert_error(resp, 400, "invalid_body").await;
     }
-    let resp = app
-        .client
-        .delete(&hb_url)
-        .bearer_auth(&token)
-        .header("content-type", "application/json")
-        .body("{oops")
-        .send()
-        .await
-        .unwrap();
+    let resp = send(Method::DELETE, &session, json, "{oops".to_owned()).await;
     assert_eq!(resp.status(), 400);
     assert_eq!(
         app.heartbeat(&token, s_id.as_str(), 1).await.status(),

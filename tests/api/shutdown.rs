@@ -1,12 +1,9 @@
 //! SIGTERM: the real binary stops accepting, finishes in-flight requests and
 //! delivers pending positions before it exits.
 
-use std::time::Duration;
-
-use serde_json::{Value, json};
-
-use crate::helpers::spawn_fake_api;
-use crate::support::{MonetaProcess, RedisServer, mint_token};
+use crate::support::{
+    DEV_SECRET, MonetaProcess, PATIENCE, RedisServer, mint_token, run_moneta_until_exit, spawn_fake_api,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_a_just_written_position() {
@@ -14,78 +11,47 @@ async fn sigterm_flushes_a_just_written_position() {
     let api = spawn_fake_api().await;
     let mut moneta = MonetaProcess::start(&[
         ("MONETA_REDIS_URL", redis.url.clone()),
-        (
-            "MONETA_INTERNAL_API_URL",
-            format!("http://127.0.0.1:{}", api.port),
-        ),
+        ("MONETA_INTERNAL_API_URL", api.url()),
         // Only the shutdown flush can deliver within this test.
         ("MONETA_PROGRESS_FLUSH_MS", "600000".into()),
     ]);
-    let client = reqwest::Client::new();
+    let public = moneta.public_api();
     let token = mint_token("u-basic", "basic", 1, "KR");
-    let base = moneta.base_url();
-    let started: Value = client
-        .post(format!("{base}/v1/playback/sessions"))
-        .bearer_auth(&token)
-        .json(&json!({"content_id": "m-0001", "device_id": "tv"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = started["session_id"].as_str().expect("session id");
-    let resp = client
-        .put(format!("{base}/v1/playback/sessions/{id}"))
-        .bearer_auth(&token)
-        .json(&json!({"position_ms": 4242, "state": "paused"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let id = public.started_session(&token, "m-0001", "tv").await;
+    assert_eq!(public.heartbeat(&token, &id, 4242).await.status(), 200);
     assert!(api.delivered().is_empty());
 
-    let status = tokio::task::spawn_blocking(move || {
-        let status = moneta.terminate(Duration::from_secs(15));
+    // Drain, in-flight requests and the flush each have their own bounds;
+    // this deadline only catches a process that never exits.
+    let (status, output) = tokio::task::spawn_blocking(move || {
+        let status = moneta.terminate(PATIENCE);
         (status, moneta.output())
     })
     .await
     .unwrap();
-    let (status, output) = status;
     assert!(
         status.is_some_and(|s| s.success()),
         "moneta did not exit cleanly: {status:?}\n{output}"
     );
-    let delivered = api.delivered();
     assert!(
-        delivered
-            .iter()
-            .any(|i| i["user_id"] == "u-basic" && i["position_ms"] == 4242),
-        "delivered: {delivered:?}\n{output}"
+        api.received_position("u-basic", 4242),
+        "delivered: {:?}\n{output}",
+        api.delivered()
     );
-    assert!(
-        !output.contains(crate::support::DEV_SECRET),
-        "the secret must never be logged"
-    );
+    assert!(!output.contains(DEV_SECRET), "the secret must never be logged");
     assert!(!output.contains(&token), "the token must never be logged");
 }
 
-#[tokio::test]
-async fn bad_configuration_exits_2_naming_the_setting() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moneta"))
-        .env_clear()
-        .env("MONETA_JWT_HS256_SECRET", "x")
-        .env("MONETA_LISTEN_ADDR", "not-an-address")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("MONETA_LISTEN_ADDR"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+#[test]
+fn bad_configuration_exits_2_naming_the_setting() {
+    let (code, stderr) = run_moneta_until_exit(&[
+        ("MONETA_JWT_HS256_SECRET", "x".into()),
+        ("MONETA_LISTEN_ADDR", "not-an-address".into()),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("MONETA_LISTEN_ADDR"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moneta"))
-        .env_clear()
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "no key source at all");
+    let (code, stderr) = run_moneta_until_exit(&[]);
+    assert_eq!(code, Some(2), "no key source at all: {stderr}");
 }

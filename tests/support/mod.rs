@@ -1,52 +1,57 @@
-//! Real processes for integration tests: redis-server and the moneta binary on
-//! free loopback ports, stopped when dropped. A missing binary fails loudly.
-#![allow(dead_code)]
+//! What every suite shares: the moneta binary as a process, the fake internal
+//! API, dev tokens, fixtures and the contract's error shape. Dependency
+//! processes and waiting come from `testkit`.
+// Each test binary uses a different part of the kit.
+#![allow(dead_code, unused_imports)]
+
+pub mod fake_api;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-// Each test binary uses a different part of the kit.
-#[allow(unused_imports)]
-pub use testkit::{RedisServer, free_port, nginx, require_binary, signal, wait_for_port};
+use serde_json::Value;
+
+pub use fake_api::{FakeApi, Fault, spawn_fake_api};
+pub use testkit::{
+    PATIENCE, Process, RedisServer, eventually, eventually_blocking, free_port, nginx, require_binary, signal,
+};
 
 pub const DEV_SECRET: &str = "integration-test-secret-do-not-use";
 
-/// The real `moneta` binary, killed on drop.
+/// The real `moneta` binary on free loopback ports, killed on drop.
 pub struct MonetaProcess {
     pub port: u16,
     pub admin_port: u16,
-    child: Child,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
+    process: Process,
+}
+
+/// The binary with nothing from the test's own environment but `PATH`.
+fn moneta_command(port: u16, admin_port: u16) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_moneta"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MONETA_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("MONETA_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"));
+    command
 }
 
 impl MonetaProcess {
+    /// Starts with the dev HS256 secret and `RUST_LOG=info`, then `envs`;
+    /// returns once it listens.
     pub fn start(envs: &[(&str, String)]) -> MonetaProcess {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("moneta.log");
         let port = free_port();
         let admin_port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_moneta"));
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("MONETA_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-            .env("MONETA_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
+        let mut command = moneta_command(port, admin_port);
+        command
             .env("MONETA_JWT_HS256_SECRET", DEV_SECRET)
-            .env("RUST_LOG", "info");
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let out = std::fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let mut child = cmd.stdout(out).stderr(err).spawn().expect("cannot start moneta");
-        wait_for_port(port, "moneta", &mut child);
+            .env("RUST_LOG", "info")
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
         MonetaProcess {
             port,
             admin_port,
-            child,
-            log,
-            _dir: dir,
+            process: Process::logged(&mut command, "moneta").listening_on(port),
         }
     }
 
@@ -54,34 +59,74 @@ impl MonetaProcess {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    pub fn public_api(&self) -> PublicApi {
+        PublicApi::new(self.base_url())
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Sends SIGTERM and waits for the exit (at most `within`).
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        signal(self.pid(), "TERM");
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        self.process.terminate(within)
     }
 
     /// Everything the process wrote to stdout and stderr so far.
     pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.output()
+    }
+
+    pub async fn metrics(&self) -> String {
+        metrics_text(&format!("http://127.0.0.1:{}", self.admin_port)).await
     }
 }
 
-impl Drop for MonetaProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Runs moneta with `envs` on free ports until it exits, as a start that must
+/// fail does; returns its exit code and stderr.
+pub fn run_moneta_until_exit(envs: &[(&str, String)]) -> (Option<i32>, String) {
+    let mut command = moneta_command(free_port(), free_port());
+    command.envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
+    let mut process = Process::logged(&mut command, "moneta");
+    let status = process.wait_for_exit(PATIENCE).unwrap_or_else(|| {
+        panic!(
+            "moneta kept running for {PATIENCE:?} although it could not start:\n{}",
+            process.output()
+        )
+    });
+    (status.code(), process.stderr())
+}
+
+/// Moneta on a live Redis whose internal API never answers, with the fallback
+/// snapshot: playback-info for `m-0001` answers 200, degraded.
+pub struct SnapshotMoneta {
+    pub process: MonetaProcess,
+    _redis: RedisServer,
+    _dir: tempfile::TempDir,
+}
+
+impl SnapshotMoneta {
+    pub fn start(envs: &[(&str, String)]) -> SnapshotMoneta {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redis = RedisServer::start();
+        let snapshot = write_snapshot(dir.path());
+        let mut all = vec![
+            ("MONETA_REDIS_URL", redis.url.clone()),
+            ("MONETA_INTERNAL_API_URL", nobody_listens()),
+            ("MONETA_FALLBACK_CATALOG_FILE", snapshot.display().to_string()),
+        ];
+        all.extend(envs.iter().cloned());
+        SnapshotMoneta {
+            process: MonetaProcess::start(&all),
+            _redis: redis,
+            _dir: dir,
+        }
     }
+}
+
+/// A loopback URL where nothing listens: every call is refused.
+pub fn nobody_listens() -> String {
+    format!("http://127.0.0.1:{}", free_port())
 }
 
 /// A valid HS256 dev token for one hour.
@@ -101,7 +146,7 @@ pub fn mint_token(sub: &str, plan: &str, max_streams: u32, country: &str) -> Str
 }
 
 /// The title every fixture knows: Widevine DASH, clear HLS, two subtitle tracks.
-pub fn sample_content(id: &str) -> serde_json::Value {
+pub fn sample_content(id: &str) -> Value {
     serde_json::json!({
         "content_id": id,
         "title": format!("Title {id}"),
@@ -129,40 +174,214 @@ pub fn write_snapshot(dir: &Path) -> PathBuf {
 pub fn openssl_rsa_key(dir: &Path, name: &str) -> (Vec<u8>, rsa::RsaPrivateKey) {
     use rsa::pkcs8::DecodePrivateKey;
     let path = dir.join(format!("{name}.pem"));
-    let status = Command::new(require_binary("openssl"))
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&path)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("run openssl");
-    assert!(status.success(), "openssl genpkey failed");
+    testkit::run(
+        Command::new(require_binary("openssl"))
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ])
+            .arg(&path),
+        "openssl genpkey",
+    );
     let pem = std::fs::read(&path).expect("read key");
     let key = rsa::RsaPrivateKey::from_pkcs8_pem(std::str::from_utf8(&pem).expect("PEM is text"))
         .expect("parse key");
     (pem, key)
 }
 
-/// `GET /v1/contents/{content_id}/playback-info` on a running Moneta, as JSON.
-pub async fn playback_info_json(
-    client: &reqwest::Client,
-    base: &str,
-    token: &str,
-    content_id: &str,
-) -> serde_json::Value {
-    client
-        .get(format!("{base}/v1/contents/{content_id}/playback-info"))
-        .bearer_auth(token)
-        .send()
+/// Moneta's public API at `address` (Moneta itself, or nginx in front of
+/// it), called the way a player calls it.
+#[derive(Clone)]
+pub struct PublicApi {
+    pub address: String,
+    pub client: reqwest::Client,
+}
+
+impl PublicApi {
+    pub fn new(address: impl Into<String>) -> PublicApi {
+        PublicApi {
+            address: address.into(),
+            // Only a server that never answers reaches this.
+            client: reqwest::Client::builder()
+                .timeout(PATIENCE)
+                .build()
+                .expect("HTTP client"),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
+        request.send().await.expect("request failed")
+    }
+
+    /// A request to `path`, with `token` when given, for what the helpers below do not cover.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, self.url(path));
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// `GET path` with `token` (when given) and extra headers.
+    pub async fn get_with(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self.request(reqwest::Method::GET, path, token);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Self::send(request).await
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.get_with(path, Some(token), &[]).await
+    }
+
+    pub async fn get_anonymously(&self, path: &str) -> reqwest::Response {
+        self.get_with(path, None, &[]).await
+    }
+
+    pub async fn playback_info(&self, content_id: &str, token: &str) -> reqwest::Response {
+        self.get(&format!("/v1/contents/{content_id}/playback-info"), token)
+            .await
+    }
+
+    pub async fn playback_info_json(&self, content_id: &str, token: &str) -> Value {
+        json_of(self.playback_info(content_id, token).await).await
+    }
+
+    /// The caller's live sessions, as JSON.
+    pub async fn sessions(&self, token: &str) -> Value {
+        json_of(self.get("/v1/playback/sessions", token).await).await
+    }
+
+    pub async fn start_session(&self, token: &str, content_id: &str, device_id: &str) -> reqwest::Response {
+        let body = serde_json::json!({"content_id": content_id, "device_id": device_id});
+        let request = self.request(reqwest::Method::POST, "/v1/playback/sessions", Some(token));
+        Self::send(request.json(&body)).await
+    }
+
+    /// Starts a session that must succeed and returns its id.
+    pub async fn started_session(&self, token: &str, content_id: &str, device_id: &str) -> String {
+        let resp = self.start_session(token, content_id, device_id).await;
+        assert_eq!(resp.status(), 201, "session start");
+        let body = json_of(resp).await;
+        body["session_id"].as_str().expect("session_id").to_owned()
+    }
+
+    pub async fn heartbeat(&self, token: &str, session_id: &str, position_ms: u64) -> reqwest::Response {
+        let body = serde_json::json!({"position_ms": position_ms, "state": "playing"});
+        Self::send(
+            self.session_request(reqwest::Method::PUT, token, session_id)
+                .json(&body),
+        )
         .await
-        .expect("request")
-        .json()
+    }
+
+    pub async fn stop_session(&self, token: &str, session_id: &str) -> reqwest::Response {
+        Self::send(self.session_request(reqwest::Method::DELETE, token, session_id)).await
+    }
+
+    /// Stops with a final position.
+    pub async fn stop_session_at(
+        &self,
+        token: &str,
+        session_id: &str,
+        position_ms: u64,
+    ) -> reqwest::Response {
+        let body = serde_json::json!({"position_ms": position_ms});
+        Self::send(
+            self.session_request(reqwest::Method::DELETE, token, session_id)
+                .json(&body),
+        )
         .await
-        .expect("JSON body")
+    }
+
+    fn session_request(
+        &self,
+        method: reqwest::Method,
+        token: &str,
+        session_id: &str,
+    ) -> reqwest::RequestBuilder {
+        self.request(
+            method,
+            &format!("/v1/playback/sessions/{session_id}"),
+            Some(token),
+        )
+    }
+
+    /// A request whose body goes as it is, for bodies no well-behaved player sends.
+    pub async fn send_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        let request = self.request(method, path, token);
+        Self::send(request.header("content-type", content_type).body(body)).await
+    }
+}
+
+async fn json_of(resp: reqwest::Response) -> Value {
+    resp.json().await.expect("JSON body")
+}
+
+/// The Prometheus text of an admin port.
+pub async fn metrics_text(admin_base: &str) -> String {
+    reqwest::get(format!("{admin_base}/metrics"))
+        .await
+        .expect("metrics request")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+/// The value of one series (`name{labels}` exactly as exported) in Prometheus text.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Asserts the contract's error shape — the status, `Content-Type:
+/// application/json` and `{"error":{"code","message"}}` with this code and a
+/// message — and returns the body for further checks.
+pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    let url = response.url().clone();
+    assert_eq!(response.status().as_u16(), status, "status of {url}");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{url}: content-type {content_type:?}"
+    );
+    let body: Value = response.json().await.expect("error body is JSON");
+    assert_eq!(body["error"]["code"], code, "{url}: {body}");
+    assert!(
+        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{url}: error without a message: {body}"
+    );
+    body
 }

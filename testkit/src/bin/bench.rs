@@ -8,12 +8,12 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testkit::nginx::{Nginx, NginxOptions};
 use testkit::sqlx::{self, Connection};
-use testkit::{PgServer, RedisServer, free_port, require_binary, wait_for_port};
+use testkit::{PgServer, Process, RedisServer, free_port, require_binary, run};
 
 const SECRET: &str = "bench-only-secret";
 const USERS: usize = 256;
@@ -25,27 +25,17 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(bin: &Path, args: &[&str], envs: &[(&str, String)], port: u16, what: &str) -> Proc {
-    let mut child = Command::new(bin)
-        .args(args)
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    wait_for_port(port, what, &mut child);
-    Proc { child }
+/// Starts `bin`, its stdout discarded and its stderr shown, and waits until it listens.
+fn spawn(bin: &Path, args: &[&str], envs: &[(&str, String)], port: u16, what: &str) -> Process {
+    Process::spawn(
+        Command::new(bin)
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+        what,
+    )
+    .listening_on(port)
 }
 
 /// Peak resident memory since the last reset, in MiB.
@@ -228,16 +218,12 @@ fn main() {
     let redis = RedisServer::start();
     let pg = PgServer::start();
     let database_url = runtime.block_on(pg.create_database());
-    let seed = Command::new(&api_bin)
-        .arg("seed")
-        .env("DATABASE_URL", &database_url)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("seed");
-    assert!(
-        seed.status.success(),
-        "seed failed: {}",
-        String::from_utf8_lossy(&seed.stderr)
+    run(
+        Command::new(&api_bin)
+            .arg("seed")
+            .env("DATABASE_URL", &database_url)
+            .env("RUST_LOG", "warn"),
+        "internal-api seed",
     );
     runtime.block_on(async {
         let mut conn = sqlx::PgConnection::connect(&database_url).await.expect("connect");
@@ -283,7 +269,7 @@ fn main() {
         port,
         "moneta",
     );
-    let moneta_pid = moneta.child.id();
+    let moneta_pid = moneta.pid();
     let base = format!("http://127.0.0.1:{port}");
     let admin = format!("http://127.0.0.1:{admin_port}");
 
@@ -380,7 +366,7 @@ fn main() {
             eprintln!("round {round}/{rounds}: {name}");
             let _ = wrk.run(url, script, 3);
             let pid = if *requests_per_op == 0 {
-                baseline.child.id()
+                baseline.pid()
             } else {
                 moneta_pid
             };
