@@ -10,7 +10,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use moneta::auth::keys::{JwksFile, KeySource};
 use moneta::auth::{Claims, KeyStore, Verifier};
 use moneta::playback::cdn::CloudFrontSigner;
-use moneta::playback::model::{Drm, PlaybackInfo, Stream, Subtitle};
+use moneta::model::{Drm, PlaybackInfo, Stream, Subtitle};
 use rsa::RsaPrivateKey;
 use rsa::pkcs1::EncodeRsaPrivateKey;
 
@@ -23,7 +23,7 @@ uWik1csW6NxFsFSuF+GF+bpfAHnJlBzRtd8QMFLhIaJ5f+rVQxTVic76
 
 fn claims() -> Claims {
     Claims {
-        sub: "bench-user".into(),
+        sub: moneta::model::UserId::parse("bench-user").expect("a valid user id"),
         exp: chrono::Utc::now().timestamp() + 3600,
         iat: None,
         nbf: None,
@@ -108,6 +108,9 @@ fn answer() -> PlaybackInfo {
                     system: "widevine".into(),
                     license_url: "https://drm.example.com/widevine".into(),
                     key_id: "0123abcd".into(),
+                    license_token: None,
+                    license_request_headers: None,
+                    certificate_url: None,
                 }),
             },
             Stream { protocol: "hls".into(), url: "https://cdn.example.com/m-0001/hls/master.m3u8".into(), drm: None },
@@ -116,8 +119,11 @@ fn answer() -> PlaybackInfo {
             Subtitle { language: "ko".into(), url: "https://cdn.example.com/m-0001/subs/ko.vtt".into() },
             Subtitle { language: "en".into(), url: "https://cdn.example.com/m-0001/subs/en.vtt".into() },
         ],
+        markers: vec![],
         resume_position_ms: 12_345,
+        watched: false,
         degraded: false,
+        cdn_cookies: None,
     }
 }
 

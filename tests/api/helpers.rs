@@ -54,6 +54,9 @@ fn base_vars(redis: &RedisServer, api: &FakeApi) -> Vec<(String, String)> {
         ("MONETA_INTERNAL_API_TOKEN", "internal-token".to_owned()),
         ("MONETA_JWT_HS256_SECRET", support::DEV_SECRET.to_owned()),
         ("MONETA_PROGRESS_FLUSH_MS", "200".to_owned()),
+        // Tests stop apps often; the drain itself is tested where it matters.
+        ("MONETA_SHUTDOWN_DRAIN_MS", "0".to_owned()),
+        ("MONETA_SESSION_SECRET", "integration-session-secret".to_owned()),
         ("RUST_LOG", "warn".to_owned()),
     ]
     .into_iter()

@@ -46,6 +46,9 @@ impl MonetaProcess {
         let mut command = moneta_command(port, admin_port);
         command
             .env("MONETA_JWT_HS256_SECRET", DEV_SECRET)
+            .env("MONETA_SESSION_SECRET", "integration-session-secret")
+            // Tests stop processes often; the drain itself is tested where it matters.
+            .env("MONETA_SHUTDOWN_DRAIN_MS", "0")
             .env("RUST_LOG", "info")
             .envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
         MonetaProcess {
@@ -133,7 +136,7 @@ pub fn nobody_listens() -> String {
 pub fn mint_token(sub: &str, plan: &str, max_streams: u32, country: &str) -> String {
     let now = chrono::Utc::now().timestamp();
     let claims = moneta::auth::Claims {
-        sub: sub.into(),
+        sub: moneta::model::UserId::parse(sub).expect("a valid test user id"),
         exp: now + 3600,
         iat: Some(now),
         nbf: None,
