@@ -96,10 +96,10 @@ async fn watch_stop_and_resume_reaches_postgres() {
     for position in [10_000, 20_000, 30_000] {
         assert_eq!(public.heartbeat(&token, &id, position).await.status(), 200);
     }
-    assert_eq!(public.stop_session_at(&token, &id, 42_000).await.status(), 204);
+    assert_eq!(public.stop_session_at(&token, &id, 4_200_000).await.status(), 204);
 
     let info = public.playback_info_json("m-0001", &token).await;
-    assert_eq!(info["resume_position_ms"], 42_000);
+    assert_eq!(info["resume_position_ms"], 4_200_000);
 
     let db = PgPool::connect(&database_url).await.unwrap();
     // The contract's bound for delivering a position.
@@ -110,10 +110,10 @@ async fn watch_stop_and_resume_reaches_postgres() {
         .fetch_optional(&db)
         .await
         .unwrap()
-        .filter(|p| *p == 42_000)
+        .filter(|p| *p == 4_200_000)
     })
     .await;
-    assert_eq!(stored, Some(42_000), "the final position reaches PostgreSQL");
+    assert_eq!(stored, Some(4_200_000), "the final position reaches PostgreSQL");
 
     // A new Moneta with an empty Redis reads the position back from the internal API.
     drop(moneta_process);
@@ -123,7 +123,7 @@ async fn watch_stop_and_resume_reaches_postgres() {
         .public_api()
         .playback_info_json("m-0001", &token)
         .await;
-    assert_eq!(info["resume_position_ms"], 42_000);
+    assert_eq!(info["resume_position_ms"], 4_200_000);
     assert_eq!(info["degraded"], false);
 }
 

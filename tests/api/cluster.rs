@@ -31,14 +31,14 @@ async fn sessions_and_playback_on_a_redis_cluster() {
     );
     assert_eq!(app.start_session(&token, "m-0001", "phone").await.status(), 409);
     let id = s["session_id"].as_str().unwrap();
-    assert_eq!(app.heartbeat(&token, id, 4_321).await.status(), 200);
+    assert_eq!(app.heartbeat(&token, id, 4_321_000).await.status(), 200);
     let list = app.sessions(&token).await;
     assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
     assert_eq!(list["degraded"], false);
 
     let calls = app.api.total_calls();
     let info = app.playback_info_json("m-0001", &token).await;
-    assert_eq!(info["resume_position_ms"], 4_321);
+    assert_eq!(info["resume_position_ms"], 4_321_000);
     assert_eq!(info["degraded"], false);
     assert_eq!(
         app.api.total_calls(),

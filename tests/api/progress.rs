@@ -15,13 +15,14 @@ async fn watching(user: &str, plan: &str, max_streams: u32) -> (TestApp, String,
 #[tokio::test]
 async fn resume_position_round_trip() {
     let (app, token, id) = watching("u-basic", "basic", 1).await;
-    assert_eq!(app.heartbeat(&token, &id, 12_345).await.status(), 200);
+    // Both within the resume thresholds (5 % to 90 % of the title's 7 920 s).
+    assert_eq!(app.heartbeat(&token, &id, 1_234_500).await.status(), 200);
     let info = app.playback_info_json("m-0001", &token).await;
-    assert_eq!(info["resume_position_ms"], 12_345);
+    assert_eq!(info["resume_position_ms"], 1_234_500);
     // The final position given on stop wins.
-    assert_eq!(app.stop_session_at(&token, &id, 20_000).await.status(), 204);
+    assert_eq!(app.stop_session_at(&token, &id, 2_000_000).await.status(), 204);
     let info = app.playback_info_json("m-0001", &token).await;
-    assert_eq!(info["resume_position_ms"], 20_000);
+    assert_eq!(info["resume_position_ms"], 2_000_000);
 }
 
 #[tokio::test]
@@ -64,8 +65,8 @@ async fn positions_the_api_refuses_are_parked_in_redis_until_it_recovers() {
     let client = redis::Client::open(app.redis.url.as_str()).unwrap();
     let mut conn = client.get_connection().unwrap();
     let mut parked = || -> i64 {
-        redis::cmd("LLEN")
-            .arg("moneta:progress:pending")
+        redis::cmd("HLEN")
+            .arg("moneta:{progress}:parked")
             .query(&mut conn)
             .unwrap()
     };
