@@ -147,6 +147,22 @@ impl SessionStore {
         (!self.redis.is_cluster()).then(keys::progress_log)
     }
 
+    /// A heartbeat or stop script on one user's session and position keys
+    /// (and, single-node, the progress log), arguments still to come.
+    fn writing_call<'a>(&self, script: &'a Script, user: &UserId) -> redis::ScriptInvocation<'a> {
+        let keys = UserKeys::new(user);
+        let mut call = script.prepare_invoke();
+        call.key(keys.sessions())
+            .key(keys.session_info())
+            .key(keys.positions())
+            .key(keys.devices())
+            .key(keys.evicted());
+        if let Some(log) = self.log_key() {
+            call.key(log);
+        }
+        call
+    }
+
     /// Keeps a session alive and records its position, durably: once this
     /// returns `Touched`, the position reaches the internal API even if this
     /// instance dies.
@@ -156,17 +172,8 @@ impl SessionStore {
         session_id: &SessionId,
         position: PositionMs,
     ) -> Result<TouchOutcome, DependencyError> {
-        let keys = UserKeys::new(user);
         let content = session_id.content_id();
-        let mut call = HEARTBEAT.prepare_invoke();
-        call.key(keys.sessions())
-            .key(keys.session_info())
-            .key(keys.positions())
-            .key(keys.devices())
-            .key(keys.evicted());
-        if let Some(log) = self.log_key() {
-            call.key(log);
-        }
+        let mut call = self.writing_call(&HEARTBEAT, user);
         call.arg(self.ttl_ms())
             .arg(session_id.as_str())
             .arg(position.get())
@@ -206,17 +213,8 @@ impl SessionStore {
         position: Option<PositionMs>,
         completed: bool,
     ) -> Result<EndOutcome, DependencyError> {
-        let keys = UserKeys::new(user);
         let content = session_id.content_id();
-        let mut call = STOP.prepare_invoke();
-        call.key(keys.sessions())
-            .key(keys.session_info())
-            .key(keys.positions())
-            .key(keys.devices())
-            .key(keys.evicted());
-        if let Some(log) = self.log_key() {
-            call.key(log);
-        }
+        let mut call = self.writing_call(&STOP, user);
         call.arg(session_id.as_str())
             .arg(position.map(|p| p.get().to_string()).unwrap_or_default())
             .arg(POSITION_TTL_S)
