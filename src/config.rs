@@ -483,7 +483,12 @@ impl Settings {
                 private_key_file: cdn_private_key_file,
                 url_ttl: src.secs("MONETA_CDN_URL_TTL_S", 21_600)?,
                 cookie_domain: match src.opt_string("MONETA_CDN_COOKIE_DOMAIN") {
-                    Some(d) if d.is_empty() || !d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') => {
+                    Some(d)
+                        if d.is_empty()
+                            || !d
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') =>
+                    {
                         return Err(ConfigError::new(
                             "MONETA_CDN_COOKIE_DOMAIN",
                             "must be a domain name such as .example.com",
@@ -499,7 +504,9 @@ impl Settings {
                 token_secret: secret("MONETA_DRM_TOKEN_SECRET"),
                 token_ttl: src.secs("MONETA_DRM_TOKEN_TTL_S", 300)?,
                 fairplay_certificate_url: match src.get("MONETA_DRM_FAIRPLAY_CERTIFICATE_URL") {
-                    Some(_) => Some(src.url("MONETA_DRM_FAIRPLAY_CERTIFICATE_URL", "", &["http", "https"])?),
+                    Some(_) => {
+                        Some(src.url("MONETA_DRM_FAIRPLAY_CERTIFICATE_URL", "", &["http", "https"])?)
+                    }
                     None => None,
                 },
             },

@@ -68,7 +68,11 @@ async fn key_sources(jwt: &JwtSettings) -> Result<Vec<Box<dyn KeySource>>, Start
 async fn bind(addr: SocketAddr, setting: &'static str) -> Result<TcpListener, StartupError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartupError::Listen { setting, addr, source })
+        .map_err(|source| StartupError::Listen {
+            setting,
+            addr,
+            source,
+        })
 }
 
 pub struct Application {
@@ -102,8 +106,16 @@ impl Application {
         let unlogged = ProgressQueue::new(settings.progress.queue_capacity);
         let playback = Arc::new(Playback::new(
             Titles::new(redis.clone(), internal_api.clone(), snapshot, &settings.catalog),
-            UserStates::new(redis.clone(), internal_api.clone(), settings.catalog.entitlement_ttl),
-            Answers::new(Cdn::new(&cdn.base_url, signer), settings.drm.clone(), settings.resume),
+            UserStates::new(
+                redis.clone(),
+                internal_api.clone(),
+                settings.catalog.entitlement_ttl,
+            ),
+            Answers::new(
+                Cdn::new(&cdn.base_url, signer),
+                settings.drm.clone(),
+                settings.resume,
+            ),
         ));
         let s = &settings.sessions;
         let sessions = Sessions::new(

@@ -161,7 +161,10 @@ fn within_time(claims: &Claims) -> bool {
 }
 
 /// Signs a development token with an HS256 secret (`moneta token`, tests, benches).
-pub fn mint_hs256<C: serde::Serialize>(secret: &str, claims: &C) -> Result<String, jsonwebtoken::errors::Error> {
+pub fn mint_hs256<C: serde::Serialize>(
+    secret: &str,
+    claims: &C,
+) -> Result<String, jsonwebtoken::errors::Error> {
     encode(
         &Header::new(Algorithm::HS256),
         claims,

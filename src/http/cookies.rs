@@ -14,7 +14,10 @@ impl CdnCookieHeaders {
         let (Some(domain), Some(c)) = (domain, &info.cdn_cookies) else {
             return Self(Vec::new());
         };
-        let attributes = format!("Domain={domain}; Path=/{}/; Secure; HttpOnly; SameSite=None", info.content_id);
+        let attributes = format!(
+            "Domain={domain}; Path=/{}/; Secure; HttpOnly; SameSite=None",
+            info.content_id
+        );
         let values = [
             ("CloudFront-Policy", &c.policy),
             ("CloudFront-Signature", &c.signature),

@@ -18,10 +18,15 @@ pub struct Cors {
 impl Cors {
     /// `None` without allowed origins: no CORS headers at all.
     pub fn new(origins: &[String]) -> Option<Self> {
-        let origins: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+        let origins: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
         (!origins.is_empty()).then_some(Self { origins })
     }
 
+    /// The route answers `OPTIONS` itself: without a handler, axum's JSON
+    /// 405 fallback would take preflights before the CORS layer sees them.
     pub fn around(&self, route: MethodRouter<AppState>, methods: &[Method]) -> MethodRouter<AppState> {
         let layer = CorsLayer::new()
             .allow_origin(AllowOrigin::list(self.origins.clone()))
@@ -29,6 +34,7 @@ impl Cors {
             .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
             .expose_headers([HeaderName::from_static("x-request-id"), header::RETRY_AFTER]);
         route
+            .options(|| async { StatusCode::NO_CONTENT })
             .layer(layer)
             .layer(axum::middleware::from_fn(preflight_no_content))
     }

@@ -7,9 +7,9 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::AuthError;
+use crate::model::LiveSession;
 use crate::playback::PlaybackError;
 use crate::playback::rules::Denial;
-use crate::model::LiveSession;
 use crate::sessions::SessionError;
 
 /// Seconds a client should wait before retrying a `503`.

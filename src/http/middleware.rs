@@ -18,7 +18,8 @@ use crate::telemetry::traces;
 fn is_sane_request_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
 }
 
 /// The `method` label: the methods HTTP defines that Moneta may see, else

@@ -47,7 +47,10 @@ pub fn router(app: AppState, server: &ServerSettings) -> Router {
         )
         .route(
             "/v1/playback/sessions",
-            v1(get(sessions::list).post(sessions::start), &[Method::GET, Method::POST]),
+            v1(
+                get(sessions::list).post(sessions::start),
+                &[Method::GET, Method::POST],
+            ),
         )
         .route(
             "/v1/playback/sessions/{session_id}",

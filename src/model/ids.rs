@@ -114,7 +114,9 @@ impl SessionId {
             && random.bytes().all(|b| b.is_ascii_hexdigit())
             && plain(content, 64, b"_-")
             && mac.len() == SESSION_MAC_LEN
-            && mac.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && mac
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         ok.then_some((random, content, mac))
     }
 
@@ -150,7 +152,9 @@ impl PositionMs {
         if ms <= Self::MAX {
             Ok(Self(ms))
         } else {
-            Err(InvalidId("position_ms must be an integer from 0 to 9007199254740991"))
+            Err(InvalidId(
+                "position_ms must be an integer from 0 to 9007199254740991",
+            ))
         }
     }
 

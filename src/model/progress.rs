@@ -62,8 +62,14 @@ mod tests {
     #[test]
     fn resume_points_round_trip() {
         for p in [
-            ResumePoint { position_ms: 0, completed: false },
-            ResumePoint { position_ms: 42, completed: true },
+            ResumePoint {
+                position_ms: 0,
+                completed: false,
+            },
+            ResumePoint {
+                position_ms: 42,
+                completed: true,
+            },
         ] {
             assert_eq!(ResumePoint::decode(&p.encode()), Some(p));
         }

@@ -11,7 +11,9 @@ use super::cdn::Cdn;
 use super::rules;
 use crate::auth::Claims;
 use crate::config::{DrmSettings, ExposeSecret, ResumeSettings};
-use crate::model::{ContentId, Drm, DrmSource, LicenseRequestHeaders, PlaybackInfo, SessionId, Stream, Subtitle};
+use crate::model::{
+    ContentId, Drm, DrmSource, LicenseRequestHeaders, PlaybackInfo, SessionId, Stream, Subtitle,
+};
 
 /// What a licence proxy checks before it asks the DRM vendor for a licence.
 #[derive(Serialize)]
@@ -99,12 +101,13 @@ impl Answers {
 
     pub fn playback_info(&self, authorized: &Authorized, audience: &Audience<'_>) -> PlaybackInfo {
         let c = &authorized.content.value;
+        let now = std::time::SystemTime::now();
         let streams = c
             .streams
             .iter()
             .map(|s| Stream {
                 protocol: s.protocol.clone(),
-                url: self.cdn.stream_url(&s.path),
+                url: self.cdn.stream_url(&s.path, now),
                 drm: s.drm.as_ref().map(|d| self.drm(d, &c.content_id, audience)),
             })
             .collect();
@@ -116,7 +119,8 @@ impl Answers {
                 url: self.cdn.url(&s.path),
             })
             .collect();
-        let (resume_position_ms, watched) = rules::resume(authorized.position.value, c.duration_ms, self.resume);
+        let (resume_position_ms, watched) =
+            rules::resume(authorized.position.value, c.duration_ms, self.resume);
         PlaybackInfo {
             content_id: c.content_id.to_string(),
             title: c.title.clone(),
@@ -127,7 +131,7 @@ impl Answers {
             resume_position_ms,
             watched,
             degraded: authorized.degraded(),
-            cdn_cookies: self.cdn.cookies(&c.content_id),
+            cdn_cookies: self.cdn.cookies(&c.content_id, now),
         }
     }
 }

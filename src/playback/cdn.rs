@@ -49,20 +49,22 @@ impl Cdn {
     }
 
     /// The URL of a stream manifest: signed when a key pair is configured.
-    pub fn stream_url(&self, path: &str) -> String {
+    /// One answer passes one `now` everywhere, so its URLs and cookies
+    /// share an expiry even across a rounding step.
+    pub fn stream_url(&self, path: &str, now: SystemTime) -> String {
         let url = self.url(path);
         match &self.signer {
-            Some(signer) => signer.sign_at(&url, SystemTime::now()),
+            Some(signer) => signer.sign_at(&url, now),
             None => url,
         }
     }
 
     /// Signed cookies for everything under `<base>/<content_id>/`, expiring
-    /// with the signed URLs; `None` without a key pair.
-    pub fn cookies(&self, content_id: &ContentId) -> Option<CdnCookies> {
+    /// with the URLs signed at `now`; `None` without a key pair.
+    pub fn cookies(&self, content_id: &ContentId, now: SystemTime) -> Option<CdnCookies> {
         let signer = self.signer.as_ref()?;
         let resource = format!("{}/{content_id}/*", self.base);
-        Some(signer.cookies_at(&resource, SystemTime::now()))
+        Some(signer.cookies_at(&resource, now))
     }
 }
 
@@ -218,7 +220,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&p).unwrap();
         let statement = &v["Statement"][0];
         assert_eq!(statement["Resource"], "https://d.example/m-1/*");
-        assert_eq!(statement["Condition"]["DateLessThan"]["AWS:EpochTime"], 1700000000);
+        assert_eq!(
+            statement["Condition"]["DateLessThan"]["AWS:EpochTime"],
+            1700000000
+        );
         assert_eq!(v["Statement"].as_array().unwrap().len(), 1);
         assert!(!p.contains(' '));
     }

@@ -150,7 +150,11 @@ impl Titles {
                 let last_good = self.last_good.get(content_id).await;
                 match ladder::after_api_failure(stale, last_good, self.snapshot.get(content_id)) {
                     Ok((lookup, rung)) => {
-                        let kind = if rung == Rung::Snapshot { "snapshot" } else { "stale_content" };
+                        let kind = if rung == Rung::Snapshot {
+                            "snapshot"
+                        } else {
+                            "stale_content"
+                        };
                         fallback_metric("internal_api", kind);
                         Ok(lookup)
                     }
@@ -164,7 +168,11 @@ impl Titles {
     }
 
     /// Keeps a good copy for outages of both Redis and the internal API.
-    async fn remember(&self, content_id: &ContentId, content: Option<ContentPlayback>) -> Option<Arc<ContentPlayback>> {
+    async fn remember(
+        &self,
+        content_id: &ContentId,
+        content: Option<ContentPlayback>,
+    ) -> Option<Arc<ContentPlayback>> {
         let content = content.map(Arc::new);
         if let Some(content) = &content {
             self.last_good.insert(content_id.clone(), content.clone()).await;

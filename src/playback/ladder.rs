@@ -59,7 +59,10 @@ pub fn after_api_failure(
     snapshot: Option<Arc<ContentPlayback>>,
 ) -> Result<(Lookup, Rung), Rung> {
     if let Some(stale) = stale {
-        return Ok((Sourced::new(stale.content.map(Arc::new), Origin::Stale), Rung::Stale));
+        return Ok((
+            Sourced::new(stale.content.map(Arc::new), Origin::Stale),
+            Rung::Stale,
+        ));
     }
     if let Some(copy) = last_good {
         return Ok((Sourced::new(Some(copy), Origin::Stale), Rung::Stale));
@@ -125,7 +128,10 @@ mod tests {
 
     #[test]
     fn nothing_cached_asks_the_api() {
-        assert!(matches!(from_cache(None, 5, TTL), CacheStep::AskApi { stale: None }));
+        assert!(matches!(
+            from_cache(None, 5, TTL),
+            CacheStep::AskApi { stale: None }
+        ));
     }
 
     #[test]
@@ -135,10 +141,16 @@ mod tests {
         let stale = Some(cached(0, Some(title("stale"))));
 
         let (l, rung) = after_api_failure(stale, good.clone(), snap.clone()).unwrap();
-        assert_eq!((l.value.unwrap().title.as_str(), l.origin, rung), ("stale", Origin::Stale, Rung::Stale));
+        assert_eq!(
+            (l.value.unwrap().title.as_str(), l.origin, rung),
+            ("stale", Origin::Stale, Rung::Stale)
+        );
 
         let (l, rung) = after_api_failure(None, good, snap.clone()).unwrap();
-        assert_eq!((l.value.unwrap().title.as_str(), l.origin, rung), ("good", Origin::Stale, Rung::Stale));
+        assert_eq!(
+            (l.value.unwrap().title.as_str(), l.origin, rung),
+            ("good", Origin::Stale, Rung::Stale)
+        );
 
         let (l, rung) = after_api_failure(None, None, snap).unwrap();
         assert_eq!(
@@ -146,7 +158,10 @@ mod tests {
             ("snap", Origin::Snapshot, Rung::Snapshot)
         );
 
-        assert_eq!(after_api_failure(None, None, None).unwrap_err(), Rung::Unavailable);
+        assert_eq!(
+            after_api_failure(None, None, None).unwrap_err(),
+            Rung::Unavailable
+        );
     }
 
     #[test]

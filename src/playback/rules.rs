@@ -100,10 +100,16 @@ mod tests {
         }
     }
 
-    const THRESHOLDS: ResumeSettings = ResumeSettings { min_pct: 5, max_pct: 90 };
+    const THRESHOLDS: ResumeSettings = ResumeSettings {
+        min_pct: 5,
+        max_pct: 90,
+    };
 
     fn at(position_ms: u64) -> ResumePoint {
-        ResumePoint { position_ms, completed: false }
+        ResumePoint {
+            position_ms,
+            completed: false,
+        }
     }
 
     #[test]
@@ -118,7 +124,10 @@ mod tests {
 
     #[test]
     fn completed_is_watched_whatever_the_position() {
-        let p = ResumePoint { position_ms: 10, completed: true };
+        let p = ResumePoint {
+            position_ms: 10,
+            completed: true,
+        };
         assert_eq!(resume(p, 100_000, THRESHOLDS), (0, true));
     }
 

@@ -106,7 +106,10 @@ impl UserStates {
             }
             Err(_) => {
                 fallback_metric("internal_api", "claims_entitlement");
-                Ok((Sourced::new(rules::entitlement_from_claims(claims), Origin::Claims), None))
+                Ok((
+                    Sourced::new(rules::entitlement_from_claims(claims), Origin::Claims),
+                    None,
+                ))
             }
         }
     }
@@ -144,7 +147,9 @@ impl UserStates {
     /// Called once the caller may play the title.
     pub async fn remember(&self, claims: &Claims, state: &mut UserState) {
         if let Some(write) = state.write_back.take() {
-            self.redis.write_back(&claims.sub, write, self.entitlement_ttl).await;
+            self.redis
+                .write_back(&claims.sub, write, self.entitlement_ttl)
+                .await;
         }
     }
 }

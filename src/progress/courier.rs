@@ -42,7 +42,10 @@ pub async fn deliver(api: &InternalApi, items: &[ProgressItem]) -> Vec<Fate> {
         match api.post_progress(batch).await {
             Ok(BatchOutcome::Accepted) => fates[range].fill(Fate::Delivered),
             Ok(BatchOutcome::Refused(status)) if batch.len() == 1 => {
-                tracing::warn!(status = status.as_u16(), "the internal API refused a position; dropped");
+                tracing::warn!(
+                    status = status.as_u16(),
+                    "the internal API refused a position; dropped"
+                );
                 fates[range].fill(Fate::Refused);
             }
             Ok(BatchOutcome::Refused(_)) => {
@@ -204,7 +207,10 @@ impl Courier {
         // takes them over; delivering twice is fine, the internal API keeps the newest.
         let _ = self.log.settle(&settlement).await;
 
-        let undelivered: Vec<ProgressItem> = memory.into_iter().filter(|i| fate_of(i) == Fate::Failed).collect();
+        let undelivered: Vec<ProgressItem> = memory
+            .into_iter()
+            .filter(|i| fate_of(i) == Fate::Failed)
+            .collect();
         if !undelivered.is_empty() && self.log.append_all(&undelivered).await.is_err() {
             self.unlogged.restore(undelivered);
         }
@@ -223,8 +229,8 @@ impl Courier {
             // Full rounds go on while they deliver; while the internal API
             // fails, only a full read of fresh entries is worth another round
             // (parking them keeps the log short).
-            let goes_on = moved.fresh >= self.batch_size
-                || (moved.read >= self.batch_size && moved.delivered > 0);
+            let goes_on =
+                moved.fresh >= self.batch_size || (moved.read >= self.batch_size && moved.delivered > 0);
             if !goes_on {
                 break;
             }
@@ -247,7 +253,7 @@ impl Courier {
             }
             self.tick().await;
             ticks += 1;
-            if ticks % CONSUMER_SWEEP_TICKS == 0 {
+            if ticks.is_multiple_of(CONSUMER_SWEEP_TICKS) {
                 let _ = self.log.forget_idle_consumers(CONSUMER_IDLE).await;
             }
         }
@@ -261,7 +267,10 @@ impl Courier {
         }
         let left = self.unlogged.len();
         if left > 0 {
-            tracing::error!(positions = left, "shutting down with positions that reached neither Redis nor the internal API");
+            tracing::error!(
+                positions = left,
+                "shutting down with positions that reached neither Redis nor the internal API"
+            );
         } else {
             tracing::info!("no positions left in memory");
         }

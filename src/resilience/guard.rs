@@ -404,7 +404,10 @@ mod tests {
             })
             .await;
         assert!(r.is_ok());
-        assert!(!probed.load(Ordering::Relaxed), "a probe ran right after a real call");
+        assert!(
+            !probed.load(Ordering::Relaxed),
+            "a probe ran right after a real call"
+        );
         assert!(!g.is_up(), "a skipped probe must not mark the dependency up");
     }
 }

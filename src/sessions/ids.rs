@@ -69,7 +69,9 @@ impl SessionKey {
         let Ok(tag) = URL_SAFE_NO_PAD.decode(encoded) else {
             return false;
         };
-        self.mac(user, &content, random).verify_truncated_left(&tag).is_ok()
+        self.mac(user, &content, random)
+            .verify_truncated_left(&tag)
+            .is_ok()
     }
 }
 
@@ -98,11 +100,14 @@ mod tests {
     #[test]
     fn a_changed_title_or_random_part_breaks_the_mac() {
         let key = SessionKey::new(Some(&Secret::from("k1"))).unwrap();
-        let id = key.issue(&user("alice"), &ContentId::parse("m-0001").unwrap()).unwrap();
+        let id = key
+            .issue(&user("alice"), &ContentId::parse("m-0001").unwrap())
+            .unwrap();
         let (random, _, mac) = id.parts();
         let other_title = SessionId::from_parts(random, &ContentId::parse("m-0002").unwrap(), mac).unwrap();
         assert!(!key.verify(&user("alice"), &other_title));
-        let other_random = SessionId::from_parts(&"0".repeat(32), &ContentId::parse("m-0001").unwrap(), mac).unwrap();
+        let other_random =
+            SessionId::from_parts(&"0".repeat(32), &ContentId::parse("m-0001").unwrap(), mac).unwrap();
         assert!(!key.verify(&user("alice"), &other_random));
     }
 }

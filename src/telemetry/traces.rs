@@ -21,7 +21,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Registry;
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::config::{OtlpProtocol, OtelSettings};
+use crate::config::{OtelSettings, OtlpProtocol};
 
 /// Upper bound on the wait for the last spans at exit, so an unreachable
 /// collector cannot eat the shutdown grace period.

@@ -4,8 +4,8 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::http::AppState;
 use crate::app::Phase;
+use crate::http::AppState;
 
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct Readiness {

@@ -2,8 +2,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 
 use crate::http::AppState;
-use crate::http::error::{ApiError, ErrorBody};
 use crate::http::cookies::CdnCookieHeaders;
+use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::Caller;
 use crate::model::{ContentId, PlaybackInfo};
 use crate::playback::Audience;
@@ -38,5 +38,8 @@ pub async fn playback_info(
         session_id: None,
     };
     let info = app.playback.assemble(&authorized, &audience);
-    Ok((CdnCookieHeaders::new(&info, app.cdn_cookie_domain.as_deref()), Json(info)))
+    Ok((
+        CdnCookieHeaders::new(&info, app.cdn_cookie_domain.as_deref()),
+        Json(info),
+    ))
 }

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::http::AppState;
-use crate::http::error::{ApiError, ErrorBody};
 use crate::http::cookies::CdnCookieHeaders;
+use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{Caller, JsonBody, OptionalJsonBody};
 use crate::model::{ContentId, DeviceId, LiveSession, PlaybackInfo, PositionMs, SessionId};
 use crate::sources::CallContext;

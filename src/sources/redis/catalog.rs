@@ -67,7 +67,11 @@ impl RedisStore {
 
     /// The caller's cached entitlement and resume position for a title, in one
     /// round trip.
-    pub async fn user_view(&self, user: &UserId, content_id: &ContentId) -> Result<UserView, DependencyError> {
+    pub async fn user_view(
+        &self,
+        user: &UserId,
+        content_id: &ContentId,
+    ) -> Result<UserView, DependencyError> {
         let keys = UserKeys::new(user);
         let (ent, pos): (Option<String>, Option<String>) = self
             .run(|mut c| async move {

@@ -293,7 +293,12 @@ impl ProgressLog {
                 let get = |name: &str| {
                     fields
                         .chunks(2)
-                        .find(|kv| kv.first().and_then(|k| redis::from_redis_value_ref::<String>(k).ok()).as_deref() == Some(name))
+                        .find(|kv| {
+                            kv.first()
+                                .and_then(|k| redis::from_redis_value_ref::<String>(k).ok())
+                                .as_deref()
+                                == Some(name)
+                        })
                         .and_then(|kv| kv.get(1))
                 };
                 let name: String = redis::from_redis_value_ref(get("name")?).ok()?;
@@ -362,11 +367,22 @@ mod tests {
     #[test]
     fn entries_need_every_field() {
         let f = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         };
         let ok = f(&[("u", "x"), ("c", "m-1"), ("p", "5"), ("t", "1000")]);
         assert_eq!(parse_entry(&ok).map(|i| i.position_ms.get()), Some(5));
         assert!(parse_entry(&f(&[("u", "x"), ("c", "m/1"), ("p", "5"), ("t", "1")])).is_none());
-        assert!(parse_entry(&f(&[("u", "x"), ("c", "m-1"), ("p", "9007199254740992"), ("t", "1")])).is_none());
+        assert!(
+            parse_entry(&f(&[
+                ("u", "x"),
+                ("c", "m-1"),
+                ("p", "9007199254740992"),
+                ("t", "1")
+            ]))
+            .is_none()
+        );
     }
 }

@@ -71,7 +71,8 @@ pub struct SessionStore {
 }
 
 fn int(v: Option<&Value>) -> i64 {
-    v.and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(0)
+    v.and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+        .unwrap_or(0)
 }
 
 fn text(v: Option<&Value>) -> Option<String> {
@@ -195,7 +196,10 @@ impl SessionStore {
                         updated_at: now,
                         completed: false,
                     };
-                    self.redis.progress_log().append_all(std::slice::from_ref(&item)).await?;
+                    self.redis
+                        .progress_log()
+                        .append_all(std::slice::from_ref(&item))
+                        .await?;
                 }
                 TouchOutcome::Touched(now)
             }
@@ -243,7 +247,10 @@ impl SessionStore {
                 updated_at: millis_to_utc(int(reply.get(1))),
                 completed,
             };
-            self.redis.progress_log().append_all(std::slice::from_ref(&item)).await?;
+            self.redis
+                .progress_log()
+                .append_all(std::slice::from_ref(&item))
+                .await?;
         }
         Ok(outcome)
     }
