@@ -9,8 +9,8 @@ use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use moneta::auth::keys::{JwksFile, KeySource};
 use moneta::auth::{Claims, KeyStore, Verifier};
-use moneta::playback::cdn::CloudFrontSigner;
 use moneta::model::{Drm, PlaybackInfo, Stream, Subtitle};
+use moneta::playback::cdn::CloudFrontSigner;
 use rsa::RsaPrivateKey;
 use rsa::pkcs1::EncodeRsaPrivateKey;
 

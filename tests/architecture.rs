@@ -38,7 +38,11 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn owner(src: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(src).expect("under src");
     let first = rel.components().next().expect("a component");
-    first.as_os_str().to_string_lossy().trim_end_matches(".rs").to_owned()
+    first
+        .as_os_str()
+        .to_string_lossy()
+        .trim_end_matches(".rs")
+        .to_owned()
 }
 
 /// Every `crate::<name>` in the file, with its line number.
@@ -49,7 +53,10 @@ fn crate_paths(text: &str) -> Vec<(usize, String)> {
         let mut rest = code;
         while let Some(at) = rest.find("crate::") {
             let after = &rest[at + "crate::".len()..];
-            let name: String = after.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+            let name: String = after
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
             if !name.is_empty() {
                 found.push((n + 1, name));
             }
@@ -71,7 +78,8 @@ fn no_module_uses_a_higher_layer() {
         if from == "main" || from == "lib" {
             continue;
         }
-        let from_layer = layer_of(&from).unwrap_or_else(|| panic!("module `{from}` is in no layer: add it to LAYERS"));
+        let from_layer =
+            layer_of(&from).unwrap_or_else(|| panic!("module `{from}` is in no layer: add it to LAYERS"));
         *seen.entry(from.clone()).or_default() += 1;
         let text = std::fs::read_to_string(file).expect("read file");
         for (line, to) in crate_paths(&text) {
@@ -116,11 +124,17 @@ fn no_raw_redis_outside_sources() {
             }
         }
     }
-    assert!(broken.is_empty(), "raw Redis outside sources/:\n{}", broken.join("\n"));
+    assert!(
+        broken.is_empty(),
+        "raw Redis outside sources/:\n{}",
+        broken.join("\n")
+    );
 }
 
 #[test]
 fn the_checker_sees_paths() {
-    let found = crate_paths("use crate::model::UserId; // crate::http\nlet x = crate::sources::redis::keys::content(&id);");
+    let found = crate_paths(
+        "use crate::model::UserId; // crate::http\nlet x = crate::sources::redis::keys::content(&id);",
+    );
     assert_eq!(found, vec![(1, "model".to_owned()), (2, "sources".to_owned())]);
 }

@@ -77,8 +77,9 @@ struct Round {
 impl Round {
     fn offer(&mut self, item: &ProgressItem) {
         let pair = (item.user_id.clone(), item.content_id.clone());
+        // On a tie (one Redis millisecond), the later offer is the later write.
         match self.newest.get(&pair) {
-            Some(known) if known.updated_at >= item.updated_at => {}
+            Some(known) if known.updated_at > item.updated_at => {}
             _ => {
                 self.newest.insert(pair, item.clone());
             }
@@ -110,11 +111,14 @@ impl Round {
             }
         }
         dropped("invalid", invalid);
+        // Oldest sources first, the log in its own order, so that later
+        // offers are later writes.
         let all: Vec<ProgressItem> = round
-            .memory
+            .parked
             .iter()
+            .map(|(_, _, i)| i)
+            .chain(round.memory.iter())
             .chain(round.fresh.iter().map(|(_, i)| i))
-            .chain(round.parked.iter().map(|(_, _, i)| i))
             .cloned()
             .collect();
         for item in &all {
