@@ -1,7 +1,7 @@
 //! A small internal API (CONTRACT section 5) that serves the demo users and
 //! titles, remembers what it was sent, counts its calls and fails on demand.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,7 +35,13 @@ pub struct FakeState {
     pub request_ids: Mutex<Vec<String>>,
     pub authorizations: Mutex<Vec<String>>,
     pub traceparents: Mutex<Vec<String>>,
+    /// Users whose positions the API refuses (see [`FakeApi::refuse_user`]).
+    pub refused_users: Mutex<HashSet<String>>,
+    /// Batches answered `400` for holding one of them, in order.
+    pub refused_batches: Mutex<Vec<Value>>,
     pub content_calls: AtomicUsize,
+    /// Progress batches that arrived, whatever the answer (or none, when hanging).
+    pub batch_calls: AtomicUsize,
     pub total_calls: AtomicUsize,
     fault: Mutex<Fault>,
 }
@@ -59,8 +65,37 @@ impl FakeApi {
     pub fn total_calls(&self) -> usize {
         self.state.total_calls.load(Ordering::SeqCst)
     }
+    pub fn batch_calls(&self) -> usize {
+        self.state.batch_calls.load(Ordering::SeqCst)
+    }
     pub fn traceparents(&self) -> Vec<String> {
         self.state.traceparents.lock().unwrap().clone()
+    }
+    /// Serves a ContentPlayback (e.g. `sample_content` with fields changed)
+    /// under its `content_id`, in place of any title of that id.
+    pub fn serve_title(&self, content: Value) {
+        let id = content["content_id"]
+            .as_str()
+            .expect("a title has a content_id")
+            .to_owned();
+        self.state.contents.lock().unwrap().insert(id, content);
+    }
+    /// The position the internal API holds for `user` and `content_id`, as
+    /// if another device had written it.
+    pub fn set_progress(&self, user: &str, content_id: &str, position_ms: u64) {
+        self.state.progress.lock().unwrap().insert(
+            (user.to_owned(), content_id.to_owned()),
+            json!({"position_ms": position_ms, "updated_at": chrono::Utc::now().to_rfc3339()}),
+        );
+    }
+    /// From now on a progress batch holding an item of `user` is refused
+    /// whole with `400`, as the real internal API refuses a batch with one bad item.
+    pub fn refuse_user(&self, user: &str) {
+        self.state.refused_users.lock().unwrap().insert(user.to_owned());
+    }
+    /// The batches refused so far, in order.
+    pub fn refused_batches(&self) -> Vec<Value> {
+        self.state.refused_batches.lock().unwrap().clone()
     }
     /// Every progress item delivered so far, in order.
     pub fn delivered(&self) -> Vec<Value> {
@@ -179,6 +214,7 @@ async fn progress(
 }
 
 async fn batch(State(s): State<Arc<FakeState>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    s.batch_calls.fetch_add(1, Ordering::SeqCst);
     note_headers(&s, &headers);
     // A write has no JSON answer to garble; a broken server fails it instead.
     if *s.fault.lock().unwrap() == Fault::Garbage {
@@ -187,6 +223,18 @@ async fn batch(State(s): State<Arc<FakeState>>, headers: HeaderMap, Json(body): 
     }
     if let Some(r) = misbehave(&s).await {
         return r;
+    }
+    let refused = {
+        let users = s.refused_users.lock().unwrap();
+        body["items"].as_array().is_some_and(|items| {
+            items
+                .iter()
+                .any(|i| i["user_id"].as_str().is_some_and(|u| users.contains(u)))
+        })
+    };
+    if refused {
+        s.refused_batches.lock().unwrap().push(body);
+        return StatusCode::BAD_REQUEST.into_response();
     }
     for item in body["items"].as_array().cloned().unwrap_or_default() {
         let key = (

@@ -5,6 +5,8 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod fake_api;
+pub mod faketime;
+pub mod redis_probe;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 pub use fake_api::{FakeApi, Fault, spawn_fake_api};
+pub use redis_probe::RedisProbe;
 pub use testkit::{
     PATIENCE, Process, RedisServer, eventually, eventually_blocking, free_port, nginx, require_binary, signal,
 };
@@ -73,6 +76,12 @@ impl MonetaProcess {
     /// Sends SIGTERM and waits for the exit (at most `within`).
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         self.process.terminate(within)
+    }
+
+    /// Waits at most `within` for an exit already asked for (a signal sent
+    /// with `signal`), so a test can watch what happens in between.
+    pub fn wait_for_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.process.wait_for_exit(within)
     }
 
     /// Everything the process wrote to stdout and stderr so far.
@@ -196,6 +205,68 @@ pub fn openssl_rsa_key(dir: &Path, name: &str) -> (Vec<u8>, rsa::RsaPrivateKey) 
     (pem, key)
 }
 
+/// A CloudFront key pair made by openssl, held as a CDN holds it: Moneta signs
+/// with the private key, the CDN checks with the public one.
+pub struct CdnKeyPair {
+    pub id: String,
+    pub private_pem: PathBuf,
+    pub public_pem: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl CdnKeyPair {
+    pub fn generate(id: &str) -> CdnKeyPair {
+        let dir = tempfile::tempdir().expect("tempdir");
+        openssl_rsa_key(dir.path(), "cdn");
+        let private_pem = dir.path().join("cdn.pem");
+        let public_pem = dir.path().join("cdn.pub.pem");
+        testkit::run(
+            Command::new(require_binary("openssl"))
+                .args(["pkey", "-pubout", "-in"])
+                .arg(&private_pem)
+                .arg("-out")
+                .arg(&public_pem),
+            "openssl pkey -pubout",
+        );
+        CdnKeyPair {
+            id: id.to_owned(),
+            private_pem,
+            public_pem,
+            dir,
+        }
+    }
+
+    /// The settings under which Moneta signs with this key.
+    pub fn settings(&self) -> [(&'static str, String); 2] {
+        [
+            ("MONETA_CDN_KEY_PAIR_ID", self.id.clone()),
+            (
+                "MONETA_CDN_PRIVATE_KEY_FILE",
+                self.private_pem.display().to_string(),
+            ),
+        ]
+    }
+
+    /// Whether `openssl dgst -sha1 -verify` accepts `signature` over `message`
+    /// under the public key, as CloudFront checks a policy.
+    pub fn verifies_sha1(&self, message: &[u8], signature: &[u8]) -> bool {
+        let message_file = tempfile::NamedTempFile::new_in(self.dir.path()).expect("temp file");
+        let signature_file = tempfile::NamedTempFile::new_in(self.dir.path()).expect("temp file");
+        std::fs::write(message_file.path(), message).expect("write message");
+        std::fs::write(signature_file.path(), signature).expect("write signature");
+        Command::new(require_binary("openssl"))
+            .args(["dgst", "-sha1", "-verify"])
+            .arg(&self.public_pem)
+            .arg("-signature")
+            .arg(signature_file.path())
+            .arg(message_file.path())
+            .output()
+            .expect("run openssl dgst")
+            .status
+            .success()
+    }
+}
+
 /// Moneta's public API at `address` (Moneta itself, or nginx in front of
 /// it), called the way a player calls it.
 #[derive(Clone)]
@@ -274,6 +345,17 @@ impl PublicApi {
         json_of(self.get("/v1/playback/sessions", token).await).await
     }
 
+    /// The ids of the caller's live sessions.
+    pub async fn live_session_ids(&self, token: &str) -> std::collections::BTreeSet<String> {
+        let listed = self.sessions(token).await;
+        listed["sessions"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no sessions in {listed}"))
+            .iter()
+            .map(|s| s["session_id"].as_str().expect("session_id").to_owned())
+            .collect()
+    }
+
     pub async fn start_session(&self, token: &str, content_id: &str, device_id: &str) -> reqwest::Response {
         let body = serde_json::json!({"content_id": content_id, "device_id": device_id});
         let request = self.request(reqwest::Method::POST, "/v1/playback/sessions", Some(token));
@@ -308,10 +390,19 @@ impl PublicApi {
         session_id: &str,
         position_ms: u64,
     ) -> reqwest::Response {
-        let body = serde_json::json!({"position_ms": position_ms});
+        self.stop_session_with(
+            token,
+            session_id,
+            &serde_json::json!({"position_ms": position_ms}),
+        )
+        .await
+    }
+
+    /// Stops with any JSON body (`{"completed": true}`, …).
+    pub async fn stop_session_with(&self, token: &str, session_id: &str, body: &Value) -> reqwest::Response {
         Self::send(
             self.session_request(reqwest::Method::DELETE, token, session_id)
-                .json(&body),
+                .json(body),
         )
         .await
     }

@@ -1,0 +1,673 @@
+//! CONTRACT §6, "Guarantees under abuse and failure", line by line: input
+//! bounds, session ids and the stream limit under abuse, and the delivery of
+//! resume positions when the internal API refuses or fails. What Redis holds
+//! is read from Redis itself.
+//!
+//! The tests in `under_fault` stop Redis or the internal API; they run in
+//! nextest's serial group (`.config/nextest.toml`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, assert_invalid_token, spawn_app, spawn_app_with};
+use crate::support::redis_probe::{PROGRESS_LOG, user_keys};
+use crate::support::{self, PATIENCE, PublicApi, RedisProbe, assert_error, eventually, metric_value};
+
+const MAX_POSITION: u64 = (1 << 53) - 1;
+
+/// What the contract bounds the wait for a position by, once the internal API answers.
+const DELIVERY: Duration = Duration::from_secs(30);
+
+/// A token signed with the dev secret, well-formed but for its `sub`.
+fn token_for_sub(sub: Value) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({
+        "sub": sub, "exp": now + 3600, "iat": now,
+        "plan": "standard", "max_streams": 2, "country": "KR"
+    });
+    moneta::auth::verifier::mint_hs256(support::DEV_SECRET, &claims).expect("sign")
+}
+
+async fn redis_of(app: &TestApp) -> RedisProbe {
+    RedisProbe::connect(&app.redis.url).await
+}
+
+async fn metric(app: &TestApp, series: &str) -> Option<f64> {
+    metric_value(&app.metrics().await, series)
+}
+
+/// Heartbeats that must be acknowledged.
+async fn heartbeat_ok(app: &PublicApi, token: &str, session_id: &str, position_ms: u64) {
+    let resp = app.heartbeat(token, session_id, position_ms).await;
+    assert_eq!(resp.status(), 200, "heartbeat at {position_ms}");
+}
+
+/// Waits (at most the contract's bound) until `user`'s position for
+/// `content_id` is exactly `position_ms` at the internal API.
+async fn assert_delivered(app: &TestApp, user: &str, content_id: &str, position_ms: u64) {
+    let found = eventually(DELIVERY, async || {
+        app.api
+            .delivered()
+            .iter()
+            .any(|i| i["user_id"] == user && i["content_id"] == content_id && i["position_ms"] == position_ms)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        found.is_some(),
+        "{user}/{content_id} at {position_ms} never reached the internal API; it got {:?}",
+        app.api.delivered()
+    );
+}
+
+#[tokio::test]
+async fn jwt_sub_is_1_to_128_bytes_without_control_characters() {
+    let app = spawn_app().await;
+    // The fake internal API entitles every `load-` user, so an accepted sub plays.
+    let ascii = format!("load-{}", "x".repeat(123));
+    let multibyte = format!("load-{}x", "é".repeat(61));
+    for sub in [ascii, multibyte] {
+        assert_eq!(sub.len(), 128);
+        let resp = app
+            .playback_info("m-0001", &token_for_sub(json!(sub.as_str())))
+            .await;
+        assert_eq!(resp.status(), 200, "sub of 128 bytes: {sub:?}");
+    }
+    let refused = [
+        ("129 bytes", json!(format!("load-{}", "x".repeat(124)))),
+        // 67 characters: bytes count, not characters.
+        (
+            "129 bytes of 67 characters",
+            json!(format!("load-{}", "é".repeat(62))),
+        ),
+        ("empty", json!("")),
+        ("NUL", json!("load-a\u{0}b")),
+        ("bell", json!("load-a\u{7}b")),
+        ("newline", json!("load-a\nb")),
+        ("tab", json!("load-a\tb")),
+        ("escape sequence", json!("load-\u{1b}[31mred")),
+        ("DEL", json!("load-a\u{7f}")),
+        ("C1 control", json!("load-a\u{85}b")),
+        ("a number", json!(12345)),
+        ("null", Value::Null),
+    ];
+    for (case, sub) in refused {
+        let resp = app.playback_info("m-0001", &token_for_sub(sub)).await;
+        assert_invalid_token(resp, case).await;
+    }
+}
+
+#[tokio::test]
+async fn position_ms_is_an_integer_from_0_to_2_pow_53_minus_1() {
+    let app = spawn_app().await;
+    let viewer = app.token("u-premium", "premium", 4, "KR");
+    // Two titles, so the two accepted bounds are two (user, title) pairs
+    // and neither can stand in for the other on delivery.
+    let at_max = app.started_session(&viewer, "m-0001", "tv").await;
+    let at_zero = app.started_session(&viewer, "m-0003", "phone").await;
+    heartbeat_ok(&app, &viewer, &at_zero, 0).await;
+    heartbeat_ok(&app, &viewer, &at_max, MAX_POSITION).await;
+    assert_delivered(&app, "u-premium", "m-0001", MAX_POSITION).await;
+    assert_delivered(&app, "u-premium", "m-0003", 0).await;
+
+    let path = format!("/v1/playback/sessions/{at_max}");
+    let json_body = "application/json";
+    for bad in ["9007199254740992", "18446744073709551615", "-1", "1.5", "\"12\""] {
+        let body = format!(r#"{{"position_ms": {bad}, "state": "playing"}}"#);
+        let resp = app
+            .send_raw(Method::PUT, &path, Some(&viewer), json_body, body)
+            .await;
+        assert_error(resp, 400, "invalid_body").await;
+        let body = format!(r#"{{"position_ms": {bad}}}"#);
+        let resp = app
+            .send_raw(Method::DELETE, &path, Some(&viewer), json_body, body)
+            .await;
+        assert_error(resp, 400, "invalid_body").await;
+    }
+    // The refused stops ended nothing: this one finds the session.
+    assert_eq!(app.stop_session_at(&viewer, &at_max, 0).await.status(), 204);
+
+    let stopper = app.token("u-standard", "standard", 2, "KR");
+    let id = app.started_session(&stopper, "m-0001", "tv").await;
+    assert_eq!(
+        app.stop_session_at(&stopper, &id, MAX_POSITION).await.status(),
+        204
+    );
+    assert_delivered(&app, "u-standard", "m-0001", MAX_POSITION).await;
+}
+
+/// Tokens an HTTP method may be made of, none of them a method Moneta serves.
+const METHOD_TOKENS: [&str; 30] = [
+    "QWERTY",
+    "FOO1",
+    "M-SEARCH",
+    "PROPFIND",
+    "PROPPATCH",
+    "MKCOL",
+    "COPY",
+    "MOVE",
+    "LOCK",
+    "UNLOCK",
+    "REPORT",
+    "MKACTIVITY",
+    "CHECKOUT",
+    "MERGE",
+    "NOTIFY",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "PURGE",
+    "LINK",
+    "UNLINK",
+    "SEARCH",
+    "MKCALENDAR",
+    "TRACE",
+    "BREW",
+    "get",
+    "Post",
+    "X.Y_Z~1",
+    "A!#$%&'*+^`|",
+    "Z",
+    "VERYLONGMETHODNAMEVERYLONGMETHODNAME",
+];
+
+/// The values of one label of one metric, as exported.
+fn label_values(text: &str, metric: &str, label: &str) -> BTreeSet<String> {
+    let start = format!("{metric}{{");
+    let key = format!("{label}=\"");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&start))
+        .filter_map(|l| Some(l.split_once(&key)?.1.split_once('"')?.0.to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn any_method_token_is_answered_and_labelled_from_a_closed_set() {
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let routes = [
+        "/v1/playback/sessions",
+        "/v1/contents/m-0001/playback-info",
+        "/v1/playback/sessions/some-session",
+        "/health/live",
+        "/openapi.json",
+    ];
+    let unknown = [
+        "/nope",
+        "/v1/contents",
+        "/v1/contents/m-0001/other",
+        "/v1/playback/sessions/a/b",
+    ];
+    for (i, name) in METHOD_TOKENS.iter().enumerate() {
+        let method = Method::from_bytes(name.as_bytes()).expect("a valid method token");
+        let path = routes[i % routes.len()];
+        let resp = PublicApi::send(app.request(method.clone(), path, Some(&token))).await;
+        assert_eq!(resp.status(), 405, "{name} {path}");
+        assert_error(resp, 405, "method_not_allowed").await;
+        let path = unknown[i % unknown.len()];
+        let resp = PublicApi::send(app.request(method, path, Some(&token))).await;
+        assert_eq!(resp.status(), 404, "{name} {path}");
+        assert_error(resp, 404, "not_found").await;
+    }
+
+    let text = app.metrics().await;
+    let methods = label_values(&text, "moneta_http_requests_total", "method");
+    let allowed: BTreeSet<String> = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "other",
+    ]
+    .map(String::from)
+    .into();
+    assert!(
+        methods.contains("other"),
+        "the requests above were counted: {methods:?}"
+    );
+    assert!(methods.is_subset(&allowed), "method labels {methods:?}");
+    // Paths are client input too: only route templates become labels.
+    let routes = label_values(&text, "moneta_http_requests_total", "route");
+    let templates: BTreeSet<String> = [
+        "/v1/contents/{content_id}/playback-info",
+        "/v1/playback/sessions",
+        "/v1/playback/sessions/{session_id}",
+        "/health/live",
+        "/health/ready",
+        "/openapi.json",
+        "unmatched",
+    ]
+    .map(String::from)
+    .into();
+    assert!(routes.is_subset(&templates), "route labels {routes:?}");
+}
+
+/// Each of the user's keys with its type and size.
+async fn sizes(redis: &mut RedisProbe, user: &str) -> BTreeMap<String, (String, usize)> {
+    redis
+        .contents(&user_keys(user))
+        .await
+        .into_iter()
+        .map(|(key, content)| {
+            let size = content.size();
+            (key, (content.kind, size))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn titles_a_caller_may_not_play_leave_no_state_that_grows() {
+    // The cached entitlement outlives the test however slow the machine: its
+    // expiry would change the user's keys without any request.
+    let app = spawn_app_with(&[("MONETA_ENTITLEMENT_TTL_S", "3600")]).await;
+    // A basic plan (m-0002 is premium only) in the US (m-0003 plays in KR only).
+    let token = app.token("u-basic", "basic", 1, "US");
+    let mut redis = redis_of(&app).await;
+    // A title the caller may play leaves state, which the rest must not grow.
+    assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
+
+    let mut after_first = BTreeMap::new();
+    for round in 1..=75 {
+        let made_up = format!("made-up-{round}");
+        let refusals = [
+            (made_up.as_str(), 404, "content_not_found"),
+            ("m-0002", 403, "plan_not_eligible"),
+            ("m-0003", 403, "region_unavailable"),
+        ];
+        for (title, status, code) in refusals {
+            assert_error(app.playback_info(title, &token).await, status, code).await;
+            assert_error(app.start_session(&token, title, "tv").await, status, code).await;
+        }
+        if round == 1 {
+            after_first = sizes(&mut redis, "u-basic").await;
+        }
+    }
+    assert!(!after_first.is_empty(), "the played title left no state to watch");
+    assert_eq!(sizes(&mut redis, "u-basic").await, after_first);
+}
+
+#[tokio::test]
+async fn a_start_refused_with_409_changes_nothing() {
+    let app = spawn_app().await;
+    let two = app.token("u-standard", "standard", 2, "KR");
+    let mut live = BTreeSet::new();
+    for device in ["device-a", "device-b"] {
+        live.insert(app.started_session(&two, "m-0001", device).await);
+    }
+
+    // The plan drops to one stream: the internal API and the new token say so,
+    // and the cached entitlement is forgotten.
+    app.api.state.entitlements.lock().unwrap().insert(
+        "u-standard".into(),
+        json!({"user_id": "u-standard", "plan": "standard", "max_streams": 1, "active": true}),
+    );
+    let mut redis = redis_of(&app).await;
+    let _: i64 = redis
+        .query(redis::cmd("DEL").arg("moneta:{u:u-standard}:entitlement"))
+        .await;
+    let one = app.token("u-standard", "standard", 1, "KR");
+    assert_eq!(app.playback_info("m-0001", &one).await.status(), 200);
+    let before = redis.contents(&user_keys("u-standard")).await;
+
+    // Device A again: its own session would be replaced, but B alone fills the limit.
+    let resp = app.start_session(&one, "m-0001", "device-a").await;
+    let body = assert_error(resp, 409, "stream_limit_reached").await;
+    assert_eq!(body["error"]["max_streams"], 1, "{body}");
+
+    assert_eq!(redis.contents(&user_keys("u-standard")).await, before);
+    let listed: BTreeSet<String> = app.sessions(&one).await["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .map(|s| s["session_id"].as_str().expect("session_id").to_owned())
+        .collect();
+    assert_eq!(listed, live);
+    for id in &live {
+        heartbeat_ok(&app, &one, id, 1_000).await;
+    }
+}
+
+#[tokio::test]
+async fn the_progress_log_has_its_delivery_group_from_the_start() {
+    let app = spawn_app().await;
+    let mut redis = redis_of(&app).await;
+    let has_group = async |redis: &mut RedisProbe| {
+        eventually(PATIENCE, async || {
+            redis
+                .groups(PROGRESS_LOG)
+                .await
+                .contains(&"delivery".to_owned())
+                .then_some(())
+        })
+        .await
+        .is_some()
+    };
+    assert!(
+        has_group(&mut redis).await,
+        "no group `delivery` before any traffic"
+    );
+
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let id = app.started_session(&token, "m-0001", "tv").await;
+    heartbeat_ok(&app, &token, &id, 5_000).await;
+    assert_delivered(&app, "u-basic", "m-0001", 5_000).await;
+    // Delivered entries are acknowledged and leave the log.
+    let settled = eventually(PATIENCE, async || {
+        let held: u64 = redis
+            .consumers(PROGRESS_LOG, "delivery")
+            .await
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
+        (held == 0 && redis.count("XLEN", PROGRESS_LOG).await == 0).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "a delivered entry stayed in the log");
+
+    // Redis lost its data: the group comes back, and positions flow again.
+    let _: () = redis.query(&redis::cmd("FLUSHALL")).await;
+    assert!(
+        has_group(&mut redis).await,
+        "the group never came back after Redis lost its data"
+    );
+    let id = app.started_session(&token, "m-0001", "tv").await;
+    heartbeat_ok(&app, &token, &id, 6_000).await;
+    assert_delivered(&app, "u-basic", "m-0001", 6_000).await;
+}
+
+/// Fault-style tests: Redis killed or frozen, the internal API failing.
+mod under_fault {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::support::Fault;
+    use crate::support::redis_probe::PROGRESS_PARKED;
+
+    /// Calls the Redis bulkhead turned away.
+    async fn redis_rejected_full(app: &TestApp) -> f64 {
+        app.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with("moneta_dependency_requests_total{"))
+            .filter(|l| l.contains("dependency=\"redis\"") && l.contains("outcome=\"rejected_full\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// `id` with the character at `at` replaced by another of the same alphabet.
+    fn altered(id: &str, at: usize) -> String {
+        let mut chars: Vec<char> = id.chars().collect();
+        chars[at] = if chars[at] == 'a' { 'b' } else { 'a' };
+        chars.into_iter().collect()
+    }
+
+    #[tokio::test]
+    async fn session_ids_moneta_did_not_issue_to_the_caller_are_404_while_redis_is_down() {
+        let mut app = spawn_app().await;
+        let alice = app.token("u-standard", "standard", 2, "KR");
+        let bob = app.token("u-premium", "premium", 4, "KR");
+        let own = app.started_session(&alice, "m-0001", "tv").await;
+        let bobs = app.started_session(&bob, "m-0001", "tv").await;
+        app.redis.kill();
+
+        let mac_at = own.rfind('.').expect("id has a MAC") + 1;
+        let random = own.split('.').next().expect("id has parts");
+        let forged = [
+            ("a wrong MAC", altered(&own, mac_at)),
+            ("another random part", altered(&own, 0)),
+            ("another title", own.replace(".m-0001.", ".m-0002.")),
+            (
+                "a made-up id",
+                format!("{}.m-0001.{}", "0".repeat(random.len()), "A".repeat(22)),
+            ),
+            ("another user's id", bobs),
+        ];
+        for (n, (case, id)) in forged.iter().enumerate() {
+            assert_ne!(id, &own, "{case}");
+            let position = 900_000 + n as u64;
+            let resp = app.heartbeat(&alice, id, position).await;
+            assert_error(resp, 404, "session_not_found").await;
+            let resp = app.stop_session_at(&alice, id, position).await;
+            assert_error(resp, 404, "session_not_found").await;
+        }
+        let resp = app.heartbeat(&alice, &own, 4_242).await;
+        assert_eq!(resp.status(), 200, "the caller's own session, Redis down");
+        assert_delivered(&app, "u-standard", "m-0001", 4_242).await;
+        let forged_positions: Vec<Value> = app
+            .api
+            .delivered()
+            .into_iter()
+            .filter(|i| i["position_ms"].as_u64().is_some_and(|p| p >= 900_000))
+            .collect();
+        assert!(forged_positions.is_empty(), "{forged_positions:?}");
+    }
+
+    #[tokio::test]
+    async fn a_full_redis_bulkhead_answers_503_and_starts_nothing() {
+        // One call at a time, each waiting up to 10 s on a frozen Redis: a
+        // single call in flight fills the bulkhead long before any timeout.
+        let app = spawn_app_with(&[
+            ("MONETA_REDIS_MAX_CONCURRENCY", "1"),
+            ("MONETA_REDIS_TIMEOUT_MS", "10000"),
+            ("MONETA_REQUEST_TIMEOUT_MS", "60000"),
+        ])
+        .await;
+        let token = app.token("u-standard", "standard", 2, "KR");
+        // With one slot, the courier's own rounds fill the bulkhead now and then,
+        // and a start meeting one of them is refused: it is tried again.
+        let before = eventually(PATIENCE, async || {
+            let resp = app.start_session(&token, "m-0001", "phone").await;
+            match resp.status().as_u16() {
+                201 => Some(resp.json::<Value>().await.expect("JSON")["session_id"].clone()),
+                503 => None,
+                other => panic!("session start: {other}"),
+            }
+        })
+        .await
+        .expect("no start found the slot free");
+        let before = before.as_str().expect("session_id").to_owned();
+        let turned_away = redis_rejected_full(&app).await;
+
+        app.redis.pause();
+        let holder = {
+            let api = app.public.clone();
+            let token = token.clone();
+            tokio::spawn(async move { api.get("/v1/playback/sessions", &token).await.status() })
+        };
+        // Someone (the request above, or the courier) holds the only slot once
+        // another Redis call is turned away.
+        let full = eventually(PATIENCE, async || {
+            (redis_rejected_full(&app).await > turned_away).then_some(())
+        })
+        .await;
+        assert!(full.is_some(), "the bulkhead never filled");
+
+        let resp = app.start_session(&token, "m-0001", "tv").await;
+        let retry_after = resp.headers().get("retry-after").cloned();
+        assert_error(resp, 503, "dependency_unavailable").await;
+        assert!(retry_after.is_some(), "503 without Retry-After");
+
+        app.redis.resume();
+        holder.await.expect("the holding request");
+        let listed = eventually(PATIENCE, async || {
+            let list = app.sessions(&token).await;
+            (list["degraded"] == false).then_some(list)
+        })
+        .await
+        .expect("the session list never came back from Redis");
+        let ids: Vec<&str> = listed["sessions"]
+            .as_array()
+            .expect("sessions")
+            .iter()
+            .filter_map(|s| s["session_id"].as_str())
+            .collect();
+        assert_eq!(ids, [before.as_str()], "{listed}");
+    }
+
+    /// Starts one session per user on m-0001 (with the internal API up).
+    async fn watching(app: &TestApp, users: &[String]) -> Vec<(String, String)> {
+        let mut sessions = Vec::new();
+        for user in users {
+            let token = app.token(user, "standard", 2, "KR");
+            let id = app.started_session(&token, "m-0001", "tv").await;
+            sessions.push((token, id));
+        }
+        sessions
+    }
+
+    async fn wait_parked(redis: &mut RedisProbe, n: u64) {
+        let parked = eventually(PATIENCE, async || {
+            (redis.count("HLEN", PROGRESS_PARKED).await == n).then_some(())
+        })
+        .await;
+        assert!(parked.is_some(), "never {n} parked pairs");
+    }
+
+    #[tokio::test]
+    async fn a_refused_item_is_dropped_alone_and_not_retried() {
+        let app = spawn_app().await;
+        let users: Vec<String> = ["load-r1", "load-r2", "load-poison", "load-r3", "load-r4"]
+            .map(String::from)
+            .into();
+        let sessions = watching(&app, &users).await;
+        // Parked while the API fails, the five go out together in one batch.
+        app.api.set_fault(Fault::Status500);
+        for (n, (token, id)) in sessions.iter().enumerate() {
+            heartbeat_ok(&app, token, id, 7_000 + n as u64).await;
+        }
+        let mut redis = redis_of(&app).await;
+        wait_parked(&mut redis, 5).await;
+        app.api.refuse_user("load-poison");
+        app.api.set_fault(Fault::None);
+
+        for (n, user) in users.iter().enumerate() {
+            if user != "load-poison" {
+                assert_delivered(&app, user, "m-0001", 7_000 + n as u64).await;
+            }
+        }
+        let dropped = r#"moneta_progress_dropped_total{reason="refused"}"#;
+        let counted = eventually(PATIENCE, async || {
+            (metric(&app, dropped).await == Some(1.0)).then_some(())
+        })
+        .await;
+        assert!(counted.is_some(), "{dropped}: {:?}", metric(&app, dropped).await);
+        let refused = app.api.refused_batches();
+        assert!(
+            refused
+                .iter()
+                .any(|b| b["items"].as_array().is_some_and(|i| i.len() > 1)),
+            "the poisoned item never shared a batch: {refused:?}"
+        );
+        assert!(app.api.delivered().iter().all(|i| i["user_id"] != "load-poison"));
+        wait_parked(&mut redis, 0).await;
+
+        // Given every chance to be offered again; a slow machine only makes this check weaker.
+        let seen = app.api.refused_batches().len();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            app.api.refused_batches().len(),
+            seen,
+            "the refused item is offered again"
+        );
+        assert_eq!(metric(&app, dropped).await, Some(1.0));
+    }
+
+    #[tokio::test]
+    async fn parked_positions_are_delivered_alongside_traffic() {
+        let app = spawn_app().await;
+        let parked_users: Vec<String> = (0..20).map(|i| format!("load-parked-{i}")).collect();
+        let live_users: Vec<String> = (0..5).map(|i| format!("load-live-{i}")).collect();
+        let parked_sessions = watching(&app, &parked_users).await;
+        let live_sessions = watching(&app, &live_users).await;
+
+        app.api.set_fault(Fault::Status500);
+        for (n, (token, id)) in parked_sessions.iter().enumerate() {
+            heartbeat_ok(&app, token, id, 10_000 + n as u64).await;
+        }
+        let gauge = r#"moneta_progress_backlog{kind="parked"}"#;
+        let parked = eventually(PATIENCE, async || {
+            (metric(&app, gauge).await == Some(20.0)).then_some(())
+        })
+        .await;
+        assert!(parked.is_some(), "{gauge}: {:?}", metric(&app, gauge).await);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let traffic = {
+            let api = app.public.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                // Bounded: 60 s of heartbeats at most.
+                for round in 1..=300u64 {
+                    if stop.load(Ordering::Relaxed) {
+                        return Some(round - 1);
+                    }
+                    for (token, id) in &live_sessions {
+                        heartbeat_ok(&api, token, id, round * 1_000).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None
+            })
+        };
+        app.api.set_fault(Fault::None);
+        let all = eventually(DELIVERY, async || {
+            parked_users
+                .iter()
+                .enumerate()
+                .all(|(n, user)| app.api.received_position(user, 10_000 + n as u64))
+                .then_some(())
+        })
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        let rounds = traffic.await.expect("traffic task");
+        let missing: Vec<&String> = parked_users
+            .iter()
+            .enumerate()
+            .filter(|(n, user)| !app.api.received_position(user, 10_000 + *n as u64))
+            .map(|(_, user)| user)
+            .collect();
+        assert!(
+            all.is_some(),
+            "parked positions not delivered within {DELIVERY:?}: {missing:?}"
+        );
+        let rounds = rounds.expect("the traffic ran out before the parked positions arrived");
+        assert!(rounds > 0, "no traffic beside the delivery");
+        for user in &live_users {
+            assert_delivered(&app, user, "m-0001", rounds * 1_000).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outage_parks_pairs_not_heartbeats() {
+        const BATCH: u64 = 10;
+        let batch = BATCH.to_string();
+        let app = spawn_app_with(&[("MONETA_PROGRESS_BATCH_SIZE", batch.as_str())]).await;
+        let token = app.token("load-one", "standard", 2, "KR");
+        let id = app.started_session(&token, "m-0001", "tv").await;
+        let mut redis = redis_of(&app).await;
+        app.api.set_fault(Fault::Status500);
+
+        let mut most_parked = 0;
+        for p in 1..=100u64 {
+            heartbeat_ok(&app, &token, &id, p * 1_000).await;
+            most_parked = most_parked.max(redis.count("HLEN", PROGRESS_PARKED).await);
+        }
+        assert!(most_parked <= 1, "{most_parked} parked fields for one pair");
+        // With the API still down, the courier folds the log into the one field.
+        let folded = eventually(PATIENCE, async || {
+            let log = redis.count("XLEN", PROGRESS_LOG).await;
+            let parked = redis.count("HLEN", PROGRESS_PARKED).await;
+            (log <= 2 * BATCH && parked == 1).then_some(())
+        })
+        .await;
+        assert!(
+            folded.is_some(),
+            "log {} entries, {} parked fields",
+            redis.count("XLEN", PROGRESS_LOG).await,
+            redis.count("HLEN", PROGRESS_PARKED).await
+        );
+
+        app.api.set_fault(Fault::None);
+        assert_delivered(&app, "load-one", "m-0001", 100_000).await;
+        wait_parked(&mut redis, 0).await;
+    }
+}
