@@ -74,6 +74,19 @@ pub struct RedisSettings {
     /// Set: Redis Cluster mode on these seed nodes.
     pub cluster_urls: Option<Vec<String>>,
     pub guard: GuardSettings,
+    pub client_cache: ClientCacheSettings,
+}
+
+/// The in-process copy of entitlements and resume positions that Redis keeps
+/// coherent (server-assisted client-side caching, RESP3 `CLIENT TRACKING`).
+#[derive(Debug, Clone)]
+pub struct ClientCacheSettings {
+    /// Redis keys held at most (two per user; a positions key holds up to
+    /// four titles); 0 turns the cache off.
+    pub max_keys: usize,
+    /// A cached value is asked for again after this long even without an
+    /// invalidation: the bound on staleness should an invalidation ever be lost.
+    pub ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -455,6 +468,10 @@ impl Settings {
                 url: src.url("MONETA_REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?,
                 cluster_urls: redis_cluster_urls,
                 guard: src.guard("MONETA_REDIS", 250, 512)?,
+                client_cache: ClientCacheSettings {
+                    max_keys: src.parse("MONETA_REDIS_CLIENT_CACHE_KEYS", 4_096)?,
+                    ttl: src.millis("MONETA_REDIS_CLIENT_CACHE_TTL_MS", 30_000)?,
+                },
             },
             internal_api: InternalApiSettings {
                 url: src.url(

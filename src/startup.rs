@@ -230,6 +230,10 @@ impl Application {
 /// Keeps breakers and readiness current without traffic; stops with the App.
 fn spawn_probes(redis: RedisStore, api: InternalApi, app: Arc<App>) {
     let app = Arc::downgrade(&app);
+    let serving = app.clone();
+    if let Some(keeper) = redis.client_cache_keeper(move || serving.strong_count() > 0) {
+        tokio::spawn(keeper);
+    }
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(PROBE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

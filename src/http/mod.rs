@@ -5,6 +5,7 @@ mod cookies;
 mod cors;
 pub mod error;
 pub mod extract;
+mod json;
 mod middleware;
 pub mod openapi;
 pub mod routes;
@@ -24,6 +25,7 @@ use tower_http::timeout::TimeoutLayer;
 use crate::app::App;
 use crate::config::ServerSettings;
 use error::ApiError;
+pub use json::JsonAnswer;
 use routes::{health, playback_info, sessions};
 
 pub type AppState = Arc<App>;

@@ -79,6 +79,12 @@ impl Titles {
         }
     }
 
+    /// The title existed when last looked up (within the stale TTL): a set
+    /// bounded by the catalog, whatever ids callers make up.
+    pub fn known(&self, content_id: &ContentId) -> bool {
+        self.last_good.contains_key(content_id)
+    }
+
     /// The title, or `ContentNotFound` / `Unavailable`.
     pub async fn get(
         &self,

@@ -38,10 +38,11 @@ impl UserStates {
         &self,
         claims: &Claims,
         content_id: &ContentId,
+        known_title: bool,
         ctx: &CallContext,
     ) -> Result<UserState, PlaybackError> {
         let user = &claims.sub;
-        let view = match self.redis.user_view(user, content_id).await {
+        let view = match self.redis.user_view(user, content_id, known_title).await {
             Ok(view) => Some(view),
             Err(_) => {
                 fallback_metric("redis", "user_state_skip_cache");

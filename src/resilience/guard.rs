@@ -125,6 +125,34 @@ struct Inner {
     /// Milliseconds after `born` of the last real (non-probe) call.
     last_call_ms: AtomicU64,
     born: Instant,
+    metrics: CallMetrics,
+}
+
+/// The dependency's series, registered once: the macros look a series up on
+/// every call, and Redis is called on every request.
+struct CallMetrics {
+    duration: metrics::Histogram,
+    /// By outcome, in the order of [`OUTCOMES`].
+    requests: [metrics::Counter; OUTCOMES.len()],
+}
+
+const OUTCOMES: [&str; 5] = ["success", "error", "timeout", "rejected_open", "rejected_full"];
+
+impl CallMetrics {
+    fn new(dependency: &'static str) -> Self {
+        Self {
+            duration: metrics::histogram!("moneta_dependency_request_duration_seconds", "dependency" => dependency),
+            requests: OUTCOMES.map(|outcome| {
+                metrics::counter!("moneta_dependency_requests_total", "dependency" => dependency, "outcome" => outcome)
+            }),
+        }
+    }
+
+    fn count(&self, outcome: &'static str) {
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
+            self.requests[i].increment(1);
+        }
+    }
 }
 
 /// Timeout ∘ bulkhead ∘ circuit breaker ∘ metrics around one dependency.
@@ -175,6 +203,7 @@ impl Guard {
                 last_ok: AtomicBool::new(true),
                 last_call_ms: AtomicU64::new(0),
                 born: Instant::now(),
+                metrics: CallMetrics::new(dependency),
             }),
         }
     }
@@ -256,20 +285,13 @@ impl Guard {
             }
         }
         inner.last_ok.store(result.is_ok(), Ordering::Relaxed);
-        metrics::histogram!("moneta_dependency_request_duration_seconds", "dependency" => dep)
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("moneta_dependency_requests_total", "dependency" => dep, "outcome" => outcome)
-            .increment(1);
+        inner.metrics.duration.record(started.elapsed().as_secs_f64());
+        inner.metrics.count(outcome);
         result
     }
 
     fn reject(&self, error: DependencyError, outcome: &'static str) -> DependencyError {
-        metrics::counter!(
-            "moneta_dependency_requests_total",
-            "dependency" => self.inner.dependency,
-            "outcome" => outcome
-        )
-        .increment(1);
+        self.inner.metrics.count(outcome);
         error
     }
 }

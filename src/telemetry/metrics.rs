@@ -112,6 +112,22 @@ fn describe() {
         "moneta_cache_requests_total",
         "Cache lookups by cache (content_memory, content_redis, entitlement_redis, position_redis) and result (hit, miss)."
     );
+    describe_counter!(
+        "moneta_redis_client_cache_requests_total",
+        "Reads offered to the in-process copy of Redis (entitlements, positions), by result (hit, miss)."
+    );
+    describe_counter!(
+        "moneta_redis_client_cache_invalidations_total",
+        "Entries of the in-process copy of Redis dropped because Redis said they changed, expired or were replaced."
+    );
+    describe_gauge!(
+        "moneta_redis_client_cache_trusted",
+        "1 while the Redis connection has proven itself alive recently and the in-process copy is served, else 0."
+    );
+    describe_counter!(
+        "moneta_redis_client_cache_distrusted_total",
+        "Times the in-process copy of Redis stopped being served (connection lost or not answering)."
+    );
     describe_gauge!("moneta_jwt_keys", "JWT verification keys in force.");
     describe_counter!(
         "moneta_jwt_key_refresh_failures_total",

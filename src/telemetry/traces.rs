@@ -118,12 +118,17 @@ pub fn inject(span: &Span, headers: &mut HeaderMap) {
     TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInjector(headers));
 }
 
+/// Whether spans leave the process at all.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
 /// Whether a dependency call should get a client span: only when spans are
 /// exported, and only inside a traced operation. Background work (dependency
 /// probes, position flushes) has no span, so it does not flood the collector
 /// with one-span traces.
 pub fn client_spans() -> bool {
-    EXPORTING.load(Ordering::Relaxed) && !Span::current().is_none()
+    exporting() && !Span::current().is_none()
 }
 
 /// Trace and span id of the innermost traced span the current thread is in.

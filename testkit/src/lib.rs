@@ -2,6 +2,7 @@
 //! stopped when dropped. A missing binary fails the test with advice; nothing
 //! is ever skipped.
 
+pub mod bench_stack;
 pub mod nginx;
 pub mod postgres;
 pub mod process;

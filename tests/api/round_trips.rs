@@ -1,6 +1,7 @@
 //! The hot path's Redis cost, counted by Redis itself (`INFO commandstats`):
-//! a warm playback-info is one pipeline of GET + HGET, a heartbeat one script.
-//! Fails if either grows.
+//! a warm playback-info is no command at all with the client-side cache and
+//! one pipeline of GET + HGET without it; a heartbeat is one script. Fails if
+//! any grows.
 
 use std::collections::BTreeMap;
 
@@ -35,8 +36,31 @@ const CACHES_STAY_WARM: &[(&str, &str)] = &[
 ];
 
 #[tokio::test]
-async fn warm_playback_info_is_one_pipeline_and_heartbeat_one_script() {
+async fn warm_playback_info_makes_no_round_trip_with_the_client_cache() {
     let app = spawn_app_with(CACHES_STAY_WARM).await;
+    let token = app.token("u-standard", "standard", 2, "KR");
+    for _ in 0..3 {
+        assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
+    }
+    reset(&app);
+    for _ in 0..20 {
+        assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
+    }
+    assert_eq!(
+        commands(&app),
+        BTreeMap::new(),
+        "answered from the instance's own copy"
+    );
+}
+
+#[tokio::test]
+async fn warm_playback_info_is_one_pipeline_and_heartbeat_one_script() {
+    let mut settings = CACHES_STAY_WARM.to_vec();
+    settings.push(("MONETA_REDIS_CLIENT_CACHE_KEYS", "0"));
+    // The courier's own round (a stream read and a settle script) would be
+    // counted with the heartbeats'.
+    settings.push(("MONETA_PROGRESS_FLUSH_MS", "3600000"));
+    let app = spawn_app_with(&settings).await;
     let token = app.token("u-standard", "standard", 2, "KR");
     for _ in 0..2 {
         assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);

@@ -1,10 +1,9 @@
-use axum::Json;
 use axum::extract::{Path, State};
 
-use crate::http::AppState;
 use crate::http::cookies::CdnCookieHeaders;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::Caller;
+use crate::http::{AppState, JsonAnswer};
 use crate::model::{ContentId, PlaybackInfo};
 use crate::playback::Audience;
 use crate::sources::CallContext;
@@ -30,7 +29,7 @@ pub async fn playback_info(
     Caller(claims): Caller,
     ctx: CallContext,
     Path(content_id): Path<String>,
-) -> Result<(CdnCookieHeaders, Json<PlaybackInfo>), ApiError> {
+) -> Result<(CdnCookieHeaders, JsonAnswer<PlaybackInfo>), ApiError> {
     let content_id = ContentId::parse(content_id).map_err(|_| ApiError::InvalidContentId)?;
     let authorized = app.playback.authorize(&claims, &content_id, &ctx).await?;
     let audience = Audience {
@@ -40,6 +39,6 @@ pub async fn playback_info(
     let info = app.playback.assemble(&authorized, &audience);
     Ok((
         CdnCookieHeaders::new(&info, app.cdn_cookie_domain.as_deref()),
-        Json(info),
+        JsonAnswer(info),
     ))
 }

@@ -1,4 +1,3 @@
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
@@ -6,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::http::AppState;
+use crate::http::JsonAnswer;
 use crate::http::cookies::CdnCookieHeaders;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{Caller, JsonBody, OptionalJsonBody};
@@ -130,7 +130,7 @@ pub async fn start(
     Caller(claims): Caller,
     ctx: CallContext,
     JsonBody(body): JsonBody<StartSession>,
-) -> Result<(StatusCode, CdnCookieHeaders, Json<SessionStarted>), ApiError> {
+) -> Result<(StatusCode, CdnCookieHeaders, JsonAnswer<SessionStarted>), ApiError> {
     let content_id = ContentId::parse(body.content_id).map_err(|_| ApiError::InvalidContentId)?;
     let started = app
         .sessions
@@ -140,7 +140,7 @@ pub async fn start(
     Ok((
         StatusCode::CREATED,
         cookies,
-        Json(SessionStarted {
+        JsonAnswer(SessionStarted {
             session_id: started.session_id.into(),
             heartbeat_interval_s: app.heartbeat_interval.as_secs(),
             expires_at: started.expires_at,
@@ -174,14 +174,14 @@ pub async fn heartbeat(
     Caller(claims): Caller,
     Path(raw_id): Path<String>,
     JsonBody(body): JsonBody<Heartbeat>,
-) -> Result<Json<HeartbeatAck>, ApiError> {
+) -> Result<JsonAnswer<HeartbeatAck>, ApiError> {
     metrics::counter!("moneta_heartbeats_total", "state" => body.state.as_str()).increment(1);
     let session_id = session_id(raw_id)?;
     let expires_at = app
         .sessions
         .heartbeat(&claims, &session_id, body.position_ms)
         .await?;
-    Ok(Json(HeartbeatAck {
+    Ok(JsonAnswer(HeartbeatAck {
         session_id: session_id.into(),
         expires_at,
     }))
@@ -228,11 +228,11 @@ pub async fn stop(
         (status = 401, description = "missing_token / invalid_token", body = ErrorBody),
     )
 )]
-pub async fn list(State(app): State<AppState>, Caller(claims): Caller) -> Json<SessionList> {
+pub async fn list(State(app): State<AppState>, Caller(claims): Caller) -> JsonAnswer<SessionList> {
     let (sessions, degraded) = match app.sessions.list(&claims).await {
         Some(list) => (list, false),
         None => (Vec::new(), true),
     };
     let sessions = sessions.into_iter().map(SessionView::from).collect();
-    Json(SessionList { sessions, degraded })
+    JsonAnswer(SessionList { sessions, degraded })
 }

@@ -66,23 +66,36 @@ impl RedisStore {
     }
 
     /// The caller's cached entitlement and resume position for a title, in one
-    /// round trip.
+    /// round trip, or none when the client-side cache holds both.
+    ///
+    /// `known_title`: the title exists. Only then is the position kept in
+    /// process (and for a few titles per user): the crate keeps one entry per
+    /// field read, so positions of made-up titles must not be cached.
     pub async fn user_view(
         &self,
         user: &UserId,
         content_id: &ContentId,
+        known_title: bool,
     ) -> Result<UserView, DependencyError> {
         let keys = UserKeys::new(user);
+        let positions = keys.positions();
+        let cached = self.cache.as_ref().and_then(|c| Some((c, c.for_read()?)));
+        let keep_position = cached
+            .as_ref()
+            .is_some_and(|(cache, _)| known_title && cache.admit_position(&positions, content_id.as_str()));
+        let cached = cached.map(|(_, config)| config);
         let (ent, pos): (Option<String>, Option<String>) = self
             .run(|mut c| async move {
-                redis::pipe()
-                    .cmd("GET")
-                    .arg(keys.entitlement())
-                    .cmd("HGET")
-                    .arg(keys.positions())
-                    .arg(content_id.as_str())
-                    .query_async(&mut c)
-                    .await
+                let mut pipe = redis::pipe();
+                pipe.cmd("GET").arg(keys.entitlement());
+                if let Some(cached) = &cached {
+                    pipe.set_cache_config(cached.clone());
+                }
+                pipe.cmd("HGET").arg(positions).arg(content_id.as_str());
+                if let Some(cached) = cached.filter(|_| keep_position) {
+                    pipe.set_cache_config(cached);
+                }
+                pipe.query_async(&mut c).await
             })
             .await?;
         let entitlement = ent.and_then(|s| serde_json::from_str::<Option<Entitlement>>(&s).ok());

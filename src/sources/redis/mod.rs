@@ -3,6 +3,7 @@
 //! command Moneta sends is in this folder; callers see typed operations.
 
 mod catalog;
+mod client_cache;
 pub mod keys;
 mod progress;
 mod sessions;
@@ -17,10 +18,11 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, Pipeline, ProtocolVersion, RedisFuture, RedisResult, Value};
 use tokio::sync::OnceCell;
 use tracing::field::Empty;
 
+use self::client_cache::ClientCache;
 use crate::config::RedisSettings;
 use crate::resilience::{DependencyError, Guard};
 use crate::telemetry::traces;
@@ -138,12 +140,16 @@ enum Connector {
 pub struct RedisStore {
     connector: Arc<Connector>,
     guard: Guard,
+    /// Single-node mode only: the cluster client's per-node invalidations and
+    /// reconnects are not covered by a test here yet.
+    cache: Option<Arc<ClientCache>>,
 }
 
 impl RedisStore {
     /// Prepares the connection without connecting: Moneta starts while Redis is down.
     pub fn new(settings: &RedisSettings) -> RedisResult<Self> {
         let timeout = settings.guard.timeout;
+        let mut cache = None;
         let connector = match &settings.cluster_urls {
             Some(urls) => {
                 let client = ClusterClient::builder(urls.clone())
@@ -154,19 +160,63 @@ impl RedisStore {
                 Connector::Cluster(Box::new(client), Arc::new(OnceCell::new()))
             }
             None => {
-                let client = redis::Client::open(settings.url.as_str())?;
+                cache = ClientCache::new(&settings.client_cache);
+                let mut client = redis::Client::open(settings.url.as_str())?;
                 // Without these a paused Redis would hang every call on this connection.
-                let config = ConnectionManagerConfig::new()
+                let mut config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_millis(500));
+                if let Some(cache) = &cache {
+                    // One connection for reads and writes: Redis sends the
+                    // invalidation for a write before that write's reply.
+                    let info = client.get_connection_info().clone();
+                    let redis_info = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+                    client = redis::Client::open(info.set_redis_settings(redis_info))?;
+                    config = config
+                        .set_cache_config(cache.config())
+                        .set_push_sender(cache.push_handler());
+                }
                 Connector::Single(ConnectionManager::new_lazy_with_config(client, config)?)
             }
         };
         Ok(Self {
             connector: Arc::new(connector),
             guard: Guard::new("redis", &settings.guard),
+            cache,
+        })
+    }
+
+    /// Keeps the client-side cache's proof of life current (see
+    /// `client_cache`) and its counters exported, while `alive` says so.
+    /// `None` when the cache is off.
+    pub fn client_cache_keeper(
+        &self,
+        alive: impl Fn() -> bool + Send + 'static,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let cache = self.cache.clone()?;
+        let Connector::Single(manager) = &*self.connector else {
+            return None;
+        };
+        let manager = manager.clone();
+        Some(async move {
+            let mut tick = tokio::time::interval(client_cache::PING_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while alive() {
+                tick.tick().await;
+                // Not through the guard: this is the cache's bookkeeping, not
+                // a dependency call, and the connection's response timeout
+                // bounds it.
+                let mut conn = manager.clone();
+                match redis::cmd("PING").query_async::<()>(&mut conn).await {
+                    Ok(()) => cache.confirm(),
+                    Err(_) => cache.distrust(),
+                }
+                if let Some(stats) = manager.get_cache_statistics() {
+                    ClientCache::export(&stats);
+                }
+            }
         })
     }
 

@@ -85,6 +85,27 @@ fn parse_entry(fields: &[(String, String)]) -> Option<ProgressItem> {
     })
 }
 
+/// Pairs as either protocol answers them: RESP2 as a flat array, RESP3 as a
+/// map or as an array of two-element arrays (the connection speaks RESP3 when
+/// the client-side cache is on).
+fn pairs_of(value: &Value) -> Vec<(&Value, &Value)> {
+    match value {
+        Value::Map(pairs) => pairs.iter().map(|(k, v)| (k, v)).collect(),
+        Value::Array(items) if items.iter().all(|i| matches!(i, Value::Array(p) if p.len() == 2)) => items
+            .iter()
+            .filter_map(|i| match i {
+                Value::Array(p) => Some((p.first()?, p.get(1)?)),
+                _ => None,
+            })
+            .collect(),
+        Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|kv| Some((kv.first()?, kv.get(1)?)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Stream replies as (id, [(field, value)]) whatever the command.
 fn entries(value: &Value) -> Vec<(String, Vec<(String, String)>)> {
     let Ok(list) = redis::from_redis_value_ref::<Vec<Value>>(value) else {
@@ -219,22 +240,19 @@ impl ProgressLog {
                 delivery.fresh.push((id, parse_entry(&fields)));
             }
         }
-        // XREADGROUP answers [[stream, entries]] (or nil when nothing is new).
-        if let Ok(streams) = redis::from_redis_value_ref::<Vec<Value>>(&read) {
-            for stream in streams {
-                if let Ok((_, list)) = redis::from_redis_value_ref::<(String, Value)>(&stream) {
-                    for (id, fields) in entries(&list) {
-                        delivery.fresh.push((id, parse_entry(&fields)));
-                    }
-                }
+        // XREADGROUP answers stream → entries (or nil when nothing is new).
+        for (_, list) in pairs_of(&read) {
+            for (id, fields) in entries(list) {
+                delivery.fresh.push((id, parse_entry(&fields)));
             }
         }
-        let pairs: Vec<String> = redis::from_redis_value_ref(&sample).unwrap_or_default();
-        for kv in pairs.chunks(2) {
-            if let [field, value] = kv {
-                delivery
-                    .parked
-                    .push((field.clone(), value.clone(), parse_parked(value)));
+        for (field, value) in pairs_of(&sample) {
+            if let (Ok(field), Ok(value)) = (
+                redis::from_redis_value_ref::<String>(field),
+                redis::from_redis_value_ref::<String>(value),
+            ) {
+                let parsed = parse_parked(&value);
+                delivery.parked.push((field, value, parsed));
             }
         }
         Ok(delivery)
@@ -289,17 +307,12 @@ impl ProgressLog {
         let gone: Vec<String> = consumers
             .iter()
             .filter_map(|consumer| {
-                let fields: Vec<Value> = redis::from_redis_value_ref(consumer).ok()?;
+                let fields = pairs_of(consumer);
                 let get = |name: &str| {
                     fields
-                        .chunks(2)
-                        .find(|kv| {
-                            kv.first()
-                                .and_then(|k| redis::from_redis_value_ref::<String>(k).ok())
-                                .as_deref()
-                                == Some(name)
-                        })
-                        .and_then(|kv| kv.get(1))
+                        .iter()
+                        .find(|(k, _)| redis::from_redis_value_ref::<String>(k).ok().as_deref() == Some(name))
+                        .map(|(_, v)| *v)
                 };
                 let name: String = redis::from_redis_value_ref(get("name")?).ok()?;
                 let pending: i64 = redis::from_redis_value_ref(get("pending")?).ok()?;
