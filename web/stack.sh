@@ -193,9 +193,16 @@ stack_up() {
         <"$STACK_ROOT/nginx/dev/player.conf.template" >"$prefix/conf.d/player.conf"
     local nginx_bin
     nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
-    "$nginx_bin" -t -q -p "$prefix/" -c "$prefix/nginx.conf" 2>"$STACK_DIR/logs/nginx.log" \
+    # Started as root, nginx's workers would run as `nobody`, who cannot read
+    # a checkout under a private directory (a `mktemp -d` clone is 0700): the
+    # player's files would answer 403. This throwaway local stack keeps root.
+    local globals='daemon off;'
+    if [ "$(id -u)" -eq 0 ]; then
+        globals='daemon off; user root;'
+    fi
+    "$nginx_bin" -t -q -p "$prefix/" -c "$prefix/nginx.conf" -g "$globals" 2>"$STACK_DIR/logs/nginx.log" \
         || { stack_dump_logs; return 1; }
-    stack_spawn nginx "$nginx_bin" -p "$prefix/" -c "$prefix/nginx.conf" -g 'daemon off;'
+    stack_spawn nginx "$nginx_bin" -p "$prefix/" -c "$prefix/nginx.conf" -g "$globals"
     stack_wait nginx 20 stack_http_ok "http://127.0.0.1:$front_port/health/live" || return 1
 }
 
