@@ -179,6 +179,9 @@ pub struct ProgressSettings {
     pub batch_size: usize,
     /// Positions kept in memory while Redis is down too.
     pub queue_capacity: usize,
+    /// Deliveries an item may fail alone (while the internal API takes
+    /// others) before it goes to the dead-letter stream.
+    pub max_attempts: u32,
 }
 
 /// The public listener's limits and its shutdown.
@@ -462,7 +465,7 @@ impl Settings {
                 admin_addr: src.parse("MONETA_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 9090)))?,
                 request_timeout: src.millis("MONETA_REQUEST_TIMEOUT_MS", 5_000)?,
                 shutdown_drain: Duration::from_millis(src.parse("MONETA_SHUTDOWN_DRAIN_MS", 5_000)?),
-                shutdown_grace: src.millis("MONETA_SHUTDOWN_GRACE_MS", 10_000)?,
+                shutdown_grace: src.millis("MONETA_SHUTDOWN_GRACE_MS", 7_000)?,
             },
             redis: RedisSettings {
                 url: src.url("MONETA_REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?,
@@ -545,6 +548,7 @@ impl Settings {
                 flush_interval: src.millis("MONETA_PROGRESS_FLUSH_MS", 1_000)?,
                 batch_size: src.positive("MONETA_PROGRESS_BATCH_SIZE", 200)?,
                 queue_capacity: src.positive("MONETA_PROGRESS_QUEUE_CAPACITY", 100_000)?,
+                max_attempts: src.positive("MONETA_PROGRESS_MAX_ATTEMPTS", 5)?,
             },
             otel: OtelSettings {
                 endpoint: src.opt_string("OTEL_EXPORTER_OTLP_ENDPOINT"),

@@ -1,4 +1,5 @@
-//! The `moneta` command line: `serve` (the default) and `token`.
+//! The `moneta` command line: `serve` (the default), `token`, and
+//! `progress` (the dead letters of position delivery).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,6 +9,9 @@ use moneta::auth::Claims;
 use moneta::auth::verifier::mint_hs256;
 use moneta::config::{ExposeSecret, Settings};
 use moneta::model::UserId;
+use moneta::progress::replay::{list_dead_letters, replay};
+use moneta::sources::internal_api::InternalApi;
+use moneta::sources::redis::RedisStore;
 use moneta::startup::{Application, shutdown_signal};
 use moneta::telemetry;
 
@@ -42,6 +46,21 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Positions the internal API failed to take alone too often (the
+    /// dead-letter stream in Redis).
+    Progress {
+        #[command(subcommand)]
+        command: ProgressCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProgressCommand {
+    /// List the dead-lettered positions, one JSON object per line, oldest first.
+    DeadLetters,
+    /// Send the dead-lettered positions to the internal API again; those it
+    /// takes leave the stream, the others stay. Exits non-zero unless all were taken.
+    Replay,
 }
 
 /// Exit code for unusable configuration (CONTRACT §2).
@@ -58,6 +77,7 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings),
+        Command::Progress { command } => progress(settings, command),
         Command::Token {
             sub,
             plan,
@@ -92,6 +112,65 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `moneta progress …`: one-shot commands on the normal settings (Redis,
+/// internal API and its token), each call under its usual guard and timeout.
+fn progress(settings: Settings, command: ProgressCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("moneta: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let redis = match RedisStore::new(&settings.redis) {
+            Ok(redis) => redis,
+            Err(e) => {
+                eprintln!("moneta: configuration error: MONETA_REDIS_URL: {e}");
+                return ExitCode::from(CONFIG_EXIT);
+            }
+        };
+        let log = redis.progress_log();
+        match command {
+            ProgressCommand::DeadLetters => {
+                match list_dead_letters(&log, |letter| println!("{letter}")).await {
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("moneta: cannot read the dead letters: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            ProgressCommand::Replay => {
+                let api = match InternalApi::new(&settings.internal_api) {
+                    Ok(api) => api,
+                    Err(e) => {
+                        eprintln!("moneta: configuration error: {e}");
+                        return ExitCode::from(CONFIG_EXIT);
+                    }
+                };
+                match replay(&log, &api).await {
+                    Ok(done) if done.left == 0 => {
+                        eprintln!("moneta: {} dead letters delivered", done.delivered);
+                        ExitCode::SUCCESS
+                    }
+                    Ok(done) => {
+                        eprintln!(
+                            "moneta: {} dead letters delivered, {} still failing (left in the stream)",
+                            done.delivered, done.left
+                        );
+                        ExitCode::FAILURE
+                    }
+                    Err(e) => {
+                        eprintln!("moneta: replay stopped: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        }
+    })
 }
 
 fn serve(settings: Settings) -> ExitCode {

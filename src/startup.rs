@@ -2,13 +2,24 @@
 //! shuts it down in order: drain, close, finish in flight, deliver, exit.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::app::{App, Phase};
 use crate::auth::keys::{JwksFile, KeyError, StaticSecret};
@@ -27,6 +38,19 @@ use crate::telemetry;
 /// How often dependencies are probed in the background, so readiness and the
 /// breakers learn of recovery even without traffic.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A client that starts a request must finish its headers within this
+/// (CONTRACT §6 Shutdown), so a slowloris cannot hold connections, nor hold
+/// up a shutdown while the connection waits for the rest of a head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An idle keep-alive connection is closed after this. It must outlast the
+/// edge's upstream `keepalive_timeout` (60 s, nginx/templates/), or nginx
+/// could send a request on a connection Moneta is closing.
+const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(75);
+
+/// What admin connections (scrapes, probes) get once the public side is done.
+const ADMIN_CONNECTION_GRACE: Duration = Duration::from_secs(1);
 
 /// A start-up failure; the message names the setting at fault.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +106,7 @@ pub struct Application {
     admin: TcpListener,
     metrics: PrometheusHandle,
     courier: Courier,
+    terminated: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
 impl Application {
@@ -133,7 +158,11 @@ impl Application {
             unlogged: unlogged.clone(),
             interval: settings.progress.flush_interval,
             batch_size: settings.progress.batch_size,
+            max_attempts: settings.progress.max_attempts,
         };
+        // Handled before the ports open: a SIGTERM may follow the first
+        // connection at once, and must start the shutdown, not kill.
+        let terminated = terminated();
         let public = bind(settings.server.listen_addr, "MONETA_LISTEN_ADDR").await?;
         let admin = bind(settings.server.admin_addr, "MONETA_ADMIN_ADDR").await?;
         let app = Arc::new(App::new(
@@ -153,6 +182,7 @@ impl Application {
             admin,
             metrics,
             courier,
+            terminated,
         })
     }
 
@@ -168,10 +198,16 @@ impl Application {
         self.app.clone()
     }
 
-    /// Serves until `shutdown` resolves. Then: readiness answers `503` at
-    /// once while the public API keeps serving for the drain time (load
-    /// balancers stop routing here), the listener closes, in-flight requests
-    /// finish, and positions held in memory are delivered before returning.
+    /// Serves until `shutdown` resolves or the process gets SIGTERM. Then:
+    /// readiness answers `503` at once while the public API keeps serving for
+    /// the drain time (load balancers stop routing here), the listener
+    /// closes, in-flight requests finish, and positions held in memory are
+    /// delivered before returning.
+    ///
+    /// Everything after the drain shares `MONETA_SHUTDOWN_GRACE_MS`, whatever
+    /// clients do: connections get part of it and are dropped when it is
+    /// over (a client stalled in its headers or body must not keep the
+    /// process alive), the courier gets the rest.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -183,47 +219,293 @@ impl Application {
             admin,
             metrics,
             courier,
+            terminated,
         } = self;
+        let grace = settings.server.shutdown_grace;
         let stop = Arc::new(Notify::new());
-        let courier = tokio::spawn(courier.run(stop.clone(), settings.server.shutdown_grace));
+        let unlogged = courier.unlogged.clone();
+        let mut courier = tokio::spawn(courier.run(stop.clone(), grace));
         let background = [
             tokio::spawn(refresh_keys(app.clone(), settings.jwt.refresh)),
             tokio::spawn(telemetry::metrics::upkeep(metrics.clone())),
         ];
 
-        let admin_stop = stop.clone();
-        let admin_task = tokio::spawn(async move {
-            axum::serve(admin, crate::http::admin::router(metrics))
-                .with_graceful_shutdown(async move { admin_stop.notified().await })
-                .await
-        });
+        let (admin_stop, admin_stopped) = oneshot::channel::<()>();
+        let admin_task = tokio::spawn(serve(
+            admin,
+            crate::http::admin::router(metrics),
+            async move {
+                // A dropped sender means stop as well.
+                let _ = admin_stopped.await;
+            },
+            ADMIN_CONNECTION_GRACE,
+        ));
 
         let router = crate::http::router(app.clone(), &settings.server);
         app.set_phase(Phase::Serving);
         tracing::info!(port = public.local_addr()?.port(), "moneta serving");
         let drain = settings.server.shutdown_drain;
         let phase_app = app.clone();
-        axum::serve(public, router)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
+        // A running request ends within the request timeout, which covers
+        // reading its body: at any time, a body stalled half-way is answered
+        // 503 then and hyper closes the connection, its body unread to the
+        // end. A separate body timeout would second-guess
+        // MONETA_REQUEST_TIMEOUT_MS, the documented whole-request bound.
+        // The courier needs a fair part of the grace too.
+        let connection_grace = (settings.server.request_timeout + Duration::from_secs(1)).min(grace * 2 / 3);
+        let closed_at = serve(
+            public,
+            router,
+            async move {
+                tokio::select! {
+                    () = shutdown => {}
+                    () = terminated => {}
+                }
                 phase_app.set_phase(Phase::Draining);
                 tracing::info!(drain_ms = drain.as_millis() as u64, "shutting down: draining");
                 tokio::time::sleep(drain).await;
                 tracing::info!("shutting down: no new connections, finishing in-flight requests");
-            })
-            .await?;
+            },
+            connection_grace,
+        )
+        .await;
 
-        // notify_waiters reaches the admin server; notify_one stores a permit for
-        // the courier in case it is not waiting at this instant.
-        stop.notify_waiters();
+        // Kept as a permit if the courier is not waiting at this instant.
         stop.notify_one();
+        let _ = admin_stop.send(());
         for task in background {
             task.abort();
         }
-        let _ = courier.await;
+        if tokio::time::timeout_at(closed_at + grace, &mut courier)
+            .await
+            .is_err()
+        {
+            courier.abort();
+            tracing::error!(
+                positions = unlogged.len(),
+                "shutting down before positions held in memory could be delivered"
+            );
+        }
         let _ = admin_task.await;
         tracing::info!("moneta stopped");
         Ok(())
+    }
+}
+
+/// Serves `router` on `listener` until `stop_accepting` resolves, then
+/// closes the listener and shuts open connections down gracefully: each
+/// finishes the request it is serving, idle ones close at once. Connections
+/// still open `connection_grace` later are dropped. Returns when the
+/// listener closed.
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    stop_accepting: impl Future<Output = ()>,
+    connection_grace: Duration,
+) -> Instant {
+    let graceful = GracefulShutdown::new();
+    // Connection tasks end when this sender goes away.
+    let (abandon, abandoned) = watch::channel(());
+    let mut stop_accepting = pin!(stop_accepting);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut stop_accepting => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                spawn_connection(stream, router.clone(), graceful.watcher(), abandoned.clone())
+            }
+            Err(e) if is_connection_error(&e) => {}
+            Err(e) => {
+                // Out of file descriptors and the like: closing connections
+                // free some, so wait instead of spinning on the error.
+                tracing::error!(error = %e, "accept failed");
+                tokio::select! {
+                    () = &mut stop_accepting => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+    let closed_at = Instant::now();
+    drop(listener);
+    let open = graceful.count();
+    if tokio::time::timeout(connection_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = open,
+            grace_ms = connection_grace.as_millis() as u64,
+            "connections still open after the shutdown grace are dropped"
+        );
+    }
+    drop(abandon);
+    closed_at
+}
+
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    )
+}
+
+fn spawn_connection(stream: TcpStream, router: Router, watcher: Watcher, mut abandoned: watch::Receiver<()>) {
+    let reads = Arc::new(AtomicU64::new(0));
+    let io = TokioIo::new(CountedReads {
+        stream,
+        reads: reads.clone(),
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(HeadTimer {
+            reads,
+            first_head: AtomicBool::new(true),
+        })
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let connection = watcher.watch(builder.serve_connection(io, TowerToHyperService::new(router)));
+    tokio::spawn(async move {
+        tokio::select! {
+            result = connection => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection closed with an error");
+                }
+            }
+            _ = abandoned.changed() => {}
+        }
+    });
+}
+
+/// The only timer hyper's HTTP/1 server asks for is the header read timeout,
+/// which it arms whenever it waits for a request head: on a fresh connection
+/// and after every response. Armed as is, it would also close idle
+/// keep-alive connections after 10 s. So on a connection that has served a
+/// request the clock starts with the first byte of the next head, and an
+/// idle one is closed after `KEEP_ALIVE_IDLE`. (A head whose first bytes
+/// came in one read with the previous request is only bounded by the idle
+/// limit, and at shutdown by the connection grace.)
+struct HeadTimer {
+    reads: Arc<AtomicU64>,
+    first_head: AtomicBool,
+}
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(std::time::Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        let clock = if self.first_head.swap(false, Ordering::Relaxed) {
+            HeadClock::Fresh
+        } else {
+            HeadClock::Idle {
+                reads_before: self.reads.load(Ordering::Relaxed),
+            }
+        };
+        Box::pin(HeadSleep {
+            reads: self.reads.clone(),
+            clock,
+            armed_at: Instant::now(),
+            timeout: deadline.saturating_duration_since(std::time::Instant::now()),
+            sleep: None,
+        })
+    }
+}
+
+enum HeadClock {
+    /// A new connection owes its first head from the start.
+    Fresh,
+    /// Between requests, until a byte of the next head comes.
+    Idle { reads_before: u64 },
+    /// The next head has started.
+    Started { at: Instant },
+}
+
+struct HeadSleep {
+    reads: Arc<AtomicU64>,
+    clock: HeadClock,
+    armed_at: Instant,
+    timeout: Duration,
+    // Made on the first poll: most heads arrive whole and never need it.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Future for HeadSleep {
+    type Output = ();
+
+    // hyper polls this each time a read leaves the head unfinished, so the
+    // first byte is noticed when it arrives.
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        if let HeadClock::Idle { reads_before } = this.clock
+            && this.reads.load(Ordering::Relaxed) != reads_before
+        {
+            this.clock = HeadClock::Started { at: Instant::now() };
+        }
+        let deadline = match this.clock {
+            HeadClock::Fresh => this.armed_at + this.timeout,
+            HeadClock::Idle { .. } => this.armed_at + KEEP_ALIVE_IDLE,
+            HeadClock::Started { at } => at + this.timeout,
+        };
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        sleep.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
+
+/// The connection's socket, counting the bytes read from it for `HeadTimer`.
+struct CountedReads {
+    stream: TcpStream,
+    reads: Arc<AtomicU64>,
+}
+
+impl AsyncRead for CountedReads {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let read = buf.filled().len().saturating_sub(before);
+        if read > 0 {
+            self.reads.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for CountedReads {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -258,24 +540,48 @@ async fn refresh_keys(app: Arc<App>, every: Duration) {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed by this call,
+/// not when the future is first polled: a SIGTERM that comes as soon as the
+/// process serves must start the shutdown, not kill the process.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            tokio::select! {
+                () = received(term) => {},
+                () = received(interrupt) => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Resolves on SIGTERM; the handler is installed by this call.
+fn terminated() -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        Box::pin(received(signal(SignalKind::terminate())))
+    }
+    #[cfg(not(unix))]
+    {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[cfg(unix)]
+async fn received(signal: io::Result<tokio::signal::unix::Signal>) {
+    match signal {
+        Ok(mut signal) => {
+            signal.recv().await;
+        }
+        // Without a handler this signal keeps its default action.
+        Err(_) => std::future::pending::<()>().await,
     }
 }

@@ -43,15 +43,36 @@ impl ResumePoint {
         }
     }
 
+    /// The value with the time it was acknowledged (Redis' clock, ms since
+    /// the epoch): `"<ms>[:c]@<at_ms>"`. A write that carries an older time
+    /// than the stored one must not replace it (positions kept in memory
+    /// during an outage arrive late).
+    pub fn encode_at(self, at_ms: i64) -> String {
+        format!("{}@{at_ms}", self.encode())
+    }
+
     pub fn decode(raw: &str) -> Option<Self> {
-        let (ms, completed) = match raw.strip_suffix(":c") {
-            Some(ms) => (ms, true),
-            None => (raw, false),
+        Self::decode_stamped(raw).map(|(point, _)| point)
+    }
+
+    /// The point and, when the value carries one, the time it was
+    /// acknowledged; a value without a time is older than any with one.
+    pub fn decode_stamped(raw: &str) -> Option<(Self, Option<i64>)> {
+        let (point, at) = match raw.split_once('@') {
+            Some((point, at)) => (point, Some(at.parse().ok()?)),
+            None => (raw, None),
         };
-        Some(Self {
-            position_ms: ms.parse().ok()?,
-            completed,
-        })
+        let (ms, completed) = match point.strip_suffix(":c") {
+            Some(ms) => (ms, true),
+            None => (point, false),
+        };
+        Some((
+            Self {
+                position_ms: ms.parse().ok()?,
+                completed,
+            },
+            at,
+        ))
     }
 }
 
@@ -73,6 +94,17 @@ mod tests {
         ] {
             assert_eq!(ResumePoint::decode(&p.encode()), Some(p));
         }
+        let p = ResumePoint {
+            position_ms: 7,
+            completed: true,
+        };
+        assert_eq!(p.encode_at(1_700_000_000_123), "7:c@1700000000123");
+        assert_eq!(
+            ResumePoint::decode_stamped("7:c@1700000000123"),
+            Some((p, Some(1_700_000_000_123)))
+        );
+        assert_eq!(ResumePoint::decode("42@5").map(|p| p.position_ms), Some(42));
+        assert_eq!(ResumePoint::decode("42@x"), None);
         assert_eq!(ResumePoint::decode("12:x"), None);
         assert_eq!(ResumePoint::decode("abc"), None);
     }

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use super::queue::Held;
 use super::{ProgressQueue, dropped};
 use crate::model::{ContentId, ProgressItem, UserId};
+use crate::resilience::DependencyError;
 use crate::sources::internal_api::{BatchOutcome, InternalApi};
 use crate::sources::redis::{Delivery, ProgressLog, Settlement};
 
@@ -19,116 +21,381 @@ const CONSUMER_IDLE: Duration = Duration::from_secs(3600);
 const CONSUMER_SWEEP_TICKS: u64 = 600;
 
 /// What became of each item of a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fate {
     Delivered,
-    /// Refused for good by the internal API (`4xx`): dropped alone.
+    /// Refused for good alone (`400`, `409`, `413`, `422`): dropped.
     Refused,
-    /// Not delivered now (the internal API failed): kept for later.
+    /// Failed alone (any other answer, a transport error, a timeout) right
+    /// after the internal API had taken a batch: the item's fault, one more
+    /// attempt. Holds the failure as a dead letter records it.
+    FailedAlone(String),
+    /// Not delivered now (the internal API takes nothing, or was not asked):
+    /// kept as it is.
     Failed,
 }
 
-/// Delivers `items`, splitting a refused batch in halves until the items at
-/// fault stand alone, so one bad item never holds back the others. Stops
-/// asking at the first failure of the dependency itself.
-pub async fn deliver(api: &InternalApi, items: &[ProgressItem]) -> Vec<Fate> {
-    let mut fates = vec![Fate::Failed; items.len()];
+/// What [`deliver`] did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// One per item, in order.
+    pub fates: Vec<Fate>,
+    /// The internal API took nothing, not even an empty batch: an outage
+    /// (down, or misconfigured), so nothing was judged.
+    pub outage: bool,
+}
+
+/// Why one batch was not taken.
+enum Failure {
+    Refused,
+    Other(String),
+}
+
+/// Whether the internal API takes batches at all: an empty one carries no
+/// item that could be at fault.
+pub(super) async fn takes_batches(api: &InternalApi) -> bool {
+    matches!(api.post_progress(&[]).await, Ok(BatchOutcome::Accepted))
+}
+
+/// Delivers `items`, splitting a failed batch in halves until the items at
+/// fault stand alone, so one bad item never holds back the others.
+///
+/// A failure is blamed on the batch only while the internal API is proven to
+/// take batches: the call just before succeeded (a delivery, or an empty
+/// batch sent to find out). Otherwise the empty batch is sent; if that fails
+/// too, the API is down or misconfigured and the round stops with nothing
+/// judged. So an outage costs two calls, a failure in the middle of a round
+/// three, and a misconfigured URL never turns everybody's positions into
+/// poison.
+pub async fn deliver(api: &InternalApi, items: &[ProgressItem]) -> Report {
+    let mut report = Report {
+        fates: vec![Fate::Failed; items.len()],
+        outage: false,
+    };
+    let mut proven = false;
     let mut todo = Vec::with_capacity(8);
     todo.push(0..items.len());
     while let Some(range) = todo.pop() {
         let Some(batch) = items.get(range.clone()).filter(|b| !b.is_empty()) else {
             continue;
         };
-        match api.post_progress(batch).await {
-            Ok(BatchOutcome::Accepted) => fates[range].fill(Fate::Delivered),
-            Ok(BatchOutcome::Refused(status)) if batch.len() == 1 => {
-                tracing::warn!(
-                    status = status.as_u16(),
-                    "the internal API refused a position; dropped"
-                );
-                fates[range].fill(Fate::Refused);
+        let failure = match api.post_progress(batch).await {
+            Ok(BatchOutcome::Accepted) => {
+                report.fates[range].fill(Fate::Delivered);
+                proven = true;
+                continue;
             }
-            Ok(BatchOutcome::Refused(_)) => {
-                let mid = range.start + batch.len() / 2;
-                todo.push(mid..range.end);
-                todo.push(range.start..mid);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, items = batch.len(), "progress delivery failed; will retry");
+            Ok(BatchOutcome::Refused(_)) => Failure::Refused,
+            Ok(BatchOutcome::Failed(status)) => Failure::Other(format!("status {}", status.as_u16())),
+            // Turned away by our own guard: nothing was asked, nothing is learnt.
+            Err(e @ (DependencyError::Open(_) | DependencyError::Saturated(_))) => {
+                tracing::warn!(error = %e, "progress delivery not attempted; will retry");
+                report.outage = true;
                 break;
             }
+            Err(e) => Failure::Other(e.kind().to_owned()),
+        };
+        if !proven && !takes_batches(api).await {
+            tracing::warn!(
+                items = batch.len(),
+                "the internal API takes no progress batch, not even an empty one; will retry"
+            );
+            report.outage = true;
+            break;
+        }
+        proven = false;
+        if batch.len() == 1 {
+            report.fates[range.start] = match failure {
+                Failure::Refused => {
+                    tracing::warn!("the internal API refused a position; dropped");
+                    Fate::Refused
+                }
+                Failure::Other(error) => {
+                    tracing::warn!(error = %error, "the internal API failed a position alone; will retry");
+                    Fate::FailedAlone(error)
+                }
+            };
+        } else {
+            let mid = range.start + batch.len() / 2;
+            todo.push(mid..range.end);
+            todo.push(range.start..mid);
         }
     }
-    fates
+    report
 }
 
 type Pair = (UserId, ContentId);
 
-/// One round's items, newest per (user, title), with where each came from.
+fn pair_of(item: &ProgressItem) -> Pair {
+    (item.user_id.clone(), item.content_id.clone())
+}
+
+/// Where an item of a round came from, with what settling it needs.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// Held in this process's memory; `delivered` when the internal API has
+    /// it already and only the resume position in Redis is missing.
+    Memory { delivered: bool },
+    /// An entry of the log.
+    Fresh { id: String, attempts: u32 },
+    /// A field of the parked hash.
+    Parked {
+        field: String,
+        value: String,
+        attempts: u32,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Offer {
+    item: ProgressItem,
+    origin: Origin,
+}
+
+/// One round's items and, per (user, title), the newest of them: the one
+/// that is sent.
 #[derive(Default)]
 struct Round {
-    newest: HashMap<Pair, ProgressItem>,
-    memory: Vec<ProgressItem>,
+    offers: Vec<Offer>,
+    newest: HashMap<Pair, usize>,
     settlement: Settlement,
-    fresh: Vec<(String, ProgressItem)>,
-    parked: Vec<(String, String, ProgressItem)>,
+    /// Fresh entries read from the log (parseable or not).
+    fresh: usize,
+}
+
+/// A position from memory on its way to Redis.
+#[derive(Debug, Clone)]
+struct Homecoming {
+    item: ProgressItem,
+    /// Update the user's resume position (unless Redis holds a newer one).
+    position: bool,
+    /// Append to the log, with the times it failed alone so far; `None`
+    /// when it needs no delivery any more.
+    log: Option<u32>,
+}
+
+/// How a round ends, before anything is written.
+#[derive(Default)]
+struct Conclusion {
+    settlement: Settlement,
+    /// Positions from memory on their way to Redis; with `Some(attempts)`
+    /// when the settlement moves them to the dead letters (if that fails,
+    /// they go to the log instead).
+    homecomings: Vec<(Homecoming, Option<u32>)>,
+    delivered: usize,
+    refused: usize,
+    poison: usize,
 }
 
 impl Round {
-    fn offer(&mut self, item: &ProgressItem) {
-        let pair = (item.user_id.clone(), item.content_id.clone());
-        // On a tie (one Redis millisecond), the later offer is the later write.
-        match self.newest.get(&pair) {
-            Some(known) if known.updated_at > item.updated_at => {}
-            _ => {
-                self.newest.insert(pair, item.clone());
-            }
-        }
-    }
-
-    fn new(memory: Vec<ProgressItem>, from_log: Delivery) -> Self {
+    fn new(memory: Vec<Held>, from_log: Delivery) -> Self {
         let mut round = Round {
-            memory,
+            fresh: from_log.fresh.len(),
             ..Round::default()
         };
         let mut invalid = 0;
-        for (id, item) in from_log.fresh {
-            match item {
-                Some(item) => round.fresh.push((id, item)),
+        // Oldest sources first, the log in its own order, so that later
+        // offers are later writes.
+        for (field, value, parsed) in from_log.parked {
+            match parsed {
+                Some((item, attempts)) => round.offer(
+                    item,
+                    Origin::Parked {
+                        field,
+                        value,
+                        attempts,
+                    },
+                ),
                 None => {
                     invalid += 1;
-                    round.settlement.done.push(id);
+                    round.settlement.forget_parked(field, value);
                 }
             }
         }
-        for (field, value, item) in from_log.parked {
-            match item {
-                Some(item) => round.parked.push((field, value, item)),
+        for held in memory {
+            round.offer(
+                held.item,
+                Origin::Memory {
+                    delivered: held.delivered,
+                },
+            );
+        }
+        for (id, parsed) in from_log.fresh {
+            match parsed {
+                Some((item, attempts)) => round.offer(item, Origin::Fresh { id, attempts }),
                 None => {
                     invalid += 1;
-                    round.settlement.parked_done.push((field, value));
+                    round.settlement.done(id);
                 }
             }
         }
         dropped("invalid", invalid);
-        // Oldest sources first, the log in its own order, so that later
-        // offers are later writes.
-        let all: Vec<ProgressItem> = round
-            .parked
-            .iter()
-            .map(|(_, _, i)| i)
-            .chain(round.memory.iter())
-            .chain(round.fresh.iter().map(|(_, i)| i))
-            .cloned()
-            .collect();
-        for item in &all {
-            round.offer(item);
-        }
         round
     }
 
-    fn is_empty(&self) -> bool {
-        self.newest.is_empty()
+    fn offer(&mut self, item: ProgressItem, origin: Origin) {
+        let at = self.offers.len();
+        let pair = pair_of(&item);
+        // On a tie (one Redis millisecond), the later offer is the later write.
+        let newer = self
+            .newest
+            .get(&pair)
+            .is_none_or(|&known| self.offers[known].item.updated_at <= item.updated_at);
+        if newer {
+            self.newest.insert(pair, at);
+        }
+        self.offers.push(Offer { item, origin });
+    }
+
+    /// Items read (memory, fresh and parked).
+    fn read(&self) -> usize {
+        self.offers.len()
+    }
+
+    /// The offers to send: the newest of each pair, unless the internal API
+    /// has it already.
+    fn to_send(&self) -> Vec<usize> {
+        let mut send: Vec<usize> = self
+            .newest
+            .values()
+            .copied()
+            .filter(|&i| !matches!(self.offers[i].origin, Origin::Memory { delivered: true }))
+            .collect();
+        send.sort_unstable();
+        send
+    }
+
+    /// Settles every offer by what became of what was sent: an offer's own
+    /// fate when it was sent; otherwise it is settled only if the offer sent
+    /// for its pair was delivered and is at least as new, else it stays to
+    /// be offered again (an older position is never given up for a newer one
+    /// that did not arrive).
+    fn conclude(self, fates: &HashMap<usize, Fate>, max_attempts: u32) -> Conclusion {
+        let Round {
+            offers,
+            newest,
+            settlement,
+            ..
+        } = self;
+        let mut end = Conclusion {
+            settlement,
+            ..Conclusion::default()
+        };
+        let fate_of = |i: usize| -> Fate {
+            match (&offers[i].origin, fates.get(&i)) {
+                (Origin::Memory { delivered: true }, _) => Fate::Delivered,
+                (_, Some(fate)) => fate.clone(),
+                (_, None) => Fate::Failed,
+            }
+        };
+        for (i, offer) in offers.iter().enumerate() {
+            let Some(&sent) = newest.get(&pair_of(&offer.item)) else {
+                continue;
+            };
+            if i == sent {
+                let fate = fate_of(i);
+                match (&fate, fates.contains_key(&i)) {
+                    (Fate::Delivered, true) => end.delivered += 1,
+                    (Fate::Refused, _) => end.refused += 1,
+                    _ => {}
+                }
+                end.own_fate(offer, fate, max_attempts);
+            } else {
+                let covered =
+                    fate_of(sent) == Fate::Delivered && offers[sent].item.updated_at >= offer.item.updated_at;
+                end.superseded(offer, covered);
+            }
+        }
+        end
+    }
+}
+
+impl Conclusion {
+    fn home(&mut self, item: &ProgressItem, position: bool, log: Option<u32>) {
+        let homecoming = Homecoming {
+            item: item.clone(),
+            position,
+            log,
+        };
+        self.homecomings.push((homecoming, None));
+    }
+
+    /// The offer sent for its pair.
+    fn own_fate(&mut self, offer: &Offer, fate: Fate, max_attempts: u32) {
+        let item = &offer.item;
+        match (&offer.origin, fate) {
+            (Origin::Fresh { id, .. }, Fate::Delivered | Fate::Refused) => self.settlement.done(id.clone()),
+            (Origin::Fresh { id, attempts }, Fate::Failed) => {
+                self.settlement.park(id.clone(), item, *attempts)
+            }
+            (Origin::Fresh { id, attempts }, Fate::FailedAlone(error)) => {
+                let attempts = attempts + 1;
+                if attempts >= max_attempts {
+                    self.poison += 1;
+                    self.settlement.bury_entry(id.clone(), item, attempts, &error);
+                } else {
+                    self.settlement.park(id.clone(), item, attempts);
+                }
+            }
+            (Origin::Parked { field, value, .. }, Fate::Delivered | Fate::Refused) => {
+                self.settlement.forget_parked(field.clone(), value.clone());
+            }
+            (Origin::Parked { .. }, Fate::Failed) => {}
+            (
+                Origin::Parked {
+                    field,
+                    value,
+                    attempts,
+                },
+                Fate::FailedAlone(error),
+            ) => {
+                let attempts = attempts + 1;
+                if attempts >= max_attempts {
+                    self.poison += 1;
+                    self.settlement
+                        .bury_parked(field.clone(), value.clone(), item, attempts, &error);
+                } else {
+                    self.settlement
+                        .retry_parked(field.clone(), value.clone(), item, attempts);
+                }
+            }
+            // Acknowledged while Redis was unreachable: whatever the internal
+            // API said, the resume position Redis holds catches up.
+            (Origin::Memory { .. }, Fate::Delivered | Fate::Refused) => self.home(item, true, None),
+            (Origin::Memory { .. }, Fate::Failed) => self.home(item, true, Some(0)),
+            (Origin::Memory { .. }, Fate::FailedAlone(error)) => {
+                if max_attempts <= 1 {
+                    self.poison += 1;
+                    self.settlement.bury(item, 1, &error);
+                    let homecoming = Homecoming {
+                        item: item.clone(),
+                        position: true,
+                        log: None,
+                    };
+                    self.homecomings.push((homecoming, Some(1)));
+                } else {
+                    self.home(item, true, Some(1));
+                }
+            }
+        }
+    }
+
+    /// An offer not sent: a newer one of its pair was. `covered`: that one
+    /// was delivered, so this one is settled; otherwise it stays.
+    fn superseded(&mut self, offer: &Offer, covered: bool) {
+        let item = &offer.item;
+        match (&offer.origin, covered) {
+            (Origin::Fresh { id, .. }, true) => self.settlement.done(id.clone()),
+            (Origin::Fresh { id, attempts }, false) => self.settlement.park(id.clone(), item, *attempts),
+            (Origin::Parked { field, value, .. }, true) => {
+                self.settlement.forget_parked(field.clone(), value.clone());
+            }
+            (Origin::Parked { .. }, false) => {}
+            // The newer position came through Redis, which wrote it as the
+            // resume position then: nothing left to write for this one.
+            (Origin::Memory { .. }, true) | (Origin::Memory { delivered: true }, false) => {}
+            (Origin::Memory { delivered: false }, false) => self.home(item, false, Some(0)),
+        }
     }
 }
 
@@ -139,6 +406,8 @@ pub struct Courier {
     pub unlogged: Arc<ProgressQueue>,
     pub interval: Duration,
     pub batch_size: usize,
+    /// Deliveries an item may fail alone before it goes to the dead letters.
+    pub max_attempts: u32,
 }
 
 /// How much a round moved; the loop goes on while rounds come back full.
@@ -147,88 +416,105 @@ struct Moved {
     fresh: usize,
     read: usize,
     delivered: usize,
+    /// Whether what the round took from memory reached Redis (or needed not).
+    home: bool,
 }
 
 impl Courier {
-    async fn round(&self) -> Moved {
-        let memory = self.unlogged.take(self.batch_size);
-        let from_log = match self.log.next_round(self.batch_size).await {
-            Ok(d) => d,
-            Err(_) => {
-                // The group is gone when Redis lost its data; creating it is
-                // idempotent, and cheap next to a failed round.
+    /// The log's share for this round. An answer that is an error (the group
+    /// is gone because Redis lost its data) is mended at once, within the
+    /// round: creating the group is idempotent. While Redis is unreachable,
+    /// the round delivers from memory only.
+    async fn read_log(&self) -> Delivery {
+        match self.log.next_round(self.batch_size).await {
+            Ok(delivery) => delivery,
+            Err(DependencyError::Refused(_, error)) => {
+                tracing::warn!(error = %error, "the progress log could not be read; creating its group");
                 let _ = self.log.ensure_group().await;
-                Delivery::default()
+                self.log.next_round(self.batch_size).await.unwrap_or_default()
             }
-        };
-        let round = Round::new(memory, from_log);
-        let fresh_read = round.fresh.len();
-        let read = round.memory.len() + fresh_read + round.parked.len();
-        if round.is_empty() {
-            let _ = self.log.settle(&round.settlement).await;
-            return Moved {
-                fresh: fresh_read,
-                read,
-                delivered: 0,
-            };
-        }
-        let items: Vec<ProgressItem> = round.newest.values().cloned().collect();
-        let fates = deliver(&self.api, &items).await;
-        let mut outcome: HashMap<Pair, Fate> = HashMap::new();
-        for (item, fate) in items.iter().zip(&fates) {
-            outcome.insert((item.user_id.clone(), item.content_id.clone()), *fate);
-        }
-        let fate_of = |i: &ProgressItem| {
-            outcome
-                .get(&(i.user_id.clone(), i.content_id.clone()))
-                .copied()
-                .unwrap_or(Fate::Failed)
-        };
-        let delivered = fates.iter().filter(|f| **f == Fate::Delivered).count();
-        let refused = fates.iter().filter(|f| **f == Fate::Refused).count();
-        metrics::counter!("moneta_progress_delivered_total").increment(delivered as u64);
-        dropped("refused", refused);
-
-        let Round {
-            memory,
-            mut settlement,
-            fresh,
-            parked,
-            ..
-        } = round;
-        for (id, item) in fresh {
-            match fate_of(&item) {
-                Fate::Failed => settlement.park.push((id, item)),
-                _ => settlement.done.push(id),
-            }
-        }
-        for (field, value, item) in parked {
-            if fate_of(&item) != Fate::Failed {
-                settlement.parked_done.push((field, value));
-            }
-        }
-        // Not settled: the entries stay with this consumer and another instance
-        // takes them over; delivering twice is fine, the internal API keeps the newest.
-        let _ = self.log.settle(&settlement).await;
-
-        let undelivered: Vec<ProgressItem> = memory
-            .into_iter()
-            .filter(|i| fate_of(i) == Fate::Failed)
-            .collect();
-        if !undelivered.is_empty() && self.log.append_all(&undelivered).await.is_err() {
-            self.unlogged.restore(undelivered);
-        }
-        Moved {
-            fresh: fresh_read,
-            read,
-            delivered,
+            Err(_) => Delivery::default(),
         }
     }
 
-    /// One tick: rounds until one comes back short (or fails).
-    async fn tick(&self) {
+    async fn round(&self) -> Moved {
+        let memory = self.unlogged.take(self.batch_size);
+        let taken = memory.len();
+        let moved = self.round_with(memory).await;
+        self.unlogged.release(taken);
+        moved
+    }
+
+    async fn round_with(&self, memory: Vec<Held>) -> Moved {
+        let round = Round::new(memory, self.read_log().await);
+        let (fresh, read) = (round.fresh, round.read());
+        let send = round.to_send();
+        let items: Vec<ProgressItem> = send.iter().map(|&i| round.offers[i].item.clone()).collect();
+        let report = if items.is_empty() {
+            Report::default()
+        } else {
+            deliver(&self.api, &items).await
+        };
+        let fates: HashMap<usize, Fate> = send.into_iter().zip(report.fates).collect();
+        let end = round.conclude(&fates, self.max_attempts);
+        metrics::counter!("moneta_progress_delivered_total").increment(end.delivered as u64);
+        dropped("refused", end.refused);
+
+        // Not settled: the entries stay with this consumer and another instance
+        // takes them over; delivering twice is fine, the internal API keeps the newest.
+        let settled = self.log.settle(&end.settlement).await.is_ok();
+        if settled {
+            dropped("poison", end.poison);
+        }
+        let homecomings: Vec<Homecoming> = end
+            .homecomings
+            .into_iter()
+            .map(|(mut h, buried)| {
+                if let (Some(attempts), false) = (buried, settled) {
+                    h.log = Some(attempts);
+                }
+                h
+            })
+            .collect();
+        let positions: Vec<&ProgressItem> = homecomings
+            .iter()
+            .filter(|h| h.position)
+            .map(|h| &h.item)
+            .collect();
+        let logged: Vec<(&ProgressItem, u32)> = homecomings
+            .iter()
+            .filter_map(|h| Some((&h.item, h.log?)))
+            .collect();
+        let home = (positions.is_empty() && logged.is_empty())
+            || self.log.bring_back(&positions, &logged).await.is_ok();
+        if !home {
+            let (to_deliver, to_write): (Vec<Homecoming>, Vec<Homecoming>) =
+                homecomings.into_iter().partition(|h| h.log.is_some());
+            self.unlogged
+                .restore(to_deliver.into_iter().map(|h| h.item).collect());
+            self.unlogged.restore_delivered(
+                to_write
+                    .into_iter()
+                    .filter(|h| h.position)
+                    .map(|h| h.item)
+                    .collect(),
+            );
+        }
+        Moved {
+            fresh,
+            read,
+            delivered: end.delivered,
+            home,
+        }
+    }
+
+    /// One tick: rounds until one comes back short (or fails). Returns
+    /// whether what memory held could reach Redis.
+    async fn tick(&self) -> bool {
+        let mut home = true;
         for _ in 0..MAX_ROUNDS_PER_TICK {
             let moved = self.round().await;
+            home = moved.home;
             metrics::gauge!("moneta_progress_queue_depth").set(self.unlogged.len() as f64);
             // Full rounds go on while they deliver; while the internal API
             // fails, only a full read of fresh entries is worth another round
@@ -243,6 +529,7 @@ impl Courier {
             metrics::gauge!("moneta_progress_backlog", "kind" => "log").set(log as f64);
             metrics::gauge!("moneta_progress_backlog", "kind" => "parked").set(parked as f64);
         }
+        home
     }
 
     /// Runs until `stop` is notified, then delivers what this process holds
@@ -263,20 +550,303 @@ impl Courier {
         }
         let deadline = tokio::time::Instant::now() + grace;
         loop {
-            self.tick().await;
-            if self.unlogged.is_empty() || tokio::time::Instant::now() >= deadline {
+            let home = self.tick().await;
+            // Positions the internal API has are worth the grace only while
+            // Redis answers (they update the resume position it holds).
+            let done = self.unlogged.is_empty() || (self.unlogged.undelivered() == 0 && !home);
+            if done || tokio::time::Instant::now() >= deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let left = self.unlogged.len();
-        if left > 0 {
+        let undelivered = self.unlogged.undelivered();
+        let unwritten = self.unlogged.len() - undelivered;
+        if undelivered > 0 {
             tracing::error!(
-                positions = left,
+                positions = undelivered,
                 "shutting down with positions that reached neither Redis nor the internal API"
             );
-        } else {
+        }
+        if unwritten > 0 {
+            tracing::warn!(
+                positions = unwritten,
+                "shutting down with delivered positions Redis' resume positions lack"
+            );
+        }
+        if undelivered == 0 && unwritten == 0 {
             tracing::info!("no positions left in memory");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Utc};
+
+    use super::*;
+    use crate::model::PositionMs;
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(1_764_640_000_000 + ms).unwrap()
+    }
+
+    fn item(user: &str, position: u64, ms: i64) -> ProgressItem {
+        ProgressItem {
+            user_id: UserId::parse(user).unwrap(),
+            content_id: ContentId::parse("m-1").unwrap(),
+            position_ms: PositionMs::new(position).unwrap(),
+            updated_at: at(ms),
+            completed: false,
+        }
+    }
+
+    fn memory(item: ProgressItem) -> Held {
+        Held {
+            item,
+            delivered: false,
+        }
+    }
+
+    fn fresh(id: &str, item: ProgressItem, attempts: u32) -> (String, Option<(ProgressItem, u32)>) {
+        (id.to_owned(), Some((item, attempts)))
+    }
+
+    fn parked(item: ProgressItem, attempts: u32) -> (String, String, Option<(ProgressItem, u32)>) {
+        let field = format!("{}\n{}", item.user_id, item.content_id);
+        let value = format!("{} v{attempts}", item.updated_at.timestamp_millis());
+        (field, value, Some((item, attempts)))
+    }
+
+    /// Sends what the round sends, the fate `fate` decides for each item.
+    fn play(
+        round: Round,
+        fate: impl Fn(&ProgressItem) -> Fate,
+        max_attempts: u32,
+    ) -> (Vec<ProgressItem>, Conclusion) {
+        let send = round.to_send();
+        let sent: Vec<ProgressItem> = send.iter().map(|&i| round.offers[i].item.clone()).collect();
+        let fates = send.iter().zip(&sent).map(|(&i, item)| (i, fate(item))).collect();
+        (sent, round.conclude(&fates, max_attempts))
+    }
+
+    fn settlement_text(s: &Settlement) -> String {
+        format!("{s:?}")
+    }
+
+    fn homes(end: &Conclusion) -> Vec<(u64, bool, Option<u32>)> {
+        end.homecomings
+            .iter()
+            .map(|(h, _)| (h.item.position_ms.get(), h.position, h.log))
+            .collect()
+    }
+
+    #[test]
+    fn the_newest_by_updated_at_is_sent_whatever_its_source() {
+        let round = Round::new(
+            vec![memory(item("u", 200, 20))],
+            Delivery {
+                fresh: vec![fresh("1-0", item("u", 100, 10), 0)],
+                parked: vec![],
+            },
+        );
+        let (sent, _) = play(round, |_| Fate::Delivered, 5);
+        assert_eq!(sent, [item("u", 200, 20)]);
+    }
+
+    #[test]
+    fn an_older_log_entry_is_settled_only_when_the_newer_memory_item_was_delivered() {
+        let delivery = || Delivery {
+            fresh: vec![fresh("1-0", item("u", 100, 10), 0)],
+            parked: vec![],
+        };
+        // Delivered: the older entry leaves the log; the memory item
+        // updates the resume position only.
+        let (_, end) = play(
+            Round::new(vec![memory(item("u", 200, 20))], delivery()),
+            |_| Fate::Delivered,
+            5,
+        );
+        let text = settlement_text(&end.settlement);
+        assert!(text.contains("done: [\"1-0\"]"), "{text}");
+        assert!(text.contains("park: []"), "{text}");
+        assert_eq!(homes(&end), [(200, true, None)]);
+
+        // Not delivered: neither is given up; the entry is parked, the
+        // memory item goes to Redis (resume position and log).
+        let (_, end) = play(
+            Round::new(vec![memory(item("u", 200, 20))], delivery()),
+            |_| Fate::Failed,
+            5,
+        );
+        let text = settlement_text(&end.settlement);
+        assert!(text.contains("done: []"), "{text}");
+        assert!(text.contains("\"1-0\""), "the older entry is parked: {text}");
+        assert_eq!(homes(&end), [(200, true, Some(0))]);
+    }
+
+    #[test]
+    fn an_older_memory_item_stays_unless_the_newer_log_entry_was_delivered() {
+        let delivery = || Delivery {
+            fresh: vec![fresh("1-0", item("u", 300, 30), 0)],
+            parked: vec![],
+        };
+        let (sent, end) = play(
+            Round::new(vec![memory(item("u", 200, 20))], delivery()),
+            |_| Fate::Delivered,
+            5,
+        );
+        assert_eq!(sent, [item("u", 300, 30)]);
+        assert!(homes(&end).is_empty(), "covered by the delivered newer one");
+
+        // The newer one refused or failing: the older memory item is kept
+        // (to the log, without touching the newer resume position).
+        for fate in [
+            Fate::Refused,
+            Fate::Failed,
+            Fate::FailedAlone("status 500".into()),
+        ] {
+            let (_, end) = play(
+                Round::new(vec![memory(item("u", 200, 20))], delivery()),
+                |_| fate.clone(),
+                5,
+            );
+            assert_eq!(homes(&end), [(200, false, Some(0))], "{fate:?}");
+        }
+    }
+
+    #[test]
+    fn both_end_delivered_in_the_order_they_were_acknowledged() {
+        // Round 1: the newer memory item fails; the older log entry stays (parked).
+        let round = Round::new(
+            vec![memory(item("u", 200, 20))],
+            Delivery {
+                fresh: vec![fresh("1-0", item("u", 100, 10), 0)],
+                parked: vec![],
+            },
+        );
+        let (sent, end) = play(round, |_| Fate::Failed, 5);
+        assert_eq!(sent, [item("u", 200, 20)]);
+        assert!(settlement_text(&end.settlement).contains("\"1-0\""));
+        assert_eq!(homes(&end), [(200, true, Some(0))]);
+        // Round 2: both come back from Redis (parked, and the log entry the
+        // memory item became); the newest is sent and, delivered, settles both.
+        let round = Round::new(
+            vec![],
+            Delivery {
+                fresh: vec![fresh("2-0", item("u", 200, 20), 0)],
+                parked: vec![parked(item("u", 100, 10), 0)],
+            },
+        );
+        let (sent, end) = play(round, |_| Fate::Delivered, 5);
+        assert_eq!(sent, [item("u", 200, 20)]);
+        let text = settlement_text(&end.settlement);
+        assert!(text.contains("done: [\"2-0\"]"), "{text}");
+        assert!(text.contains("forget: [(\"u\\nm-1\""), "{text}");
+    }
+
+    #[test]
+    fn an_item_that_fails_alone_counts_attempts_then_is_buried() {
+        let round = |attempts| {
+            Round::new(
+                vec![],
+                Delivery {
+                    fresh: vec![],
+                    parked: vec![parked(item("u", 5, 1), attempts)],
+                },
+            )
+        };
+        let fate = |_: &ProgressItem| Fate::FailedAlone("status 404".into());
+        let (_, end) = play(round(3), fate, 5);
+        let text = settlement_text(&end.settlement);
+        assert!(text.contains("retry: [(\"u\\nm-1\""), "{text}");
+        assert!(text.contains("\\\"attempts\\\":4"), "{text}");
+        assert_eq!(end.poison, 0);
+        let (_, end) = play(round(4), fate, 5);
+        let text = settlement_text(&end.settlement);
+        assert!(text.contains("bury: [(\"u\\nm-1\""), "{text}");
+        assert!(text.contains("attempts: 5, error: \"status 404\""), "{text}");
+        assert_eq!(end.poison, 1);
+    }
+
+    #[test]
+    fn a_log_entry_that_fails_alone_is_parked_with_its_attempt() {
+        let round = Round::new(
+            vec![],
+            Delivery {
+                fresh: vec![fresh("1-0", item("u", 5, 1), 1)],
+                parked: vec![],
+            },
+        );
+        let (_, end) = play(round, |_| Fate::FailedAlone("timeout".into()), 5);
+        let text = settlement_text(&end.settlement);
+        assert!(text.contains("park: [(\"1-0\""), "{text}");
+        assert!(text.contains("\\\"attempts\\\":2"), "{text}");
+    }
+
+    #[test]
+    fn an_outage_judges_nothing() {
+        let round = Round::new(
+            vec![memory(item("m", 1, 1))],
+            Delivery {
+                fresh: vec![fresh("1-0", item("f", 2, 2), 4)],
+                parked: vec![parked(item("p", 3, 3), 4)],
+            },
+        );
+        let (_, end) = play(round, |_| Fate::Failed, 5);
+        let text = settlement_text(&end.settlement);
+        assert!(text.contains("bury: []") && text.contains("dead: []"), "{text}");
+        assert!(
+            text.contains("retry: []") && text.contains("forget: []"),
+            "{text}"
+        );
+        assert!(text.contains("\\\"attempts\\\":4"), "attempts kept: {text}");
+        assert_eq!(homes(&end), [(1, true, Some(0))]);
+        assert_eq!((end.delivered, end.refused, end.poison), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_delivered_memory_item_is_not_sent_again() {
+        let round = Round::new(
+            vec![Held {
+                item: item("u", 7, 7),
+                delivered: true,
+            }],
+            Delivery::default(),
+        );
+        let (sent, end) = play(round, |_| Fate::Failed, 5);
+        assert!(sent.is_empty());
+        assert_eq!(homes(&end), [(7, true, None)]);
+        assert_eq!(end.delivered, 0);
+    }
+
+    #[test]
+    fn a_refused_newest_settles_nothing_older() {
+        let round = Round::new(
+            vec![],
+            Delivery {
+                fresh: vec![fresh("1-0", item("u", 1, 1), 0), fresh("2-0", item("u", 2, 2), 0)],
+                parked: vec![],
+            },
+        );
+        let (sent, end) = play(round, |_| Fate::Refused, 5);
+        assert_eq!(sent, [item("u", 2, 2)]);
+        let text = settlement_text(&end.settlement);
+        assert!(text.contains("done: [\"2-0\"]"), "{text}");
+        assert!(text.contains("park: [(\"1-0\""), "{text}");
+        assert_eq!(end.refused, 1);
+    }
+
+    #[test]
+    fn on_a_tie_the_later_offer_is_sent() {
+        let round = Round::new(
+            vec![],
+            Delivery {
+                fresh: vec![fresh("1-0", item("u", 1, 5), 0), fresh("2-0", item("u", 2, 5), 0)],
+                parked: vec![],
+            },
+        );
+        let (sent, end) = play(round, |_| Fate::Delivered, 5);
+        assert_eq!(sent, [item("u", 2, 5)]);
+        assert!(settlement_text(&end.settlement).contains("done: [\"1-0\", \"2-0\"]"));
     }
 }

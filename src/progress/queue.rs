@@ -1,8 +1,13 @@
 //! Positions acknowledged while Redis was unreachable, in this process's
-//! memory until the internal API or Redis takes them. Coalesced by (user,
+//! memory until the internal API and Redis have them. Coalesced by (user,
 //! title) — only the newest position matters — which also bounds it: its
 //! size is the number of distinct pairs, capped by
 //! `MONETA_PROGRESS_QUEUE_CAPACITY`.
+//!
+//! A position the internal API took while Redis was still unreachable stays
+//! (as delivered) until it also updated the resume position Redis holds, so
+//! that playback-info answers it after the outage. Those are the first to
+//! make room when the queue is full: the internal API has them already.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,75 +16,170 @@ use crate::model::{ContentId, ProgressItem, UserId};
 
 type Key = (UserId, ContentId);
 
+/// A position taken from the queue, and whether the internal API has it already.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    pub item: ProgressItem,
+    pub delivered: bool,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Not delivered yet.
+    undelivered: HashMap<Key, ProgressItem>,
+    /// Delivered; waiting only to update the resume position in Redis.
+    unwritten: HashMap<Key, ProgressItem>,
+    /// Taken by a delivery round and not yet released: they still take room,
+    /// or a full queue would accept positions while a round is out and hold
+    /// more than its capacity once the round puts back what it could not place.
+    in_flight: usize,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.undelivered.len() + self.unwritten.len()
+    }
+
+    /// Keeps `item` to deliver unless a position at least as new is here.
+    /// `ties_win`: a position just acknowledged is the later write on a tie
+    /// (one millisecond); one put back is not.
+    fn merge(&mut self, item: ProgressItem, ties_win: bool) {
+        let key = (item.user_id.clone(), item.content_id.clone());
+        let newer = |known: &ProgressItem| {
+            known.updated_at > item.updated_at || (!ties_win && known.updated_at == item.updated_at)
+        };
+        if self.undelivered.get(&key).is_some_and(newer) || self.unwritten.get(&key).is_some_and(newer) {
+            return;
+        }
+        self.unwritten.remove(&key);
+        self.undelivered.insert(key, item);
+    }
+
+    /// Keeps a delivered `item` until Redis has it, unless a position at
+    /// least as new is here; an older undelivered one is superseded (the
+    /// internal API keeps the newest anyway).
+    fn merge_delivered(&mut self, item: ProgressItem) {
+        let key = (item.user_id.clone(), item.content_id.clone());
+        let as_new = |known: &ProgressItem| known.updated_at >= item.updated_at;
+        if self.undelivered.get(&key).is_some_and(as_new) || self.unwritten.get(&key).is_some_and(as_new) {
+            return;
+        }
+        self.undelivered.remove(&key);
+        self.unwritten.insert(key, item);
+    }
+}
+
 pub struct ProgressQueue {
-    pending: Mutex<HashMap<Key, ProgressItem>>,
+    pending: Mutex<Pending>,
     capacity: usize,
 }
 
 impl ProgressQueue {
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
             capacity,
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, ProgressItem>> {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
         // A poisoned lock only means another thread panicked mid-insert of plain data.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps `item` unless a newer position for its pair is already here.
-    fn merge(pending: &mut HashMap<Key, ProgressItem>, item: ProgressItem) {
-        let key = (item.user_id.clone(), item.content_id.clone());
-        match pending.get(&key) {
-            Some(known) if known.updated_at > item.updated_at => {}
-            _ => {
-                pending.insert(key, item);
-            }
-        }
+    fn gauge(depth: usize) {
+        metrics::gauge!("moneta_progress_queue_depth").set(depth as f64);
     }
 
     /// Queues a position; the newer of two positions for the same pair wins.
     /// Returns false when the queue is full and the position was not queued.
     pub fn record(&self, item: ProgressItem) -> bool {
         let mut pending = self.lock();
-        let known = pending.contains_key(&(item.user_id.clone(), item.content_id.clone()));
-        if !known && pending.len() >= self.capacity {
-            drop(pending);
-            super::dropped("queue_full", 1);
-            return false;
+        let key = (item.user_id.clone(), item.content_id.clone());
+        let known = pending.undelivered.contains_key(&key) || pending.unwritten.contains_key(&key);
+        if !known && pending.len() + pending.in_flight >= self.capacity {
+            // The internal API has a delivered one; only the resume position
+            // Redis holds after the outage is at stake.
+            let Some(evict) = pending.unwritten.keys().next().cloned() else {
+                drop(pending);
+                super::dropped("queue_full", 1);
+                return false;
+            };
+            pending.unwritten.remove(&evict);
+            super::dropped("unwritten", 1);
         }
-        Self::merge(&mut pending, item);
+        pending.merge(item, true);
         let depth = pending.len();
         drop(pending);
-        metrics::gauge!("moneta_progress_queue_depth").set(depth as f64);
+        Self::gauge(depth);
         true
     }
 
+    /// Positions held, delivered or not.
     pub fn len(&self) -> usize {
         self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.len() == 0
     }
 
-    pub fn take(&self, max: usize) -> Vec<ProgressItem> {
+    /// Positions held that the internal API does not have yet.
+    pub fn undelivered(&self) -> usize {
+        self.lock().undelivered.len()
+    }
+
+    /// Takes up to `max` positions, those still to deliver first.
+    pub fn take(&self, max: usize) -> Vec<Held> {
         let mut pending = self.lock();
-        let keys: Vec<Key> = pending.keys().take(max).cloned().collect();
-        let items = keys.iter().filter_map(|key| pending.remove(key)).collect();
-        metrics::gauge!("moneta_progress_queue_depth").set(pending.len() as f64);
-        items
+        let keys: Vec<Key> = pending.undelivered.keys().take(max).cloned().collect();
+        let mut held: Vec<Held> = keys
+            .iter()
+            .filter_map(|key| pending.undelivered.remove(key))
+            .map(|item| Held {
+                item,
+                delivered: false,
+            })
+            .collect();
+        let room = max.saturating_sub(held.len());
+        let keys: Vec<Key> = pending.unwritten.keys().take(room).cloned().collect();
+        held.extend(
+            keys.iter()
+                .filter_map(|key| pending.unwritten.remove(key))
+                .map(|item| Held {
+                    item,
+                    delivered: true,
+                }),
+        );
+        pending.in_flight += held.len();
+        Self::gauge(pending.len());
+        held
     }
 
-    /// Puts back items that could not be delivered, unless newer ones arrived meanwhile.
+    /// Ends a round that took `taken` positions, after it put back what it
+    /// could not place.
+    pub fn release(&self, taken: usize) {
+        let mut pending = self.lock();
+        pending.in_flight = pending.in_flight.saturating_sub(taken);
+    }
+
+    /// Puts back positions not delivered, unless newer ones arrived meanwhile.
     pub fn restore(&self, items: Vec<ProgressItem>) {
         let mut pending = self.lock();
         for item in items {
-            Self::merge(&mut pending, item);
+            pending.merge(item, false);
         }
-        metrics::gauge!("moneta_progress_queue_depth").set(pending.len() as f64);
+        Self::gauge(pending.len());
+    }
+
+    /// Puts back positions delivered whose resume position could not be
+    /// written to Redis yet, unless newer ones arrived meanwhile.
+    pub fn restore_delivered(&self, items: Vec<ProgressItem>) {
+        let mut pending = self.lock();
+        for item in items {
+            pending.merge_delivered(item);
+        }
+        Self::gauge(pending.len());
     }
 }
 
@@ -99,6 +199,12 @@ mod tests {
         }
     }
 
+    fn positions(held: &[Held]) -> Vec<(u64, bool)> {
+        held.iter()
+            .map(|h| (h.item.position_ms.get(), h.delivered))
+            .collect()
+    }
+
     #[test]
     fn newest_position_wins_and_capacity_bounds() {
         let q = ProgressQueue::new(1);
@@ -107,9 +213,23 @@ mod tests {
         assert!(q.record(item("c", 10, t1)));
         assert!(q.record(item("c", 5, t0)));
         assert!(!q.record(item("other", 1, t0)));
-        let items = q.take(10);
-        assert_eq!(items.len(), 1);
-        assert_eq!(items[0].position_ms.get(), 10);
+        assert_eq!(positions(&q.take(10)), [(10, false)]);
+    }
+
+    #[test]
+    fn positions_out_for_delivery_still_take_room() {
+        let q = ProgressQueue::new(1);
+        let t0 = Utc::now();
+        assert!(q.record(item("c", 1, t0)));
+        let taken = q.take(10);
+        assert!(
+            !q.record(item("other", 1, t0)),
+            "the queue is full while its item is out"
+        );
+        q.restore(taken.into_iter().map(|h| h.item).collect());
+        q.release(1);
+        assert_eq!(q.len(), 1);
+        assert!(q.record(item("c", 2, t0)), "a held pair takes no more room");
     }
 
     #[test]
@@ -119,7 +239,54 @@ mod tests {
         q.record(item("c", 1, t0));
         let items = q.take(10);
         q.record(item("c", 2, t0 + chrono::Duration::seconds(1)));
-        q.restore(items);
-        assert_eq!(q.take(10)[0].position_ms.get(), 2);
+        q.restore(items.into_iter().map(|h| h.item).collect());
+        assert_eq!(positions(&q.take(10)), [(2, false)]);
+    }
+
+    #[test]
+    fn a_tie_goes_to_the_position_acknowledged_last_not_to_one_put_back() {
+        let q = ProgressQueue::new(10);
+        let t0 = Utc::now();
+        q.record(item("c", 1, t0));
+        let taken = q.take(10);
+        q.record(item("c", 2, t0));
+        q.restore(taken.into_iter().map(|h| h.item).collect());
+        assert_eq!(positions(&q.take(10)), [(2, false)]);
+    }
+
+    #[test]
+    fn delivered_positions_wait_for_redis_behind_undelivered_ones() {
+        let q = ProgressQueue::new(10);
+        let t0 = Utc::now();
+        q.restore_delivered(vec![item("a", 1, t0)]);
+        q.record(item("b", 2, t0));
+        assert_eq!(q.undelivered(), 1);
+        assert_eq!(q.len(), 2);
+        assert_eq!(positions(&q.take(1)), [(2, false)]);
+        assert_eq!(positions(&q.take(1)), [(1, true)]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_newer_position_replaces_a_delivered_one_and_the_reverse() {
+        let q = ProgressQueue::new(10);
+        let t0 = Utc::now();
+        let t1 = t0 + chrono::Duration::seconds(1);
+        q.restore_delivered(vec![item("c", 1, t0)]);
+        q.record(item("c", 2, t1));
+        assert_eq!(positions(&q.take(10)), [(2, false)]);
+        q.record(item("c", 1, t0));
+        q.restore_delivered(vec![item("c", 2, t1)]);
+        assert_eq!(positions(&q.take(10)), [(2, true)]);
+    }
+
+    #[test]
+    fn a_full_queue_makes_room_from_delivered_positions_first() {
+        let q = ProgressQueue::new(1);
+        let t0 = Utc::now();
+        q.restore_delivered(vec![item("a", 1, t0)]);
+        assert!(q.record(item("b", 2, t0)));
+        assert!(!q.record(item("c", 3, t0)));
+        assert_eq!(positions(&q.take(10)), [(2, false)]);
     }
 }

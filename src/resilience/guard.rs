@@ -24,6 +24,11 @@ pub enum DependencyError {
     Timeout(&'static str),
     #[error("{0}: {1}")]
     Failed(&'static str, String),
+    /// The dependency answered, with an error about this one call (a Redis
+    /// command error such as `NOGROUP`, an HTTP status about the request's
+    /// content). It is alive: the breaker counts a success.
+    #[error("{0}: answered with an error: {1}")]
+    Refused(&'static str, String),
 }
 
 impl DependencyError {
@@ -34,6 +39,7 @@ impl DependencyError {
             DependencyError::Saturated(_) => "bulkhead_full",
             DependencyError::Timeout(_) => "timeout",
             DependencyError::Failed(..) => "failed",
+            DependencyError::Refused(..) => "refused",
         }
     }
 }
@@ -212,6 +218,11 @@ impl Guard {
         self.inner.dependency
     }
 
+    /// How long a call may take before the guard gives up on it.
+    pub fn timeout(&self) -> Duration {
+        self.inner.settings.timeout
+    }
+
     pub fn state(&self) -> BreakerState {
         BreakerState::from_u8(self.inner.state.load(Ordering::Acquire))
     }
@@ -227,10 +238,26 @@ impl Guard {
         E: Display,
         F: Future<Output = Result<T, E>>,
     {
+        self.call_judged(call, |_| true).await
+    }
+
+    /// Runs `call` under the guard; `is_outage` tells an error that means the
+    /// dependency is unreachable or broken (a failure, counted by the
+    /// breaker) from one it answered about this call alone
+    /// ([`DependencyError::Refused`], counted as a sign of life).
+    pub async fn call_judged<T, E, F>(
+        &self,
+        call: F,
+        is_outage: impl Fn(&E) -> bool,
+    ) -> Result<T, DependencyError>
+    where
+        E: Display,
+        F: Future<Output = Result<T, E>>,
+    {
         // +1: zero means "no real call yet".
         let since_born = self.inner.born.elapsed().as_millis() as u64 + 1;
         self.inner.last_call_ms.store(since_born, Ordering::Relaxed);
-        self.guarded(call).await
+        self.guarded(call, is_outage).await
     }
 
     /// A background reachability check, made only while no real call has
@@ -246,10 +273,10 @@ impl Guard {
         if last > 0 && now.saturating_sub(last) < PROBE_QUIET.as_millis() as u64 {
             return Ok(());
         }
-        self.guarded(call).await.map(drop)
+        self.guarded(call, |_| true).await.map(drop)
     }
 
-    async fn guarded<T, E, F>(&self, call: F) -> Result<T, DependencyError>
+    async fn guarded<T, E, F>(&self, call: F, is_outage: impl Fn(&E) -> bool) -> Result<T, DependencyError>
     where
         E: Display,
         F: Future<Output = Result<T, E>>,
@@ -274,17 +301,21 @@ impl Guard {
         let result = tokio::time::timeout(inner.settings.timeout, call).await;
         let (outcome, result) = match result {
             Ok(Ok(value)) => ("success", Ok(value)),
-            Ok(Err(e)) => ("error", Err(DependencyError::Failed(dep, e.to_string()))),
+            Ok(Err(e)) if is_outage(&e) => ("error", Err(DependencyError::Failed(dep, e.to_string()))),
+            Ok(Err(e)) => ("error", Err(DependencyError::Refused(dep, e.to_string()))),
             Err(_) => ("timeout", Err(DependencyError::Timeout(dep))),
         };
         match &result {
-            Ok(_) => inner.breaker.on_success(),
+            Ok(_) | Err(DependencyError::Refused(..)) => inner.breaker.on_success(),
             Err(e) => {
                 tracing::warn!(dependency = dep, error = %e, "dependency call failed");
                 inner.breaker.on_error();
             }
         }
-        inner.last_ok.store(result.is_ok(), Ordering::Relaxed);
+        inner.last_ok.store(
+            matches!(result, Ok(_) | Err(DependencyError::Refused(..))),
+            Ordering::Relaxed,
+        );
         inner.metrics.duration.record(started.elapsed().as_secs_f64());
         inner.metrics.count(outcome);
         result
@@ -328,6 +359,19 @@ mod tests {
         assert!(matches!(fail(&g).await, Err(DependencyError::Open(_))));
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert!(g.call(async { Ok::<_, String>(1) }).await.is_ok());
+        assert_eq!(g.state(), BreakerState::Closed);
+        assert!(g.is_up());
+    }
+
+    #[tokio::test]
+    async fn an_answered_error_is_not_an_outage() {
+        let g = Guard::new("test", &settings());
+        for _ in 0..10 {
+            let r = g
+                .call_judged(async { Err::<(), _>("NOGROUP") }, |_: &&str| false)
+                .await;
+            assert!(matches!(r, Err(DependencyError::Refused(..))));
+        }
         assert_eq!(g.state(), BreakerState::Closed);
         assert!(g.is_up());
     }

@@ -20,6 +20,22 @@ const MAC_BYTES: usize = 16;
 pub struct SessionKey {
     /// Keyed once; each MAC starts from a clone.
     keyed: HmacSha256,
+    /// Every instance holds this key (`MONETA_SESSION_SECRET` is set); with a
+    /// per-process key, ids of other instances fail the MAC and only Redis
+    /// can tell whether they are real.
+    shared: bool,
+}
+
+/// What an id's MAC proves about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provenance {
+    /// Issued by Moneta to this caller.
+    Issued,
+    /// Not by this key, which other instances do not share: real only if
+    /// Redis knows the session for this caller.
+    Unproven,
+    /// Not issued by this deployment to this caller.
+    Forged,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +58,10 @@ impl SessionKey {
             }
         };
         let keyed = HmacSha256::new_from_slice(&key).map_err(|_| SessionKeyError)?;
-        Ok(Self { keyed })
+        Ok(Self {
+            keyed,
+            shared: secret.is_some(),
+        })
     }
 
     fn mac(&self, user: &UserId, content: &ContentId, random: &str) -> HmacSha256 {
@@ -61,6 +80,15 @@ impl SessionKey {
         let tag = self.mac(user, content, &random).finalize().into_bytes();
         let encoded = URL_SAFE_NO_PAD.encode(tag.get(..MAC_BYTES).unwrap_or_default());
         SessionId::from_parts(&random, content, &encoded)
+    }
+
+    /// What the MAC proves of `id` for `user`.
+    pub fn provenance(&self, user: &UserId, id: &SessionId) -> Provenance {
+        match (self.verify(user, id), self.shared) {
+            (true, _) => Provenance::Issued,
+            (false, false) => Provenance::Unproven,
+            (false, true) => Provenance::Forged,
+        }
     }
 
     /// True when Moneta issued `id` to `user` (constant-time comparison).
@@ -95,6 +123,9 @@ mod tests {
         assert!(!other.verify(&user("alice"), &id));
         let random_key = SessionKey::new(None).unwrap();
         assert!(!random_key.verify(&user("alice"), &id));
+        assert_eq!(random_key.provenance(&user("alice"), &id), Provenance::Unproven);
+        assert_eq!(other.provenance(&user("alice"), &id), Provenance::Forged);
+        assert_eq!(key.provenance(&user("alice"), &id), Provenance::Issued);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-pub use ids::{SessionKey, SessionKeyError};
+pub use ids::{Provenance, SessionKey, SessionKeyError};
 
 use crate::auth::Claims;
 use crate::model::{ContentId, DeviceId, LiveSession, PlaybackInfo, PositionMs, ProgressItem, SessionId};
@@ -22,7 +22,7 @@ use crate::playback::{Audience, Playback, PlaybackError};
 use crate::progress::ProgressQueue;
 use crate::resilience::DependencyError;
 use crate::sources::CallContext;
-use crate::sources::redis::{EndOutcome, SessionStore, StartOutcome, StartRequest, TouchOutcome};
+use crate::sources::redis::{EndOutcome, SessionStore, StartOutcome, StartRequest, TouchOutcome, Untraced};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SessionError {
@@ -35,7 +35,8 @@ pub enum SessionError {
         max_streams: u32,
         active: Vec<LiveSession>,
     },
-    /// Moneta's own Redis bulkhead is full: nothing was changed, try again.
+    /// Moneta's own Redis bulkhead is full, or (Redis unreachable) the
+    /// memory that holds positions is: nothing was changed, try again.
     #[error("too busy to count streams; try again")]
     Busy,
     #[error("internal error")]
@@ -48,8 +49,8 @@ pub struct Started {
     pub session_id: SessionId,
     pub expires_at: DateTime<Utc>,
     pub playback: PlaybackInfo,
-    /// The session ended to make room (`evict_oldest`).
-    pub evicted: Option<SessionId>,
+    /// The sessions ended to make room (`evict_oldest`), oldest first.
+    pub evicted: Vec<SessionId>,
 }
 
 fn fallback(kind: &'static str) {
@@ -126,11 +127,11 @@ impl Sessions {
                 // Redis unreachable: the limit cannot be counted; playback goes on.
                 fallback("stream_limit_open");
                 playback.degraded = true;
-                (Utc::now(), None)
+                (self.store.clock_now(), Vec::new())
             }
         };
-        if evicted.is_some() {
-            metrics::counter!("moneta_stream_limit_evictions_total").increment(1);
+        if !evicted.is_empty() {
+            metrics::counter!("moneta_stream_limit_evictions_total").increment(evicted.len() as u64);
         }
         Ok(Started {
             session_id,
@@ -140,51 +141,109 @@ impl Sessions {
         })
     }
 
-    /// The caller's own session, or `NotFound` before anything is asked.
-    fn verified(&self, claims: &Claims, session_id: &SessionId) -> Result<(), SessionError> {
-        if self.key.verify(&claims.sub, session_id) {
-            Ok(())
-        } else {
-            Err(SessionError::NotFound)
+    /// What the id's MAC proves; a forged id is `NotFound` before anything
+    /// is asked.
+    fn provenance(&self, claims: &Claims, session_id: &SessionId) -> Result<Provenance, SessionError> {
+        match self.key.provenance(&claims.sub, session_id) {
+            Provenance::Forged => Err(SessionError::NotFound),
+            other => Ok(other),
         }
     }
 
     /// With Redis unreachable the position is kept in memory, delivered
-    /// from there (it is the only kind of position a crash can lose).
+    /// from there (it is the only kind of position a crash can lose). Only
+    /// an id this instance can prove ours is accepted then, and only while
+    /// the memory has room: a position is never answered and then dropped.
     fn keep_unlogged(
         &self,
         claims: &Claims,
         session_id: &SessionId,
-        position: PositionMs,
+        provenance: Provenance,
+        position: Option<PositionMs>,
         completed: bool,
         kind: &'static str,
-    ) {
+    ) -> Result<(), SessionError> {
+        if provenance != Provenance::Issued {
+            return Err(SessionError::NotFound);
+        }
+        if let Some(position) = position {
+            let kept = self.unlogged.record(ProgressItem {
+                user_id: claims.sub.clone(),
+                content_id: session_id.content_id(),
+                position_ms: position,
+                updated_at: self.store.clock_now(),
+                completed,
+            });
+            if !kept {
+                return Err(SessionError::Busy);
+            }
+        }
         fallback(kind);
-        self.unlogged.record(ProgressItem {
-            user_id: claims.sub.clone(),
-            content_id: session_id.content_id(),
-            position_ms: position,
-            updated_at: Utc::now(),
-            completed,
-        });
+        Ok(())
     }
 
-    /// Keeps a session alive and records its position, durably, before answering.
+    /// Keeps a session alive and records its position, durably, before
+    /// answering. A session Moneta issued that Redis has no trace of is
+    /// recorded again, within the limit.
     pub async fn heartbeat(
         &self,
         claims: &Claims,
         session_id: &SessionId,
         position: PositionMs,
+        ctx: &CallContext,
     ) -> Result<DateTime<Utc>, SessionError> {
-        self.verified(claims, session_id)?;
-        match self.store.touch(&claims.sub, session_id, position).await {
+        let provenance = self.provenance(claims, session_id)?;
+        let untraced = match provenance {
+            Provenance::Issued => Untraced::Report,
+            _ => Untraced::Refuse,
+        };
+        let mut outcome = self
+            .store
+            .touch(&claims.sub, session_id, position, untraced)
+            .await;
+        if let Ok(TouchOutcome::Untraced) = outcome {
+            let authorized = self
+                .playback
+                .authorize(claims, &session_id.content_id(), ctx)
+                .await?;
+            let max_streams = authorized.entitlement.value.max_streams;
+            outcome = self
+                .store
+                .touch(
+                    &claims.sub,
+                    session_id,
+                    position,
+                    Untraced::Record { max_streams },
+                )
+                .await;
+            match &outcome {
+                Ok(TouchOutcome::Touched(_)) => {
+                    metrics::counter!("moneta_sessions_recorded_again_total").increment(1);
+                }
+                Ok(TouchOutcome::Full(_)) => {
+                    metrics::counter!("moneta_stream_limit_rejections_total").increment(1);
+                }
+                _ => {}
+            }
+            if let Ok(TouchOutcome::Full(active)) = outcome {
+                return Err(SessionError::LimitReached { max_streams, active });
+            }
+        }
+        match outcome {
             Ok(TouchOutcome::Touched(now)) => Ok(self.store.expiry(now)),
-            Ok(TouchOutcome::Unknown) => Err(SessionError::NotFound),
             Ok(TouchOutcome::Evicted) => Err(SessionError::Evicted),
+            Ok(_) => Err(SessionError::NotFound),
             Err(DependencyError::Saturated(_)) => Err(SessionError::Busy),
             Err(_) => {
-                self.keep_unlogged(claims, session_id, position, false, "heartbeat_unchecked");
-                Ok(Utc::now() + self.ttl)
+                self.keep_unlogged(
+                    claims,
+                    session_id,
+                    provenance,
+                    Some(position),
+                    false,
+                    "heartbeat_unchecked",
+                )?;
+                Ok(self.store.clock_now() + self.ttl)
             }
         }
     }
@@ -198,18 +257,27 @@ impl Sessions {
         position: Option<PositionMs>,
         completed: bool,
     ) -> Result<(), SessionError> {
-        self.verified(claims, session_id)?;
-        match self.store.end(&claims.sub, session_id, position, completed).await {
-            Ok(EndOutcome::Ended | EndOutcome::WasEvicted) => Ok(()),
+        let provenance = self.provenance(claims, session_id)?;
+        let untraced = match provenance {
+            Provenance::Issued => Untraced::Report,
+            _ => Untraced::Refuse,
+        };
+        match self
+            .store
+            .end(&claims.sub, session_id, position, completed, untraced)
+            .await
+        {
+            Ok(EndOutcome::Ended | EndOutcome::WasEvicted | EndOutcome::Untraced) => Ok(()),
             Ok(EndOutcome::Unknown) => Err(SessionError::NotFound),
             Err(DependencyError::Saturated(_)) => Err(SessionError::Busy),
-            Err(_) => {
-                match position {
-                    Some(p) => self.keep_unlogged(claims, session_id, p, completed, "stop_unchecked"),
-                    None => fallback("stop_unchecked"),
-                }
-                Ok(())
-            }
+            Err(_) => self.keep_unlogged(
+                claims,
+                session_id,
+                provenance,
+                position,
+                completed,
+                "stop_unchecked",
+            ),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Client of the company's private internal API (CONTRACT §5).
 
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
@@ -14,16 +15,20 @@ use crate::model::{ContentId, ContentPlayback, Entitlement, Progress, ProgressIt
 use crate::resilience::{DependencyError, Guard};
 use crate::telemetry::traces;
 
-/// What the internal API said to a batch of positions.
+/// What the internal API said to a batch of positions. Every answer is a
+/// sign of life (the breaker stays closed); only a transport failure or a
+/// timeout is an error of the dependency. Whether a failed batch is the
+/// items' fault or an outage the caller tells apart (an empty batch is the
+/// control: see `progress::deliver`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchOutcome {
     Accepted,
     /// The batch's content will never be accepted (`400`, `409`, `413`,
-    /// `422`). Not a failure of the dependency (the breaker stays closed); the
-    /// caller splits the batch to find the item at fault. Other `4xx` (a bad
-    /// token, a wrong base URL, throttling) say nothing about the items, so
-    /// they are failures and the positions wait.
+    /// `422`); the caller splits the batch to find the item at fault.
     Refused(StatusCode),
+    /// Any other status (another `4xx` such as `404`, a `5xx`): about the
+    /// batch when other batches are taken, about the API when none is.
+    Failed(StatusCode),
 }
 
 #[derive(Serialize)]
@@ -225,6 +230,9 @@ impl InternalApi {
         .await
     }
 
+    /// Posts a batch (an empty one answers whether the API takes batches at
+    /// all). A status is an answer, never an outage of the dependency: one
+    /// user's bad item must not open the breaker for everybody.
     pub async fn post_progress(&self, items: &[ProgressItem]) -> Result<BatchOutcome, DependencyError> {
         let url = self.url(&["internal", "v1", "progress:batch"]);
         let span = self.span(&reqwest::Method::POST, "/internal/v1/progress:batch", &url);
@@ -232,19 +240,43 @@ impl InternalApi {
             .request(reqwest::Method::POST, url, &CallContext::default(), &span)
             .json(&Batch { items });
         let status_span = span.clone();
-        self.traced(span, async move {
+        // The guard turns an answered error into `Refused` with text only;
+        // the status itself comes back this way.
+        let answered = AtomicU16::new(0);
+        let call = async {
             let resp = req.send().await?;
-            status_span.record("http.response.status_code", resp.status().as_u16());
-            match resp.status() {
-                s if s.is_success() => Ok(BatchOutcome::Accepted),
-                s @ (StatusCode::BAD_REQUEST
-                | StatusCode::CONFLICT
-                | StatusCode::PAYLOAD_TOO_LARGE
-                | StatusCode::UNPROCESSABLE_ENTITY) => Ok(BatchOutcome::Refused(s)),
-                other => Err(CallError::Status(other)),
+            let status = resp.status();
+            status_span.record("http.response.status_code", status.as_u16());
+            if status.is_success() {
+                return Ok(());
             }
-        })
-        .await
+            answered.store(status.as_u16(), Ordering::Relaxed);
+            Err(CallError::Status(status))
+        };
+        let guarded = self
+            .guard
+            .call_judged(call, |e: &CallError| matches!(e, CallError::Transport(_)));
+        let result = if span.is_none() {
+            guarded.await
+        } else {
+            traces::traced(span, guarded, |e: &DependencyError| e.kind().to_owned()).await
+        };
+        match result {
+            Ok(()) => Ok(BatchOutcome::Accepted),
+            Err(DependencyError::Refused(dep, msg)) => {
+                let Ok(status) = StatusCode::from_u16(answered.load(Ordering::Relaxed)) else {
+                    return Err(DependencyError::Refused(dep, msg));
+                };
+                Ok(match status {
+                    StatusCode::BAD_REQUEST
+                    | StatusCode::CONFLICT
+                    | StatusCode::PAYLOAD_TOO_LARGE
+                    | StatusCode::UNPROCESSABLE_ENTITY => BatchOutcome::Refused(status),
+                    other => BatchOutcome::Failed(other),
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Reachability probe: any answer below 500 means the API is there.

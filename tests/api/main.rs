@@ -9,6 +9,7 @@ mod helpers;
 mod auth;
 mod cdn_signing;
 mod cluster;
+mod delivery;
 mod fault_proxy;
 mod faults;
 mod health;

@@ -374,13 +374,155 @@ async fn the_progress_log_has_its_delivery_group_from_the_start() {
 }
 
 /// Fault-style tests: Redis killed or frozen, the internal API failing.
+/// Sets the entitlement Moneta reads first (Redis' copy), as a plan change
+/// at the internal API would once the copy is refreshed.
+async fn entitle(redis: &mut RedisProbe, user: &str, max_streams: u32) {
+    let entitlement = json!({"user_id": user, "plan": "premium", "max_streams": max_streams, "active": true});
+    let key = format!("moneta:{{u:{user}}}:entitlement");
+    redis
+        .query::<()>(
+            redis::cmd("SET")
+                .arg(key)
+                .arg(entitlement.to_string())
+                .arg("EX")
+                .arg(3600),
+        )
+        .await;
+}
+
+fn evicted_ids(body: &Value) -> Vec<String> {
+    body["evicted_session_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn evict_oldest_state_stays_bounded_and_a_downgrade_ends_every_extra_session() {
+    let app = spawn_app_with(&[("MONETA_STREAM_LIMIT_POLICY", "evict_oldest")]).await;
+    let mut redis = redis_of(&app).await;
+    let user = "u-evicting";
+    let token = app.token(user, "premium", 3, "KR");
+    entitle(&mut redis, user, 3).await;
+
+    let mut live = Vec::new();
+    for device in ["tv", "phone", "tablet"] {
+        live.push(app.started_session(&token, "m-0001", device).await);
+    }
+    // The plan drops to one stream: the next start ends all three.
+    entitle(&mut redis, user, 1).await;
+    let resp = app.start_session(&token, "m-0001", "laptop").await;
+    assert_eq!(resp.status(), 201);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(evicted_ids(&body), live, "oldest first, every extra one");
+    assert_eq!(
+        body["evicted_session_id"].as_str(),
+        live.last().map(String::as_str)
+    );
+    assert_eq!(app.live_session_ids(&token).await.len(), 1);
+    for id in &live {
+        assert_error(app.heartbeat(&token, id, 1_000).await, 409, "session_evicted").await;
+    }
+
+    // Evicting starts by the hundred leave state bounded by the limit, not by their number.
+    for i in 0..150 {
+        let resp = app.start_session(&token, "m-0001", &format!("device-{i}")).await;
+        assert_eq!(resp.status(), 201, "start {i}");
+    }
+    let fields: usize = sizes(&mut redis, user)
+        .await
+        .iter()
+        .filter(|(key, _)| !key.ends_with(":entitlement") && !key.ends_with(":positions"))
+        .map(|(_, (_, size))| size)
+        .sum();
+    // Per live session: its score, info and device (3); ended ids kept: the limit + 16.
+    assert!(
+        fields <= 3 + 1 + 16,
+        "{fields} fields after 150 evicting starts: {:?}",
+        sizes(&mut redis, user).await
+    );
+    assert_eq!(app.live_session_ids(&token).await.len(), 1);
+}
+
+#[tokio::test]
+async fn sessions_redis_lost_come_back_within_the_limit_and_ended_ones_stay_ended() {
+    let app = spawn_app().await;
+    let mut redis = redis_of(&app).await;
+    // load- users have two streams at the internal API.
+    let token = app.token("load-flushed", "standard", 2, "KR");
+    let first = app.started_session(&token, "m-0001", "tv").await;
+    let second = app.started_session(&token, "m-0001", "phone").await;
+    assert_eq!(app.stop_session(&token, &first).await.status(), 204);
+    assert_error(
+        app.heartbeat(&token, &first, 5_000).await,
+        404,
+        "session_not_found",
+    )
+    .await;
+
+    // Redis loses everything (a restart without persistence, a failover to an empty replica).
+    redis.query::<()>(&redis::cmd("FLUSHALL")).await;
+    let third = app.started_session(&token, "m-0001", "laptop").await;
+    // A player that saw nothing keeps playing while the limit allows.
+    heartbeat_ok(&app, &token, &second, 60_000).await;
+    assert_eq!(
+        app.live_session_ids(&token).await,
+        BTreeSet::from([second.clone(), third.clone()])
+    );
+    // Redis forgot that `first` ended; recording it again would exceed the limit.
+    let body = assert_error(
+        app.heartbeat(&token, &first, 61_000).await,
+        409,
+        "stream_limit_reached",
+    )
+    .await;
+    assert_eq!(body["error"]["max_streams"], 2);
+    assert_eq!(
+        app.live_session_ids(&token).await,
+        BTreeSet::from([second.clone(), third.clone()]),
+        "a refused heartbeat changes nothing"
+    );
+    assert_delivered(&app, "load-flushed", "m-0001", 60_000).await;
+    // Ended stays ended: a stop, then a stray heartbeat of the same id.
+    assert_eq!(app.stop_session_at(&token, &second, 62_000).await.status(), 204);
+    assert_error(
+        app.heartbeat(&token, &second, 63_000).await,
+        404,
+        "session_not_found",
+    )
+    .await;
+    assert_delivered(&app, "load-flushed", "m-0001", 62_000).await;
+}
+
+#[tokio::test]
+async fn a_stop_of_a_session_redis_lost_records_its_final_position() {
+    let app = spawn_app().await;
+    let mut redis = redis_of(&app).await;
+    let token = app.token("load-final", "standard", 2, "KR");
+    let session = app.started_session(&token, "m-0001", "tv").await;
+    redis.query::<()>(&redis::cmd("FLUSHALL")).await;
+    // 900 s of 7920: past the 5 % under which there is no resume point.
+    assert_eq!(app.stop_session_at(&token, &session, 900_000).await.status(), 204);
+    assert_delivered(&app, "load-final", "m-0001", 900_000).await;
+    assert_error(
+        app.heartbeat(&token, &session, 901_000).await,
+        404,
+        "session_not_found",
+    )
+    .await;
+    let info = app.playback_info_json("m-0001", &token).await;
+    assert_eq!(info["resume_position_ms"], 900_000);
+}
+
 mod under_fault {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
-    use crate::support::Fault;
     use crate::support::redis_probe::PROGRESS_PARKED;
+    use crate::support::{Fault, RedisServer};
 
     /// Calls the Redis bulkhead turned away.
     async fn redis_rejected_full(app: &TestApp) -> f64 {
@@ -669,5 +811,108 @@ mod under_fault {
         app.api.set_fault(Fault::None);
         assert_delivered(&app, "load-one", "m-0001", 100_000).await;
         wait_parked(&mut redis, 0).await;
+    }
+
+    /// Readiness says Redis is up, and playback-info answers fresh.
+    async fn fresh_again(app: &TestApp, token: &str) -> bool {
+        let ready: Value = app
+            .get_anonymously("/health/ready")
+            .await
+            .json()
+            .await
+            .unwrap_or_default();
+        let info = app.playback_info_json("m-0001", token).await;
+        ready["dependencies"]["redis"] == "up" && info["degraded"] == false
+    }
+
+    #[tokio::test]
+    async fn redis_restarted_empty_is_an_outage_that_ends() {
+        let mut app = spawn_app().await;
+        let token = app.token("load-restart", "standard", 2, "KR");
+        let before = app.started_session(&token, "m-0001", "tv").await;
+        heartbeat_ok(&app, &token, &before, 10_000).await;
+        let port = app.redis.port;
+        app.redis.kill();
+        // Started while Redis is unreachable: uncounted, degraded.
+        let resp = app.start_session(&token, "m-0001", "phone").await;
+        assert_eq!(resp.status(), 201);
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["playback"]["degraded"], true);
+        let during = body["session_id"].as_str().expect("id").to_owned();
+        heartbeat_ok(&app, &token, &during, 20_000).await;
+
+        // Back, without its data: the progress log's group is gone too.
+        app.redis = RedisServer::start_on(port);
+        let recovered = eventually(Duration::from_secs(30), async || {
+            fresh_again(&app, &token).await.then_some(())
+        })
+        .await;
+        assert!(recovered.is_some(), "still degraded with Redis answering");
+        assert_eq!(
+            metric(&app, "moneta_circuit_breaker_state{dependency=\"redis\"}").await,
+            Some(0.0)
+        );
+        // Neither player saw anything wrong, so neither stops.
+        heartbeat_ok(&app, &token, &before, 30_000).await;
+        heartbeat_ok(&app, &token, &during, 40_000).await;
+        // And the limit holds again.
+        assert_error(
+            app.start_session(&token, "m-0001", "laptop").await,
+            409,
+            "stream_limit_reached",
+        )
+        .await;
+        // The newest position of the pair wins; 20 000, held in memory, may
+        // have been superseded before it was sent.
+        assert_delivered(&app, "load-restart", "m-0001", 40_000).await;
+    }
+
+    #[tokio::test]
+    async fn a_full_memory_queue_answers_503_and_drops_nothing_it_acknowledged() {
+        let mut app = spawn_app_with(&[("MONETA_PROGRESS_QUEUE_CAPACITY", "4")]).await;
+        let mut viewers = Vec::new();
+        for i in 0..10 {
+            let user = format!("load-queue-{i}");
+            let token = app.token(&user, "standard", 2, "KR");
+            let session = app.started_session(&token, "m-0001", "tv").await;
+            viewers.push((user, token, session));
+        }
+        app.api.set_fault(Fault::Status500);
+        let port = app.redis.port;
+        app.redis.kill();
+
+        let mut acknowledged = Vec::new();
+        for (user, token, session) in &viewers {
+            let resp = app.heartbeat(token, session, 77_000).await;
+            match resp.status().as_u16() {
+                200 => acknowledged.push(user.clone()),
+                503 => {
+                    assert!(
+                        resp.headers().contains_key("retry-after"),
+                        "503 without Retry-After"
+                    );
+                    assert_error(resp, 503, "dependency_unavailable").await;
+                }
+                other => panic!("heartbeat of {user}: {other}"),
+            }
+        }
+        assert_eq!(
+            acknowledged.len(),
+            4,
+            "the memory holds four pairs: {acknowledged:?}"
+        );
+        // A pair already held takes no more room.
+        let (_, token, session) = viewers
+            .iter()
+            .find(|(u, ..)| *u == acknowledged[0])
+            .expect("viewer");
+        heartbeat_ok(&app, token, session, 78_000).await;
+
+        app.redis = RedisServer::start_on(port);
+        app.api.set_fault(Fault::None);
+        assert_delivered(&app, &acknowledged[0], "m-0001", 78_000).await;
+        for user in &acknowledged[1..] {
+            assert_delivered(&app, user, "m-0001", 77_000).await;
+        }
     }
 }

@@ -24,6 +24,8 @@ pub enum Fault {
     Garbage,
     /// Answers correctly, but only after this long.
     Slow(Duration),
+    /// Every route answers `404`, as behind a wrong base URL.
+    NotFound,
 }
 
 #[derive(Default)]
@@ -39,6 +41,10 @@ pub struct FakeState {
     pub refused_users: Mutex<HashSet<String>>,
     /// Batches answered `400` for holding one of them, in order.
     pub refused_batches: Mutex<Vec<Value>>,
+    /// Users whose positions the API fails with a status (see [`FakeApi::fail_user`]).
+    pub failing_users: Mutex<HashMap<String, u16>>,
+    /// Batches failed for holding one of them, in order.
+    pub failed_batches: Mutex<Vec<Value>>,
     pub content_calls: AtomicUsize,
     /// Progress batches that arrived, whatever the answer (or none, when hanging).
     pub batch_calls: AtomicUsize,
@@ -92,6 +98,24 @@ impl FakeApi {
     /// whole with `400`, as the real internal API refuses a batch with one bad item.
     pub fn refuse_user(&self, user: &str) {
         self.state.refused_users.lock().unwrap().insert(user.to_owned());
+    }
+    /// From now on a progress batch holding an item of `user` is answered
+    /// `status` whole (a `404` for a user the API does not know, a `500` for
+    /// one whose rows break it), while batches without them are taken.
+    pub fn fail_user(&self, user: &str, status: u16) {
+        self.state
+            .failing_users
+            .lock()
+            .unwrap()
+            .insert(user.to_owned(), status);
+    }
+    /// Ends [`FakeApi::fail_user`] for `user`.
+    pub fn heal_user(&self, user: &str) {
+        self.state.failing_users.lock().unwrap().remove(user);
+    }
+    /// The batches failed for one of the failing users so far, in order.
+    pub fn failed_batches(&self) -> Vec<Value> {
+        self.state.failed_batches.lock().unwrap().clone()
     }
     /// The batches refused so far, in order.
     pub fn refused_batches(&self) -> Vec<Value> {
@@ -150,6 +174,7 @@ async fn misbehave(state: &FakeState) -> Option<Response> {
             tokio::time::sleep(delay).await;
             None
         }
+        Fault::NotFound => Some(StatusCode::NOT_FOUND.into_response()),
     }
 }
 
@@ -223,6 +248,19 @@ async fn batch(State(s): State<Arc<FakeState>>, headers: HeaderMap, Json(body): 
     }
     if let Some(r) = misbehave(&s).await {
         return r;
+    }
+    let failing = {
+        let users = s.failing_users.lock().unwrap();
+        body["items"].as_array().and_then(|items| {
+            items
+                .iter()
+                .find_map(|i| users.get(i["user_id"].as_str()?).copied())
+        })
+    };
+    if let Some(status) = failing {
+        s.failed_batches.lock().unwrap().push(body);
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return status.into_response();
     }
     let refused = {
         let users = s.refused_users.lock().unwrap();

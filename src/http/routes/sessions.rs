@@ -27,9 +27,14 @@ pub struct SessionStarted {
     pub heartbeat_interval_s: u64,
     pub expires_at: DateTime<Utc>,
     pub playback: PlaybackInfo,
-    /// With `MONETA_STREAM_LIMIT_POLICY=evict_oldest`: the session ended to make room.
+    /// With `MONETA_STREAM_LIMIT_POLICY=evict_oldest`: the most recent of
+    /// the sessions ended to make room.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evicted_session_id: Option<String>,
+    /// Every session ended to make room, oldest first (several after a plan
+    /// downgrade); absent when none was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evicted_session_ids: Vec<String>,
 }
 
 #[derive(Deserialize, ToSchema, Clone, Copy)]
@@ -145,7 +150,8 @@ pub async fn start(
             heartbeat_interval_s: app.heartbeat_interval.as_secs(),
             expires_at: started.expires_at,
             playback: started.playback,
-            evicted_session_id: started.evicted.map(String::from),
+            evicted_session_id: started.evicted.last().cloned().map(String::from),
+            evicted_session_ids: started.evicted.into_iter().map(String::from).collect(),
         }),
     ))
 }
@@ -163,7 +169,7 @@ pub async fn start(
         (status = 400, description = "invalid_body", body = ErrorBody),
         (status = 401, description = "missing_token / invalid_token", body = ErrorBody),
         (status = 404, description = "session_not_found", body = ErrorBody),
-        (status = 409, description = "session_evicted (playback moved to another device)", body = ErrorBody),
+        (status = 409, description = "session_evicted (playback moved to another device); stream_limit_reached (Redis had lost the session and the limit is now full)", body = ErrorBody),
         (status = 413, description = "payload_too_large", body = ErrorBody),
         (status = 415, description = "unsupported_media_type", body = ErrorBody),
         (status = 503, description = "dependency_unavailable (too busy; the position was not taken)", body = ErrorBody),
@@ -172,6 +178,7 @@ pub async fn start(
 pub async fn heartbeat(
     State(app): State<AppState>,
     Caller(claims): Caller,
+    ctx: CallContext,
     Path(raw_id): Path<String>,
     JsonBody(body): JsonBody<Heartbeat>,
 ) -> Result<JsonAnswer<HeartbeatAck>, ApiError> {
@@ -179,7 +186,7 @@ pub async fn heartbeat(
     let session_id = session_id(raw_id)?;
     let expires_at = app
         .sessions
-        .heartbeat(&claims, &session_id, body.position_ms)
+        .heartbeat(&claims, &session_id, body.position_ms, &ctx)
         .await?;
     Ok(JsonAnswer(HeartbeatAck {
         session_id: session_id.into(),
@@ -202,6 +209,7 @@ pub async fn heartbeat(
         (status = 404, description = "session_not_found", body = ErrorBody),
         (status = 413, description = "payload_too_large", body = ErrorBody),
         (status = 415, description = "unsupported_media_type", body = ErrorBody),
+        (status = 503, description = "dependency_unavailable (too busy; the position was not taken)", body = ErrorBody),
     )
 )]
 pub async fn stop(

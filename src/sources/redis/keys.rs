@@ -27,6 +27,15 @@ pub fn progress_parked() -> String {
     format!("{PREFIX}:{{progress}}:parked")
 }
 
+/// Stream of positions the internal API failed to take alone
+/// `MONETA_PROGRESS_MAX_ATTEMPTS` times while it took others (poison items),
+/// kept for `moneta progress dead-letters` / `replay` instead of being dropped.
+/// Bounded (`XADD MAXLEN ~`); shares the slot of [`progress_log`] so the
+/// settle script moves items into it atomically.
+pub fn progress_dead() -> String {
+    format!("{PREFIX}:{{progress}}:dead")
+}
+
 /// The keys of one user; all of them hash to the same cluster slot.
 pub struct UserKeys {
     tag: String,
@@ -55,7 +64,7 @@ impl UserKeys {
     pub fn positions(&self) -> String {
         format!("{}:positions", self.tag)
     }
-    /// Sorted set: session id → last heartbeat (ms since epoch).
+    /// Sorted set: session id → last heartbeat (ms since epoch, Redis' clock).
     pub fn sessions(&self) -> String {
         format!("{}:sessions", self.tag)
     }
@@ -67,10 +76,12 @@ impl UserKeys {
     pub fn devices(&self) -> String {
         format!("{}:devices", self.tag)
     }
-    /// Hash: session id → 1 for sessions ended by `evict_oldest`, so their
-    /// next heartbeat can say so; lives as long as a session would.
-    pub fn evicted(&self) -> String {
-        format!("{}:evicted", self.tag)
+    /// Sorted set of recently ended sessions (`e:<id>` evicted, `s:<id>`
+    /// stopped, replaced or expired) → when: their ids stay ended, and an
+    /// evicted player's next heartbeat can say why. Bounded per user by the
+    /// scripts.
+    pub fn ended(&self) -> String {
+        format!("{}:ended", self.tag)
     }
 }
 
@@ -99,7 +110,7 @@ mod tests {
             k.sessions(),
             k.session_info(),
             k.devices(),
-            k.evicted(),
+            k.ended(),
         ];
         assert!(tags.iter().all(|t| hash_tag(t) == "u:user-42"));
     }
@@ -123,6 +134,7 @@ mod tests {
     #[test]
     fn progress_keys_share_a_slot() {
         assert_eq!(hash_tag(&progress_log()), hash_tag(&progress_parked()));
+        assert_eq!(hash_tag(&progress_log()), hash_tag(&progress_dead()));
     }
 
     fn user(s: &str) -> UserId {

@@ -4,13 +4,15 @@
 
 mod catalog;
 mod client_cache;
+mod clock;
 pub mod keys;
 mod progress;
 mod sessions;
 
 pub use catalog::{CachedContent, UserView, WriteBack};
+pub use clock::RedisClock;
 pub use progress::{Delivery, PROGRESS_GROUP, ProgressLog, Settlement};
-pub use sessions::{EndOutcome, LiveList, SessionStore, StartOutcome, StartRequest, TouchOutcome};
+pub use sessions::{EndOutcome, LiveList, SessionStore, StartOutcome, StartRequest, TouchOutcome, Untraced};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,6 +142,8 @@ enum Connector {
 pub struct RedisStore {
     connector: Arc<Connector>,
     guard: Guard,
+    /// Redis' clock as last measured, for stamps and deadlines.
+    clock: Arc<RedisClock>,
     /// Single-node mode only: the cluster client's per-node invalidations and
     /// reconnects are not covered by a test here yet.
     cache: Option<Arc<ClientCache>>,
@@ -184,6 +188,7 @@ impl RedisStore {
         Ok(Self {
             connector: Arc::new(connector),
             guard: Guard::new("redis", &settings.guard),
+            clock: Arc::new(RedisClock::default()),
             cache,
         })
     }
@@ -224,6 +229,11 @@ impl RedisStore {
         &self.guard
     }
 
+    /// Redis' clock as this instance estimates it.
+    pub fn clock(&self) -> &RedisClock {
+        &self.clock
+    }
+
     /// In cluster mode a script may only touch keys of one slot, so writes
     /// to the shared progress log are a second command there.
     fn is_cluster(&self) -> bool {
@@ -240,32 +250,98 @@ impl RedisStore {
         }
     }
 
-    /// Runs `op` on a connection under the guard.
+    /// Runs `op` on a connection under the guard. A command error (Redis
+    /// answered, about this command) is [`DependencyError::Refused`] and
+    /// never trips the breaker; see [`is_outage`].
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, DependencyError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         self.guard
-            .call(async {
-                let conn = self.conn().await?;
-                op(conn).await
-            })
+            .call_judged(
+                async {
+                    let conn = self.conn().await?;
+                    op(conn).await
+                },
+                is_outage,
+            )
             .await
     }
 
-    /// Reachability probe for readiness and the breaker.
+    /// Reachability probe for readiness and the breaker; `TIME`, so that an
+    /// idle instance keeps its estimate of Redis' clock current too.
     pub async fn ping(&self) -> Result<(), DependencyError> {
         self.guard
             .probe(async {
                 let mut conn = self.conn().await?;
-                redis::cmd("PING").query_async::<()>(&mut conn).await
+                let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
+                self.clock.observe(secs * 1000 + micros / 1000);
+                Ok::<_, redis::RedisError>(())
             })
             .await
+    }
+}
+
+/// Whether a Redis error means Redis cannot serve (unreachable, hung,
+/// loading, failing over, no quorum) rather than an answer about one command
+/// (`NOGROUP` after Redis lost its data, `WRONGTYPE`, a script error). Only
+/// the former is an outage: counting a command error as one would keep the
+/// breaker flapping against a Redis that answers.
+fn is_outage(e: &redis::RedisError) -> bool {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return true;
+    }
+    if e.kind() == redis::ErrorKind::UnexpectedReturnType {
+        // Redis answered; the reply had another shape than expected.
+        return false;
+    }
+    // A pipeline's errors carry their codes one by one (`code()` is `None`
+    // there for codes the client does not know, such as `NOGROUP`).
+    match e.clone().into_server_errors() {
+        Some(errors) => errors.iter().any(|(_, error)| {
+            matches!(
+                error.code(),
+                "LOADING"
+                    | "BUSY"
+                    | "MASTERDOWN"
+                    | "TRYAGAIN"
+                    | "CLUSTERDOWN"
+                    | "NOAUTH"
+                    | "WRONGPASS"
+                    | "NOPERM"
+            )
+        }),
+        // No server answer: a client-side failure (no connection, a cluster
+        // without a route); treat as unreachable.
+        None => true,
     }
 }
 
 /// Milliseconds since the epoch from a `TIME`-based script reply.
 fn millis_to_utc(ms: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(resp: &[u8]) -> redis::RedisError {
+        let value = redis::parse_redis_value(resp).unwrap();
+        value.extract_error().unwrap_err()
+    }
+
+    #[test]
+    fn command_errors_are_answers_and_transport_errors_outages() {
+        assert!(!is_outage(&answered(
+            b"-NOGROUP No such key or consumer group\r\n"
+        )));
+        assert!(!is_outage(&answered(b"-WRONGTYPE Operation against a key\r\n")));
+        assert!(!is_outage(&answered(b"*2\r\n+OK\r\n-NOGROUP No such group\r\n")));
+        assert!(is_outage(&answered(b"-LOADING Redis is loading\r\n")));
+        assert!(is_outage(&answered(b"*2\r\n-BUSY script running\r\n+OK\r\n")));
+        let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(is_outage(&io));
+    }
 }

@@ -13,10 +13,30 @@ use super::{POSITION_TTL_S, RedisStore, millis_to_utc};
 use crate::model::{ContentId, DeviceId, LiveSession, PositionMs, ProgressItem, SessionId, UserId};
 use crate::resilience::DependencyError;
 
-static START: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/start.lua")));
-static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/heartbeat.lua")));
-static STOP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/stop.lua")));
+/// The session scripts, each behind the helpers they share.
+macro_rules! session_script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("scripts/session_lib.lua"),
+                include_str!(concat!("scripts/", $file))
+            ))
+        })
+    };
+}
+
+static START: LazyLock<Script> = session_script!("start.lua");
+static HEARTBEAT: LazyLock<Script> = session_script!("heartbeat.lua");
+static STOP: LazyLock<Script> = session_script!("stop.lua");
 static LIST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/list.lua")));
+
+/// How long a user's session keys outlive their last write: ended ids stay
+/// ended (a stray heartbeat is not recorded again) for this long.
+const SESSION_MEMORY: Duration = Duration::from_secs(3600);
+
+/// The device a session recorded again by its heartbeat is listed under:
+/// session ids do not carry the device.
+pub const UNKNOWN_DEVICE: &str = "unknown";
 
 /// A start the stream limit has to admit.
 pub struct StartRequest<'a> {
@@ -31,10 +51,11 @@ pub struct StartRequest<'a> {
 
 #[derive(Debug)]
 pub enum StartOutcome {
-    /// Started at Redis' `now`; `evicted` names the session that made room.
+    /// Started at Redis' `now`; `evicted` names the sessions that made room,
+    /// oldest first.
     Started {
         now: DateTime<Utc>,
-        evicted: Option<SessionId>,
+        evicted: Vec<SessionId>,
     },
     /// At the limit: the sessions holding the slots. Nothing was changed.
     Full(Vec<LiveSession>),
@@ -44,9 +65,16 @@ pub enum StartOutcome {
 pub enum TouchOutcome {
     /// Recorded (and durable) at Redis' `now`.
     Touched(DateTime<Utc>),
+    /// Unknown to this caller, or stopped, replaced or expired.
     Unknown,
     /// Ended by a newer start under `evict_oldest`.
     Evicted,
+    /// Redis keeps no trace of it (it started while Redis was unreachable,
+    /// or Redis lost its data); nothing was written.
+    Untraced,
+    /// Untraced, and recording it again would exceed the limit: the
+    /// sessions holding the slots. Nothing was changed.
+    Full(Vec<LiveSession>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -54,7 +82,20 @@ pub enum EndOutcome {
     Ended,
     /// It had been evicted already; a final position was still recorded.
     WasEvicted,
+    /// Redis kept no trace of it; the final position was still recorded.
+    Untraced,
     Unknown,
+}
+
+/// How much a heartbeat or stop may do with an id Redis has no trace of.
+#[derive(Debug, Clone, Copy)]
+pub enum Untraced {
+    /// The id's MAC did not prove it ours: only a session Redis knows counts.
+    Refuse,
+    /// Ours: a stop ends it and records its position; a heartbeat reports it.
+    Report,
+    /// Ours: a heartbeat records it again within this limit.
+    Record { max_streams: u32 },
 }
 
 /// The caller's live sessions at Redis' `now`.
@@ -77,6 +118,13 @@ fn int(v: Option<&Value>) -> i64 {
 
 fn text(v: Option<&Value>) -> Option<String> {
     v.and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+}
+
+/// `{code, now, id1, info1, …}` refusals: the sessions holding the slots.
+fn holders(rest: &[Value]) -> Vec<LiveSession> {
+    rest.chunks(2)
+        .filter_map(|pair| live_session(text(pair.first())?, &text(pair.get(1))?, None))
+        .collect()
 }
 
 /// `"device_id content_id"` as the scripts store it; `None` for anything
@@ -105,6 +153,12 @@ impl SessionStore {
         self.ttl.as_millis() as u64
     }
 
+    /// Redis' clock as this instance estimates it: the stamp of positions
+    /// acknowledged while Redis is unreachable.
+    pub fn clock_now(&self) -> DateTime<Utc> {
+        self.redis.clock().now()
+    }
+
     /// When a session seen at `last_ms` stops counting.
     pub fn expiry(&self, last: DateTime<Utc>) -> DateTime<Utc> {
         last + self.ttl
@@ -116,29 +170,55 @@ impl SessionStore {
         call.key(keys.sessions())
             .key(keys.session_info())
             .key(keys.devices())
-            .key(keys.evicted())
+            .key(keys.ended())
             .arg(self.ttl_ms())
             .arg(req.max_streams)
             .arg(req.session_id.as_str())
             .arg(req.device_id.as_str())
             .arg(req.content_id.as_str())
-            .arg(if req.evict_oldest { "1" } else { "0" });
+            .arg(if req.evict_oldest { "1" } else { "0" })
+            .arg(self.key_lifetime_ms());
+        let reply = self.invoke(call).await?;
+        let now = millis_to_utc(int(reply.get(1)));
+        let rest = reply.get(2..).unwrap_or_default();
+        if int(reply.first()) == 1 {
+            let evicted = rest
+                .iter()
+                .filter_map(|id| SessionId::parse(text(Some(id))?).ok())
+                .collect();
+            return Ok(StartOutcome::Started { now, evicted });
+        }
+        Ok(StartOutcome::Full(holders(rest)))
+    }
+
+    fn key_lifetime_ms(&self) -> u64 {
+        (self.ttl * 2).max(SESSION_MEMORY).as_millis() as u64
+    }
+
+    /// Runs a session script; its `now` (reply item 1) keeps this instance's
+    /// estimate of Redis' clock current.
+    async fn invoke(&self, call: redis::ScriptInvocation<'_>) -> Result<Vec<Value>, DependencyError> {
         let reply: Vec<Value> = self
             .redis
             .run(|mut c| async move { call.invoke_async(&mut c).await })
             .await?;
-        let now = millis_to_utc(int(reply.get(1)));
-        if int(reply.first()) == 1 {
-            let evicted = text(reply.get(2)).and_then(|id| SessionId::parse(id).ok());
-            return Ok(StartOutcome::Started { now, evicted });
-        }
-        let active = reply
-            .get(2..)
+        self.redis.clock().observe(int(reply.get(1)));
+        Ok(reply)
+    }
+
+    /// Redis' time after which a write sent now is no longer awaited, or ''.
+    fn deadline(&self) -> String {
+        self.redis
+            .clock()
+            .deadline(self.redis.guard().timeout())
+            .map(|ms| ms.to_string())
             .unwrap_or_default()
-            .chunks(2)
-            .filter_map(|pair| live_session(text(pair.first())?, &text(pair.get(1))?, None))
-            .collect();
-        Ok(StartOutcome::Full(active))
+    }
+
+    /// A write the script skipped because its caller had given up waiting:
+    /// the caller's answer (from memory) stands, as for a timeout.
+    fn too_late() -> DependencyError {
+        DependencyError::Timeout("redis")
     }
 
     /// Single-node mode writes the progress-log entry inside the script, so
@@ -155,9 +235,9 @@ impl SessionStore {
         let mut call = script.prepare_invoke();
         call.key(keys.sessions())
             .key(keys.session_info())
-            .key(keys.positions())
             .key(keys.devices())
-            .key(keys.evicted());
+            .key(keys.ended())
+            .key(keys.positions());
         if let Some(log) = self.log_key() {
             call.key(log);
         }
@@ -172,40 +252,64 @@ impl SessionStore {
         user: &UserId,
         session_id: &SessionId,
         position: PositionMs,
+        untraced: Untraced,
     ) -> Result<TouchOutcome, DependencyError> {
         let content = session_id.content_id();
         let mut call = self.writing_call(&HEARTBEAT, user);
+        let rejoin = match untraced {
+            Untraced::Record { max_streams } => max_streams.to_string(),
+            Untraced::Refuse | Untraced::Report => String::new(),
+        };
         call.arg(self.ttl_ms())
             .arg(session_id.as_str())
             .arg(position.get())
             .arg(POSITION_TTL_S)
             .arg(user.as_str())
-            .arg(content.as_str());
-        let reply: Vec<Value> = self
-            .redis
-            .run(|mut c| async move { call.invoke_async(&mut c).await })
-            .await?;
+            .arg(content.as_str())
+            .arg(self.deadline())
+            .arg(rejoin)
+            .arg(self.key_lifetime_ms())
+            .arg(UNKNOWN_DEVICE);
+        let reply = self.invoke(call).await?;
         let now = millis_to_utc(int(reply.get(1)));
         Ok(match int(reply.first()) {
             1 => {
-                if self.redis.is_cluster() {
-                    let item = ProgressItem {
-                        user_id: user.clone(),
-                        content_id: content,
-                        position_ms: position,
-                        updated_at: now,
-                        completed: false,
-                    };
-                    self.redis
-                        .progress_log()
-                        .append_all(std::slice::from_ref(&item))
-                        .await?;
-                }
+                self.append_in_cluster(user, content, position, now, false)
+                    .await?;
                 TouchOutcome::Touched(now)
             }
             -1 => TouchOutcome::Evicted,
+            2 if !matches!(untraced, Untraced::Refuse) => TouchOutcome::Untraced,
+            3 => TouchOutcome::Full(holders(reply.get(2..).unwrap_or_default())),
+            4 => return Err(Self::too_late()),
             _ => TouchOutcome::Unknown,
         })
+    }
+
+    /// Cluster mode: the log lives in another slot than the user's keys, so
+    /// the entry the script could not write is a second command.
+    async fn append_in_cluster(
+        &self,
+        user: &UserId,
+        content: ContentId,
+        position: PositionMs,
+        now: DateTime<Utc>,
+        completed: bool,
+    ) -> Result<(), DependencyError> {
+        if !self.redis.is_cluster() {
+            return Ok(());
+        }
+        let item = ProgressItem {
+            user_id: user.clone(),
+            content_id: content,
+            position_ms: position,
+            updated_at: now,
+            completed,
+        };
+        self.redis
+            .progress_log()
+            .append_all(std::slice::from_ref(&item))
+            .await
     }
 
     /// Ends a session at once, freeing its slot; records a final position
@@ -216,6 +320,7 @@ impl SessionStore {
         session_id: &SessionId,
         position: Option<PositionMs>,
         completed: bool,
+        untraced: Untraced,
     ) -> Result<EndOutcome, DependencyError> {
         let content = session_id.content_id();
         let mut call = self.writing_call(&STOP, user);
@@ -224,32 +329,28 @@ impl SessionStore {
             .arg(POSITION_TTL_S)
             .arg(user.as_str())
             .arg(content.as_str())
-            .arg(if completed { "1" } else { "0" });
-        let reply: Vec<Value> = self
-            .redis
-            .run(|mut c| async move { call.invoke_async(&mut c).await })
-            .await?;
+            .arg(if completed { "1" } else { "0" })
+            .arg(self.deadline())
+            .arg(if matches!(untraced, Untraced::Refuse) {
+                "0"
+            } else {
+                "1"
+            })
+            .arg(self.key_lifetime_ms());
+        let reply = self.invoke(call).await?;
         let outcome = match int(reply.first()) {
             1 => EndOutcome::Ended,
             2 => EndOutcome::WasEvicted,
+            3 => EndOutcome::Untraced,
+            4 => return Err(Self::too_late()),
             _ => return Ok(EndOutcome::Unknown),
         };
         let recorded = text(reply.get(2))
             .and_then(|p| p.parse().ok())
             .and_then(|p| PositionMs::new(p).ok());
-        if let Some(position) = recorded
-            && self.redis.is_cluster()
-        {
-            let item = ProgressItem {
-                user_id: user.clone(),
-                content_id: content,
-                position_ms: position,
-                updated_at: millis_to_utc(int(reply.get(1))),
-                completed,
-            };
-            self.redis
-                .progress_log()
-                .append_all(std::slice::from_ref(&item))
+        if let Some(position) = recorded {
+            let now = millis_to_utc(int(reply.get(1)));
+            self.append_in_cluster(user, content, position, now, completed)
                 .await?;
         }
         Ok(outcome)
@@ -265,6 +366,7 @@ impl SessionStore {
             .redis
             .run(|mut c| async move { call.invoke_async(&mut c).await })
             .await?;
+        self.redis.clock().observe(int(reply.first()));
         let now = millis_to_utc(int(reply.first()));
         let sessions = reply
             .get(1..)

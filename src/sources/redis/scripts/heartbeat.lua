@@ -1,30 +1,47 @@
--- Records a heartbeat and the position it carries: the resume position, and
--- (single-node mode, KEYS[6] given) the entry in the progress log that carries
--- it to the internal API, in the same atomic step, before the player is told
--- the position is safe. Liveness is judged by Redis' own clock. A heartbeat
--- means the title is being watched again, so it clears a `completed` mark.
--- KEYS[1] sessions zset, KEYS[2] session info hash, KEYS[3] positions hash,
--- KEYS[4] devices hash, KEYS[5] evicted hash, KEYS[6] progress log stream (optional)
--- ARGV: ttl_ms, session_id, position_ms, position_ttl_s, user_id, content_id
--- Returns {1, now_ms} when recorded, {0, now_ms} when the session is unknown or
--- expired, {-1, now_ms} when it was evicted by a newer start.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Records a heartbeat and the position it carries, before the player is told
+-- the position is safe. A heartbeat means the title is being watched again,
+-- so it clears a `completed` mark.
+-- KEYS[5] positions hash, KEYS[6] progress log stream (optional).
+-- ARGV: 1 ttl_ms, 2 session_id, 3 position_ms, 4 position_ttl_s, 5 user_id,
+-- 6 content_id, 7 deadline (Redis ms after which the caller no longer waits,
+-- or ''), 8 max_streams to record a session Redis has no trace of (or '' not
+-- to), 9 key lifetime ms, 10 device id for such a session.
+-- Returns {1, now} recorded; {0, now} unknown, stopped or expired; {-1, now}
+-- evicted by a newer start; {2, now} no trace (and ARGV[8] was ''); {3, now,
+-- id1, info1, ...} no trace and the limit is reached (nothing changed);
+-- {4, now} too late: the caller gave up waiting and kept the position
+-- itself, so nothing is written (a paused Redis runs queued scripts late,
+-- and a late write would carry a newer time than positions acknowledged
+-- after it).
+if ARGV[7] ~= '' and now > tonumber(ARGV[7]) then
+  return {4, now}
+end
 local ttl = tonumber(ARGV[1])
-local last = redis.call('ZSCORE', KEYS[1], ARGV[2])
-if not last or tonumber(last) <= now - ttl then
-  if redis.call('HEXISTS', KEYS[5], ARGV[2]) == 1 then
-    return {-1, now}
-  end
+local sid = ARGV[2]
+local last = redis.call('ZSCORE', KEYS[1], sid)
+if last and tonumber(last) <= now - ttl then
+  forget(sid)
+  bury(sid, 's', ENDED_KEEP)
   return {0, now}
 end
-redis.call('ZADD', KEYS[1], now, ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[6], ARGV[3])
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
-redis.call('PEXPIRE', KEYS[1], ttl * 2)
-redis.call('PEXPIRE', KEYS[2], ttl * 2)
-redis.call('PEXPIRE', KEYS[4], ttl * 2)
-if KEYS[6] then
-  redis.call('XADD', KEYS[6], '*', 'u', ARGV[5], 'c', ARGV[6], 'p', ARGV[3], 't', now)
+if not last then
+  local why = ended_as(sid)
+  if why == 'e' then
+    return {-1, now}
+  elseif why then
+    return {0, now}
+  elseif ARGV[8] == '' then
+    return {2, now}
+  end
+  -- Issued by Moneta, unknown to Redis (started while Redis was unreachable,
+  -- or Redis lost its data): recorded again if the limit allows it.
+  bury_expired(ttl, ENDED_KEEP)
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[8]) then
+    return refusal(3)
+  end
+  redis.call('HSET', KEYS[2], sid, ARGV[10] .. ' ' .. ARGV[6])
 end
+redis.call('ZADD', KEYS[1], now, sid)
+keep_keys(tonumber(ARGV[9]))
+record_position(ARGV[5], ARGV[6], ARGV[3], '0', tonumber(ARGV[4]))
 return {1, now}

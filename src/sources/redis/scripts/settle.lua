@@ -1,31 +1,80 @@
--- Settles one delivery round of the progress log, atomically:
--- entries delivered (or refused for good) are acknowledged and deleted;
--- entries not delivered are parked, one field per (user, title), the newest
--- position winning, and then acknowledged; parked fields delivered are removed
--- unless a newer position was parked meanwhile.
--- KEYS[1] progress log stream, KEYS[2] parked hash
--- ARGV[1] consumer group, ARGV[2] number of done entry ids N, then N ids,
--- then the number of parked fields delivered M, then M (field, value) pairs,
--- then the number of entries to park P, then P (entry id, field, value) triples.
+-- Settles one delivery round of the progress log, atomically.
+-- KEYS[1] progress log stream, KEYS[2] parked hash, KEYS[3] dead-letter stream
+-- ARGV[1] consumer group, ARGV[2] dead-letter stream length (approximate cap),
+-- then sections, each a count followed by that many records:
+--   forget  (field, value): a parked field delivered, removed unless it
+--           changed meanwhile (a newer position, another instance's attempt);
+--   retry   (field, value, new value): a parked field that failed alone again,
+--           its attempts counted, unless it changed meanwhile;
+--   bury    (field, value, u, c, p, t, w, a, e): a parked field that failed
+--           alone too often, moved to the dead letters unless it changed
+--           meanwhile (then whoever changed it decides);
+--   dead    (entry id or '', u, c, p, t, w, a, e): a log entry (or, with '',
+--           a position held in memory) that failed alone too often;
+--   park    (entry id, field, value): entries not delivered, folded into the
+--           parked hash, one field per (user, title), the newest winning;
+--   done    (entry id): entries delivered, refused for good or unparseable.
+-- Parked fields are handled first: a poison field buried here makes room for
+-- an older position of the same pair parked in the same round, which must
+-- not be lost with it.
 -- A parked value is '<updated_at_ms> <json>'.
-local i = 2
-local n = tonumber(ARGV[i])
-local done = {}
-for k = 1, n do
-  done[k] = ARGV[i + k]
+local i = 3
+local function count()
+  local n = tonumber(ARGV[i])
+  i = i + 1
+  return n
 end
-i = i + n + 1
-local m = tonumber(ARGV[i])
-for k = 0, m - 1 do
-  local field, value = ARGV[i + 1 + 2 * k], ARGV[i + 2 + 2 * k]
+
+local acked = {}
+
+local forget = count()
+for _ = 1, forget do
+  local field, value = ARGV[i], ARGV[i + 1]
+  i = i + 2
   if redis.call('HGET', KEYS[2], field) == value then
     redis.call('HDEL', KEYS[2], field)
   end
 end
-i = i + 2 * m + 1
-local p = tonumber(ARGV[i])
-for k = 0, p - 1 do
-  local id, field, value = ARGV[i + 1 + 3 * k], ARGV[i + 2 + 3 * k], ARGV[i + 3 + 3 * k]
+
+local retry = count()
+for _ = 1, retry do
+  local field, value, new = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  i = i + 3
+  if redis.call('HGET', KEYS[2], field) == value then
+    redis.call('HSET', KEYS[2], field, new)
+  end
+end
+
+local function dead_letter(at)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*',
+    'u', ARGV[at], 'c', ARGV[at + 1], 'p', ARGV[at + 2], 't', ARGV[at + 3],
+    'w', ARGV[at + 4], 'a', ARGV[at + 5], 'e', ARGV[at + 6])
+end
+
+local bury = count()
+for _ = 1, bury do
+  local field, value = ARGV[i], ARGV[i + 1]
+  if redis.call('HGET', KEYS[2], field) == value then
+    redis.call('HDEL', KEYS[2], field)
+    dead_letter(i + 2)
+  end
+  i = i + 9
+end
+
+local dead = count()
+for _ = 1, dead do
+  local id = ARGV[i]
+  dead_letter(i + 1)
+  if id ~= '' then
+    table.insert(acked, id)
+  end
+  i = i + 8
+end
+
+local park = count()
+for _ = 1, park do
+  local id, field, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  i = i + 3
   local current = redis.call('HGET', KEYS[2], field)
   local newer = true
   if current then
@@ -34,10 +83,19 @@ for k = 0, p - 1 do
   if newer then
     redis.call('HSET', KEYS[2], field, value)
   end
-  table.insert(done, id)
+  table.insert(acked, id)
 end
-if #done > 0 then
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(done))
-  redis.call('XDEL', KEYS[1], unpack(done))
+
+local done = count()
+for _ = 1, done do
+  table.insert(acked, ARGV[i])
+  i = i + 1
 end
-return #done
+
+if #acked > 0 then
+  -- The group is gone when Redis lost its data meanwhile: nothing to
+  -- acknowledge then, and the entries still leave the log.
+  redis.pcall('XACK', KEYS[1], ARGV[1], unpack(acked))
+  redis.call('XDEL', KEYS[1], unpack(acked))
+end
+return #acked

@@ -1,35 +1,17 @@
 -- Starts a playback session unless the user is at the concurrent-stream limit.
 -- Atomic: Redis runs the whole script before any other command on these keys,
--- so simultaneous starts by one user never exceed the limit. Liveness is
--- judged by Redis' own clock, so instances with skewed clocks agree.
--- KEYS[1] sessions (zset: session id -> last heartbeat ms)
--- KEYS[2] session info (hash: session id -> "device_id content_id")
--- KEYS[3] devices (hash: device id -> session id)
--- KEYS[4] evicted (hash: session id -> 1)
--- ARGV: ttl_ms, max_streams, session_id, device_id, content_id, evict_oldest ('1' or '0')
--- Returns {1, now_ms, evicted_id or ''} when started, else
--- {0, now_ms, id1, info1, id2, info2, ...} (the live sessions); a refusal changes nothing
--- but forgetting sessions that were no longer live.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- so simultaneous starts by one user never exceed the limit.
+-- ARGV: 1 ttl_ms, 2 max_streams, 3 session_id, 4 device_id, 5 content_id,
+-- 6 evict_oldest ('1' or '0'), 7 key lifetime ms.
+-- Returns {1, now_ms, evicted id, ...} when started (oldest evicted first),
+-- else {0, now_ms, id1, info1, id2, info2, ...} (the live sessions); a refusal
+-- changes nothing but burying sessions that were no longer live.
 local ttl = tonumber(ARGV[1])
 local max = tonumber(ARGV[2])
 local id, device, content = ARGV[3], ARGV[4], ARGV[5]
+local keep = max + ENDED_KEEP
 
-local function forget(sid)
-  local info = redis.call('HGET', KEYS[2], sid)
-  local dev = info and string.match(info, '^(%S+)')
-  if dev and redis.call('HGET', KEYS[3], dev) == sid then
-    redis.call('HDEL', KEYS[3], dev)
-  end
-  redis.call('ZREM', KEYS[1], sid)
-  redis.call('HDEL', KEYS[2], sid)
-end
-
--- Sessions without a heartbeat for ttl stop counting.
-for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)) do
-  forget(sid)
-end
+bury_expired(ttl, keep)
 
 -- The same device starting again replaces its old session: it does not count.
 local previous = redis.call('HGET', KEYS[3], device)
@@ -41,35 +23,32 @@ if previous then
   live = live - 1
 end
 
-local evicted = ''
+local result = {1, now}
 if live >= max then
   if ARGV[6] ~= '1' or max < 1 then
-    local result = {0, now}
-    for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-      table.insert(result, sid)
-      table.insert(result, redis.call('HGET', KEYS[2], sid) or '')
-    end
-    return result
+    return refusal(0)
   end
-  -- evict_oldest: the live session with the oldest heartbeat makes room.
+  -- evict_oldest: the sessions with the oldest heartbeats make room, as many
+  -- as it takes (several after a plan downgrade).
   for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    if sid ~= previous then
-      evicted = sid
+    if live < max then
       break
     end
+    if sid ~= previous then
+      forget(sid)
+      bury(sid, 'e', keep)
+      table.insert(result, sid)
+      live = live - 1
+    end
   end
-  forget(evicted)
-  redis.call('HSET', KEYS[4], evicted, 1)
-  redis.call('PEXPIRE', KEYS[4], ttl * 2)
 end
 
 if previous then
   forget(previous)
+  bury(previous, 's', keep)
 end
 redis.call('ZADD', KEYS[1], now, id)
 redis.call('HSET', KEYS[2], id, device .. ' ' .. content)
 redis.call('HSET', KEYS[3], device, id)
-for i = 1, 3 do
-  redis.call('PEXPIRE', KEYS[i], ttl * 2)
-end
-return {1, now, evicted}
+keep_keys(tonumber(ARGV[7]))
+return result

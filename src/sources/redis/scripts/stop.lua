@@ -1,45 +1,45 @@
--- Ends a session and frees its stream slot; records the final position if given
--- (the resume position, and the progress-log entry when KEYS[6] is given).
--- `completed` marks the title watched; without a position it keeps the stored one.
--- KEYS[1] sessions zset, KEYS[2] session info hash, KEYS[3] positions hash,
--- KEYS[4] devices hash, KEYS[5] evicted hash, KEYS[6] progress log stream (optional)
--- ARGV: session_id, position_ms ('' when none), position_ttl_s, user_id, content_id,
--- completed ('1' or '0')
--- Returns {outcome, now_ms, position recorded or ''}: outcome 1 when ended,
--- 2 when it had been evicted, 0 when unknown.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local outcome = 0
-if redis.call('HDEL', KEYS[5], ARGV[1]) == 1 then
-  outcome = 2
-else
-  local info = redis.call('HGET', KEYS[2], ARGV[1])
-  local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  if removed == 0 or not info then
-    return {0, now, ''}
-  end
-  local device = string.match(info, '^(%S+)')
-  if device and redis.call('HGET', KEYS[4], device) == ARGV[1] then
-    redis.call('HDEL', KEYS[4], device)
-  end
+-- Ends a session and frees its stream slot; records the final position if
+-- given. `completed` marks the title watched; without a position it keeps the
+-- stored one.
+-- KEYS[5] positions hash, KEYS[6] progress log stream (optional).
+-- ARGV: 1 session_id, 2 position_ms ('' when none), 3 position_ttl_s,
+-- 4 user_id, 5 content_id, 6 completed ('1' or '0'), 7 deadline (as in
+-- heartbeat.lua, or ''), 8 '1' when Moneta issued the id to this caller (a
+-- session Redis has no trace of still ends, and records its position),
+-- 9 key lifetime ms.
+-- Returns {outcome, now, position recorded or ''}: outcome 1 ended, 2 it had
+-- been evicted, 3 Redis had no trace of it, 0 unknown or already ended, 4 too
+-- late: the caller gave up waiting and kept the position itself, so the
+-- session ends (the player did stop) but no position is written (it would
+-- carry a newer time than positions acknowledged after it).
+local late = ARGV[7] ~= '' and now > tonumber(ARGV[7])
+local sid = ARGV[1]
+local outcome
+if redis.call('ZSCORE', KEYS[1], sid) then
+  forget(sid)
   outcome = 1
+else
+  local why = ended_as(sid)
+  if why == 'e' then
+    redis.call('ZREM', KEYS[4], 'e:' .. sid)
+    outcome = 2
+  elseif why or ARGV[8] ~= '1' then
+    return {0, now, ''}
+  else
+    outcome = 3
+  end
+end
+bury(sid, 's', ENDED_KEEP)
+keep_keys(tonumber(ARGV[9]))
+if late then
+  return {4, now, ''}
 end
 local position = ARGV[2]
-local completed = ARGV[6] == '1'
-if position == '' and completed then
-  local stored = redis.call('HGET', KEYS[3], ARGV[5])
+if position == '' and ARGV[6] == '1' then
+  local stored = redis.call('HGET', KEYS[5], ARGV[5])
   position = stored and string.match(stored, '^(%d+)') or '0'
 end
 if position ~= '' then
-  local value = position
-  if completed then
-    value = position .. ':c'
-  end
-  redis.call('HSET', KEYS[3], ARGV[5], value)
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
-  if KEYS[6] then
-    redis.call('XADD', KEYS[6], '*', 'u', ARGV[4], 'c', ARGV[5], 'p', position, 't', now, 'w', ARGV[6])
-  end
+  record_position(ARGV[4], ARGV[5], position, ARGV[6], tonumber(ARGV[3]))
 end
 return {outcome, now, position}
