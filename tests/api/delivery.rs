@@ -35,17 +35,6 @@ async fn heartbeat_ok(app: &TestApp, token: &str, session_id: &str, position_ms:
     assert_eq!(resp.status(), 200, "heartbeat at {position_ms}");
 }
 
-/// Starts one session per user on m-0001 (with the internal API up).
-async fn watching(app: &TestApp, users: &[String]) -> Vec<(String, String)> {
-    let mut sessions = Vec::new();
-    for user in users {
-        let token = app.token(user, "standard", 2, "KR");
-        let id = app.started_session(&token, "m-0001", "tv").await;
-        sessions.push((token, id));
-    }
-    sessions
-}
-
 async fn assert_delivered(app: &TestApp, user: &str, position_ms: u64) {
     let found = eventually(DELIVERY, async || {
         app.api.received_position(user, position_ms).then_some(())
@@ -123,7 +112,7 @@ async fn an_item_failing_alone_ends_in_the_dead_letters(status: u16) {
     let users: Vec<String> = ["load-d1", "load-d2", "load-poison", "load-d3"]
         .map(String::from)
         .into();
-    let sessions = watching(&app, &users).await;
+    let sessions = app.watching(&users).await;
     app.api.fail_user("load-poison", status);
     for (n, (token, id)) in sessions.iter().enumerate() {
         heartbeat_ok(&app, token, id, 50_000 + n as u64).await;
@@ -223,7 +212,7 @@ async fn an_item_answered_500_alone_ends_in_the_dead_letters_and_replays() {
 async fn nothing_is_judged_while_every_delivery_fails(fault: Fault) {
     let app = spawn_app().await;
     let users: Vec<String> = (0..8).map(|i| format!("load-out-{i}")).collect();
-    let sessions = watching(&app, &users).await;
+    let sessions = app.watching(&users).await;
     app.api.set_fault(fault);
     for (n, (token, id)) in sessions.iter().enumerate() {
         heartbeat_ok(&app, token, id, 70_000 + n as u64).await;

@@ -33,6 +33,18 @@ impl TestApp {
         support::metrics_text(&self.admin_address).await
     }
 
+    /// Starts one session per user on m-0001 (with the internal API up):
+    /// (token, session id) each.
+    pub async fn watching(&self, users: &[String]) -> Vec<(String, String)> {
+        let mut sessions = Vec::new();
+        for user in users {
+            let token = self.token(user, "standard", 2, "KR");
+            let id = self.started_session(&token, "m-0001", "tv").await;
+            sessions.push((token, id));
+        }
+        sessions
+    }
+
     /// Stops the app as SIGTERM would and waits for it to finish.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {

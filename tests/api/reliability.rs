@@ -645,17 +645,6 @@ mod under_fault {
         assert_eq!(ids, [before.as_str()], "{listed}");
     }
 
-    /// Starts one session per user on m-0001 (with the internal API up).
-    async fn watching(app: &TestApp, users: &[String]) -> Vec<(String, String)> {
-        let mut sessions = Vec::new();
-        for user in users {
-            let token = app.token(user, "standard", 2, "KR");
-            let id = app.started_session(&token, "m-0001", "tv").await;
-            sessions.push((token, id));
-        }
-        sessions
-    }
-
     async fn wait_parked(redis: &mut RedisProbe, n: u64) {
         let parked = eventually(PATIENCE, async || {
             (redis.count("HLEN", PROGRESS_PARKED).await == n).then_some(())
@@ -670,7 +659,7 @@ mod under_fault {
         let users: Vec<String> = ["load-r1", "load-r2", "load-poison", "load-r3", "load-r4"]
             .map(String::from)
             .into();
-        let sessions = watching(&app, &users).await;
+        let sessions = app.watching(&users).await;
         // Parked while the API fails, the five go out together in one batch.
         app.api.set_fault(Fault::Status500);
         for (n, (token, id)) in sessions.iter().enumerate() {
@@ -718,8 +707,8 @@ mod under_fault {
         let app = spawn_app().await;
         let parked_users: Vec<String> = (0..20).map(|i| format!("load-parked-{i}")).collect();
         let live_users: Vec<String> = (0..5).map(|i| format!("load-live-{i}")).collect();
-        let parked_sessions = watching(&app, &parked_users).await;
-        let live_sessions = watching(&app, &live_users).await;
+        let parked_sessions = app.watching(&parked_users).await;
+        let live_sessions = app.watching(&live_users).await;
 
         app.api.set_fault(Fault::Status500);
         for (n, (token, id)) in parked_sessions.iter().enumerate() {

@@ -12,6 +12,18 @@ use crate::support::{
     spawn_fake_api,
 };
 
+/// A connection whose request announced 1000 body bytes and sent 10.
+async fn stalled_body(moneta: &MonetaProcess, token: &str) -> TcpStream {
+    let mut stalled = connect(moneta).await;
+    let head = format!(
+        "POST /v1/playback/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(b"{\"content_").await.unwrap();
+    stalled
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_a_just_written_position() {
     let redis = RedisServer::start();
@@ -187,13 +199,7 @@ async fn sigterm_exits_although_a_request_body_stalls() {
     // may end the stalled request.
     let (moneta, _redis, _api) = moneta_with_drain(&[("MONETA_REQUEST_TIMEOUT_MS", "120000".into())]).await;
     let token = mint_token("u-stall", "basic", 1, "KR");
-    let mut stalled = connect(&moneta).await;
-    let head = format!(
-        "POST /v1/playback/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-    );
-    stalled.write_all(head.as_bytes()).await.unwrap();
-    stalled.write_all(b"{\"content_").await.unwrap();
+    let mut stalled = stalled_body(&moneta, &token).await;
     stalled.flush().await.unwrap();
     // The request is in flight (its handler waits for the body) before the
     // signal: a normal request on another connection is answered meanwhile,
@@ -266,13 +272,7 @@ async fn an_idle_keep_alive_connection_outlives_the_header_timeout_but_not_a_sta
 async fn a_body_stalled_in_normal_operation_is_answered_and_its_connection_closed() {
     let (moneta, _redis, _api) = moneta_with_drain(&[("MONETA_REQUEST_TIMEOUT_MS", "5000".into())]).await;
     let token = mint_token("u-stall", "basic", 1, "KR");
-    let mut stalled = connect(&moneta).await;
-    let head = format!(
-        "POST /v1/playback/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-    );
-    stalled.write_all(head.as_bytes()).await.unwrap();
-    stalled.write_all(b"{\"content_").await.unwrap();
+    let mut stalled = stalled_body(&moneta, &token).await;
 
     let (status, body) = read_response(&mut stalled).await;
     assert_eq!(status, 503, "{body}");
