@@ -118,6 +118,11 @@ impl Playback {
         })
     }
 
+    /// The caller's concurrent-stream limit (entitlement, else claims).
+    pub async fn stream_limit(&self, claims: &Claims, ctx: &CallContext) -> Result<u32, PlaybackError> {
+        self.users.stream_limit(claims, ctx).await
+    }
+
     /// The playback-info answer for an authorized title.
     pub fn assemble(&self, authorized: &Authorized, audience: &Audience<'_>) -> PlaybackInfo {
         self.answers.playback_info(authorized, audience)

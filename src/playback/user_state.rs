@@ -82,6 +82,15 @@ impl UserStates {
         })
     }
 
+    /// The caller's concurrent-stream limit alone, for a session Redis lost:
+    /// the internal API's entitlement, else the JWT's claims. No title is
+    /// involved, so neither a cold title cache nor a failing internal API
+    /// stops a player that was already playing.
+    pub async fn stream_limit(&self, claims: &Claims, ctx: &CallContext) -> Result<u32, PlaybackError> {
+        let (entitlement, _) = self.entitlement_from_api(claims, ctx).await?;
+        Ok(entitlement.value.max_streams)
+    }
+
     /// A "no entitlement" answer is cached too (and refused): it does not
     /// grow with titles, only with users the internal API knows nothing of.
     async fn entitlement_from_api(

@@ -202,11 +202,7 @@ impl Sessions {
             .touch(&claims.sub, session_id, position, untraced)
             .await;
         if let Ok(TouchOutcome::Untraced) = outcome {
-            let authorized = self
-                .playback
-                .authorize(claims, &session_id.content_id(), ctx)
-                .await?;
-            let max_streams = authorized.entitlement.value.max_streams;
+            let max_streams = self.playback.stream_limit(claims, ctx).await?;
             outcome = self
                 .store
                 .touch(
