@@ -177,6 +177,7 @@ fn drm_settings(token_secret: Option<&str>) -> DrmSettings {
         token_secret: token_secret.map(Secret::from),
         token_ttl: Duration::from_secs(300),
         fairplay_certificate_url: None,
+        proxy: None,
     }
 }
 

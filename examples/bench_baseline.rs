@@ -81,12 +81,16 @@ fn main() -> std::io::Result<()> {
                 .get_multiplexed_async_connection()
                 .await
                 .map_err(std::io::Error::other)?;
+            // Moneta's own layout (the default `MONETA_REDIS_BUCKETS`).
+            let buckets = moneta::sources::redis::keys::Buckets::new(64);
             let keys = (0..users)
                 .map(|i| {
-                    let tag = format!("moneta:{{u:bench-{i}}}");
-                    (format!("{tag}:entitlement"), format!("{tag}:positions"))
+                    let user = moneta::model::UserId::parse(format!("bench-{i}"))
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    let keys = buckets.user(&user);
+                    Ok((keys.entitlement(), keys.positions()))
                 })
-                .collect();
+                .collect::<std::io::Result<_>>()?;
             let trip = Arc::new(OneTrip {
                 conn,
                 keys,

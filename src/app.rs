@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use crate::auth::Verifier;
+use crate::licenses::Licenses;
 use crate::playback::Playback;
 use crate::progress::ProgressQueue;
 use crate::resilience::Guard;
@@ -32,6 +33,8 @@ pub struct App {
     pub heartbeat_interval: Duration,
     /// Set: the CDN cookies are also sent as `Set-Cookie` for this domain.
     pub cdn_cookie_domain: Option<String>,
+    /// The licence proxy, with `MONETA_DRM_PROXY=true`.
+    pub licenses: Option<Licenses>,
     phase: AtomicU8,
 }
 
@@ -54,8 +57,15 @@ impl App {
             internal_api: guards.1,
             heartbeat_interval,
             cdn_cookie_domain,
+            licenses: None,
             phase: AtomicU8::new(Phase::Starting as u8),
         }
+    }
+
+    /// With the licence proxy on.
+    pub fn with_licenses(mut self, licenses: Option<Licenses>) -> Self {
+        self.licenses = licenses;
+        self
     }
 
     pub fn phase(&self) -> Phase {

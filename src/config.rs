@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::model::DrmSystem;
+
 /// A setting that could not be used; `Display` names it, never its value when secret.
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {reason}")]
@@ -75,6 +77,12 @@ pub struct RedisSettings {
     pub cluster_urls: Option<Vec<String>>,
     pub guard: GuardSettings,
     pub client_cache: ClientCacheSettings,
+    /// `MONETA_REDIS_BUCKETS`: hash tags users are spread over (1..=16384);
+    /// the same on every instance of a deployment.
+    pub buckets: u16,
+    /// `MONETA_REDIS_MIN_REPLICAS_ACKED`: replicas that must hold a heartbeat
+    /// or stop before it counts as recorded (`WAIT`); 0 trusts the primary.
+    pub min_replicas_acked: u32,
 }
 
 /// The in-process copy of entitlements and resume positions that Redis keeps
@@ -127,6 +135,41 @@ pub struct DrmSettings {
     pub token_secret: Option<Secret>,
     pub token_ttl: Duration,
     pub fairplay_certificate_url: Option<String>,
+    /// `MONETA_DRM_PROXY=true`: Moneta is the licence proxy (CONTRACT §8).
+    pub proxy: Option<LicenseProxySettings>,
+}
+
+/// The licence proxy: where answers send players for licences, and what it
+/// answers with (ClearKey keys of its own, or a vendor's licence server).
+#[derive(Debug, Clone)]
+pub struct LicenseProxySettings {
+    /// `<MONETA_PUBLIC_BASE_URL>/v1/licenses/<system>`, in the order of
+    /// [`DrmSystem::ALL`]: made once, answers only borrow them.
+    license_urls: [String; 4],
+    /// Set: Moneta answers ClearKey licences itself from this file.
+    pub clearkey_keys_file: Option<PathBuf>,
+    pub upstream_widevine: Option<String>,
+    pub upstream_playready: Option<String>,
+    pub upstream_fairplay: Option<String>,
+    /// Sent to every vendor licence server (an API key…); values never print.
+    pub upstream_headers: Vec<(String, Secret)>,
+    pub upstream_guard: GuardSettings,
+}
+
+impl LicenseProxySettings {
+    pub fn license_url(&self, system: DrmSystem) -> &str {
+        &self.license_urls[system as usize]
+    }
+
+    /// The vendor's licence server for `system`; ClearKey has none.
+    pub fn upstream(&self, system: DrmSystem) -> Option<&str> {
+        match system {
+            DrmSystem::Widevine => self.upstream_widevine.as_deref(),
+            DrmSystem::PlayReady => self.upstream_playready.as_deref(),
+            DrmSystem::FairPlay => self.upstream_fairplay.as_deref(),
+            DrmSystem::ClearKey => None,
+        }
+    }
 }
 
 /// Where a stored position resumes (CONTRACT §7).
@@ -139,8 +182,14 @@ pub struct ResumeSettings {
 }
 
 impl DrmSettings {
-    /// License server for a DRM system named by the internal API.
+    /// License server for a DRM system named by the internal API: with the
+    /// licence proxy on, Moneta's own route for every system it knows.
     pub fn license_url(&self, system: &str) -> Option<&str> {
+        if let Some(proxy) = &self.proxy
+            && let Some(known) = DrmSystem::parse(system)
+        {
+            return Some(proxy.license_url(known));
+        }
         match system {
             "widevine" => Some(&self.license_url_widevine),
             "playready" => Some(&self.license_url_playready),
@@ -196,6 +245,27 @@ pub struct ServerSettings {
     pub shutdown_drain: Duration,
     /// After the listener closes: how long in-flight requests and position delivery may take.
     pub shutdown_grace: Duration,
+    /// Admission control in front of the public routes (CONTRACT §9).
+    pub overload: OverloadSettings,
+    /// Public connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+/// `MONETA_OVERLOAD_LIMIT`: requests the public API works on at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverloadLimit {
+    /// Follows measured latency between the minimum and the maximum.
+    Adaptive,
+    Fixed(usize),
+    /// No admission control (for comparisons; not for production).
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct OverloadSettings {
+    pub limit: OverloadLimit,
+    pub min_limit: usize,
+    pub max_limit: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -306,6 +376,93 @@ impl Source {
             return Err(ConfigError::new(
                 &key("BREAKER_OPEN_MAX_MS"),
                 "must not be below BREAKER_OPEN_MS",
+            ));
+        }
+        Ok(settings)
+    }
+}
+
+/// `MONETA_DRM_UPSTREAM_HEADERS`: a JSON object of header names to string
+/// values. The value is a secret: no error quotes it, only header names.
+fn upstream_headers(src: &Source) -> Result<Vec<(String, Secret)>, ConfigError> {
+    const KEY: &str = "MONETA_DRM_UPSTREAM_HEADERS";
+    let Some(raw) = src.get(KEY) else {
+        return Ok(Vec::new());
+    };
+    // serde_json's messages may quote the input, so none is passed on.
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw)
+        .map_err(|_| ConfigError::new(KEY, "must be a JSON object of header names to string values"))?;
+    // Moneta sets these itself: a vendor header must not replace them.
+    const OWN: [&str; 8] = [
+        "content-type",
+        "content-length",
+        "host",
+        "transfer-encoding",
+        "connection",
+        "x-moneta-user",
+        "x-moneta-content",
+        "x-moneta-session",
+    ];
+    let mut headers = Vec::with_capacity(object.len());
+    for (name, value) in object {
+        let header = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| ConfigError::new(KEY, format!("{name:?} is not a header name")))?;
+        if OWN.contains(&header.as_str()) {
+            return Err(ConfigError::new(KEY, format!("{name:?} is set by Moneta itself")));
+        }
+        let Some(value) = value.as_str() else {
+            return Err(ConfigError::new(
+                KEY,
+                format!("the value of {name:?} must be a string"),
+            ));
+        };
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            return Err(ConfigError::new(
+                KEY,
+                format!("the value of {name:?} is not a valid header value"),
+            ));
+        }
+        headers.push((header.as_str().to_owned(), Secret::from(value.to_owned())));
+    }
+    Ok(headers)
+}
+
+/// `MONETA_REDIS_BUCKETS`: more buckets than Redis Cluster has slots could
+/// not spread any further.
+fn redis_buckets(src: &Source) -> Result<u16, ConfigError> {
+    const KEY: &str = "MONETA_REDIS_BUCKETS";
+    let buckets: u32 = src.positive(KEY, 64)?;
+    u16::try_from(buckets)
+        .ok()
+        .filter(|b| *b <= 16_384)
+        .ok_or_else(|| ConfigError::new(KEY, "must be at most 16384 (the cluster's hash slots)"))
+}
+
+impl Source {
+    fn overload(&self) -> Result<OverloadSettings, ConfigError> {
+        const KEY: &str = "MONETA_OVERLOAD_LIMIT";
+        let limit = match self.string(KEY, "adaptive").trim() {
+            "adaptive" => OverloadLimit::Adaptive,
+            "off" => OverloadLimit::Off,
+            other => match other.parse::<usize>() {
+                Ok(n) if (1..=1_000_000).contains(&n) => OverloadLimit::Fixed(n),
+                _ => {
+                    return Err(ConfigError::new(
+                        KEY,
+                        format!("must be adaptive, off or a number from 1 to 1000000, not {other:?}"),
+                    ));
+                }
+            },
+        };
+        let settings = OverloadSettings {
+            limit,
+            min_limit: self.positive("MONETA_OVERLOAD_MIN_LIMIT", 8)?,
+            max_limit: self.positive("MONETA_OVERLOAD_MAX_LIMIT", 1_024)?,
+        };
+        if settings.max_limit < settings.min_limit {
+            return Err(ConfigError::new(
+                "MONETA_OVERLOAD_MAX_LIMIT",
+                "must not be below MONETA_OVERLOAD_MIN_LIMIT",
             ));
         }
         Ok(settings)
@@ -430,6 +587,45 @@ impl Settings {
             }
         };
         let secret = |key: &str| src.opt_string(key).map(Secret::from);
+        let optional_url = |key: &str| match src.get(key) {
+            Some(_) => src.url(key, "", &["http", "https"]).map(Some),
+            None => Ok(None),
+        };
+        // Read whatever MONETA_DRM_PROXY says, so a bad value never waits
+        // for the day the proxy is turned on.
+        let public_base_url = optional_url("MONETA_PUBLIC_BASE_URL")?;
+        let upstream_widevine = optional_url("MONETA_DRM_UPSTREAM_WIDEVINE")?;
+        let upstream_playready = optional_url("MONETA_DRM_UPSTREAM_PLAYREADY")?;
+        let upstream_fairplay = optional_url("MONETA_DRM_UPSTREAM_FAIRPLAY")?;
+        let upstream_headers = upstream_headers(src)?;
+        let upstream_guard = src.guard("MONETA_DRM_UPSTREAM", 2_000, 64)?;
+        let clearkey_keys_file = src.opt_string("MONETA_DRM_CLEARKEY_KEYS_FILE").map(PathBuf::from);
+        let proxy = match src.parse("MONETA_DRM_PROXY", false)? {
+            false => None,
+            true => {
+                if src.get("MONETA_DRM_TOKEN_SECRET").is_none() {
+                    return Err(ConfigError::new(
+                        "MONETA_DRM_TOKEN_SECRET",
+                        "required with MONETA_DRM_PROXY=true: the proxy checks licence tokens",
+                    ));
+                }
+                let Some(base) = public_base_url else {
+                    return Err(ConfigError::new(
+                        "MONETA_PUBLIC_BASE_URL",
+                        "required with MONETA_DRM_PROXY=true: licence URLs point at it",
+                    ));
+                };
+                Some(LicenseProxySettings {
+                    license_urls: DrmSystem::ALL.map(|s| format!("{base}/v1/licenses/{s}")),
+                    clearkey_keys_file,
+                    upstream_widevine,
+                    upstream_playready,
+                    upstream_fairplay,
+                    upstream_headers,
+                    upstream_guard,
+                })
+            }
+        };
         let resume = ResumeSettings {
             min_pct: src.parse("MONETA_RESUME_MIN_PCT", 5)?,
             max_pct: src.parse("MONETA_RESUME_MAX_PCT", 90)?,
@@ -466,6 +662,8 @@ impl Settings {
                 request_timeout: src.millis("MONETA_REQUEST_TIMEOUT_MS", 5_000)?,
                 shutdown_drain: Duration::from_millis(src.parse("MONETA_SHUTDOWN_DRAIN_MS", 5_000)?),
                 shutdown_grace: src.millis("MONETA_SHUTDOWN_GRACE_MS", 7_000)?,
+                overload: src.overload()?,
+                max_connections: src.positive("MONETA_MAX_CONNECTIONS", 8_192)?,
             },
             redis: RedisSettings {
                 url: src.url("MONETA_REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?,
@@ -475,6 +673,8 @@ impl Settings {
                     max_keys: src.parse("MONETA_REDIS_CLIENT_CACHE_KEYS", 4_096)?,
                     ttl: src.millis("MONETA_REDIS_CLIENT_CACHE_TTL_MS", 30_000)?,
                 },
+                buckets: redis_buckets(src)?,
+                min_replicas_acked: src.parse("MONETA_REDIS_MIN_REPLICAS_ACKED", 0)?,
             },
             internal_api: InternalApiSettings {
                 url: src.url(
@@ -529,6 +729,7 @@ impl Settings {
                     }
                     None => None,
                 },
+                proxy,
             },
             resume,
             catalog: CatalogSettings {
@@ -607,6 +808,44 @@ mod tests {
     }
 
     #[test]
+    fn redis_buckets_are_positive_and_at_most_the_cluster_slots() {
+        let with = |v: &str| {
+            Settings::from_vars(vars(&[
+                ("MONETA_JWT_HS256_SECRET", "x"),
+                ("MONETA_REDIS_BUCKETS", v),
+            ]))
+        };
+        let default = Settings::from_vars(vars(&[("MONETA_JWT_HS256_SECRET", "x")])).unwrap();
+        assert_eq!(default.redis.buckets, 64);
+        assert_eq!(with("16384").unwrap().redis.buckets, 16_384);
+        assert_eq!(with("1").unwrap().redis.buckets, 1);
+        for bad in ["0", "16385", "-1", "many", "70000"] {
+            assert_eq!(with(bad).unwrap_err().key, "MONETA_REDIS_BUCKETS", "{bad}");
+        }
+    }
+
+    #[test]
+    fn min_replicas_acked_defaults_to_none_and_names_itself_when_bad() {
+        let with = |v: &str| {
+            Settings::from_vars(vars(&[
+                ("MONETA_JWT_HS256_SECRET", "x"),
+                ("MONETA_REDIS_MIN_REPLICAS_ACKED", v),
+            ]))
+        };
+        let default = Settings::from_vars(vars(&[("MONETA_JWT_HS256_SECRET", "x")])).unwrap();
+        assert_eq!(default.redis.min_replicas_acked, 0);
+        assert_eq!(with("1").unwrap().redis.min_replicas_acked, 1);
+        assert_eq!(with("0").unwrap().redis.min_replicas_acked, 0);
+        for bad in ["-1", "one", "1.5"] {
+            assert_eq!(
+                with(bad).unwrap_err().key,
+                "MONETA_REDIS_MIN_REPLICAS_ACKED",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_value_names_the_setting() {
         let err = Settings::from_vars(vars(&[
             ("MONETA_JWT_HS256_SECRET", "x"),
@@ -614,6 +853,33 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(err.key, "MONETA_LISTEN_ADDR");
+    }
+
+    #[test]
+    fn overload_is_adaptive_between_8_and_1024_unless_told_otherwise() {
+        let with = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("MONETA_JWT_HS256_SECRET", "x")];
+            all.extend_from_slice(pairs);
+            Settings::from_vars(vars(&all))
+        };
+        let s = with(&[]).unwrap().server;
+        assert_eq!(s.overload.limit, OverloadLimit::Adaptive);
+        assert_eq!((s.overload.min_limit, s.overload.max_limit), (8, 1024));
+        assert_eq!(s.max_connections, 8192);
+        let limit = |v: &str| with(&[("MONETA_OVERLOAD_LIMIT", v)]).map(|s| s.server.overload.limit);
+        assert_eq!(limit("4").unwrap(), OverloadLimit::Fixed(4));
+        assert_eq!(limit("off").unwrap(), OverloadLimit::Off);
+        for bad in ["0", "-1", "lots", "1000001"] {
+            assert_eq!(limit(bad).unwrap_err().key, "MONETA_OVERLOAD_LIMIT", "{bad}");
+        }
+        let err = with(&[
+            ("MONETA_OVERLOAD_MIN_LIMIT", "64"),
+            ("MONETA_OVERLOAD_MAX_LIMIT", "32"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.key, "MONETA_OVERLOAD_MAX_LIMIT");
+        let err = with(&[("MONETA_MAX_CONNECTIONS", "0")]).unwrap_err();
+        assert_eq!(err.key, "MONETA_MAX_CONNECTIONS");
     }
 
     #[test]
@@ -634,6 +900,93 @@ mod tests {
         let dump = format!("{s:?}");
         for secret in ["topsecret", "sessionsecret", "apitoken", "drmsecret"] {
             assert!(!dump.contains(secret), "{secret} printed");
+        }
+    }
+
+    fn proxy_vars(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut all = vars(&[
+            ("MONETA_JWT_HS256_SECRET", "x"),
+            ("MONETA_DRM_PROXY", "true"),
+            ("MONETA_DRM_TOKEN_SECRET", "drm"),
+            ("MONETA_PUBLIC_BASE_URL", "https://api.example.com/"),
+        ]);
+        all.retain(|(k, _)| extra.iter().all(|(name, _)| k != name));
+        all.extend(vars(extra));
+        all
+    }
+
+    #[test]
+    fn the_licence_proxy_points_every_licence_url_at_moneta() {
+        let s = Settings::from_vars(proxy_vars(&[(
+            "MONETA_DRM_UPSTREAM_WIDEVINE",
+            "https://lic.vendor.example/wv",
+        )]))
+        .unwrap();
+        for system in ["widevine", "playready", "fairplay", "clearkey"] {
+            assert_eq!(
+                s.drm.license_url(system),
+                Some(format!("https://api.example.com/v1/licenses/{system}").as_str())
+            );
+        }
+        let proxy = s.drm.proxy.as_ref().unwrap();
+        assert_eq!(
+            proxy.upstream(DrmSystem::Widevine),
+            Some("https://lic.vendor.example/wv")
+        );
+        assert_eq!(proxy.upstream(DrmSystem::FairPlay), None);
+        assert_eq!(proxy.upstream_guard.timeout, Duration::from_millis(2_000));
+        let off = Settings::from_vars(vars(&[("MONETA_JWT_HS256_SECRET", "x")])).unwrap();
+        assert!(off.drm.proxy.is_none());
+        assert_eq!(off.drm.license_url("clearkey"), None);
+    }
+
+    #[test]
+    fn the_licence_proxy_needs_its_settings_and_names_the_missing_one() {
+        let no_base = proxy_vars(&[("MONETA_PUBLIC_BASE_URL", "")]);
+        assert_eq!(
+            Settings::from_vars(no_base).unwrap_err().key,
+            "MONETA_PUBLIC_BASE_URL"
+        );
+        let no_secret = proxy_vars(&[("MONETA_DRM_TOKEN_SECRET", "")]);
+        assert_eq!(
+            Settings::from_vars(no_secret).unwrap_err().key,
+            "MONETA_DRM_TOKEN_SECRET"
+        );
+        let not_bool = proxy_vars(&[("MONETA_DRM_PROXY", "yes")]);
+        assert_eq!(Settings::from_vars(not_bool).unwrap_err().key, "MONETA_DRM_PROXY");
+        let bad_url = proxy_vars(&[("MONETA_DRM_UPSTREAM_PLAYREADY", "ftp://x")]);
+        assert_eq!(
+            Settings::from_vars(bad_url).unwrap_err().key,
+            "MONETA_DRM_UPSTREAM_PLAYREADY"
+        );
+        let zero = proxy_vars(&[("MONETA_DRM_UPSTREAM_TIMEOUT_MS", "0")]);
+        assert_eq!(
+            Settings::from_vars(zero).unwrap_err().key,
+            "MONETA_DRM_UPSTREAM_TIMEOUT_MS"
+        );
+    }
+
+    #[test]
+    fn vendor_headers_are_checked_and_never_quoted() {
+        let ok = proxy_vars(&[("MONETA_DRM_UPSTREAM_HEADERS", r#"{"X-Api-Key": "k3y-value"}"#)]);
+        let s = Settings::from_vars(ok).unwrap();
+        let headers = &s.drm.proxy.as_ref().unwrap().upstream_headers;
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers[0].0, "x-api-key");
+        assert_eq!(headers[0].1.expose_secret(), "k3y-value");
+        assert!(!format!("{s:?}").contains("k3y-value"));
+        for bad in [
+            r#"["k3y-value"]"#,
+            r#"{"X-Api-Key": 12}"#,
+            r#"{"bad header": "k3y-value"}"#,
+            r#"{"X-Api-Key": "k3y-value
+"}"#,
+            r#"{"X-Moneta-User": "k3y-value"}"#,
+            r#"{"X-Api-Key": "k3y-value""#,
+        ] {
+            let err = Settings::from_vars(proxy_vars(&[("MONETA_DRM_UPSTREAM_HEADERS", bad)])).unwrap_err();
+            assert_eq!(err.key, "MONETA_DRM_UPSTREAM_HEADERS", "{bad}");
+            assert!(!err.to_string().contains("k3y-value"), "{err}");
         }
     }
 

@@ -4,6 +4,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod licenses;
 pub mod model;
 pub mod playback;
 pub mod progress;

@@ -47,7 +47,7 @@ enum Command {
         ttl: Duration,
     },
     /// Positions the internal API failed to take alone too often (the
-    /// dead-letter stream in Redis).
+    /// dead-letter streams in Redis).
     Progress {
         #[command(subcommand)]
         command: ProgressCommand,

@@ -18,7 +18,7 @@ use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::app::{App, Phase};
@@ -26,10 +26,12 @@ use crate::auth::keys::{JwksFile, KeyError, StaticSecret};
 use crate::auth::secrets_manager::SecretsManagerJwks;
 use crate::auth::{KeySource, KeyStore, Verifier};
 use crate::config::{JwtSettings, Settings, StreamLimitPolicy};
+use crate::licenses::Licenses;
 use crate::playback::cdn::{Cdn, CdnKeyError, CloudFrontSigner};
 use crate::playback::{Answers, Playback, Titles, UserStates};
 use crate::progress::{Courier, ProgressQueue};
 use crate::sessions::{SessionKey, SessionKeyError, Sessions};
+use crate::sources::drm::load_clearkey_keys;
 use crate::sources::internal_api::InternalApi;
 use crate::sources::redis::RedisStore;
 use crate::sources::snapshot::{Snapshot, SnapshotError};
@@ -52,6 +54,17 @@ const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(75);
 /// What admin connections (scrapes, probes) get once the public side is done.
 const ADMIN_CONNECTION_GRACE: Duration = Duration::from_secs(1);
 
+/// Admin connections open at once: scrapes and probes need a handful.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// The most a connection buffers of an unparsed request head. hyper's
+/// default (~400 KiB) would let 4096 connections sending big heads hold
+/// over 1.5 GiB; this still takes a head with an 8 KiB token and more (the
+/// edge passes at most 16 KiB per header line), and a larger one is refused
+/// with 431. Buffers start at hyper's 8 KiB and grow only when a read fills
+/// them.
+const MAX_HEAD_BUFFER: usize = 32 * 1024;
+
 /// A start-up failure; the message names the setting at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -65,6 +78,9 @@ pub enum StartupError {
     Redis(#[from] redis::RedisError),
     #[error("{0}")]
     InternalApi(String),
+    /// The licence proxy's keys file or vendor settings; names the setting.
+    #[error("{0}")]
+    Licenses(String),
     #[error(transparent)]
     SessionKey(#[from] SessionKeyError),
     #[error("{setting}: cannot listen on {addr}: {source}")]
@@ -87,6 +103,30 @@ async fn key_sources(jwt: &JwtSettings) -> Result<Vec<Box<dyn KeySource>>, Start
         sources.push(Box::new(SecretsManagerJwks::from_env(secret_id.as_str()).await?));
     }
     Ok(sources)
+}
+
+/// The licence proxy, when `MONETA_DRM_PROXY` turns it on.
+fn licenses(
+    settings: &Settings,
+    redis: &RedisStore,
+    session_key: &SessionKey,
+) -> Result<Option<Licenses>, StartupError> {
+    let (Some(proxy), Some(secret)) = (&settings.drm.proxy, &settings.drm.token_secret) else {
+        return Ok(None);
+    };
+    let clear_keys = match &proxy.clearkey_keys_file {
+        Some(path) => Some(load_clearkey_keys(path).map_err(StartupError::Licenses)?),
+        None => None,
+    };
+    let licenses = Licenses::from_settings(
+        secret,
+        proxy,
+        redis.sessions(settings.sessions.ttl),
+        session_key.clone(),
+        clear_keys,
+    )
+    .map_err(StartupError::Licenses)?;
+    Ok(Some(licenses))
 }
 
 async fn bind(addr: SocketAddr, setting: &'static str) -> Result<TcpListener, StartupError> {
@@ -143,10 +183,12 @@ impl Application {
             ),
         ));
         let s = &settings.sessions;
+        let session_key = SessionKey::new(s.secret.as_ref())?;
+        let licenses = licenses(&settings, &redis, &session_key)?;
         let sessions = Sessions::new(
             playback.clone(),
             redis.sessions(s.ttl),
-            SessionKey::new(s.secret.as_ref())?,
+            session_key,
             unlogged.clone(),
             s.ttl,
             s.limit_policy == StreamLimitPolicy::EvictOldest,
@@ -165,15 +207,18 @@ impl Application {
         let terminated = terminated();
         let public = bind(settings.server.listen_addr, "MONETA_LISTEN_ADDR").await?;
         let admin = bind(settings.server.admin_addr, "MONETA_ADMIN_ADDR").await?;
-        let app = Arc::new(App::new(
-            verifier,
-            playback,
-            sessions,
-            unlogged,
-            (redis.guard().clone(), internal_api.guard().clone()),
-            s.heartbeat_interval,
-            settings.cdn.cookie_domain.clone(),
-        ));
+        let app = Arc::new(
+            App::new(
+                verifier,
+                playback,
+                sessions,
+                unlogged,
+                (redis.guard().clone(), internal_api.guard().clone()),
+                s.heartbeat_interval,
+                settings.cdn.cookie_domain.clone(),
+            )
+            .with_licenses(licenses),
+        );
         spawn_probes(redis, internal_api, app.clone());
         Ok(Self {
             app,
@@ -239,6 +284,7 @@ impl Application {
                 let _ = admin_stopped.await;
             },
             ADMIN_CONNECTION_GRACE,
+            ConnectionLimit::new(ADMIN_MAX_CONNECTIONS, None),
         ));
 
         let router = crate::http::router(app.clone(), &settings.server);
@@ -253,6 +299,7 @@ impl Application {
         // MONETA_REQUEST_TIMEOUT_MS, the documented whole-request bound.
         // The courier needs a fair part of the grace too.
         let connection_grace = (settings.server.request_timeout + Duration::from_secs(1)).min(grace * 2 / 3);
+        let max_connections = settings.server.max_connections;
         let closed_at = serve(
             public,
             router,
@@ -267,6 +314,7 @@ impl Application {
                 tracing::info!("shutting down: no new connections, finishing in-flight requests");
             },
             connection_grace,
+            ConnectionLimit::new(max_connections, Some(metrics::gauge!("moneta_http_connections"))),
         )
         .await;
 
@@ -292,30 +340,92 @@ impl Application {
     }
 }
 
+/// How many connections a listener holds open at once.
+struct ConnectionLimit {
+    permits: Arc<Semaphore>,
+    open: Option<metrics::Gauge>,
+}
+
+impl ConnectionLimit {
+    fn new(max: usize, open: Option<metrics::Gauge>) -> Self {
+        if let Some(gauge) = &open {
+            gauge.set(0.0);
+        }
+        Self {
+            permits: Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS))),
+            open,
+        }
+    }
+}
+
+/// One open connection's share of the limit, given back when it closes.
+struct OpenConnection {
+    _permit: OwnedSemaphorePermit,
+    open: Option<metrics::Gauge>,
+}
+
+impl OpenConnection {
+    fn new(permit: OwnedSemaphorePermit, open: &Option<metrics::Gauge>) -> Self {
+        if let Some(gauge) = open {
+            gauge.increment(1.0);
+        }
+        Self {
+            _permit: permit,
+            open: open.clone(),
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if let Some(gauge) = &self.open {
+            gauge.decrement(1.0);
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `stop_accepting` resolves, then
 /// closes the listener and shuts open connections down gracefully: each
 /// finishes the request it is serving, idle ones close at once. Connections
 /// still open `connection_grace` later are dropped. Returns when the
 /// listener closed.
+///
+/// At most `limit` connections are open at once. At the limit nothing is
+/// accepted: new connections wait in the kernel's listen backlog (beyond
+/// it, clients retry their SYN) until one closes. That costs nothing here
+/// and a client merely waits; accepting and closing at once would cost a
+/// handshake and a task each and invite an immediate reconnect, a loop
+/// that burns the CPU the open connections need.
 async fn serve(
     listener: TcpListener,
     router: Router,
     stop_accepting: impl Future<Output = ()>,
     connection_grace: Duration,
+    limit: ConnectionLimit,
 ) -> Instant {
     let graceful = GracefulShutdown::new();
     // Connection tasks end when this sender goes away.
     let (abandon, abandoned) = watch::channel(());
     let mut stop_accepting = pin!(stop_accepting);
     loop {
+        let permit = tokio::select! {
+            () = &mut stop_accepting => break,
+            permit = limit.permits.clone().acquire_owned() => permit,
+        };
+        // The semaphore is never closed.
+        let Ok(permit) = permit else { break };
         let accepted = tokio::select! {
             () = &mut stop_accepting => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _)) => {
-                spawn_connection(stream, router.clone(), graceful.watcher(), abandoned.clone())
-            }
+            Ok((stream, _)) => spawn_connection(
+                stream,
+                router.clone(),
+                graceful.watcher(),
+                abandoned.clone(),
+                OpenConnection::new(permit, &limit.open),
+            ),
             Err(e) if is_connection_error(&e) => {}
             Err(e) => {
                 // Out of file descriptors and the like: closing connections
@@ -352,7 +462,13 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
-fn spawn_connection(stream: TcpStream, router: Router, watcher: Watcher, mut abandoned: watch::Receiver<()>) {
+fn spawn_connection(
+    stream: TcpStream,
+    router: Router,
+    watcher: Watcher,
+    mut abandoned: watch::Receiver<()>,
+    open: OpenConnection,
+) {
     let reads = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(CountedReads {
         stream,
@@ -364,9 +480,11 @@ fn spawn_connection(stream: TcpStream, router: Router, watcher: Watcher, mut aba
             reads,
             first_head: AtomicBool::new(true),
         })
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BUFFER);
     let connection = watcher.watch(builder.serve_connection(io, TowerToHyperService::new(router)));
     tokio::spawn(async move {
+        let _open = open;
         tokio::select! {
             result = connection => {
                 if let Err(e) = result {

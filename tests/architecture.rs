@@ -11,7 +11,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("ground", &["model"]),
     ("base", &["config", "resilience", "telemetry"]),
     ("I/O", &["sources", "auth"]),
-    ("domain", &["playback", "sessions", "progress"]),
+    ("domain", &["playback", "sessions", "progress", "licenses"]),
     ("edge", &["app", "http", "startup"]),
 ];
 

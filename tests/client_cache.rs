@@ -60,7 +60,7 @@ impl Fleet {
 }
 
 fn entitlement_key(user: &str) -> String {
-    format!("moneta:{{u:{user}}}:entitlement")
+    support::redis_probe::user_key(user, "entitlement")
 }
 
 /// Calls Redis received since start, by command (`INFO commandstats`).

@@ -219,6 +219,112 @@ async fn bodies_over_16_kib_are_refused_with_413_json() {
 }
 
 #[tokio::test]
+async fn licence_requests_pass_with_bodies_up_to_64_kib() {
+    // Moneta as the licence proxy (CONTRACT section 8) behind the edge.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys.json");
+    std::fs::write(
+        &keys,
+        r#"{"keys": [{"key_id": "0123abcd0123abcd0123abcd0123abcd", "key": "6d6f6e6574612d6465762d6b65792121"}]}"#,
+    )
+    .expect("keys file");
+    let origin = "https://player.example.test";
+    let moneta = SnapshotMoneta::start(&[
+        ("MONETA_DRM_PROXY", "true".to_owned()),
+        ("MONETA_DRM_TOKEN_SECRET", "edge-drm-secret".to_owned()),
+        ("MONETA_PUBLIC_BASE_URL", "https://play.example.test".to_owned()),
+        ("MONETA_DRM_CLEARKEY_KEYS_FILE", keys.display().to_string()),
+        ("MONETA_CORS_ALLOWED_ORIGINS", origin.to_owned()),
+    ]);
+    let nginx = Nginx::start(NginxOptions::new(format!("127.0.0.1:{}", moneta.process.port)));
+    let edge = public_api(&nginx);
+    let licences = "/v1/licenses/clearkey";
+
+    // Browsers' preflights and Moneta's own answers pass untouched.
+    let preflight = PublicApi::send(
+        edge.request(Method::OPTIONS, licences, None)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization"),
+    )
+    .await;
+    assert_eq!(preflight.status(), 204);
+    assert_eq!(
+        preflight
+            .headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some(origin)
+    );
+    let token = token();
+    let started: Value = edge
+        .start_session(&token, "m-0001", "tv-edge")
+        .await
+        .json()
+        .await
+        .expect("session start");
+    let licence_token = started["playback"]["streams"][0]["drm"]["license_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no licence token: {started}"))
+        .to_owned();
+    let license_url = started["playback"]["streams"][0]["drm"]["license_url"].clone();
+    assert_eq!(license_url, "https://play.example.test/v1/licenses/widevine");
+    // The snapshot's key id is not the one this token would need.
+    let denied = edge
+        .send_raw(
+            Method::POST,
+            licences,
+            Some(&licence_token),
+            "application/json",
+            r#"{"kids": ["ASOrzQEjq80BI6vNASOrzQ"], "type": "temporary"}"#,
+        )
+        .await;
+    assert_error(denied, 403, "license_denied").await;
+
+    // 64 KiB reaches Moneta, which judges it (here: no token); everywhere
+    // else 16 KiB stays the limit.
+    let octets = "application/octet-stream";
+    let fits = edge
+        .send_raw(Method::POST, licences, None, octets, vec![b'c'; 64 * 1024])
+        .await;
+    assert_error(fits, 401, "missing_token").await;
+    let sessions = edge
+        .send_raw(
+            Method::POST,
+            "/v1/playback/sessions",
+            Some(&token),
+            "application/json",
+            vec![b' '; 17 * 1024],
+        )
+        .await;
+    assert_error(sessions, 413, "payload_too_large").await;
+
+    // Over 64 KiB never reaches the upstream.
+    let (echo, nginx) = echo_behind(|o| o).await;
+    let edge = public_api(&nginx);
+    let too_big = edge
+        .send_raw(Method::POST, licences, None, octets, vec![b'c'; 64 * 1024 + 1])
+        .await;
+    assert_error(too_big, 413, "payload_too_large").await;
+    assert_eq!(
+        echo.requests.load(Ordering::SeqCst),
+        0,
+        "the oversized body was forwarded"
+    );
+    for path in ["/v1/licenses", "/v1/licenses/", "/v1/licenses/clearkey/extra"] {
+        let response = PublicApi::send(edge.request(Method::POST, path, None)).await;
+        assert_error(response, 404, "not_found").await;
+    }
+    let allowed = PublicApi::send(
+        edge.request(Method::POST, "/v1/licenses/widevine", None)
+            .body("c"),
+    )
+    .await;
+    assert_eq!(allowed.status(), 200, "the route is on the allow-list");
+    assert_eq!(echo.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn bursts_over_the_rate_limit_get_429_json() {
     // One request a minute: nothing refills while the test runs, however
     // slow the machine, so the counts below are exact.

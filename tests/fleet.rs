@@ -1,20 +1,23 @@
 //! Several real `moneta` processes on one redis-server and one internal API,
 //! as a deployment runs them: clocks that disagree, instances killed with
-//! SIGKILL after they acknowledged positions, the drain on SIGTERM, and a
-//! chaos run in which no acknowledged resume position may be lost.
+//! SIGKILL after they acknowledged positions, the drain on SIGTERM, a Redis
+//! that hangs (SIGSTOP) or comes back empty, instances without a shared
+//! session secret, and a chaos run in which no acknowledged resume position
+//! may be lost.
 
 #[path = "support/mod.rs"]
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::redis_probe::{PROGRESS_LOG, RedisProbe};
+use support::redis_probe::RedisProbe;
 use support::{
     FakeApi, Fault, MonetaProcess, PATIENCE, PublicApi, RedisServer, assert_error, eventually,
     eventually_blocking, faketime, metric_value, mint_token, signal, spawn_fake_api,
@@ -23,8 +26,6 @@ use support::{
 const TITLE: &str = "m-0001";
 /// The contract's bound for delivering a position once the internal API is reachable.
 const DELIVERY_BOUND: Duration = Duration::from_secs(30);
-/// The progress log's consumer group, which every instance reads in.
-const PROGRESS_GROUP: &str = "delivery";
 
 /// What the instances of one deployment share: a redis-server and the
 /// (fake) internal API.
@@ -132,26 +133,10 @@ async fn assert_all_delivered(api: &FakeApi, last: &BTreeMap<String, u64>, conte
     waiting.elapsed()
 }
 
-/// (entries read by some instance and not settled, entries in the log).
+/// (entries read by some instance and not settled, entries in the logs),
+/// over every bucket.
 async fn progress_log_state(redis: &RedisServer) -> (u64, u64) {
-    let mut probe = RedisProbe::connect(&redis.url).await;
-    // Until a courier creates the group, nobody has read anything.
-    let pending = if probe
-        .groups(PROGRESS_LOG)
-        .await
-        .iter()
-        .any(|g| g == PROGRESS_GROUP)
-    {
-        probe
-            .consumers(PROGRESS_LOG, PROGRESS_GROUP)
-            .await
-            .iter()
-            .map(|(_, held)| held)
-            .sum()
-    } else {
-        0
-    };
-    (pending, probe.count("XLEN", PROGRESS_LOG).await)
+    RedisProbe::connect(&redis.url).await.progress_log_state().await
 }
 
 /// How far ahead of this machine's clock `public`'s clock is, read from the
@@ -170,6 +155,136 @@ fn session_ids(list: &Value) -> Vec<String> {
         .flatten()
         .filter_map(|s| s["session_id"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// The series counting acknowledgements answered from memory because Redis
+/// did not answer in time.
+fn answered_from_memory(metrics: &str, kind: &str) -> f64 {
+    let series = format!(r#"moneta_fallbacks_total{{dependency="redis",kind="{kind}"}}"#);
+    metric_value(metrics, &series).unwrap_or(0.0)
+}
+
+fn updated_at(item: &Value) -> DateTime<Utc> {
+    let text = item["updated_at"]
+        .as_str()
+        .unwrap_or_else(|| panic!("an item without updated_at: {item}"));
+    DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|e| panic!("updated_at {text:?}: {e}"))
+        .with_timezone(&Utc)
+}
+
+/// The items delivered for `user` and `TITLE`, in the order they arrived.
+fn delivered_for(api: &FakeApi, user: &str) -> Vec<Value> {
+    api.delivered()
+        .into_iter()
+        .filter(|i| i["user_id"] == user && i["content_id"] == TITLE)
+        .collect()
+}
+
+/// The position the internal API ends with for `user` and `TITLE`: last
+/// write by `updated_at` wins (§5), and of equal ones the one received last.
+fn latest_delivered(api: &FakeApi, user: &str) -> Option<u64> {
+    let mut latest: Option<(DateTime<Utc>, u64)> = None;
+    for item in delivered_for(api, user) {
+        let at = updated_at(&item);
+        if latest.is_none_or(|(best, _)| at >= best) {
+            latest = Some((at, item["position_ms"].as_u64().expect("position_ms")));
+        }
+    }
+    latest.map(|(_, position)| position)
+}
+
+/// playback-info's `resume_position_ms` for `TITLE`, `None` unless it
+/// answered 200.
+async fn resume_position(public: &PublicApi, token: &str) -> Option<u64> {
+    let answer = public.playback_info(TITLE, token).await;
+    if answer.status() != 200 {
+        return None;
+    }
+    let info: Value = answer.json().await.ok()?;
+    info["resume_position_ms"].as_u64()
+}
+
+/// What one user should end with: the internal API's latest item and the
+/// resume position every instance answers.
+struct Ending<'a> {
+    user: &'a str,
+    token: &'a str,
+    position: u64,
+}
+
+/// Where `ending` is not what the internal API and playback-info (through
+/// each of `publics`) say.
+async fn misses(api: &FakeApi, publics: &[PublicApi], endings: &[Ending<'_>]) -> Vec<String> {
+    let mut missed = Vec::new();
+    for ending in endings {
+        let latest = latest_delivered(api, ending.user);
+        if latest != Some(ending.position) {
+            missed.push(format!(
+                "{}: internal API ends with {latest:?}, not {}",
+                ending.user, ending.position
+            ));
+        }
+        for public in publics {
+            let resume = resume_position(public, ending.token).await;
+            if resume != Some(ending.position) {
+                missed.push(format!(
+                    "{}: playback-info through {} resumes at {resume:?}, not {}",
+                    ending.user, public.address, ending.position
+                ));
+            }
+        }
+    }
+    missed
+}
+
+/// Waits the delivery bound for the internal API and playback-info to end
+/// with each last acknowledged position, then checks a while later that no
+/// older one replaced it (a late write of a stale position lands after the
+/// right one was seen).
+async fn assert_ends_with(api: &FakeApi, publics: &[PublicApi], endings: &[Ending<'_>], context: &str) {
+    let ended = eventually(DELIVERY_BOUND, async || {
+        misses(api, publics, endings).await.is_empty().then_some(())
+    })
+    .await;
+    let history = |user: &str| {
+        delivered_for(api, user)
+            .iter()
+            .map(|i| format!("{}@{}", i["position_ms"], i["updated_at"]))
+            .collect::<Vec<_>>()
+    };
+    if ended.is_none() {
+        let missed = misses(api, publics, endings).await;
+        let histories: Vec<_> = endings.iter().map(|e| history(e.user)).collect();
+        panic!("{context}: {missed:?}; delivered: {histories:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let missed = misses(api, publics, endings).await;
+    assert!(
+        missed.is_empty(),
+        "{context}: an older position came back after the last one: {missed:?}; delivered: {:?}",
+        endings.iter().map(|e| history(e.user)).collect::<Vec<_>>()
+    );
+}
+
+/// What `/health/ready` says of Redis ("up", "down"), or the whole answer
+/// when it says nothing of it.
+async fn redis_readiness(public: &PublicApi) -> String {
+    let answer = public.get_anonymously("/health/ready").await;
+    let status = answer.status();
+    let body: Value = answer.json().await.unwrap_or(Value::Null);
+    match body["dependencies"]["redis"].as_str() {
+        Some(redis) => redis.to_owned(),
+        None => format!("{status} {body}"),
+    }
+}
+
+async fn heartbeat_status(public: &PublicApi, viewer: &Viewer, position: u64) -> u16 {
+    public
+        .heartbeat(&viewer.token, &viewer.session, position)
+        .await
+        .status()
+        .as_u16()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,6 +546,523 @@ async fn a_position_acknowledged_while_redis_was_down_is_delivered_before_the_ex
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_acknowledged_during_a_redis_hang_is_the_last_word() {
+    let fleet = Deployment::start().await;
+    let (redis, api) = (&fleet.redis, &fleet.api);
+    let moneta = fleet.member(&[]);
+    let public = moneta.public_api();
+    let viewer = start_viewers(&public, "hang-stop", 1).await.remove(0);
+    // Through Redis: the instance learns Redis' clock, which both stamps what
+    // it acknowledges from memory and dates the calls Redis may run too late.
+    assert_eq!(heartbeat_status(&public, &viewer, 600_000).await, 200);
+
+    // A frozen Redis keeps the calls it was sent and runs them at SIGCONT,
+    // after their callers gave up. The heartbeats go on until the breaker
+    // opens, so that the stop never reaches Redis: a heartbeat Redis ran
+    // late would then be the last write Redis saw.
+    redis.pause();
+    let mut heartbeats = Vec::new();
+    let breaker_open = r#"moneta_circuit_breaker_state{dependency="redis"}"#;
+    for position in (2_400_000..2_460_000).step_by(5_000) {
+        heartbeats.push((position, heartbeat_status(&public, &viewer, position).await));
+        if metric_value(&moneta.metrics().await, breaker_open) == Some(2.0) {
+            break;
+        }
+    }
+    let stop = public
+        .stop_session_at(&viewer.token, &viewer.session, 2_460_000)
+        .await
+        .status();
+    let metrics = moneta.metrics().await;
+    redis.resume();
+    assert!(
+        heartbeats.iter().all(|(_, status)| *status == 200),
+        "heartbeats while Redis hangs: {heartbeats:?}"
+    );
+    assert_eq!(stop, 204, "a stop while Redis hangs");
+    assert_eq!(
+        metric_value(&metrics, breaker_open),
+        Some(2.0),
+        "the breaker never opened over {} heartbeats",
+        heartbeats.len()
+    );
+    assert_eq!(
+        answered_from_memory(&metrics, "heartbeat_unchecked"),
+        heartbeats.len() as f64,
+        "every heartbeat was answered from memory, none by Redis in time"
+    );
+    assert_eq!(answered_from_memory(&metrics, "stop_unchecked"), 1.0);
+
+    let ending = Ending {
+        user: &viewer.user,
+        token: &viewer.token,
+        position: 2_460_000,
+    };
+    assert_ends_with(
+        api,
+        std::slice::from_ref(&public),
+        &[ending],
+        "the stop acknowledged last",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_instances_during_a_redis_hang_keep_the_last_position() {
+    const AHEAD: u64 = 2_000_000;
+    const BEHIND: u64 = 2_100_000;
+    const HONEST_AFTER: u64 = 2_200_000;
+    const BEHIND_AFTER: u64 = 2_300_000;
+    const STOP: u64 = 2_400_000;
+    // Estimates of Redis' clock are off by up to a round trip: acknowledgements
+    // through different instances come this far apart, as a player's do.
+    const APART: Duration = Duration::from_secs(1);
+    let fleet = Deployment::start().await;
+    let (redis, api) = (&fleet.redis, &fleet.api);
+    let honest_process = fleet.member(&[]);
+    let ahead_process = fleet.member(&faketime::skewed_clock("+300s"));
+    let behind_process = fleet.member(&faketime::skewed_clock("-300s"));
+    let (honest, ahead, behind) = (
+        honest_process.public_api(),
+        ahead_process.public_api(),
+        behind_process.public_api(),
+    );
+    // Without clocks that really are off, every check below would pass vacuously.
+    for (name, public, leads) in [
+        ("honest", &honest, -30..=30),
+        ("ahead", &ahead, 270..=330),
+        ("behind", &behind, -330..=-270),
+    ] {
+        let lead = clock_lead_s(public).await;
+        assert!(
+            leads.contains(&lead),
+            "the {name} instance's clock leads by {lead} s"
+        );
+    }
+
+    let began = Utc::now();
+    let viewer = start_viewers(&honest, "skew-hang", 1).await.remove(0);
+    // Each instance learns Redis' clock from a call that reaches it.
+    for (i, public) in [&honest, &ahead, &behind].into_iter().enumerate() {
+        let position = 1_000_000 + i as u64 * 10_000;
+        assert_eq!(heartbeat_status(public, &viewer, position).await, 200);
+    }
+
+    redis.pause();
+    let ahead_status = heartbeat_status(&ahead, &viewer, AHEAD).await;
+    tokio::time::sleep(APART).await;
+    let behind_status = heartbeat_status(&behind, &viewer, BEHIND).await;
+    let ahead_metrics = ahead_process.metrics().await;
+    let behind_metrics = behind_process.metrics().await;
+    redis.resume();
+    assert_eq!(ahead_status, 200, "through the instance ahead, Redis hanging");
+    assert_eq!(behind_status, 200, "through the instance behind, Redis hanging");
+    for (name, metrics) in [("ahead", &ahead_metrics), ("behind", &behind_metrics)] {
+        assert_eq!(
+            answered_from_memory(metrics, "heartbeat_unchecked"),
+            1.0,
+            "the instance {name} answered from memory"
+        );
+    }
+
+    tokio::time::sleep(APART).await;
+    assert_eq!(heartbeat_status(&honest, &viewer, HONEST_AFTER).await, 200);
+    tokio::time::sleep(APART).await;
+    assert_eq!(heartbeat_status(&behind, &viewer, BEHIND_AFTER).await, 200);
+    tokio::time::sleep(APART).await;
+    let stop = honest
+        .stop_session_at(&viewer.token, &viewer.session, STOP)
+        .await
+        .status();
+    assert_eq!(stop, 204);
+
+    // Nothing else replaces the instance ahead's position in its memory: it
+    // arrives, and with it any stamp that would bury the later ones.
+    api.assert_receives_position(&viewer.user, AHEAD).await;
+    let ending = Ending {
+        user: &viewer.user,
+        token: &viewer.token,
+        position: STOP,
+    };
+    assert_ends_with(
+        api,
+        &[honest.clone(), ahead.clone(), behind.clone()],
+        &[ending],
+        "the stop acknowledged last",
+    )
+    .await;
+    let slack = chrono::Duration::seconds(60);
+    let (earliest, latest) = (began - slack, Utc::now() + slack);
+    let misdated: Vec<String> = delivered_for(api, &viewer.user)
+        .iter()
+        .filter(|i| !(earliest..=latest).contains(&updated_at(i)))
+        .map(|i| format!("{}@{}", i["position_ms"], i["updated_at"]))
+        .collect();
+    assert!(
+        misdated.is_empty(),
+        "items dated by an instance's own clock, not Redis': {misdated:?} (the test ran from {began})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_without_a_shared_secret_accept_each_others_sessions_while_redis_knows_them() {
+    let fleet = Deployment::start().await;
+    let redis = &fleet.redis;
+    let member = || MonetaProcess::start_without(&["MONETA_SESSION_SECRET"], &fleet.env(&[]));
+    let mut a_process = member();
+    let b_process = member();
+    let (a, b) = (a_process.public_api(), b_process.public_api());
+
+    let stopped = start_viewers(&a, "nosecret-stopped", 1).await.remove(0);
+    assert_eq!(
+        heartbeat_status(&b, &stopped, 600_000).await,
+        200,
+        "A's id through B"
+    );
+    let stop = b
+        .stop_session_at(&stopped.token, &stopped.session, 660_000)
+        .await
+        .status();
+    assert_eq!(stop, 204, "A's id stopped through B");
+    // Ended stays ended, through either instance.
+    for public in [&a, &b] {
+        let answer = public.heartbeat(&stopped.token, &stopped.session, 700_000).await;
+        assert_error(answer, 404, "session_not_found").await;
+    }
+
+    let before_restart = start_viewers(&a, "nosecret-old-a", 1).await.remove(0);
+    let (exit, output) = tokio::task::spawn_blocking(move || {
+        let exit = a_process.terminate(PATIENCE);
+        (exit, a_process.output())
+    })
+    .await
+    .unwrap();
+    assert!(exit.is_some_and(|s| s.success()), "A's exit {exit:?}\n{output}");
+    let a_process = member();
+    let a = a_process.public_api();
+
+    assert_eq!(
+        heartbeat_status(&a, &before_restart, 600_000).await,
+        200,
+        "an id the previous A issued, through the new A"
+    );
+    let from_b = start_viewers(&b, "nosecret-b", 1).await.remove(0);
+    assert_eq!(
+        heartbeat_status(&a, &from_b, 600_000).await,
+        200,
+        "B's id through the new A"
+    );
+    // Redis knows the session, but not for this caller.
+    let stranger = mint_token("load-nosecret-stranger", "standard", 2, "KR");
+    for public in [&a, &b] {
+        let answer = public.heartbeat(&stranger, &from_b.session, 600_000).await;
+        assert_error(answer, 404, "session_not_found").await;
+    }
+    let own = start_viewers(&a, "nosecret-own", 1).await.remove(0);
+
+    // Without Redis, only A's own key can vouch for an id; that B's id and
+    // the previous A's are refused here also shows the keys really differ.
+    redis.pause();
+    let b_id = a.heartbeat(&from_b.token, &from_b.session, 660_000).await;
+    let old_a_id = a
+        .heartbeat(&before_restart.token, &before_restart.session, 660_000)
+        .await;
+    let own_id = heartbeat_status(&a, &own, 660_000).await;
+    redis.resume();
+    assert_error(b_id, 404, "session_not_found").await;
+    assert_error(old_a_id, 404, "session_not_found").await;
+    assert_eq!(own_id, 200, "A's own id through A while Redis hangs");
+}
+
+/// One heartbeat a player sent, and what came of it.
+struct Beat {
+    position: u64,
+    sent: Instant,
+    /// `None`: no answer (a transport error).
+    status: Option<u16>,
+}
+
+/// Heartbeats every ~250 ms through `members` in turn, from `first` on,
+/// until `stop` is set.
+async fn keep_playing(
+    viewer: Viewer,
+    members: Vec<PublicApi>,
+    first: u64,
+    stop: Arc<AtomicBool>,
+) -> (Viewer, Vec<Beat>) {
+    let mut beats = Vec::new();
+    let path = format!("/v1/playback/sessions/{}", viewer.session);
+    while !stop.load(Ordering::SeqCst) {
+        let position = first + beats.len() as u64 * 1_000;
+        let public = &members[beats.len() % members.len()];
+        let sent = Instant::now();
+        let status = public
+            .request(Method::PUT, &path, Some(&viewer.token))
+            .json(&json!({"position_ms": position, "state": "playing"}))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16());
+        beats.push(Beat {
+            position,
+            sent,
+            status,
+        });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    (viewer, beats)
+}
+
+/// Players heartbeating until `stop_playing`.
+struct Playing {
+    stop: Arc<AtomicBool>,
+    players: Vec<tokio::task::JoinHandle<(Viewer, Vec<Beat>)>>,
+}
+
+fn start_playing(viewers: &[Viewer], members: &[PublicApi], first: u64) -> Playing {
+    let stop = Arc::new(AtomicBool::new(false));
+    let players = viewers
+        .iter()
+        .map(|v| tokio::spawn(keep_playing(v.clone(), members.to_vec(), first, stop.clone())))
+        .collect();
+    Playing { stop, players }
+}
+
+/// What each player sent, once its heartbeat under way is answered.
+async fn stop_playing(playing: Playing) -> Vec<(Viewer, Vec<Beat>)> {
+    playing.stop.store(true, Ordering::SeqCst);
+    let mut played = Vec::with_capacity(playing.players.len());
+    for player in playing.players {
+        played.push(player.await.expect("player task"));
+    }
+    played
+}
+
+/// Every heartbeat not answered 200, as `user@position: status`.
+fn refused_beats(played: &[(Viewer, Vec<Beat>)], since: Instant) -> Vec<String> {
+    played
+        .iter()
+        .flat_map(|(v, beats)| {
+            beats.iter().filter(|b| b.status != Some(200)).map(move |b| {
+                let at = b.sent.saturating_duration_since(since).as_secs_f64();
+                format!("{}@{} ({at:.1} s in): {:?}", v.user, b.position, b.status)
+            })
+        })
+        .collect()
+}
+
+fn last_acknowledged(beats: &[Beat]) -> Option<&Beat> {
+    beats.iter().rev().find(|b| b.status == Some(200))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_under_traffic_loses_no_player() {
+    let mut fleet = Deployment::start().await;
+    let members = [fleet.member(&[]), fleet.member(&[])];
+    let publics: Vec<PublicApi> = members.iter().map(MonetaProcess::public_api).collect();
+    let mut viewers = Vec::new();
+    for (i, public) in publics.iter().enumerate() {
+        viewers.extend(start_viewers(public, &format!("restart{i}"), 3).await);
+    }
+    // Half go on playing through the restart; the other half pause while
+    // Redis is down, so that their last positions are in memory alone when
+    // it returns, with nothing newer to stand in for them.
+    let (mut flowing, mut pausing) = (Vec::new(), Vec::new());
+    for (i, viewer) in viewers.into_iter().enumerate() {
+        if i % 2 == 0 {
+            flowing.push(viewer);
+        } else {
+            pausing.push(viewer);
+        }
+    }
+    let began = Instant::now();
+    let flow = start_playing(&flowing, &publics, 1_000_000);
+    let pause = start_playing(&pausing, &publics, 1_000_000);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    let port = fleet.redis.port;
+    fleet.redis.kill();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let paused = stop_playing(pause).await;
+    let parked: Vec<(&Viewer, u64)> = paused
+        .iter()
+        .map(|(v, beats)| {
+            let last =
+                last_acknowledged(beats).unwrap_or_else(|| panic!("{}: no heartbeat acknowledged", v.user));
+            assert!(
+                last.sent > killed,
+                "{}: no heartbeat acknowledged while Redis was down",
+                v.user
+            );
+            (v, last.position)
+        })
+        .collect();
+    fleet.redis = RedisServer::start_on(port);
+    let restarted = Instant::now();
+
+    let probes = [&flowing[0], &pausing[0]];
+    let fresh = async || {
+        let mut stale = Vec::new();
+        for public in &publics {
+            let redis = redis_readiness(public).await;
+            if redis != "up" {
+                stale.push(format!("{}: Redis {redis}", public.address));
+            }
+            for viewer in probes {
+                let answer = public.playback_info(TITLE, &viewer.token).await;
+                let status = answer.status();
+                let info: Value = answer.json().await.unwrap_or(Value::Null);
+                if status != 200 || info["degraded"] != false {
+                    stale.push(format!(
+                        "{}: playback-info of {}: {status} degraded {}",
+                        public.address, viewer.user, info["degraded"]
+                    ));
+                }
+            }
+        }
+        stale
+    };
+    // The contract's bound is 15 s; the rest is a busy machine's slack.
+    let recovered = eventually(Duration::from_secs(30), async || {
+        fresh().await.is_empty().then(|| restarted.elapsed())
+    })
+    .await;
+    let Some(recovered) = recovered else {
+        panic!("30 s after Redis came back empty: {:?}", fresh().await);
+    };
+    println!(
+        "fresh answers {:.1} s after Redis came back empty",
+        recovered.as_secs_f64()
+    );
+
+    // Held only in memory when Redis came back: they reach the internal API
+    // and the resume position Redis holds.
+    let endings: Vec<Ending> = parked
+        .iter()
+        .map(|(v, position)| Ending {
+            user: &v.user,
+            token: &v.token,
+            position: *position,
+        })
+        .collect();
+    assert_ends_with(
+        &fleet.api,
+        &publics,
+        &endings,
+        "positions acknowledged while Redis was down",
+    )
+    .await;
+    let resumed = start_playing(&pausing, &publics, 3_000_000);
+
+    tokio::time::sleep_until((restarted + Duration::from_secs(17)).into()).await;
+    let limited = &flowing[0];
+    let second = publics[0].start_session(&limited.token, TITLE, "phone").await;
+    let status = second.status();
+    let second: Value = second.json().await.unwrap_or(Value::Null);
+    assert_eq!(
+        status, 201,
+        "{}: a second stream, within the limit of 2: {second}",
+        limited.user
+    );
+    let second = second["session_id"].as_str().expect("session_id").to_owned();
+    let expected: BTreeSet<String> = [limited.session.clone(), second].into();
+    for (public, device) in publics.iter().zip(["tablet", "laptop"]) {
+        let refused = assert_error(
+            public.start_session(&limited.token, TITLE, device).await,
+            409,
+            "stream_limit_reached",
+        )
+        .await;
+        let active: BTreeSet<String> = session_ids(&refused["error"]["active_sessions"])
+            .into_iter()
+            .collect();
+        assert_eq!(
+            active, expected,
+            "{}: the sessions refusing the start through {}",
+            limited.user, public.address
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut played = stop_playing(flow).await;
+    played.extend(stop_playing(resumed).await);
+    let mut refused = refused_beats(&played, began);
+    refused.extend(refused_beats(&paused, began));
+    assert!(
+        refused.is_empty(),
+        "heartbeats not answered 200 (Redis killed {:.1} s in, back {:.1} s in): {refused:?}",
+        killed.duration_since(began).as_secs_f64(),
+        restarted.duration_since(began).as_secs_f64(),
+    );
+    for (viewer, beats) in &played {
+        let after = beats.iter().filter(|b| b.sent > restarted).count();
+        assert!(after > 0, "{}: no heartbeat after the restart", viewer.user);
+    }
+    let last: BTreeMap<String, u64> = played
+        .iter()
+        .filter_map(|(v, beats)| Some((v.user.clone(), last_acknowledged(beats)?.position)))
+        .collect();
+    assert_eq!(last.len(), 6, "every player's last heartbeat was acknowledged");
+    assert_all_delivered(&fleet.api, &last, "after Redis came back empty").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_redis_forgot_are_recorded_again_while_the_internal_api_fails() {
+    let mut fleet = Deployment::start().await;
+    let old = fleet.member(&[]);
+    let viewers = start_viewers(&old.public_api(), "forgot-api-down", 3).await;
+    for viewer in &viewers {
+        assert_eq!(heartbeat_status(&old.public_api(), viewer, 600_000).await, 200);
+    }
+
+    fleet.api.set_fault(Fault::Status500);
+    // Started during the outage, as after a crash: it could learn the title
+    // from Redis alone, which then forgets it.
+    let during = fleet.member(&[]);
+    let port = fleet.redis.port;
+    fleet.redis.kill();
+    fleet.redis = RedisServer::start_on(port);
+    let after = fleet.member(&[]);
+    let instances = [
+        ("the instance that started them", old.public_api()),
+        (
+            "an instance started while the internal API failed",
+            during.public_api(),
+        ),
+        ("an instance started after Redis forgot", after.public_api()),
+    ];
+    for (name, public) in &instances {
+        let back = eventually(PATIENCE, async || {
+            (redis_readiness(public).await == "up").then_some(())
+        })
+        .await;
+        assert!(
+            back.is_some(),
+            "{name}: Redis never up again: {}",
+            redis_readiness(public).await
+        );
+    }
+
+    // The id proves the title and the caller, the token the limit: nothing
+    // the failing internal API would add.
+    for ((name, public), viewer) in instances.iter().zip(&viewers) {
+        let answer = public.heartbeat(&viewer.token, &viewer.session, 660_000).await;
+        let status = answer.status();
+        let body = answer.text().await.unwrap_or_default();
+        assert_eq!(
+            status, 200,
+            "{name}: a heartbeat of a session Redis forgot, the internal API failing: {body}"
+        );
+        assert_eq!(
+            public.live_session_ids(&viewer.token).await,
+            BTreeSet::from([viewer.session.clone()]),
+            "{name}: the session is recorded again"
+        );
+    }
+}
+
 /// A small deterministic generator, so a failing chaos run can be replayed from its seed.
 struct Rng(u64);
 
@@ -461,10 +1093,18 @@ struct Tally {
     unanswered: usize,
     /// Answers other than 200, by status.
     other: BTreeMap<u16, usize>,
+    /// The first few of them, as `status code (ms into the run)`.
+    other_seen: Vec<String>,
 }
 
 /// Heartbeats every ~250 ms through a random live member until `until`.
-async fn play(viewer: Viewer, roster: Roster, client: reqwest::Client, until: Instant, seed: u64) -> Tally {
+async fn play(
+    viewer: Viewer,
+    roster: Roster,
+    client: reqwest::Client,
+    (started, until): (Instant, Instant),
+    seed: u64,
+) -> Tally {
     let mut rng = Rng(seed);
     let mut tally = Tally {
         user: viewer.user.clone(),
@@ -489,7 +1129,16 @@ async fn play(viewer: Viewer, roster: Roster, client: reqwest::Client, until: In
                     tally.acknowledged += 1;
                     tally.last_acknowledged = Some(position);
                 }
-                Ok(r) => *tally.other.entry(r.status().as_u16()).or_default() += 1,
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    *tally.other.entry(status).or_default() += 1;
+                    if tally.other_seen.len() < 3 {
+                        let body: Value = r.json().await.unwrap_or(Value::Null);
+                        let at = started.elapsed().as_millis();
+                        let code = &body["error"]["code"];
+                        tally.other_seen.push(format!("{status} {code} ({at} ms)"));
+                    }
+                }
                 Err(_) => tally.unanswered += 1,
             }
         }
@@ -507,19 +1156,39 @@ enum Disturbance {
     /// SIGKILL of every member, for good.
     KillAll,
     Api(Fault),
+    /// SIGSTOP of Redis for `REDIS_HANG`, then SIGCONT.
+    RedisHang,
+    /// SIGKILL of Redis, started again on its port without its data.
+    RedisEmptyRestart,
 }
 
 const MEMBERS: usize = 3;
 const RUN_MS: u64 = 20_000;
 const BALANCER_LAG: Duration = Duration::from_millis(300);
 const DOWNTIME: Duration = Duration::from_millis(700);
+/// Shorter than the run's Redis timeout (5 s): callers wait the hang out and
+/// Redis answers them late, so the hang checks that late scripts still count
+/// while their callers wait, not the memory path (the empty restart, refused
+/// at once, takes that one).
+const REDIS_HANG: Duration = Duration::from_millis(1_000);
+/// How long Redis stays dead before its empty restart: long enough for
+/// heartbeats to be answered from memory meanwhile.
+const REDIS_DOWNTIME: Duration = Duration::from_millis(700);
 
 fn chaos_script() -> Vec<(u64, Disturbance)> {
     use Disturbance::*;
+    // A position acknowledged while Redis is unreachable is held in its
+    // instance's memory, which the contract lets a SIGKILL lose: no member
+    // dies between a Redis disturbance and every member answering with Redis
+    // again (the disturber waits for that before its next step).
     vec![
         (2_000, Crash(1)),
         (4_000, Api(Fault::Status500)),
+        (4_500, RedisHang),
         (6_000, Crash(1)),
+        // Two faults at once: Redis comes back empty while the internal API
+        // fails, so sessions are recorded again on the JWT's limit.
+        (7_000, RedisEmptyRestart),
         (8_000, Api(Fault::Hang)),
         (10_000, Crash(2)),
         (12_500, Api(Fault::None)),
@@ -534,39 +1203,72 @@ fn chaos_script() -> Vec<(u64, Disturbance)> {
     ]
 }
 
-/// SIGKILLs `n` random live members; returns their slots once the
-/// balancer (the roster) has noticed they are gone.
-fn kill_some(members: &mut [Option<MonetaProcess>], roster: &Roster, n: usize, rng: &mut Rng) -> Vec<usize> {
-    let mut victims = Vec::new();
-    for _ in 0..n {
-        let live: Vec<usize> = (0..members.len()).filter(|i| members[*i].is_some()).collect();
-        let Some(&slot) = live.get(rng.below(live.len())) else {
-            break;
-        };
-        if let Some(process) = members[slot].take() {
-            kill(process);
-        }
-        victims.push(slot);
-    }
-    // Players go on calling a dead member until the balancer notices.
-    std::thread::sleep(BALANCER_LAG);
-    for slot in &victims {
-        roster.lock().unwrap()[*slot] = None;
-    }
-    victims
-}
-
-/// Runs the script against the members (SIGKILL of random live ones,
-/// restarts on fresh ports, internal API faults); returns the members and
-/// what it did.
-fn disturb(
-    mut members: Vec<Option<MonetaProcess>>,
+/// What the disturber works with.
+struct Stage {
+    members: Vec<Option<MonetaProcess>>,
+    redis: RedisServer,
     roster: Roster,
     api: FakeApi,
     envs: Vec<(&'static str, String)>,
-    started: Instant,
-    seed: u64,
-) -> (Vec<Option<MonetaProcess>>, Vec<String>) {
+    runtime: tokio::runtime::Handle,
+    /// Heartbeats the members killed so far answered from memory, by their
+    /// own count just before the SIGKILL.
+    from_memory: f64,
+}
+
+impl Stage {
+    /// SIGKILLs `n` random live members; returns their slots once the
+    /// balancer (the roster) has noticed they are gone.
+    fn kill_some(&mut self, n: usize, rng: &mut Rng) -> Vec<usize> {
+        let mut victims = Vec::new();
+        for _ in 0..n {
+            let live: Vec<usize> = (0..self.members.len())
+                .filter(|i| self.members[*i].is_some())
+                .collect();
+            let Some(&slot) = live.get(rng.below(live.len())) else {
+                break;
+            };
+            if let Some(process) = self.members[slot].take() {
+                let metrics = self.runtime.block_on(process.metrics());
+                self.from_memory += answered_from_memory(&metrics, "heartbeat_unchecked");
+                kill(process);
+            }
+            victims.push(slot);
+        }
+        // Players go on calling a dead member until the balancer notices.
+        std::thread::sleep(BALANCER_LAG);
+        for slot in &victims {
+            self.roster.lock().unwrap()[*slot] = None;
+        }
+        victims
+    }
+
+    /// Waits until every live member says Redis is up; how long that took.
+    fn members_on_redis(&self) -> Option<Duration> {
+        let waiting = Instant::now();
+        let publics: Vec<PublicApi> = self
+            .members
+            .iter()
+            .flatten()
+            .map(MonetaProcess::public_api)
+            .collect();
+        eventually_blocking(PATIENCE, || {
+            self.runtime.block_on(async {
+                for public in &publics {
+                    if redis_readiness(public).await != "up" {
+                        return None;
+                    }
+                }
+                Some(waiting.elapsed())
+            })
+        })
+    }
+}
+
+/// Runs the script against the members (SIGKILL of random live ones,
+/// restarts on fresh ports, internal API faults, a hung and an emptied
+/// Redis); returns the stage and what it did.
+fn disturb(mut stage: Stage, started: Instant, seed: u64) -> (Stage, Vec<String>) {
     let mut rng = Rng(seed);
     let mut journal = Vec::new();
     for (at_ms, step) in chaos_script() {
@@ -574,26 +1276,46 @@ fn disturb(
         std::thread::sleep(at.saturating_duration_since(Instant::now()));
         match step {
             Disturbance::Crash(n) => {
-                let victims = kill_some(&mut members, &roster, n, &mut rng);
+                let victims = stage.kill_some(n, &mut rng);
                 journal.push(format!("{at_ms}ms SIGKILL {victims:?}"));
                 std::thread::sleep(DOWNTIME);
                 for slot in victims {
-                    let process = MonetaProcess::start(&envs);
-                    roster.lock().unwrap()[slot] = Some(process.base_url());
-                    members[slot] = Some(process);
+                    let process = MonetaProcess::start(&stage.envs);
+                    stage.roster.lock().unwrap()[slot] = Some(process.base_url());
+                    stage.members[slot] = Some(process);
                 }
             }
             Disturbance::KillAll => {
-                let victims = kill_some(&mut members, &roster, MEMBERS, &mut rng);
+                let victims = stage.kill_some(MEMBERS, &mut rng);
                 journal.push(format!("{at_ms}ms SIGKILL {victims:?}, the end"));
             }
             Disturbance::Api(fault) => {
-                api.set_fault(fault);
+                stage.api.set_fault(fault);
                 journal.push(format!("{at_ms}ms internal API {fault:?}"));
+            }
+            Disturbance::RedisHang | Disturbance::RedisEmptyRestart => {
+                if let Disturbance::RedisHang = step {
+                    stage.redis.pause();
+                    std::thread::sleep(REDIS_HANG);
+                    stage.redis.resume();
+                } else {
+                    let port = stage.redis.port;
+                    stage.redis.kill();
+                    std::thread::sleep(REDIS_DOWNTIME);
+                    stage.redis = RedisServer::start_on(port);
+                }
+                let back = stage.members_on_redis();
+                journal.push(format!(
+                    "{at_ms}ms Redis {step:?}, every member on Redis again after {back:?}"
+                ));
+                assert!(
+                    back.is_some(),
+                    "members still without Redis {PATIENCE:?} after {step:?}; chaos: {journal:?}"
+                );
             }
         }
     }
-    (members, journal)
+    (stage, journal)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -604,14 +1326,14 @@ async fn fleet_chaos_loses_no_acknowledged_position() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| Utc::now().timestamp_micros() as u64 | 1);
     let fleet = Deployment::start().await;
-    let api = &fleet.api;
     let envs = fleet.env(&[
         ("MONETA_PROGRESS_FLUSH_MS", "500".into()),
-        // Redis stays up throughout; a busy machine must not make it look
-        // unreachable, which would move acknowledgements into memory, the
-        // one place the contract lets a SIGKILL lose them.
+        // Outside the Redis disturbances, a busy machine must not make Redis
+        // look unreachable, which would move acknowledgements into memory,
+        // the one place the contract lets a SIGKILL lose them.
         ("MONETA_REDIS_TIMEOUT_MS", "5000".into()),
     ]);
+    let Deployment { redis, api } = fleet;
     let members: Vec<Option<MonetaProcess>> =
         (0..MEMBERS).map(|_| Some(MonetaProcess::start(&envs))).collect();
     let roster: Roster = Arc::new(Mutex::new(
@@ -635,10 +1357,16 @@ async fn fleet_chaos_loses_no_acknowledged_position() {
         .expect("HTTP client");
     let started = Instant::now();
     let until = started + Duration::from_millis(RUN_MS);
-    let chaos = {
-        let (roster, api) = (roster.clone(), api.clone());
-        std::thread::spawn(move || disturb(members, roster, api, envs, started, seed))
+    let stage = Stage {
+        members,
+        redis,
+        roster: roster.clone(),
+        api: api.clone(),
+        envs,
+        runtime: tokio::runtime::Handle::current(),
+        from_memory: 0.0,
     };
+    let chaos = std::thread::spawn(move || disturb(stage, started, seed));
     let players: Vec<_> = viewers
         .into_iter()
         .enumerate()
@@ -647,7 +1375,7 @@ async fn fleet_chaos_loses_no_acknowledged_position() {
                 v,
                 roster.clone(),
                 client.clone(),
-                until,
+                (started, until),
                 seed.wrapping_add(i as u64 * 7919),
             ))
         })
@@ -656,12 +1384,18 @@ async fn fleet_chaos_loses_no_acknowledged_position() {
     for player in players {
         tallies.push(player.await.expect("player task"));
     }
-    let (members, journal) = tokio::task::spawn_blocking(move || chaos.join().expect("chaos thread"))
+    let (stage, journal) = tokio::task::spawn_blocking(move || chaos.join().expect("chaos thread"))
         .await
         .unwrap();
     // The script ended by killing the whole fleet right after the last
     // acknowledged heartbeats.
-    assert!(members.iter().all(Option::is_none), "chaos: {journal:?}");
+    assert!(stage.members.iter().all(Option::is_none), "chaos: {journal:?}");
+    let from_memory = stage.from_memory;
+    let fleet = Deployment {
+        redis: stage.redis,
+        api,
+    };
+    let api = &fleet.api;
     let last: BTreeMap<String, u64> = tallies
         .iter()
         .filter_map(|t| Some((t.user.clone(), t.last_acknowledged?)))
@@ -683,9 +1417,10 @@ async fn fleet_chaos_loses_no_acknowledged_position() {
     let seconds = waiting.elapsed().as_secs_f64();
     let lost = undelivered(api, &last);
     println!(
-        "fleet chaos: {acknowledged} positions acknowledged, {} users, {} delivered, {} lost, \
-         {seconds:.1} s to deliver ({at_the_kill} last positions undelivered at the kill, \
-         {unanswered} heartbeats unanswered, other answers {other:?}, seed {seed})",
+        "fleet chaos: {acknowledged} positions acknowledged ({from_memory} answered from memory), \
+         {} users, {} delivered, {} lost, {seconds:.1} s to deliver ({at_the_kill} last positions \
+         undelivered at the kill, {unanswered} heartbeats unanswered, other answers {other:?}, \
+         seed {seed})",
         last.len(),
         last.len() - lost.len(),
         lost.len(),
@@ -700,8 +1435,9 @@ async fn fleet_chaos_loses_no_acknowledged_position() {
         lost.is_empty(),
         "lost acknowledged positions {lost:?}; chaos: {journal:?}"
     );
+    let seen: Vec<&String> = tallies.iter().flat_map(|t| &t.other_seen).collect();
     assert!(
         other.is_empty(),
-        "answers other than 200 to heartbeats: {other:?}; chaos: {journal:?}"
+        "answers other than 200 to heartbeats: {other:?}, such as {seen:?}; chaos: {journal:?}"
     );
 }

@@ -1,6 +1,7 @@
 # The local stack as processes on this machine, for scripts/dev and
 # scripts/test-browser (sourced, not run): Redis, PostgreSQL with the seeded
-# internal API, Moneta, the ClearKey licence server, and nginx running the
+# internal API, Moneta (also the licence proxy, issuing the demo media's
+# ClearKey licences from web/media/clearkey.json), and nginx running the
 # production edge unchanged behind the local front (nginx/dev/), which serves
 # the demo player and the generated media. Everything listens on loopback;
 # every secret is random per run.
@@ -11,6 +12,7 @@
 #   STACK_CORS_ORIGINS   MONETA_CORS_ALLOWED_ORIGINS                           (unset)
 #   STACK_HEARTBEAT_S    MONETA_HEARTBEAT_INTERVAL_S                           (10)
 #   STACK_SESSION_TTL_S  MONETA_SESSION_TTL_S                                  (30)
+#   STACK_LIMIT_POLICY   MONETA_STREAM_LIMIT_POLICY                            (block)
 #   STACK_BIN            directory of moneta and internal-api   ($CARGO_TARGET_DIR or target, /release)
 #   STACK_WEB_ROOT       web/build output                                      (web/dist)
 # After it: STACK_FRONT_PORT, STACK_REDIS_PORT, STACK_DATABASE_URL,
@@ -106,10 +108,10 @@ stack_up() {
     chmod 755 "$STACK_DIR"
     mkdir -p "$STACK_DIR/logs"
 
-    local redis_port pg_port api_port moneta_port admin_port edge_port license_port free_front ports
+    local redis_port pg_port api_port moneta_port admin_port edge_port free_front ports
     # One spare, in case the caller's chosen front port comes round again.
-    ports=$(stack_free_ports 9 | tr ' ' '\n' | grep -vx "$front_port" | head -n 8 | tr '\n' ' ')
-    read -r redis_port pg_port api_port moneta_port admin_port edge_port license_port free_front <<<"$ports"
+    ports=$(stack_free_ports 8 | tr ' ' '\n' | grep -vx "$front_port" | head -n 7 | tr '\n' ' ')
+    read -r redis_port pg_port api_port moneta_port admin_port edge_port free_front <<<"$ports"
     if [[ "$front_port" == 0 ]]; then front_port=$free_front; fi
     STACK_FRONT_PORT=$front_port
     STACK_REDIS_PORT=$redis_port
@@ -148,11 +150,6 @@ stack_up() {
         INTERNAL_API_TOKEN=$internal_token stack_spawn internal-api "$bin/internal-api"
     stack_wait "internal API" 60 stack_http_ok "http://127.0.0.1:$api_port/health" || return 1
 
-    stack_log "licence server on :$license_port"
-    MONETA_DRM_TOKEN_SECRET=$drm_secret LICENSE_LISTEN_ADDR=127.0.0.1:$license_port \
-        stack_spawn license node "$STACK_ROOT/web/license/server.mjs"
-    stack_wait "licence server" 20 stack_http_ok "http://127.0.0.1:$license_port/license/health" || return 1
-
     stack_log "moneta on :$moneta_port (metrics :$admin_port)"
     # The demo clip is a minute long while the catalog says m-0001 runs over
     # two hours: with the default 5 % threshold no position in the clip would
@@ -165,9 +162,11 @@ stack_up() {
     MONETA_JWT_HS256_SECRET=$jwt_secret \
     MONETA_SESSION_SECRET=$(stack_random_hex) \
     MONETA_CDN_BASE_URL=$public/cdn \
-    MONETA_DRM_LICENSE_URL_WIDEVINE=$public/license/clearkey \
-    MONETA_DRM_LICENSE_URL_PLAYREADY=$public/license/clearkey \
     MONETA_DRM_TOKEN_SECRET=$drm_secret \
+    MONETA_DRM_PROXY=true \
+    MONETA_PUBLIC_BASE_URL=$public \
+    MONETA_DRM_CLEARKEY_KEYS_FILE=$STACK_ROOT/web/media/clearkey.json \
+    MONETA_STREAM_LIMIT_POLICY=${STACK_LIMIT_POLICY:-block} \
     MONETA_CORS_ALLOWED_ORIGINS=${STACK_CORS_ORIGINS:-} \
     MONETA_HEARTBEAT_INTERVAL_S=${STACK_HEARTBEAT_S:-10} \
     MONETA_SESSION_TTL_S=${STACK_SESSION_TTL_S:-30} \
@@ -188,8 +187,8 @@ stack_up() {
         envsubst '${MONETA_UPSTREAM} ${NGINX_LISTEN} ${NGINX_RATE_LIMIT} ${NGINX_RATE_BURST} ${NGINX_REAL_IP_FROM} ${NGINX_ACCESS_LOG}' \
         <"$STACK_ROOT/nginx/templates/default.conf.template" >"$prefix/conf.d/default.conf"
     NGINX_DEV_LISTEN=$front_host:$front_port NGINX_DEV_WEB_ROOT=$web_root \
-        NGINX_DEV_EDGE=127.0.0.1:$edge_port NGINX_DEV_LICENSE=127.0.0.1:$license_port \
-        envsubst '${NGINX_DEV_LISTEN} ${NGINX_DEV_WEB_ROOT} ${NGINX_DEV_EDGE} ${NGINX_DEV_LICENSE}' \
+        NGINX_DEV_EDGE=127.0.0.1:$edge_port \
+        envsubst '${NGINX_DEV_LISTEN} ${NGINX_DEV_WEB_ROOT} ${NGINX_DEV_EDGE}' \
         <"$STACK_ROOT/nginx/dev/player.conf.template" >"$prefix/conf.d/player.conf"
     local nginx_bin
     nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)

@@ -7,6 +7,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::AuthError;
+use crate::licenses::{LicenseError, TokenError};
 use crate::model::LiveSession;
 use crate::playback::PlaybackError;
 use crate::playback::rules::Denial;
@@ -42,6 +43,12 @@ pub enum ApiError {
         max_streams: u32,
         active: Vec<LiveSession>,
     },
+    #[error("{0}")]
+    LicenseDenied(&'static str),
+    #[error("too many licence requests for this session; retry later")]
+    RateLimited { retry_after_s: u64 },
+    #[error("the licence server is unavailable; try again")]
+    LicenseServerUnavailable,
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
@@ -70,6 +77,28 @@ impl From<SessionError> for ApiError {
                 ApiError::StreamLimitReached { max_streams, active }
             }
             SessionError::Playback(p) => ApiError::Playback(p),
+        }
+    }
+}
+
+impl From<LicenseError> for ApiError {
+    fn from(e: LicenseError) -> Self {
+        match e {
+            LicenseError::Token(t) => match t {
+                TokenError::Missing => ApiError::MissingToken,
+                TokenError::Invalid => ApiError::InvalidToken,
+            },
+            LicenseError::Denied(why) => ApiError::LicenseDenied(why),
+            LicenseError::SessionNotFound => ApiError::SessionNotFound,
+            LicenseError::SessionEvicted => ApiError::SessionEvicted,
+            LicenseError::RateLimited { retry_after } => ApiError::RateLimited {
+                // Whole seconds, rounded up: retrying at the announced time succeeds.
+                retry_after_s: retry_after.as_millis().div_ceil(1000).max(1) as u64,
+            },
+            LicenseError::InvalidBody(why) => ApiError::InvalidBody(why.to_owned()),
+            LicenseError::NoLicenseServer => ApiError::NotFound,
+            LicenseError::Unavailable => ApiError::LicenseServerUnavailable,
+            LicenseError::Busy => ApiError::Busy,
         }
     }
 }
@@ -129,6 +158,9 @@ impl ApiError {
             SessionEvicted => (StatusCode::CONFLICT, "session_evicted"),
             Busy => (StatusCode::SERVICE_UNAVAILABLE, "dependency_unavailable"),
             StreamLimitReached { .. } => (StatusCode::CONFLICT, "stream_limit_reached"),
+            LicenseDenied(_) => (StatusCode::FORBIDDEN, "license_denied"),
+            RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            LicenseServerUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "dependency_unavailable"),
             NotFound => (StatusCode::NOT_FOUND, "not_found"),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -177,6 +209,9 @@ impl IntoResponse for ApiError {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
             }
             _ => {}
+        }
+        if let ApiError::RateLimited { retry_after_s } = &self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
         }
         response
     }

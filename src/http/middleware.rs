@@ -15,6 +15,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use super::error::{ErrorBody, ErrorDetail, code_for_status};
+use super::routes::licenses::Verbatim;
 use crate::telemetry::{logs, traces};
 
 /// A client-sent request id we are willing to echo and log: `[A-Za-z0-9_.:-]{1,128}`.
@@ -180,6 +181,10 @@ fn http_series(method: &'static str, route: String, status: u16) -> (Counter, Hi
 /// Errors produced below the handlers (timeouts, body limits, panics) come
 /// without a contract body; give them one.
 pub async fn json_errors(response: Response) -> Response {
+    // A DRM vendor's answer, passed through as it is (CONTRACT §8).
+    if response.extensions().get::<Verbatim>().is_some() {
+        return response;
+    }
     let status = response.status();
     let is_json = response
         .headers()

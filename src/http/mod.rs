@@ -1,6 +1,7 @@
 //! The public HTTP surface: router, layers, extractors and the error mapping.
 
 pub mod admin;
+mod admission;
 mod cookies;
 mod cors;
 pub mod error;
@@ -16,7 +17,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::{MethodRouter, get, put};
+use axum::routing::{MethodRouter, get, post, put};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -26,7 +27,7 @@ use crate::app::App;
 use crate::config::ServerSettings;
 use error::ApiError;
 pub use json::JsonAnswer;
-use routes::{health, playback_info, sessions};
+use routes::{health, licenses, playback_info, sessions};
 
 pub type AppState = Arc<App>;
 
@@ -61,6 +62,15 @@ pub fn router(app: AppState, server: &ServerSettings) -> Router {
                 &[Method::PUT, Method::DELETE],
             ),
         )
+        .route(
+            "/v1/licenses/{drm_system}",
+            v1(
+                // Its own limit, inside the general one: a CDM's challenge
+                // may be far larger than any other body.
+                post(licenses::request).layer(DefaultBodyLimit::max(licenses::MAX_LICENSE_BODY_BYTES)),
+                &[Method::POST],
+            ),
+        )
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route(
@@ -87,6 +97,12 @@ pub fn router(app: AppState, server: &ServerSettings) -> Router {
                 .layer(axum::middleware::map_request(middleware::drop_insane_request_id))
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                 .layer(PropagateRequestIdLayer::x_request_id())
+                // Before anything that costs: a request refused here is not
+                // logged, authenticated or sent to a dependency (CONTRACT §9).
+                .layer(admission::AdmissionLayer::new(
+                    &server.overload,
+                    &server.cors_allowed_origins,
+                ))
                 .layer(axum::middleware::from_fn(middleware::observe))
                 .layer(axum::middleware::map_response(middleware::json_errors))
                 .map_response(IntoResponse::into_response)

@@ -4,7 +4,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::{ActiveSession, ErrorBody, ErrorDetail};
-use super::routes::{health, playback_info, sessions};
+use super::routes::{health, licenses, playback_info, sessions};
 use crate::model::{CdnCookies, Drm, LicenseRequestHeaders, Marker, PlaybackInfo, Stream, Subtitle};
 
 #[derive(OpenApi)]
@@ -16,6 +16,7 @@ use crate::model::{CdnCookies, Drm, LicenseRequestHeaders, Marker, PlaybackInfo,
         sessions::list,
         sessions::heartbeat,
         sessions::stop,
+        licenses::request,
         health::live,
         health::ready,
     ),
@@ -24,6 +25,7 @@ use crate::model::{CdnCookies, Drm, LicenseRequestHeaders, Marker, PlaybackInfo,
         sessions::StartSession, sessions::SessionStarted, sessions::Heartbeat, sessions::PlayerState,
         sessions::HeartbeatAck, sessions::StopSession, sessions::SessionView, sessions::SessionList,
         health::Readiness, health::Dependencies,
+        licenses::ClearKeyRequest, licenses::ClearKeyLicense, licenses::ClearKeyKey,
     )),
     modifiers(&BearerAuth),
 )]
@@ -40,6 +42,18 @@ impl Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "licence_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "The stream's `license_token` (HS256), sent as its `license_request_headers` say",
+                    ))
                     .build(),
             ),
         );

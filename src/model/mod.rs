@@ -3,6 +3,7 @@
 
 mod answer;
 mod catalog;
+mod drm;
 mod ids;
 mod progress;
 mod session;
@@ -10,6 +11,7 @@ mod sourced;
 
 pub use answer::{CdnCookies, Drm, LicenseRequestHeaders, Marker, PlaybackInfo, Stream, Subtitle};
 pub use catalog::{ContentPlayback, DrmSource, Entitlement, StreamSource, SubtitleSource};
+pub use drm::{DrmSystem, KeyId};
 pub use ids::{
     ContentId, DeviceId, InvalidId, PositionMs, SESSION_MAC_LEN, SESSION_RANDOM_LEN, SessionId, UserId,
 };

@@ -11,7 +11,7 @@ use super::{ProgressQueue, dropped};
 use crate::model::{ContentId, ProgressItem, UserId};
 use crate::resilience::DependencyError;
 use crate::sources::internal_api::{BatchOutcome, InternalApi};
-use crate::sources::redis::{Delivery, ProgressLog, Settlement};
+use crate::sources::redis::{Delivery, EntryId, ParkedField, ProgressLog, Settlement};
 
 /// Rounds per tick at most, so a large backlog drains in bounded bites.
 const MAX_ROUNDS_PER_TICK: usize = 50;
@@ -137,10 +137,10 @@ enum Origin {
     /// it already and only the resume position in Redis is missing.
     Memory { delivered: bool },
     /// An entry of the log.
-    Fresh { id: String, attempts: u32 },
-    /// A field of the parked hash.
+    Fresh { id: EntryId, attempts: u32 },
+    /// A field of a parked hash.
     Parked {
-        field: String,
+        field: ParkedField,
         value: String,
         attempts: u32,
     },
@@ -607,14 +607,14 @@ mod tests {
         }
     }
 
-    fn fresh(id: &str, item: ProgressItem, attempts: u32) -> (String, Option<(ProgressItem, u32)>) {
-        (id.to_owned(), Some((item, attempts)))
+    fn fresh(id: &str, item: ProgressItem, attempts: u32) -> (EntryId, Option<(ProgressItem, u32)>) {
+        (EntryId::for_tests(id), Some((item, attempts)))
     }
 
-    fn parked(item: ProgressItem, attempts: u32) -> (String, String, Option<(ProgressItem, u32)>) {
+    fn parked(item: ProgressItem, attempts: u32) -> (ParkedField, String, Option<(ProgressItem, u32)>) {
         let field = format!("{}\n{}", item.user_id, item.content_id);
         let value = format!("{} v{attempts}", item.updated_at.timestamp_millis());
-        (field, value, Some((item, attempts)))
+        (ParkedField::for_tests(field), value, Some((item, attempts)))
     }
 
     /// Sends what the round sends, the fate `fate` decides for each item.

@@ -3,7 +3,7 @@
 
 use crate::resilience::DependencyError;
 use crate::sources::internal_api::InternalApi;
-use crate::sources::redis::ProgressLog;
+use crate::sources::redis::{DeadLetter, ProgressLog};
 
 use super::courier::takes_batches;
 use super::deliver;
@@ -34,14 +34,14 @@ pub async fn list_dead_letters(
     log: &ProgressLog,
     mut each: impl FnMut(serde_json::Value),
 ) -> Result<usize, DependencyError> {
-    let mut after: Option<String> = None;
+    let mut after: Option<DeadLetter> = None;
     let mut listed = 0;
     loop {
-        let letters = log.dead_letters(after.as_deref(), CHUNK).await?;
+        let letters = log.dead_letters(after.as_ref(), CHUNK).await?;
         let Some(last) = letters.last() else {
             return Ok(listed);
         };
-        after = Some(last.id.clone());
+        after = Some(last.clone());
         listed += letters.len();
         for letter in &letters {
             each(letter.to_json());
@@ -56,28 +56,26 @@ pub async fn replay(log: &ProgressLog, api: &InternalApi) -> Result<Replayed, Re
     if !takes_batches(api).await {
         return Err(ReplayError::InternalApi);
     }
-    let mut after: Option<String> = None;
+    let mut after: Option<DeadLetter> = None;
     let mut replayed = Replayed::default();
     loop {
-        let letters = log.dead_letters(after.as_deref(), CHUNK).await?;
+        let letters = log.dead_letters(after.as_ref(), CHUNK).await?;
         let Some(last) = letters.last() else {
             return Ok(replayed);
         };
-        after = Some(last.id.clone());
-        let (ids, items): (Vec<String>, Vec<_>) = letters
-            .iter()
-            .filter_map(|l| Some((l.id.clone(), l.item.clone()?)))
-            .unzip();
+        after = Some(last.clone());
+        let (sent, items): (Vec<&DeadLetter>, Vec<_>) =
+            letters.iter().filter_map(|l| Some((l, l.item.clone()?))).unzip();
         replayed.left += letters.len() - items.len();
         let report = deliver(api, &items).await;
         if report.outage {
             return Err(ReplayError::InternalApi);
         }
-        let (done, left): (Vec<_>, Vec<_>) = ids
+        let (done, left): (Vec<_>, Vec<_>) = sent
             .into_iter()
             .zip(&report.fates)
             .partition(|(_, fate)| **fate == super::Fate::Delivered);
-        let done: Vec<String> = done.into_iter().map(|(id, _)| id).collect();
+        let done: Vec<&DeadLetter> = done.into_iter().map(|(letter, _)| letter).collect();
         log.forget_dead_letters(&done).await?;
         replayed.delivered += done.len();
         replayed.left += left.len();

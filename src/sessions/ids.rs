@@ -17,6 +17,9 @@ type HmacSha256 = Hmac<Sha256>;
 /// Bytes of the MAC kept in the id.
 const MAC_BYTES: usize = 16;
 
+/// Cloned, not made again, where another part needs it: without a shared
+/// secret the key is random per process, and every holder must have the same.
+#[derive(Clone)]
 pub struct SessionKey {
     /// Keyed once; each MAC starts from a clone.
     keyed: HmacSha256,

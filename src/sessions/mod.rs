@@ -166,6 +166,21 @@ impl Sessions {
         if provenance != Provenance::Issued {
             return Err(SessionError::NotFound);
         }
+        self.keep(claims, session_id, position, completed, kind)
+    }
+
+    /// Keeps a position in memory for the internal API, as while Redis is
+    /// unreachable: `keep_unlogged` once the caller is known to be entitled
+    /// to it, or a write the primary took but too few replicas acknowledged
+    /// (`MONETA_REDIS_MIN_REPLICAS_ACKED`), which a failover could lose.
+    fn keep(
+        &self,
+        claims: &Claims,
+        session_id: &SessionId,
+        position: Option<PositionMs>,
+        completed: bool,
+        kind: &'static str,
+    ) -> Result<(), SessionError> {
         if let Some(position) = position {
             let kept = self.unlogged.record(ProgressItem {
                 user_id: claims.sub.clone(),
@@ -213,7 +228,7 @@ impl Sessions {
                 )
                 .await;
             match &outcome {
-                Ok(TouchOutcome::Touched(_)) => {
+                Ok(TouchOutcome::Touched(_) | TouchOutcome::Unreplicated(_)) => {
                     metrics::counter!("moneta_sessions_recorded_again_total").increment(1);
                 }
                 Ok(TouchOutcome::Full(_)) => {
@@ -227,6 +242,10 @@ impl Sessions {
         }
         match outcome {
             Ok(TouchOutcome::Touched(now)) => Ok(self.store.expiry(now)),
+            Ok(TouchOutcome::Unreplicated(now)) => {
+                self.keep(claims, session_id, Some(position), false, "replicas_unacked")?;
+                Ok(self.store.expiry(now))
+            }
             Ok(TouchOutcome::Evicted) => Err(SessionError::Evicted),
             Ok(_) => Err(SessionError::NotFound),
             Err(DependencyError::Saturated(_)) => Err(SessionError::Busy),
@@ -264,6 +283,9 @@ impl Sessions {
             .await
         {
             Ok(EndOutcome::Ended | EndOutcome::WasEvicted | EndOutcome::Untraced) => Ok(()),
+            Ok(EndOutcome::Unreplicated) => {
+                self.keep(claims, session_id, position, completed, "replicas_unacked")
+            }
             Ok(EndOutcome::Unknown) => Err(SessionError::NotFound),
             Err(DependencyError::Saturated(_)) => Err(SessionError::Busy),
             Err(_) => self.keep_unlogged(

@@ -1,6 +1,8 @@
-//! The only code that does I/O: Redis, the internal API and the static
-//! snapshot. Each networked source owns its [`Guard`](crate::resilience::Guard).
+//! The only code that does I/O: Redis, the internal API, the DRM vendors'
+//! licence servers and the static files. Each networked source owns its
+//! [`Guard`](crate::resilience::Guard).
 
+pub mod drm;
 pub mod internal_api;
 pub mod redis;
 pub mod snapshot;

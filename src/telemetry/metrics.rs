@@ -74,6 +74,22 @@ fn describe() {
         "moneta_http_requests_in_flight",
         "HTTP requests being answered now."
     );
+    describe_gauge!(
+        "moneta_overload_limit",
+        "Public requests admitted at once (adaptive or fixed); 0: admission control off."
+    );
+    describe_gauge!(
+        "moneta_overload_in_flight",
+        "Public requests admitted and not yet answered (health and preflights not counted)."
+    );
+    describe_counter!(
+        "moneta_requests_shed_total",
+        "Requests answered 503 overloaded at once, by route template."
+    );
+    describe_gauge!(
+        "moneta_http_connections",
+        "Public connections open; at MONETA_MAX_CONNECTIONS new ones wait in the listen backlog."
+    );
     describe_counter!(
         "moneta_dependency_requests_total",
         "Calls to a dependency by outcome (success, error, timeout, rejected_open, rejected_full)."
@@ -90,6 +106,12 @@ fn describe() {
     describe_counter!(
         "moneta_fallbacks_total",
         "Answers (or parts) served from a fallback, by dependency and kind."
+    );
+    describe_counter!(
+        "moneta_license_requests_total",
+        "Licence requests to the licence proxy, by DRM system and outcome (issued, forwarded, upstream_status, \
+         missing_token, invalid_token, denied, evicted, session_not_found, rate_limited, invalid_body, too_large, \
+         no_license_server, unavailable)."
     );
     describe_counter!(
         "moneta_stream_limit_rejections_total",

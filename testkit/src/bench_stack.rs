@@ -512,6 +512,20 @@ pub async fn start_sessions(
     spread: &Spread,
     count: usize,
 ) -> Vec<(String, String)> {
+    start_sessions_on(client, base, tokens, spread, count, "bench-heartbeat").await
+}
+
+/// As [`start_sessions`], on devices `<device_prefix>-<i>`: another set of
+/// sessions beside the first, not replacing them (a start replaces the
+/// session of its device).
+pub async fn start_sessions_on(
+    client: &reqwest::Client,
+    base: &str,
+    tokens: &[String],
+    spread: &Spread,
+    count: usize,
+    device_prefix: &str,
+) -> Vec<(String, String)> {
     let mut sessions = Vec::with_capacity(count);
     for i in 0..count {
         let token = &tokens[i % tokens.len()];
@@ -519,7 +533,7 @@ pub async fn start_sessions(
         let response = client
             .post(format!("{base}/v1/playback/sessions"))
             .bearer_auth(token)
-            .json(&serde_json::json!({"content_id": title, "device_id": format!("bench-heartbeat-{i}")}))
+            .json(&serde_json::json!({"content_id": title, "device_id": format!("{device_prefix}-{i}")}))
             .send()
             .await
             .expect("session start");

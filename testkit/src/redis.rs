@@ -36,6 +36,11 @@ impl RedisServer {
                 "no",
             ])
             .args(["--protected-mode", "no", "--loglevel", "warning"])
+            // A replica's full sync writes an RDB file even without `save`:
+            // into the temp dir, one per port, never the working tree.
+            .arg("--dir")
+            .arg(std::env::temp_dir())
+            .args(["--dbfilename", &format!("moneta-test-{port}.rdb")])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -62,6 +67,87 @@ impl RedisServer {
     pub fn kill(&mut self) {
         self.process.kill();
     }
+
+    /// A replica of the server on `primary_port`, returned once it holds the
+    /// primary's data and takes its stream.
+    pub fn start_replica_of(primary_port: u16) -> RedisServer {
+        let primary = primary_port.to_string();
+        let replica = Self::start_with(free_port(), &["--replicaof", "127.0.0.1", &primary]);
+        let port = replica.port;
+        let online = eventually_blocking(PATIENCE, || {
+            let own = cli(port, &["INFO", "replication"]);
+            let theirs = cli(primary_port, &["INFO", "replication"]);
+            (own.contains("master_link_status:up") && theirs.contains(&format!("port={port},state=online")))
+                .then_some(())
+        });
+        assert!(
+            online.is_some(),
+            "replica {port} of {primary_port} never came online"
+        );
+        replica
+    }
+}
+
+/// What `redis-cli -p <port> <args…>` prints; empty when nothing answers
+/// (a node killed on purpose is no reason to panic).
+pub fn cli(port: u16, args: &[&str]) -> String {
+    Command::new(require_binary("redis-cli"))
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    pub id: String,
+    pub port: u16,
+    pub primary: bool,
+    /// Marked failed (or possibly failed) by the node asked.
+    pub failing: bool,
+    /// The primary's id, for a replica.
+    pub replica_of: Option<String>,
+    /// Slot ranges served, inclusive.
+    pub slots: Vec<(u16, u16)>,
+}
+
+fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = fields
+                .get(1)?
+                .split(['@', ','])
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()?;
+            let flags = fields.get(2)?;
+            let slots = fields
+                .get(8..)
+                .unwrap_or_default()
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| match s.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => s.parse().ok().map(|n| (n, n)),
+                })
+                .collect();
+            Some(ClusterNode {
+                id: fields.first()?.to_string(),
+                port,
+                primary: flags.contains("master"),
+                failing: flags.contains("fail"),
+                replica_of: fields.get(3).filter(|m| **m != "-").map(|m| m.to_string()),
+                slots,
+            })
+        })
+        .collect()
 }
 
 impl Drop for RedisServer {
@@ -71,7 +157,8 @@ impl Drop for RedisServer {
     }
 }
 
-/// A Redis Cluster of `n` masters (no replicas), each a real redis-server.
+/// A Redis Cluster of real redis-servers: `n` masters (`start`), or
+/// primaries with replicas that take over when one dies (`start_with_replicas`).
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
     _dir: tempfile::TempDir,
@@ -79,28 +166,63 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(n: usize) -> RedisCluster {
+        Self::create(n, 0, &[])
+    }
+
+    /// `primaries` primaries with `replicas_per_primary` replicas each, a
+    /// node timeout of one second (a dead primary is replaced within a few
+    /// seconds) and replicas that always stand in, however long their link
+    /// was down. Returned once every node says `cluster_state:ok` and every
+    /// primary has its replicas online.
+    pub fn start_with_replicas(primaries: usize, replicas_per_primary: usize) -> RedisCluster {
+        let cluster = Self::create(
+            primaries * (1 + replicas_per_primary),
+            replicas_per_primary,
+            &[
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-replica-validity-factor",
+                "0",
+            ],
+        );
+        let replicated = eventually_blocking(PATIENCE, || {
+            let online = cluster
+                .nodes
+                .iter()
+                .filter(|n| {
+                    let info = cli(n.port, &["INFO", "replication"]);
+                    info.contains("role:master")
+                        && info.matches("state=online").count() == replicas_per_primary
+                })
+                .count();
+            (online == primaries).then_some(())
+        });
+        assert!(
+            replicated.is_some(),
+            "the primaries never had {replicas_per_primary} replica(s) online each"
+        );
+        cluster
+    }
+
+    fn create(n: usize, replicas: usize, extra: &[&str]) -> RedisCluster {
         let dir = tempfile::tempdir().expect("cluster dir");
         let nodes: Vec<RedisServer> = (0..n)
             .map(|_| {
                 let port = free_port();
                 let conf = dir.path().join(format!("nodes-{port}.conf"));
-                RedisServer::start_with(
-                    port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        &conf.display().to_string(),
-                    ],
-                )
+                let conf = conf.display().to_string();
+                let mut args = vec!["--cluster-enabled", "yes", "--cluster-config-file", &conf];
+                args.extend_from_slice(extra);
+                RedisServer::start_with(port, &args)
             })
             .collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let replicas = replicas.to_string();
         run(
             Command::new(require_binary("redis-cli"))
                 .args(["--cluster", "create"])
                 .args(&addrs)
-                .args(["--cluster-replicas", "0", "--cluster-yes"]),
+                .args(["--cluster-replicas", &replicas, "--cluster-yes"]),
             "redis-cli --cluster create",
         );
         // Slots are assigned at once, but every node must agree before clients use it.
@@ -126,6 +248,40 @@ impl RedisCluster {
             );
         }
         RedisCluster { nodes, _dir: dir }
+    }
+
+    /// The cluster as the live node `asked` sees it.
+    pub fn topology(&self, asked: u16) -> Vec<ClusterNode> {
+        parse_cluster_nodes(&cli(asked, &["CLUSTER", "NODES"]))
+    }
+
+    /// The port of the primary serving `slot`, as the live node `asked`
+    /// sees it (not a node it marks failed).
+    pub fn primary_of_slot(&self, asked: u16, slot: u16) -> Option<u16> {
+        self.topology(asked)
+            .into_iter()
+            .find(|n| n.primary && !n.failing && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+            .map(|n| n.port)
+    }
+
+    /// The ports of the replicas of the primary on `primary`.
+    pub fn replicas_of(&self, primary: u16) -> Vec<u16> {
+        let nodes = self.topology(primary);
+        let Some(id) = nodes.iter().find(|n| n.port == primary).map(|n| n.id.clone()) else {
+            return Vec::new();
+        };
+        nodes
+            .iter()
+            .filter(|n| n.replica_of.as_deref() == Some(id.as_str()))
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// SIGKILL to the node on `port`: no shutdown code of it runs.
+    pub fn kill(&mut self, port: u16) {
+        if let Some(node) = self.nodes.iter_mut().find(|n| n.port == port) {
+            node.kill();
+        }
     }
 
     /// `MONETA_REDIS_CLUSTER_URLS` for this cluster.

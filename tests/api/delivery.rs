@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::helpers::{TestApp, spawn_app};
-use crate::support::redis_probe::{PROGRESS_LOG, PROGRESS_PARKED};
-use crate::support::{self, Fault, PATIENCE, RedisProbe, RedisServer, eventually, metric_value};
-
-/// Positions that failed alone too often (`moneta:{progress}:dead`).
-const PROGRESS_DEAD: &str = "moneta:{progress}:dead";
+use crate::support::redis_probe::{
+    LEGACY_DEAD, LEGACY_LOG, LEGACY_PARKED, PROGRESS_GROUP, Progress, bucket, progress_dead, progress_parked,
+    user_key,
+};
+use crate::support::{
+    self, Fault, MonetaProcess, PATIENCE, RedisProbe, RedisServer, eventually, metric_value, spawn_fake_api,
+};
 /// What the contract bounds the wait for a position by, once the internal API answers.
 const DELIVERY: Duration = Duration::from_secs(30);
 const POISON: &str = r#"moneta_progress_dropped_total{reason="poison"}"#;
@@ -47,22 +49,25 @@ async fn assert_delivered(app: &TestApp, user: &str, position_ms: u64) {
     );
 }
 
-async fn wait_for(redis: &mut RedisProbe, command: &str, key: &str, n: u64) {
-    let reached = eventually(PATIENCE, async || {
-        (redis.count(command, key).await == n).then_some(())
-    })
-    .await;
+/// Waits until the progress keys of every bucket hold `n` of `what` in all.
+async fn wait_for_total(redis: &mut RedisProbe, what: Progress, n: u64) {
+    let reached = eventually(PATIENCE, async || (redis.total(what).await == n).then_some(())).await;
     assert!(
         reached.is_some(),
-        "{command} {key} never {n}: {}",
-        redis.count(command, key).await
+        "{what:?} never {n}: {}",
+        redis.total(what).await
     );
 }
 
-/// The dead letters as Redis holds them: each entry's fields.
-async fn dead_letters(redis: &mut RedisProbe) -> Vec<HashMap<String, String>> {
+/// The dead letters of `user`'s bucket as Redis holds them: each entry's fields.
+async fn dead_letters(redis: &mut RedisProbe, user: &str) -> Vec<HashMap<String, String>> {
     let entries: Vec<(String, Vec<String>)> = redis
-        .query(redis::cmd("XRANGE").arg(PROGRESS_DEAD).arg("-").arg("+"))
+        .query(
+            redis::cmd("XRANGE")
+                .arg(progress_dead(bucket(user)))
+                .arg("-")
+                .arg("+"),
+        )
         .await;
     entries
         .into_iter()
@@ -76,19 +81,35 @@ async fn dead_letters(redis: &mut RedisProbe) -> Vec<HashMap<String, String>> {
 }
 
 /// What a run of the real binary ended with.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// stdout, one JSON object per line.
+    pub fn lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not one JSON object: {e}")))
+            .collect()
+    }
 }
 
 /// `moneta progress <command>`, the real binary, on the app's settings.
 async fn moneta_progress(app: &TestApp, command: &str) -> Run {
+    moneta_progress_on(("MONETA_REDIS_URL", &app.redis.url), &app.api.url(), command).await
+}
+
+/// `moneta progress <command>` on `redis` (`MONETA_REDIS_URL` or
+/// `MONETA_REDIS_CLUSTER_URLS` and its value) and the internal API at `api_url`.
+pub(crate) async fn moneta_progress_on(redis: (&str, &str), api_url: &str, command: &str) -> Run {
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_moneta"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("MONETA_REDIS_URL", &app.redis.url)
-        .env("MONETA_INTERNAL_API_URL", app.api.url())
+        .env(redis.0, redis.1)
+        .env("MONETA_INTERNAL_API_URL", api_url)
         .env("MONETA_INTERNAL_API_TOKEN", "internal-token")
         .env("MONETA_JWT_HS256_SECRET", support::DEV_SECRET)
         .args(["progress", command])
@@ -124,8 +145,8 @@ async fn an_item_failing_alone_ends_in_the_dead_letters(status: u16) {
     }
 
     let mut redis = RedisProbe::connect(&app.redis.url).await;
-    wait_for(&mut redis, "XLEN", PROGRESS_DEAD, 1).await;
-    let letters = dead_letters(&mut redis).await;
+    wait_for_total(&mut redis, Progress::Dead, 1).await;
+    let letters = dead_letters(&mut redis, "load-poison").await;
     let letter = &letters[0];
     assert_eq!(letter["u"], "load-poison", "{letters:?}");
     assert_eq!(letter["c"], "m-0001", "{letters:?}");
@@ -133,8 +154,8 @@ async fn an_item_failing_alone_ends_in_the_dead_letters(status: u16) {
     assert_eq!(letter["a"], "5", "MONETA_PROGRESS_MAX_ATTEMPTS: {letters:?}");
     assert_eq!(letter["e"], format!("status {status}"), "{letters:?}");
     // Nothing of it is left behind to be offered again.
-    wait_for(&mut redis, "HLEN", PROGRESS_PARKED, 0).await;
-    wait_for(&mut redis, "XLEN", PROGRESS_LOG, 0).await;
+    wait_for_total(&mut redis, Progress::Parked, 0).await;
+    wait_for_total(&mut redis, Progress::Log, 0).await;
     assert_eq!(metric(&app, POISON).await, 1.0);
     assert_eq!(metric(&app, REFUSED).await, 0.0);
     assert_eq!(
@@ -152,7 +173,7 @@ async fn an_item_failing_alone_ends_in_the_dead_letters(status: u16) {
         failed,
         "a dead letter is offered again"
     );
-    assert_eq!(redis.count("XLEN", PROGRESS_DEAD).await, 1);
+    assert_eq!(redis.total(Progress::Dead).await, 1);
 
     // Others go on being delivered beside it.
     let (token, id) = &sessions[0];
@@ -161,11 +182,7 @@ async fn an_item_failing_alone_ends_in_the_dead_letters(status: u16) {
 
     let listed = moneta_progress(&app, "dead-letters").await;
     assert_eq!(listed.code, Some(0), "{}", listed.stderr);
-    let lines: Vec<Value> = listed
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not one JSON object: {e}")))
-        .collect();
+    let lines = listed.lines();
     assert_eq!(lines.len(), 1, "{}", listed.stdout);
     let line = &lines[0];
     assert_eq!(line["user_id"], "load-poison", "{line}");
@@ -173,6 +190,7 @@ async fn an_item_failing_alone_ends_in_the_dead_letters(status: u16) {
     assert_eq!(line["position_ms"], 50_002, "{line}");
     assert_eq!(line["attempts"], 5, "{line}");
     assert_eq!(line["last_error"], format!("status {status}"), "{line}");
+    assert_eq!(line["stream"], progress_dead(bucket("load-poison")), "{line}");
     assert!(
         line["entry_id"].as_str().is_some_and(|id| !id.is_empty()),
         "{line}"
@@ -187,13 +205,13 @@ async fn an_item_failing_alone_ends_in_the_dead_letters(status: u16) {
     // Still failing: it stays, and the replay says so.
     let replayed = moneta_progress(&app, "replay").await;
     assert_ne!(replayed.code, Some(0), "{}", replayed.stderr);
-    assert_eq!(redis.count("XLEN", PROGRESS_DEAD).await, 1);
+    assert_eq!(redis.total(Progress::Dead).await, 1);
 
     app.api.heal_user("load-poison");
     let replayed = moneta_progress(&app, "replay").await;
     assert_eq!(replayed.code, Some(0), "{}", replayed.stderr);
     assert!(app.api.received_position("load-poison", 50_002));
-    assert_eq!(redis.count("XLEN", PROGRESS_DEAD).await, 0);
+    assert_eq!(redis.total(Progress::Dead).await, 0);
     let listed = moneta_progress(&app, "dead-letters").await;
     assert_eq!((listed.code, listed.stdout.as_str()), (Some(0), ""));
 }
@@ -218,7 +236,7 @@ async fn nothing_is_judged_while_every_delivery_fails(fault: Fault) {
         heartbeat_ok(&app, token, id, 70_000 + n as u64).await;
     }
     let mut redis = RedisProbe::connect(&app.redis.url).await;
-    wait_for(&mut redis, "HLEN", PROGRESS_PARKED, users.len() as u64).await;
+    wait_for_total(&mut redis, Progress::Parked, users.len() as u64).await;
 
     // Far more rounds than MONETA_PROGRESS_MAX_ATTEMPTS, each a few calls,
     // never one per item.
@@ -229,20 +247,20 @@ async fn nothing_is_judged_while_every_delivery_fails(fault: Fault) {
     let rounds = (started.elapsed().as_millis() / ROUND.as_millis()) as usize + 2;
     assert!(made <= 3 * rounds, "{made} calls in at most {rounds} rounds");
     assert_eq!(
-        redis.count("XLEN", PROGRESS_DEAD).await,
+        redis.total(Progress::Dead).await,
         0,
         "an outage made dead letters"
     );
     assert_eq!(metric(&app, POISON).await, 0.0);
     assert_eq!(metric(&app, REFUSED).await, 0.0);
-    assert_eq!(redis.count("HLEN", PROGRESS_PARKED).await, users.len() as u64);
+    assert_eq!(redis.total(Progress::Parked).await, users.len() as u64);
 
     app.api.set_fault(Fault::None);
     for (n, user) in users.iter().enumerate() {
         assert_delivered(&app, user, 70_000 + n as u64).await;
     }
-    wait_for(&mut redis, "HLEN", PROGRESS_PARKED, 0).await;
-    assert_eq!(redis.count("XLEN", PROGRESS_DEAD).await, 0);
+    wait_for_total(&mut redis, Progress::Parked, 0).await;
+    assert_eq!(redis.total(Progress::Dead).await, 0);
     assert_eq!(metric(&app, POISON).await, 0.0);
     assert_eq!(metric(&app, REFUSED).await, 0.0);
 }
@@ -275,19 +293,15 @@ async fn redis_flushed_under_delivery_is_mended_without_tripping_its_breaker() {
     }
     assert!(states.iter().all(|s| *s == 0.0), "breaker states {states:?}");
     let group = eventually(PATIENCE, async || {
-        redis
-            .groups(PROGRESS_LOG)
-            .await
-            .contains(&"delivery".to_owned())
-            .then_some(())
+        redis.every_log_has_its_group().await.then_some(())
     })
     .await;
-    assert!(group.is_some(), "the group never came back");
+    assert!(group.is_some(), "the groups never came back");
 
     let id = app.started_session(&token, "m-0001", "phone").await;
     heartbeat_ok(&app, &token, &id, 6_000).await;
     assert_delivered(&app, "load-flush", 6_000).await;
-    wait_for(&mut redis, "XLEN", PROGRESS_LOG, 0).await;
+    wait_for_total(&mut redis, Progress::Log, 0).await;
     assert_eq!(metric(&app, REDIS_BREAKER).await, 0.0);
     let ready: Value = app
         .get_anonymously("/health/ready")
@@ -315,7 +329,7 @@ async fn positions_held_in_memory_update_the_resume_position_redis_holds() {
 
     app.redis = RedisServer::start_on(port);
     let mut redis = RedisProbe::connect(&app.redis.url).await;
-    let positions = format!("moneta:{{u:{user}}}:positions");
+    let positions = user_key(user, "positions");
     let written = eventually(PATIENCE, async || {
         let value: Option<String> = redis
             .query(redis::cmd("HGET").arg(&positions).arg("m-0001"))
@@ -328,7 +342,7 @@ async fn positions_held_in_memory_update_the_resume_position_redis_holds() {
         "the resume position Redis holds never caught up"
     );
     // Delivered already: it needs no entry in the log.
-    assert_eq!(redis.count("XLEN", PROGRESS_LOG).await, 0);
+    assert_eq!(redis.total(Progress::Log).await, 0);
     let info = app.playback_info_json("m-0001", &token).await;
     assert_eq!(info["resume_position_ms"], 2_000_000, "{info}");
 }
@@ -372,12 +386,13 @@ async fn positions_held_in_memory_come_back_to_a_redis_cluster() {
         "the position was not kept in memory"
     );
 
-    // Back from memory: the resume position (the user's slot) and the log
-    // entry, parked while the API fails (the progress slot).
-    let positions = format!("moneta:{{u:{user}}}:positions");
+    // Back from memory: the resume position and the log entry, parked
+    // while the API fails (both in the user's bucket).
+    let positions = user_key(user, "positions");
+    let parked_key = progress_parked(bucket(user));
     let back = eventually(PATIENCE, async || {
         let value = cluster_cli(&cluster, &["HGET", &positions, "m-0001"]);
-        let parked = cluster_cli(&cluster, &["HGET", PROGRESS_PARKED, &format!("{user}\nm-0001")]);
+        let parked = cluster_cli(&cluster, &["HGET", &parked_key, &format!("{user}\nm-0001")]);
         (value.starts_with("2000000@") && parked.contains("\"position_ms\":2000000")).then_some(())
     })
     .await;
@@ -385,18 +400,18 @@ async fn positions_held_in_memory_come_back_to_a_redis_cluster() {
         back.is_some(),
         "position {:?}, parked {:?}",
         cluster_cli(&cluster, &["HGET", &positions, "m-0001"]),
-        cluster_cli(&cluster, &["HGETALL", PROGRESS_PARKED])
+        cluster_cli(&cluster, &["HGETALL", &parked_key])
     );
     app.api.set_fault(Fault::None);
     assert_delivered(&app, user, 2_000_000).await;
     let parked = eventually(PATIENCE, async || {
-        (cluster_cli(&cluster, &["HLEN", PROGRESS_PARKED]) == "0").then_some(())
+        (cluster_cli(&cluster, &["HLEN", &parked_key]) == "0").then_some(())
     })
     .await;
     assert!(
         parked.is_some(),
         "{}",
-        cluster_cli(&cluster, &["HGETALL", PROGRESS_PARKED])
+        cluster_cli(&cluster, &["HGETALL", &parked_key])
     );
 }
 
@@ -433,4 +448,116 @@ async fn the_progress_commands_fail_in_one_line_when_redis_or_the_api_is_unreach
         assert!(code.is_some_and(|c| c != 0), "{command}: exit {code:?}");
         assert_eq!(stderr.trim().lines().count(), 1, "{command}: {stderr}");
     }
+}
+
+/// What the key layout before buckets left in Redis at an upgrade: one
+/// `{progress}` log with its group, holding an entry nobody read and one an
+/// instance read and never settled (it was stopped mid-round), a parked pair
+/// and a dead letter. The upgraded courier delivers them all, and the
+/// dead-letter commands still list and replay the old stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_layout_before_buckets_left_is_still_delivered() {
+    let redis = RedisServer::start();
+    let mut probe = RedisProbe::connect(&redis.url).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let entry = |stream: &str, user: &str, position: u64| {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream).arg("*");
+        // The fields the previous version's scripts wrote.
+        for (field, value) in [
+            ("u", user.to_owned()),
+            ("c", "m-0001".to_owned()),
+            ("p", position.to_string()),
+            ("t", now.to_string()),
+            ("w", "0".to_owned()),
+        ] {
+            cmd.arg(field).arg(value);
+        }
+        cmd
+    };
+    let _: () = probe
+        .query(
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(LEGACY_LOG)
+                .arg(PROGRESS_GROUP)
+                .arg("0")
+                .arg("MKSTREAM"),
+        )
+        .await;
+    let _: String = probe.query(&entry(LEGACY_LOG, "legacy-claimed", 222_000)).await;
+    let _: redis::Value = probe
+        .query(
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(PROGRESS_GROUP)
+                .arg("instance-before-the-upgrade")
+                .arg("COUNT")
+                .arg(1)
+                .arg("STREAMS")
+                .arg(LEGACY_LOG)
+                .arg(">"),
+        )
+        .await;
+    let _: String = probe.query(&entry(LEGACY_LOG, "legacy-fresh", 111_000)).await;
+    let parked = serde_json::json!({
+        "user_id": "legacy-parked",
+        "content_id": "m-0001",
+        "position_ms": 333_000,
+        "updated_at": chrono::DateTime::from_timestamp_millis(now).expect("now"),
+    });
+    let _: () = probe
+        .query(
+            redis::cmd("HSET")
+                .arg(LEGACY_PARKED)
+                .arg("legacy-parked\nm-0001")
+                .arg(format!("{now} {parked}")),
+        )
+        .await;
+    let mut dead = entry(LEGACY_DEAD, "legacy-dead", 444_000);
+    let _: String = probe.query(dead.arg("a").arg(5).arg("e").arg("status 404")).await;
+
+    let api = spawn_fake_api().await;
+    let _moneta = MonetaProcess::start(&[
+        ("MONETA_REDIS_URL", redis.url.clone()),
+        ("MONETA_INTERNAL_API_URL", api.url()),
+        ("MONETA_PROGRESS_FLUSH_MS", "200".into()),
+    ]);
+    // The entry read before the upgrade waits its 15 s of idleness before
+    // it is taken over: within the contract's bound all the same.
+    for (user, position) in [
+        ("legacy-fresh", 111_000),
+        ("legacy-parked", 333_000),
+        ("legacy-claimed", 222_000),
+    ] {
+        let found = eventually(DELIVERY, async || {
+            api.received_position(user, position).then_some(())
+        })
+        .await;
+        assert!(found.is_some(), "{user} never delivered: {:?}", api.delivered());
+    }
+    let drained = eventually(PATIENCE, async || {
+        let log: u64 = probe.count("XLEN", LEGACY_LOG).await;
+        let parked: u64 = probe.count("HLEN", LEGACY_PARKED).await;
+        let held: u64 = probe
+            .consumers(LEGACY_LOG, PROGRESS_GROUP)
+            .await
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
+        (log + parked + held == 0).then_some(())
+    })
+    .await;
+    assert!(drained.is_some(), "the old log was not drained");
+
+    let listed = moneta_progress_on(("MONETA_REDIS_URL", &redis.url), &api.url(), "dead-letters").await;
+    assert_eq!(listed.code, Some(0), "{}", listed.stderr);
+    let lines = listed.lines();
+    assert_eq!(lines.len(), 1, "{}", listed.stdout);
+    assert_eq!(lines[0]["user_id"], "legacy-dead", "{}", lines[0]);
+    assert_eq!(lines[0]["stream"], LEGACY_DEAD, "{}", lines[0]);
+    let replayed = moneta_progress_on(("MONETA_REDIS_URL", &redis.url), &api.url(), "replay").await;
+    assert_eq!(replayed.code, Some(0), "{}", replayed.stderr);
+    assert!(api.received_position("legacy-dead", 444_000));
+    assert_eq!(probe.count("XLEN", LEGACY_DEAD).await, 0);
 }

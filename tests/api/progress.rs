@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use crate::helpers::{TestApp, spawn_app};
+use crate::support::redis_probe::{bucket, progress_parked};
 use crate::support::{Fault, PATIENCE, eventually};
 
 /// An app on which `user` (a demo user of `plan`) plays m-0001: the app, the
@@ -64,15 +65,13 @@ async fn positions_the_api_refuses_are_parked_in_redis_until_it_recovers() {
     let app = position_acknowledged_while_the_api_fails(888).await;
     let client = redis::Client::open(app.redis.url.as_str()).unwrap();
     let mut conn = client.get_connection().unwrap();
-    let mut parked = || -> i64 {
-        redis::cmd("HLEN")
-            .arg("moneta:{progress}:parked")
-            .query(&mut conn)
-            .unwrap()
-    };
+    let key = progress_parked(bucket("u-basic"));
+    let mut parked = || -> i64 { redis::cmd("HLEN").arg(&key).query(&mut conn).unwrap() };
     let seen = eventually(PATIENCE, async || (parked() > 0).then_some(())).await;
     assert!(seen.is_some(), "the refused batch is parked in Redis");
     app.api.set_fault(Fault::None);
     app.api.assert_receives_position("u-basic", 888).await;
-    assert_eq!(parked(), 0);
+    // The round settles after the internal API answered.
+    let settled = eventually(PATIENCE, async || (parked() == 0).then_some(())).await;
+    assert!(settled.is_some(), "the delivered pair stays parked");
 }

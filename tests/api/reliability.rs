@@ -13,7 +13,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, assert_invalid_token, spawn_app, spawn_app_with};
-use crate::support::redis_probe::{PROGRESS_LOG, user_keys};
+use crate::support::redis_probe::{Progress, user_key, user_keys};
 use crate::support::{self, PATIENCE, PublicApi, RedisProbe, assert_error, eventually, metric_value};
 
 const MAX_POSITION: u64 = (1 << 53) - 1;
@@ -301,7 +301,7 @@ async fn a_start_refused_with_409_changes_nothing() {
     );
     let mut redis = redis_of(&app).await;
     let _: i64 = redis
-        .query(redis::cmd("DEL").arg("moneta:{u:u-standard}:entitlement"))
+        .query(redis::cmd("DEL").arg(user_key("u-standard", "entitlement")))
         .await;
     let one = app.token("u-standard", "standard", 1, "KR");
     assert_eq!(app.playback_info("m-0001", &one).await.status(), 200);
@@ -331,18 +331,14 @@ async fn the_progress_log_has_its_delivery_group_from_the_start() {
     let mut redis = redis_of(&app).await;
     let has_group = async |redis: &mut RedisProbe| {
         eventually(PATIENCE, async || {
-            redis
-                .groups(PROGRESS_LOG)
-                .await
-                .contains(&"delivery".to_owned())
-                .then_some(())
+            redis.every_log_has_its_group().await.then_some(())
         })
         .await
         .is_some()
     };
     assert!(
         has_group(&mut redis).await,
-        "no group `delivery` before any traffic"
+        "no group `delivery` on every bucket's log before any traffic"
     );
 
     let token = app.token("u-basic", "basic", 1, "KR");
@@ -351,13 +347,7 @@ async fn the_progress_log_has_its_delivery_group_from_the_start() {
     assert_delivered(&app, "u-basic", "m-0001", 5_000).await;
     // Delivered entries are acknowledged and leave the log.
     let settled = eventually(PATIENCE, async || {
-        let held: u64 = redis
-            .consumers(PROGRESS_LOG, "delivery")
-            .await
-            .iter()
-            .map(|(_, n)| n)
-            .sum();
-        (held == 0 && redis.count("XLEN", PROGRESS_LOG).await == 0).then_some(())
+        (redis.progress_log_state().await == (0, 0)).then_some(())
     })
     .await;
     assert!(settled.is_some(), "a delivered entry stayed in the log");
@@ -378,7 +368,7 @@ async fn the_progress_log_has_its_delivery_group_from_the_start() {
 /// at the internal API would once the copy is refreshed.
 async fn entitle(redis: &mut RedisProbe, user: &str, max_streams: u32) {
     let entitlement = json!({"user_id": user, "plan": "premium", "max_streams": max_streams, "active": true});
-    let key = format!("moneta:{{u:{user}}}:entitlement");
+    let key = user_key(user, "entitlement");
     redis
         .query::<()>(
             redis::cmd("SET")
@@ -521,7 +511,6 @@ mod under_fault {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
-    use crate::support::redis_probe::PROGRESS_PARKED;
     use crate::support::{Fault, RedisServer};
 
     /// Calls the Redis bulkhead turned away.
@@ -647,7 +636,7 @@ mod under_fault {
 
     async fn wait_parked(redis: &mut RedisProbe, n: u64) {
         let parked = eventually(PATIENCE, async || {
-            (redis.count("HLEN", PROGRESS_PARKED).await == n).then_some(())
+            (redis.total(Progress::Parked).await == n).then_some(())
         })
         .await;
         assert!(parked.is_some(), "never {n} parked pairs");
@@ -780,21 +769,21 @@ mod under_fault {
         let mut most_parked = 0;
         for p in 1..=100u64 {
             heartbeat_ok(&app, &token, &id, p * 1_000).await;
-            most_parked = most_parked.max(redis.count("HLEN", PROGRESS_PARKED).await);
+            most_parked = most_parked.max(redis.total(Progress::Parked).await);
         }
         assert!(most_parked <= 1, "{most_parked} parked fields for one pair");
         // With the API still down, the courier folds the log into the one field.
         let folded = eventually(PATIENCE, async || {
-            let log = redis.count("XLEN", PROGRESS_LOG).await;
-            let parked = redis.count("HLEN", PROGRESS_PARKED).await;
+            let log = redis.total(Progress::Log).await;
+            let parked = redis.total(Progress::Parked).await;
             (log <= 2 * BATCH && parked == 1).then_some(())
         })
         .await;
         assert!(
             folded.is_some(),
             "log {} entries, {} parked fields",
-            redis.count("XLEN", PROGRESS_LOG).await,
-            redis.count("HLEN", PROGRESS_PARKED).await
+            redis.total(Progress::Log).await,
+            redis.total(Progress::Parked).await
         );
 
         app.api.set_fault(Fault::None);

@@ -44,6 +44,12 @@ impl MonetaProcess {
     /// Starts with the dev HS256 secret and `RUST_LOG=info`, then `envs`;
     /// returns once it listens.
     pub fn start(envs: &[(&str, String)]) -> MonetaProcess {
+        Self::start_without(&[], envs)
+    }
+
+    /// As [`MonetaProcess::start`], with the settings named in `unset` left
+    /// out of the defaults (`MONETA_SESSION_SECRET`: a per-process key).
+    pub fn start_without(unset: &[&str], envs: &[(&str, String)]) -> MonetaProcess {
         let port = free_port();
         let admin_port = free_port();
         let mut command = moneta_command(port, admin_port);
@@ -52,8 +58,11 @@ impl MonetaProcess {
             .env("MONETA_SESSION_SECRET", "integration-session-secret")
             // Tests stop processes often; the drain itself is tested where it matters.
             .env("MONETA_SHUTDOWN_DRAIN_MS", "0")
-            .env("RUST_LOG", "info")
-            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
+            .env("RUST_LOG", "info");
+        for name in unset {
+            command.env_remove(name);
+        }
+        command.envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
         MonetaProcess {
             port,
             admin_port,

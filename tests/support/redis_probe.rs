@@ -4,18 +4,70 @@
 
 use std::collections::BTreeMap;
 
+use moneta::model::UserId;
+use moneta::sources::redis::keys::Buckets;
 use redis::aio::MultiplexedConnection;
 
-/// The progress log (a Stream with the consumer group `delivery`).
-pub const PROGRESS_LOG: &str = "moneta:{progress}:log";
-/// Positions the internal API could not take yet, one field per (user, title).
-pub const PROGRESS_PARKED: &str = "moneta:{progress}:parked";
+/// `MONETA_REDIS_BUCKETS` as the tests run Moneta (its default).
+pub const BUCKETS: u16 = 64;
+
+/// The consumer group of every bucket's progress log.
+pub const PROGRESS_GROUP: &str = "delivery";
+
+/// The single progress log, parked hash and dead letters of the key layout
+/// before buckets (the courier drains them).
+pub const LEGACY_LOG: &str = "moneta:{progress}:log";
+pub const LEGACY_PARKED: &str = "moneta:{progress}:parked";
+pub const LEGACY_DEAD: &str = "moneta:{progress}:dead";
+
+/// The bucket of `user`, as Moneta computes it (the key slot of the id).
+pub fn bucket(user: &str) -> u16 {
+    let user = UserId::parse(user).expect("a valid user id");
+    Buckets::new(BUCKETS).of(&user).index()
+}
+
+/// The progress log (a Stream with the consumer group `delivery`) of a bucket.
+pub fn progress_log(bucket: u16) -> String {
+    format!("moneta:{{b{bucket}}}:log")
+}
+
+/// Positions the internal API could not take yet, one field per (user,
+/// title), of a bucket.
+pub fn progress_parked(bucket: u16) -> String {
+    format!("moneta:{{b{bucket}}}:parked")
+}
+
+/// Positions that failed alone too often, of a bucket.
+pub fn progress_dead(bucket: u16) -> String {
+    format!("moneta:{{b{bucket}}}:dead")
+}
+
+/// One key of a user (a user id without `{`, `}`, `:` or `%`):
+/// `moneta:{b<bucket>}:u:<user>:<name>`.
+pub fn user_key(user: &str, name: &str) -> String {
+    format!("moneta:{{b{}}}:u:{user}:{name}", bucket(user))
+}
 
 /// The pattern of one user's keys (a user id without `{`, `}`, `:`, `%` or glob characters).
 pub fn user_keys(user: &str) -> String {
-    format!("moneta:{{u:{user}}}*")
+    format!("moneta:{{b{}}}:u:{user}:*", bucket(user))
 }
 
+/// Every key of one kind, over every bucket and the layout before buckets.
+fn every(kind: fn(u16) -> String, legacy: &str) -> Vec<String> {
+    (0..BUCKETS).map(kind).chain([legacy.to_owned()]).collect()
+}
+
+/// What the progress keys hold, summed over every bucket (and the layout before buckets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// `XLEN` of the logs.
+    Log,
+    /// `HLEN` of the parked hashes.
+    Parked,
+    /// `XLEN` of the dead letters.
+    Dead,
+}
 /// One key as it stands: its type and its members, rendered so that two
 /// readings compare equal exactly when the contents are equal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +144,60 @@ impl RedisProbe {
             all.insert(key, KeyContent { kind, items });
         }
         all
+    }
+
+    /// `command` on each key, in one pipeline, summed.
+    async fn sum(&mut self, command: &str, keys: &[String]) -> u64 {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd(command).arg(key);
+        }
+        let counts: Vec<u64> = pipe
+            .query_async(&mut self.conn)
+            .await
+            .unwrap_or_else(|e| panic!("{command} of the progress keys: {e}"));
+        counts.iter().sum()
+    }
+
+    /// Entries, parked pairs or dead letters, summed over every bucket.
+    pub async fn total(&mut self, what: Progress) -> u64 {
+        match what {
+            Progress::Log => self.sum("XLEN", &every(progress_log, LEGACY_LOG)).await,
+            Progress::Parked => self.sum("HLEN", &every(progress_parked, LEGACY_PARKED)).await,
+            Progress::Dead => self.sum("XLEN", &every(progress_dead, LEGACY_DEAD)).await,
+        }
+    }
+
+    /// Whether every bucket's log has the consumer group `delivery`.
+    pub async fn every_log_has_its_group(&mut self) -> bool {
+        for bucket in 0..BUCKETS {
+            if !self
+                .groups(&progress_log(bucket))
+                .await
+                .iter()
+                .any(|g| g == PROGRESS_GROUP)
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// (entries read by some instance and not settled, entries in the logs),
+    /// summed over every bucket; a log without its group has nothing read.
+    pub async fn progress_log_state(&mut self) -> (u64, u64) {
+        let mut pending = 0;
+        for log in every(progress_log, LEGACY_LOG) {
+            if self.groups(&log).await.iter().any(|g| g == PROGRESS_GROUP) {
+                pending += self
+                    .consumers(&log, PROGRESS_GROUP)
+                    .await
+                    .iter()
+                    .map(|(_, held)| held)
+                    .sum::<u64>();
+            }
+        }
+        (pending, self.total(Progress::Log).await)
     }
 
     /// The names of the consumer groups of a stream (none when it does not exist).

@@ -8,6 +8,6 @@ for template in /etc/nginx/dev-templates/*.template; do
     [ -f "$template" ] || continue
     target="/etc/nginx/conf.d/$(basename "$template" .template)"
     echo "$0: rendering $template to $target"
-    envsubst '${NGINX_DEV_LISTEN} ${NGINX_DEV_WEB_ROOT} ${NGINX_DEV_EDGE} ${NGINX_DEV_LICENSE}' \
+    envsubst '${NGINX_DEV_LISTEN} ${NGINX_DEV_WEB_ROOT} ${NGINX_DEV_EDGE}' \
         < "$template" > "$target"
 done

@@ -32,14 +32,20 @@
     degraded: null,
     error: null,
     activeSessions: null,
+    // Where ClearKey licences are asked for, and how many the player got.
+    licenceUrl: null,
+    licenceKeyId: null,
+    licencesGranted: 0,
   };
-  window.monetaPlayer = { state };
+  let licenceHeaders = {};
+  // The licence request headers are read by the browser test to ask for a
+  // licence as this page's session, the way a player's renewal would.
+  window.monetaPlayer = { state, licenceHeaders: () => ({ ...licenceHeaders }) };
 
   let token = '';
   let player = null;
   let session = null; // { id, timer }
   let buffering = false;
-  let licenceHeaders = {};
   let markers = [];
 
   // ---------------------------------------------------------------------
@@ -194,14 +200,19 @@
 
   // The EME key system for each DRM system the API names. CENC content is
   // one encryption whatever the licence protocol, and the manifest names the
-  // systems its packager served, so ClearKey is also offered at the same
-  // licence URL: it is picked only where a manifest names ClearKey (as the
-  // local stack's generated media does).
+  // systems its packager served, so ClearKey is offered too: it is picked
+  // only where a manifest names ClearKey (as the local stack's generated
+  // media does).
   const KEY_SYSTEMS = {
     widevine: 'com.widevine.alpha',
     playready: 'com.microsoft.playready',
     fairplay: 'com.apple.fps',
   };
+
+  // Moneta's licence proxy answers ClearKey at its own route, for a licence
+  // token of any system (CONTRACT §8); any other licence server is asked at
+  // the URL the API gave.
+  const clearKeyUrl = (url) => url.replace(/\/v1\/licenses\/[a-z]+$/, '/v1/licenses/clearkey');
 
   function drmConfig(drm) {
     const servers = {};
@@ -209,10 +220,36 @@
     if (drm) {
       const system = KEY_SYSTEMS[drm.system];
       if (system) servers[system] = drm.license_url;
-      servers['org.w3.clearkey'] = drm.license_url;
+      servers['org.w3.clearkey'] = clearKeyUrl(drm.license_url);
       if (drm.certificate_url && system) advanced[system] = { serverCertificateUri: drm.certificate_url };
     }
     return { servers, advanced };
+  }
+
+  // A refused licence request (the first one, or a renewal): the API's
+  // error, when the licence server is Moneta's proxy.
+  function licenceRefusal(error) {
+    const http = error?.data?.[0];
+    if (error?.code !== shaka.util.Error.Code.LICENSE_REQUEST_FAILED || http?.code !== shaka.util.Error.Code.BAD_HTTP_STATUS) return null;
+    let json = null;
+    try {
+      json = JSON.parse(http.data[2]);
+    } catch {
+      json = null;
+    }
+    return { status: http.data[1], json, retryAfter: null, requestId: null };
+  }
+
+  // The proxy refuses a licence to a session that has ended: the picture
+  // stops here whatever the heartbeats said.
+  function onLicenceRefused(answer) {
+    const code = answer.json?.error?.code;
+    log(`licence → ${answer.status}${code ? ` ${code}` : ''}`, true);
+    if (code !== 'session_evicted' && code !== 'session_not_found') return;
+    endSession();
+    video.pause();
+    message(apiError('Licence', answer), code === 'session_evicted' ? 'info' : 'error');
+    setPhase('stopped');
   }
 
   function candidates(streams) {
@@ -232,11 +269,18 @@
         Object.assign(request.headers, licenceHeaders);
       }
     });
+    player.getNetworkingEngine().registerResponseFilter((type) => {
+      if (type === shaka.net.NetworkingEngine.RequestType.LICENSE) state.licencesGranted += 1;
+    });
     player.addEventListener('buffering', (e) => {
       buffering = e.buffering;
       show('state', playerState());
     });
-    player.addEventListener('error', (e) => log(`player error ${e.detail.code}`, true));
+    player.addEventListener('error', (e) => {
+      const refused = licenceRefusal(e.detail);
+      if (refused) onLicenceRefused(refused);
+      else log(`player error ${e.detail.code}`, true);
+    });
     return player;
   }
 
@@ -245,8 +289,12 @@
     const startS = (playback.resume_position_ms ?? 0) / 1000;
     const failures = [];
     for (const stream of candidates(playback.streams)) {
-      licenceHeaders = stream.drm?.license_request_headers ?? {};
-      p.configure({ drm: drmConfig(stream.drm) });
+      for (const name of Object.keys(licenceHeaders)) delete licenceHeaders[name];
+      Object.assign(licenceHeaders, stream.drm?.license_request_headers ?? {});
+      const drm = drmConfig(stream.drm);
+      state.licenceUrl = drm.servers['org.w3.clearkey'] ?? null;
+      state.licenceKeyId = stream.drm?.key_id ?? null;
+      p.configure({ drm });
       try {
         await p.load(stream.url, startS > 0 ? startS : null);
       } catch (e) {
@@ -380,8 +428,20 @@
     list.hidden = false;
   }
 
+  // Set while the server has asked for no heartbeat before then (Retry-After).
+  let heartbeatNotBefore = 0;
+
+  // Retry-After in seconds (delta-seconds or an HTTP date), or null.
+  function retryAfterS(answer) {
+    if (!answer.retryAfter) return null;
+    const seconds = Number(answer.retryAfter);
+    if (Number.isFinite(seconds)) return Math.max(0, seconds);
+    const at = Date.parse(answer.retryAfter);
+    return Number.isNaN(at) ? null : Math.max(0, (at - Date.now()) / 1000);
+  }
+
   async function heartbeat() {
-    if (!session) return;
+    if (!session || Date.now() < heartbeatNotBefore) return;
     const id = session.id;
     const body = { position_ms: positionMs(), state: playerState() };
     state.heartbeatsSent += 1;
@@ -400,6 +460,22 @@
       video.pause();
       message(apiError('Heartbeat', answer), code === 'session_evicted' ? 'info' : 'error');
       setPhase('stopped');
+    } else if (answer.status === 503 && retryAfterS(answer) !== null) {
+      // Shed (overloaded) or a dependency briefly unavailable: the picture
+      // plays on, and the next heartbeat goes when the server asked, not
+      // before; then the regular interval resumes. The session stays live
+      // for three intervals, so one skipped heartbeat loses nothing: the
+      // next one carries the position.
+      const waitS = retryAfterS(answer);
+      heartbeatNotBefore = Date.now() + waitS * 1000;
+      show('heartbeats', `${state.heartbeatsOk} ok of ${state.heartbeatsSent}; last refused (${code ?? answer.status}), next in ${waitS} s`);
+      // clearInterval also clears a timeout: both share one list of timers.
+      clearInterval(session.timer);
+      session.timer = setTimeout(() => {
+        if (!session || session.id !== id) return;
+        session.timer = setInterval(heartbeat, state.heartbeatIntervalS * 1000);
+        heartbeat();
+      }, waitS * 1000);
     } else {
       show('heartbeats', `${state.heartbeatsOk} ok of ${state.heartbeatsSent}; last failed (${answer.status})`);
     }

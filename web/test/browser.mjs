@@ -3,15 +3,16 @@
 // stack and runs this with:
 //   PAGE_ORIGIN   where the player is opened (a different origin from the
 //                 API, so every API call is a real CORS request)
-//   API_ORIGIN    the API, the CDN and the licence server
-//   TOKEN         a demo-basic token (limit: 1 stream)
+//   API_ORIGIN    the API (also the licence proxy) and the CDN
+//   TOKEN         a demo-basic token (limit: 1 stream; the stack evicts the
+//                 oldest session at the limit)
 //   TOKEN_INACTIVE  a demo-inactive token (subscription not active)
-//   REDIS_PORT, DATABASE_URL, ADMIN_PORT, LICENSE_LOG, HEARTBEAT_S
+//   REDIS_PORT, DATABASE_URL, ADMIN_PORT, HEARTBEAT_S
 //   ARTIFACTS     directory for screenshots and the measurements (JSON)
 //   CHROMIUM      browser binary (/usr/bin/chromium)
 
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -52,7 +53,10 @@ async function until(what, seconds, probe) {
 }
 
 const redisPosition = () => {
-  const out = execFileSync('redis-cli', ['-p', env('REDIS_PORT'), 'HGET', `moneta:{u:${USER}}:positions`, CONTENT], { encoding: 'utf8' }).trim();
+  // The user's positions key lives in its bucket (`moneta:{b<n>}:u:<user>:positions`).
+  const key = execFileSync('redis-cli', ['-p', env('REDIS_PORT'), '--scan', '--pattern', `moneta:{b*}:u:${USER}:positions`], { encoding: 'utf8' }).trim().split('\n')[0];
+  if (!key) return null;
+  const out = execFileSync('redis-cli', ['-p', env('REDIS_PORT'), 'HGET', key, CONTENT], { encoding: 'utf8' }).trim();
   return out === '' ? null : Number.parseInt(out, 10);
 };
 
@@ -73,7 +77,13 @@ async function heartbeatsAtMoneta() {
     .reduce((sum, l) => sum + Number(l.trim().split(/\s+/).pop()), 0);
 }
 
-const licencesGranted = () => readFileSync(env('LICENSE_LOG'), 'utf8').split('\n').filter((l) => l.includes('"licence granted"')).length;
+/** `moneta_license_requests_total{drm_system, outcome}` as Moneta counts it. */
+async function licencesAtMoneta(system, outcome) {
+  const text = await (await fetch(`http://127.0.0.1:${env('ADMIN_PORT')}/metrics`)).text();
+  const series = `moneta_license_requests_total{drm_system="${system}",outcome="${outcome}"}`;
+  const line = text.split('\n').find((l) => l.startsWith(`${series} `));
+  return line ? Number(line.trim().split(/\s+/).pop()) : 0;
+}
 
 const playerState = (page) => page.evaluate(() => ({ ...window.monetaPlayer.state, currentTime: document.getElementById('video').currentTime }));
 
@@ -154,7 +164,9 @@ async function main() {
     let s = await playerState(page);
     check(s.protocol === 'dash', 'the DASH stream plays', s.protocol);
     check(s.keySystem === 'org.w3.clearkey', 'decrypted through EME with ClearKey', s.keySystem);
-    check(licencesGranted() >= 1, 'the licence server granted a licence for the session token');
+    check(s.licenceUrl === `${API_ORIGIN}/v1/licenses/clearkey`, "the licence came from Moneta's proxy", s.licenceUrl);
+    check(s.licencesGranted >= 1, 'the player got its licence', s.licencesGranted);
+    check((await licencesAtMoneta('clearkey', 'issued')) >= 1, 'Moneta issued the ClearKey licence for the session token');
     const t0 = s.currentTime;
     const playedAt = Date.now();
     await until('3 s of playback', 20, async () => (await playerState(page)).currentTime - t0 >= 3);
@@ -162,7 +174,8 @@ async function main() {
     measured.seconds_played = Number((s.currentTime - t0).toFixed(2));
     measured.wall_seconds_for_that = Number(((Date.now() - playedAt) / 1000).toFixed(2));
     measured.key_system = s.keySystem;
-    measured.licences_granted = licencesGranted();
+    measured.licence_url = s.licenceUrl;
+    measured.licences_issued_by_moneta = await licencesAtMoneta('clearkey', 'issued');
 
     // --- heartbeats reach Moneta, Redis, then PostgreSQL
     step('heartbeats: page → Moneta → Redis → PostgreSQL');
@@ -206,24 +219,48 @@ async function main() {
     check(Math.abs(measured.saved_behind_reload_s) <= HEARTBEAT_S + 1, 'the saved position is the one left at', measured);
     const firstDevice = s.deviceId;
 
-    // --- a second device at limit 1 is refused and told which device plays
-    step('second device at limit 1: 409 with the first device listed');
+    // --- a second device at limit 1 evicts the first (evict_oldest); the
+    // first page says so, and its session gets no licence any more
+    step('second device at limit 1: the first is evicted and refused its licence');
     const second = await browser.newContext({ viewport: { width: 1280, height: 900 } });
     const other = await open(second, query);
-    await until('the stream-limit message', 20, async () => (await playerState(other)).phase === 'blocked');
+    await until('the second device to play', 30, async () => {
+      const r = await playerState(other);
+      if (r.phase === 'error' || r.phase === 'blocked') throw new Error(`second device stopped: ${JSON.stringify(r.error)} ${await other.textContent('#message')}`);
+      return r.phase === 'playing' && r.currentTime > 0;
+    });
     const o = await playerState(other);
     check(o.deviceId !== firstDevice, 'the second context is another device');
-    check(o.error?.status === 409 && o.error.code === 'stream_limit_reached', '409 stream_limit_reached', o.error);
-    const listed = await other.$$eval('#devices li', (items) => items.map((li) => li.dataset.deviceId));
-    check(listed.includes(firstDevice), 'the first device is listed', { listed, firstDevice });
-    check(await other.isVisible('#message'), 'the message is shown');
-    await other.screenshot({ path: join(ARTIFACTS, 'player-stream-limit.png'), fullPage: true });
-    measured.stream_limit_devices = listed;
+    check(o.keySystem === 'org.w3.clearkey' && o.licencesGranted >= 1, "the second device got its own licence from Moneta's proxy", o);
+    await until('the first page to learn it was evicted', HEARTBEAT_S * 3 + 5, async () => (await playerState(page)).phase === 'stopped');
+    s = await playerState(page);
+    check(s.error?.status === 409 && s.error.code === 'session_evicted', 'the first device heard 409 session_evicted', s.error);
+    const shown = await page.textContent('#message-text');
+    check(/playback moved to another device/i.test(shown) && (await page.isVisible('#message')), 'the page shows "playback moved to another device"', shown);
+    await page.screenshot({ path: join(ARTIFACTS, 'player-evicted.png'), fullPage: true });
 
-    // --- the first device stops; the second one may now play, over HLS
-    step('first device stops; the second plays the clear HLS stream');
-    await page.click('#stop');
-    await until('the first session to stop', 10, async () => (await playerState(page)).phase === 'stopped');
+    // What a player that ignored the 409 would do at its next licence
+    // renewal: ask again with its session's licence token. Sent from the
+    // evicted page, cross-origin, exactly as its CDM's request went.
+    const renewal = await page.evaluate(async () => {
+      const { state } = window.monetaPlayer;
+      const kid = (hex) => btoa(String.fromCharCode(...hex.match(/../g).map((h) => parseInt(h, 16)))).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+      const res = await fetch(state.licenceUrl, {
+        method: 'POST',
+        headers: window.monetaPlayer.licenceHeaders(),
+        body: JSON.stringify({ kids: [kid(state.licenceKeyId)], type: 'temporary' }),
+      });
+      return { status: res.status, body: await res.json() };
+    });
+    check(renewal.status === 409 && renewal.body?.error?.code === 'session_evicted', 'a licence request from the evicted session is refused with 409 session_evicted', renewal);
+    check((await licencesAtMoneta('clearkey', 'evicted')) >= 1, 'Moneta counted the refused licence');
+    measured.evicted_licence_request = { status: renewal.status, code: renewal.body?.error?.code };
+    measured.evicted_page_message = shown.trim();
+
+    // --- the second device stops, then plays the clear HLS stream
+    step('second device: stop, then the clear HLS stream');
+    await other.click('#stop');
+    await until('the second session to stop', 10, async () => (await playerState(other)).phase === 'stopped');
     await other.goto(`${PAGE_ORIGIN}/player/?${query}&protocol=hls`, { timeout: 15_000 });
     await until('HLS playback on the second device', 30, async () => {
       const r = await playerState(other);

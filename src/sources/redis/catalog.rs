@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::keys::{self, UserKeys};
+use super::keys;
 use super::{POSITION_TTL_S, RedisStore};
 use crate::model::{ContentId, ContentPlayback, Entitlement, PositionMs, ResumePoint, UserId};
 use crate::resilience::DependencyError;
@@ -77,7 +77,7 @@ impl RedisStore {
         content_id: &ContentId,
         known_title: bool,
     ) -> Result<UserView, DependencyError> {
-        let keys = UserKeys::new(user);
+        let keys = self.user_keys(user);
         let positions = keys.positions();
         let cached = self.cache.as_ref().and_then(|c| Some((c, c.for_read()?)));
         let keep_position = cached
@@ -111,7 +111,7 @@ impl RedisStore {
         if write.entitlement.is_none() && write.position.is_none() {
             return;
         }
-        let keys = UserKeys::new(user);
+        let keys = self.user_keys(user);
         let _ = self
             .run(|mut c| async move {
                 let mut pipe = redis::pipe();

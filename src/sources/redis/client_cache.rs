@@ -223,13 +223,13 @@ mod tests {
     #[test]
     fn a_few_titles_per_user_until_the_positions_change() {
         let cache = cache();
-        let key = "moneta:{u:viewer}:positions";
+        let key = "moneta:{b7}:u:viewer:positions";
         for title in ["a", "b", "c", "d"] {
             assert!(cache.admit_position(key, title));
         }
         assert!(cache.admit_position(key, "a"), "admitted titles stay admitted");
         assert!(!cache.admit_position(key, "e"), "a fifth title is read, not kept");
-        assert!(cache.admit_position("moneta:{u:other}:positions", "e"));
+        assert!(cache.admit_position("moneta:{b7}:u:other:positions", "e"));
         let handler = cache.push_handler();
         let _ = handler(PushInfo {
             kind: PushKind::Invalidate,

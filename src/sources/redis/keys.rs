@@ -1,87 +1,213 @@
 //! Every Redis key Moneta uses, in one place.
 //!
-//! Per-user keys share the hash tag `{u:<user>}` so that every script touching
-//! one user's keys stays in one Redis Cluster slot. The user id is escaped so a
-//! `{`, `}` or `:` in it can neither end the tag early nor collide with a key
-//! of another user.
+//! Users map to a fixed number of buckets (`MONETA_REDIS_BUCKETS`). A bucket
+//! is one hash tag, `{b<n>}`: every per-user key of its users and the
+//! bucket's progress log, parked hash and dead letters share it, so one
+//! script writes a heartbeat's position and its log entry atomically in Redis
+//! Cluster as on a single node, while the buckets spread the log over the
+//! shards. A user's bucket is the Redis Cluster key slot of the user id
+//! (CRC16/XMODEM modulo 16384, the id taken whole) modulo the number of
+//! buckets: stable across processes, versions and platforms, and
+//! reproducible with `redis-cli CLUSTER KEYSLOT <user id>` for ids without
+//! braces.
+//!
+//! Inside a key the user id is escaped, so a `{`, `}`, `:` or `%` in it can
+//! neither open a hash tag of its own nor make two users' keys collide.
+//!
+//! Keys of the layout before buckets (`moneta:{u:<user>}:…` per user, one
+//! `moneta:{progress}` log) are read only to drain the progress log they may
+//! still hold ([`Shard::Legacy`]).
+
+use std::fmt::Write;
 
 use crate::model::{ContentId, UserId};
 
 const PREFIX: &str = "moneta";
+
+/// Redis Cluster's number of hash slots: more buckets could not spread further.
+pub const MAX_BUCKETS: u16 = 16_384;
 
 /// Cached title (fresh/stale envelope), shared by all users.
 pub fn content(content_id: &ContentId) -> String {
     format!("{PREFIX}:content:{content_id}")
 }
 
-/// Stream of positions acknowledged to players and not yet delivered to the
-/// internal API (consumer group `delivery`). Shares its slot with
-/// [`progress_parked`] so one script can move entries between them.
-pub fn progress_log() -> String {
-    format!("{PREFIX}:{{progress}}:log")
+/// CRC16/XMODEM (polynomial 0x1021, initial value 0), the checksum Redis
+/// Cluster hashes keys with.
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
 }
 
-/// Hash of positions the internal API could not take yet, one field per
-/// (user, title): an outage parks distinct pairs, not heartbeats.
-pub fn progress_parked() -> String {
-    format!("{PREFIX}:{{progress}}:parked")
+/// The Redis Cluster slot of `bytes` taken whole (without looking for a
+/// hash tag inside them).
+pub fn key_slot(bytes: &[u8]) -> u16 {
+    crc16(bytes) % MAX_BUCKETS
 }
 
-/// Stream of positions the internal API failed to take alone
-/// `MONETA_PROGRESS_MAX_ATTEMPTS` times while it took others (poison items),
-/// kept for `moneta progress dead-letters` / `replay` instead of being dropped.
-/// Bounded (`XADD MAXLEN ~`); shares the slot of [`progress_log`] so the
-/// settle script moves items into it atomically.
-pub fn progress_dead() -> String {
-    format!("{PREFIX}:{{progress}}:dead")
+/// How users are spread over buckets: the same count on every instance of a
+/// deployment, or the same user's keys live under two tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buckets(u16);
+
+impl Buckets {
+    /// `count` is kept within 1..=[`MAX_BUCKETS`] (the settings refuse
+    /// anything else before this is reached).
+    pub fn new(count: u16) -> Self {
+        Self(count.clamp(1, MAX_BUCKETS))
+    }
+
+    pub fn count(self) -> u16 {
+        self.0
+    }
+
+    pub fn of(self, user: &UserId) -> Bucket {
+        Bucket(key_slot(user.as_str().as_bytes()) % self.0)
+    }
+
+    pub fn all(self) -> impl Iterator<Item = Bucket> {
+        (0..self.0).map(Bucket)
+    }
+
+    /// The keys of one user, in the user's bucket.
+    pub fn user(self, user: &UserId) -> UserKeys {
+        UserKeys::new(self.of(user), user)
+    }
+
+    /// Every shard of the progress log: the layout before buckets first, then
+    /// every bucket.
+    pub fn shards(self) -> Vec<Shard> {
+        std::iter::once(Shard::Legacy)
+            .chain(self.all().map(Shard::Bucket))
+            .collect()
+    }
 }
 
-/// The keys of one user; all of them hash to the same cluster slot.
+/// One bucket: one hash tag, one cluster slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Bucket(u16);
+
+impl Bucket {
+    pub fn index(self) -> u16 {
+        self.0
+    }
+
+    /// `moneta:{b<n>}`: the start of every key of the bucket.
+    fn tag(self) -> String {
+        format!("{PREFIX}:{{b{}}}", self.0)
+    }
+}
+
+/// Where a part of the progress log lives: a bucket's keys, or the single
+/// `{progress}` log of the layout before buckets, drained while it holds
+/// anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Shard {
+    Legacy,
+    Bucket(Bucket),
+}
+
+impl Shard {
+    fn tag(self) -> String {
+        match self {
+            Shard::Legacy => format!("{PREFIX}:{{progress}}"),
+            Shard::Bucket(bucket) => bucket.tag(),
+        }
+    }
+
+    /// Stream of positions acknowledged to players and not yet delivered to
+    /// the internal API (consumer group `delivery`).
+    pub fn log(self) -> String {
+        format!("{}:log", self.tag())
+    }
+
+    /// Hash of positions the internal API could not take yet, one field per
+    /// (user, title): an outage parks distinct pairs, not heartbeats.
+    pub fn parked(self) -> String {
+        format!("{}:parked", self.tag())
+    }
+
+    /// Stream of positions the internal API failed to take alone
+    /// `MONETA_PROGRESS_MAX_ATTEMPTS` times while it took others (poison
+    /// items), kept for `moneta progress dead-letters` / `replay` instead of
+    /// being dropped. Bounded (`XADD MAXLEN ~`).
+    pub fn dead(self) -> String {
+        format!("{}:dead", self.tag())
+    }
+
+    pub fn is_legacy(self) -> bool {
+        matches!(self, Shard::Legacy)
+    }
+}
+
+/// The keys of one user; all of them, and the user's bucket's progress
+/// keys, hash to the same cluster slot.
 pub struct UserKeys {
-    tag: String,
+    bucket: Bucket,
+    /// `moneta:{b<n>}:u:<escaped user>`
+    base: String,
 }
 
 impl UserKeys {
-    pub fn new(user_id: &UserId) -> Self {
-        let mut tag = String::with_capacity(user_id.as_str().len() + 16);
-        tag.push_str(PREFIX);
-        tag.push_str(":{u:");
+    fn new(bucket: Bucket, user_id: &UserId) -> Self {
+        let mut base = bucket.tag();
+        base.reserve(user_id.as_str().len() + 4);
+        base.push_str(":u:");
         for c in user_id.as_str().chars() {
             match c {
-                '{' | '}' | ':' | '%' => tag.push_str(&format!("%{:02X}", c as u32)),
-                c => tag.push(c),
+                '{' | '}' | ':' | '%' => {
+                    let _ = write!(base, "%{:02X}", c as u32);
+                }
+                c => base.push(c),
             }
         }
-        tag.push('}');
-        Self { tag }
+        Self { bucket, base }
     }
 
     /// Cached entitlement JSON (`null` when the user has none).
     pub fn entitlement(&self) -> String {
-        format!("{}:entitlement", self.tag)
+        format!("{}:entitlement", self.base)
     }
     /// Hash: content id → resume position in ms.
     pub fn positions(&self) -> String {
-        format!("{}:positions", self.tag)
+        format!("{}:positions", self.base)
     }
     /// Sorted set: session id → last heartbeat (ms since epoch, Redis' clock).
     pub fn sessions(&self) -> String {
-        format!("{}:sessions", self.tag)
+        format!("{}:sessions", self.base)
     }
     /// Hash: session id → "device_id content_id".
     pub fn session_info(&self) -> String {
-        format!("{}:session-info", self.tag)
+        format!("{}:session-info", self.base)
     }
     /// Hash: device id → its live session id (finds the session a device replaces).
     pub fn devices(&self) -> String {
-        format!("{}:devices", self.tag)
+        format!("{}:devices", self.base)
     }
     /// Sorted set of recently ended sessions (`e:<id>` evicted, `s:<id>`
     /// stopped, replaced or expired) → when: their ids stay ended, and an
     /// evicted player's next heartbeat can say why. Bounded per user by the
     /// scripts.
     pub fn ended(&self) -> String {
-        format!("{}:ended", self.tag)
+        format!("{}:ended", self.base)
+    }
+    /// The progress log of the user's bucket: the session scripts append to
+    /// it in the same atomic step that records the position.
+    pub fn log(&self) -> String {
+        Shard::Bucket(self.bucket).log()
+    }
+    pub fn bucket(&self) -> Bucket {
+        self.bucket
     }
 }
 
@@ -99,45 +225,142 @@ pub fn hash_tag(key: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use redis::cluster_routing::Slot;
+
     use super::*;
 
-    #[test]
-    fn user_keys_share_one_hash_tag() {
-        let k = UserKeys::new(&user("user-42"));
-        let tags = [
+    const BUCKETS: Buckets = Buckets(64);
+
+    fn user(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
+    }
+
+    fn every_key(k: &UserKeys) -> [String; 7] {
+        [
             k.entitlement(),
             k.positions(),
             k.sessions(),
             k.session_info(),
             k.devices(),
             k.ended(),
-        ];
-        assert!(tags.iter().all(|t| hash_tag(t) == "u:user-42"));
+            k.log(),
+        ]
     }
 
     #[test]
-    fn braces_in_user_ids_cannot_break_the_tag() {
-        let k = UserKeys::new(&user("a}b{c:d"));
-        assert_eq!(hash_tag(&k.sessions()), "u:a%7Db%7Bc%3Ad");
-        assert_ne!(
-            UserKeys::new(&user("a:b")).sessions(),
-            UserKeys::new(&user("a%3Ab")).sessions()
+    fn user_keys_and_their_buckets_progress_keys_share_one_hash_tag() {
+        for id in ["user-42", "a}b{c:d", "%7B", "{", "}{", "x:y", "u 1"] {
+            let k = BUCKETS.user(&user(id));
+            let shard = Shard::Bucket(k.bucket());
+            let tag = format!("b{}", k.bucket().index());
+            for key in every_key(&k).iter().chain(&[shard.parked(), shard.dead()]) {
+                assert_eq!(hash_tag(key), tag, "{id:?}: {key}");
+                // What Redis Cluster itself hashes.
+                assert_eq!(Slot::for_key(key), Slot::for_key(format!("{{{tag}}}")), "{key}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_layout_is_the_documented_one() {
+        let k = BUCKETS.user(&user("user-42"));
+        let b = k.bucket().index();
+        assert_eq!(k.sessions(), format!("moneta:{{b{b}}}:u:user-42:sessions"));
+        assert_eq!(k.log(), format!("moneta:{{b{b}}}:log"));
+        assert_eq!(Shard::Legacy.log(), "moneta:{progress}:log");
+        assert_eq!(Shard::Legacy.parked(), "moneta:{progress}:parked");
+        assert_eq!(Shard::Legacy.dead(), "moneta:{progress}:dead");
+    }
+
+    #[test]
+    fn escaped_user_ids_cannot_collide() {
+        let k = BUCKETS.user(&user("a}b{c:d"));
+        assert!(
+            k.sessions().ends_with(":u:a%7Db%7Bc%3Ad:sessions"),
+            "{}",
+            k.sessions()
         );
+        let ids = [
+            "a:b",
+            "a%3Ab",
+            "a%b",
+            "a%25b",
+            "a}",
+            "a%7D",
+            "a{",
+            "a%7B",
+            "a",
+            "a:sessions",
+        ];
+        let keys: BTreeSet<String> = ids
+            .iter()
+            .flat_map(|id| every_key(&BUCKETS.user(&user(id))))
+            .filter(|key| !key.ends_with(":log"))
+            .collect();
+        assert_eq!(keys.len(), ids.len() * 6, "two users share a key");
+    }
+
+    #[test]
+    fn the_bucket_is_redis_own_key_slot_of_the_user_id() {
+        // The check value of CRC16/XMODEM.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        for id in ["user-42", "u-basic", "load-poison", "x"] {
+            assert_eq!(
+                Slot::new(key_slot(id.as_bytes())),
+                Some(Slot::for_key(id)),
+                "{id}"
+            );
+            let bucket = BUCKETS.of(&user(id)).index();
+            assert_eq!(bucket, key_slot(id.as_bytes()) % 64);
+        }
+        // Fixed once and for all, whatever the process, version or platform
+        // (`redis-cli CLUSTER KEYSLOT user-42` answers 14587).
+        assert_eq!(key_slot(b"user-42"), 14_587);
+        assert_eq!(BUCKETS.of(&user("user-42")).index(), 59);
+    }
+
+    #[test]
+    fn users_spread_over_every_bucket() {
+        let mut per_bucket: BTreeMap<u16, usize> = BTreeMap::new();
+        for i in 0..6_400 {
+            *per_bucket
+                .entry(BUCKETS.of(&user(&format!("user-{i}"))).index())
+                .or_default() += 1;
+        }
+        assert_eq!(per_bucket.len(), 64);
+        let (least, most) = (per_bucket.values().min(), per_bucket.values().max());
+        assert!(least >= Some(&70) && most <= Some(&130), "{per_bucket:?}");
+    }
+
+    #[test]
+    fn buckets_spread_over_the_slots_of_a_three_shard_cluster() {
+        // `redis-cli --cluster create` gives each of three primaries a third
+        // of the slots, in one range each.
+        let mut per_shard = [0usize; 3];
+        let mut slots = BTreeSet::new();
+        for bucket in BUCKETS.all() {
+            let slot = key_slot(format!("b{}", bucket.index()).as_bytes());
+            slots.insert(slot);
+            per_shard[usize::from(slot) * 3 / usize::from(MAX_BUCKETS)] += 1;
+        }
+        assert_eq!(slots.len(), 64, "two buckets share a slot");
+        assert!(per_shard.iter().all(|n| *n >= 16), "{per_shard:?}");
+    }
+
+    #[test]
+    fn bucket_counts_stay_within_the_slots() {
+        assert_eq!(Buckets::new(0).count(), 1);
+        assert_eq!(Buckets::new(u16::MAX).count(), MAX_BUCKETS);
+        assert_eq!(Buckets::new(1).of(&user("anyone")).index(), 0);
+        assert_eq!(Buckets::new(3).shards().len(), 4);
+        assert_eq!(Buckets::new(3).shards()[0], Shard::Legacy);
     }
 
     #[test]
     fn content_keys_are_per_title() {
         let id = ContentId::parse("m-0001").unwrap();
         assert_eq!(content(&id), "moneta:content:m-0001");
-    }
-
-    #[test]
-    fn progress_keys_share_a_slot() {
-        assert_eq!(hash_tag(&progress_log()), hash_tag(&progress_parked()));
-        assert_eq!(hash_tag(&progress_log()), hash_tag(&progress_dead()));
-    }
-
-    fn user(s: &str) -> UserId {
-        UserId::parse(s).unwrap()
     }
 }

@@ -5,26 +5,30 @@
 mod catalog;
 mod client_cache;
 mod clock;
+mod grouped;
 pub mod keys;
 mod progress;
 mod sessions;
 
 pub use catalog::{CachedContent, UserView, WriteBack};
 pub use clock::RedisClock;
-pub use progress::{Delivery, PROGRESS_GROUP, ProgressLog, Settlement};
-pub use sessions::{EndOutcome, LiveList, SessionStore, StartOutcome, StartRequest, TouchOutcome, Untraced};
+pub use progress::{DeadLetter, Delivery, EntryId, PROGRESS_GROUP, ParkedField, ProgressLog, Settlement};
+pub use sessions::{
+    EndOutcome, LiveList, SessionState, SessionStore, StartOutcome, StartRequest, TouchOutcome, Untraced,
+};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, ProtocolVersion, RedisFuture, RedisResult, Value};
-use tokio::sync::OnceCell;
 use tracing::field::Empty;
 
 use self::client_cache::ClientCache;
+use self::keys::{Buckets, UserKeys};
 use crate::config::RedisSettings;
 use crate::resilience::{DependencyError, Guard};
 use crate::telemetry::traces;
@@ -134,7 +138,85 @@ enum Connector {
     Single(ConnectionManager),
     /// Cluster connections discover the topology when they connect, so the
     /// first successful call establishes it (Redis may be down at start).
-    Cluster(Box<ClusterClient>, Arc<OnceCell<ClusterConnection>>),
+    Cluster(Arc<ClusterLink>),
+}
+
+/// The cluster connection, made again from the seed nodes while calls keep
+/// failing. redis-rs 1.8 refreshes its slot map on `MOVED` or when a slot has
+/// no connection; after a primary was SIGKILLed and its replica promoted,
+/// calls to those slots went on timing out against the dead address for
+/// minutes (tests/failover.rs). A new connection asks the seeds for the
+/// topology afresh.
+pub(crate) struct ClusterLink {
+    client: ClusterClient,
+    current: arc_swap::ArcSwapOption<ClusterConnection>,
+    /// One connection is made at a time.
+    making: tokio::sync::Mutex<()>,
+    /// Milliseconds after `born` of the last time one was made (0: never).
+    made_ms: AtomicU64,
+    born: std::time::Instant,
+}
+
+/// Calls fail this long after a connection was made before it is made again.
+const CLUSTER_REMAKE_AFTER: Duration = Duration::from_secs(2);
+
+impl ClusterLink {
+    fn new(client: ClusterClient) -> Self {
+        Self {
+            client,
+            current: arc_swap::ArcSwapOption::empty(),
+            making: tokio::sync::Mutex::new(()),
+            made_ms: AtomicU64::new(0),
+            born: std::time::Instant::now(),
+        }
+    }
+
+    fn since_born_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64 + 1
+    }
+
+    async fn conn(&self) -> RedisResult<ClusterConnection> {
+        if let Some(conn) = self.current.load_full() {
+            return Ok((*conn).clone());
+        }
+        let _making = self.making.lock().await;
+        if let Some(conn) = self.current.load_full() {
+            return Ok((*conn).clone());
+        }
+        self.make().await
+    }
+
+    async fn make(&self) -> RedisResult<ClusterConnection> {
+        let conn = self.client.get_async_connection().await?;
+        self.current.store(Some(Arc::new(conn.clone())));
+        self.made_ms.store(self.since_born_ms(), Ordering::Relaxed);
+        Ok(conn)
+    }
+
+    /// A call failed as Redis being unreachable: unless a connection was
+    /// made within [`CLUSTER_REMAKE_AFTER`], make one in the background
+    /// (calls go on with the current one meanwhile).
+    fn suspect(self: &Arc<Self>) {
+        let now = self.since_born_ms();
+        let made = self.made_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(made) < CLUSTER_REMAKE_AFTER.as_millis() as u64
+            || self
+                .made_ms
+                .compare_exchange(made, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let link = self.clone();
+        tokio::spawn(async move {
+            let Ok(_making) = link.making.try_lock() else {
+                return;
+            };
+            if let Err(e) = link.make().await {
+                tracing::warn!(error = %e, "could not reconnect to the Redis Cluster");
+            }
+        });
+    }
 }
 
 /// Typed Redis operations, each behind the Redis guard.
@@ -147,49 +229,100 @@ pub struct RedisStore {
     /// Single-node mode only: the cluster client's per-node invalidations and
     /// reconnects are not covered by a test here yet.
     cache: Option<Arc<ClientCache>>,
+    buckets: Buckets,
+    /// Replicas a heartbeat or stop must reach before it counts as recorded.
+    min_replicas_acked: u32,
+    /// Set when `min_replicas_acked` is: see [`Waiting`].
+    waiting: Option<Arc<Waiting>>,
+}
+
+/// How many connections of their own writes followed by `WAIT` spread over.
+const WAITING_CONNECTIONS: usize = 8;
+
+/// Connections of their own for writes followed by `WAIT`. Redis holds back
+/// a connection's next commands while its `WAIT` blocks, so on the shared
+/// connection one write waiting for replicas would hold back every other
+/// call of this instance (and, should a replica lag, time them all out).
+/// Here it holds back at most the writes sent after it on the same one of
+/// these connections.
+struct Waiting {
+    connectors: Vec<Connector>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Waiting {
+    fn new(settings: &RedisSettings) -> RedisResult<Self> {
+        let connectors = (0..WAITING_CONNECTIONS)
+            .map(|_| connector(settings, None))
+            .collect::<RedisResult<_>>()?;
+        Ok(Self {
+            connectors,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    fn pick(&self) -> Option<&Connector> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.connectors.get(n % self.connectors.len().max(1))
+    }
+}
+
+/// A connection of `settings`' shape, not connected yet; with `cache`, the
+/// single-node connection that also serves the client-side cache.
+fn connector(settings: &RedisSettings, cache: Option<&Arc<ClientCache>>) -> RedisResult<Connector> {
+    let timeout = settings.guard.timeout;
+    Ok(match &settings.cluster_urls {
+        Some(urls) => {
+            let client = ClusterClient::builder(urls.clone())
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(1)
+                .build()?;
+            Connector::Cluster(Arc::new(ClusterLink::new(client)))
+        }
+        None => {
+            let mut client = redis::Client::open(settings.url.as_str())?;
+            // Without these a paused Redis would hang every call on this connection.
+            let mut config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            if let Some(cache) = cache {
+                // One connection for reads and writes: Redis sends the
+                // invalidation for a write before that write's reply.
+                let info = client.get_connection_info().clone();
+                let redis_info = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+                client = redis::Client::open(info.set_redis_settings(redis_info))?;
+                config = config
+                    .set_cache_config(cache.config())
+                    .set_push_sender(cache.push_handler());
+            }
+            Connector::Single(ConnectionManager::new_lazy_with_config(client, config)?)
+        }
+    })
 }
 
 impl RedisStore {
     /// Prepares the connection without connecting: Moneta starts while Redis is down.
     pub fn new(settings: &RedisSettings) -> RedisResult<Self> {
-        let timeout = settings.guard.timeout;
-        let mut cache = None;
-        let connector = match &settings.cluster_urls {
-            Some(urls) => {
-                let client = ClusterClient::builder(urls.clone())
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .retries(1)
-                    .build()?;
-                Connector::Cluster(Box::new(client), Arc::new(OnceCell::new()))
-            }
-            None => {
-                cache = ClientCache::new(&settings.client_cache);
-                let mut client = redis::Client::open(settings.url.as_str())?;
-                // Without these a paused Redis would hang every call on this connection.
-                let mut config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_millis(500));
-                if let Some(cache) = &cache {
-                    // One connection for reads and writes: Redis sends the
-                    // invalidation for a write before that write's reply.
-                    let info = client.get_connection_info().clone();
-                    let redis_info = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
-                    client = redis::Client::open(info.set_redis_settings(redis_info))?;
-                    config = config
-                        .set_cache_config(cache.config())
-                        .set_push_sender(cache.push_handler());
-                }
-                Connector::Single(ConnectionManager::new_lazy_with_config(client, config)?)
-            }
+        let cache = match settings.cluster_urls {
+            Some(_) => None,
+            None => ClientCache::new(&settings.client_cache),
+        };
+        let connector = connector(settings, cache.as_ref())?;
+        let waiting = match settings.min_replicas_acked {
+            0 => None,
+            _ => Some(Arc::new(Waiting::new(settings)?)),
         };
         Ok(Self {
             connector: Arc::new(connector),
             guard: Guard::new("redis", &settings.guard),
             clock: Arc::new(RedisClock::default()),
             cache,
+            buckets: Buckets::new(settings.buckets),
+            min_replicas_acked: settings.min_replicas_acked,
+            waiting,
         })
     }
 
@@ -234,20 +367,44 @@ impl RedisStore {
         &self.clock
     }
 
-    /// In cluster mode a script may only touch keys of one slot, so writes
-    /// to the shared progress log are a second command there.
+    /// In cluster mode a pipeline may only touch keys of one slot.
     fn is_cluster(&self) -> bool {
         matches!(&*self.connector, Connector::Cluster(..))
     }
 
+    /// The keys of `user`, in the user's bucket.
+    fn user_keys(&self, user: &crate::model::UserId) -> UserKeys {
+        self.buckets.user(user)
+    }
+
     async fn conn(&self) -> RedisResult<Conn> {
-        match &*self.connector {
-            Connector::Single(manager) => Ok(Conn::Single(manager.clone())),
-            Connector::Cluster(client, cell) => {
-                let conn = cell.get_or_try_init(|| client.get_async_connection()).await?;
-                Ok(Conn::Cluster(conn.clone()))
-            }
-        }
+        connect(&self.connector).await
+    }
+
+    /// Like [`RedisStore::run`], on a connection of [`Waiting`]'s (the
+    /// shared one when writes wait for no replica).
+    async fn run_waiting<T, F, Fut>(&self, op: F) -> Result<T, DependencyError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let connector = self
+            .waiting
+            .as_deref()
+            .and_then(Waiting::pick)
+            .unwrap_or(&*self.connector);
+        let result = self
+            .guard
+            .call_judged(
+                async {
+                    let conn = connect(connector).await?;
+                    op(conn).await
+                },
+                is_outage,
+            )
+            .await;
+        after_call(connector, &result);
+        result
     }
 
     /// Runs `op` on a connection under the guard. A command error (Redis
@@ -258,7 +415,8 @@ impl RedisStore {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        self.guard
+        let result = self
+            .guard
             .call_judged(
                 async {
                     let conn = self.conn().await?;
@@ -266,20 +424,42 @@ impl RedisStore {
                 },
                 is_outage,
             )
-            .await
+            .await;
+        after_call(&self.connector, &result);
+        result
     }
 
     /// Reachability probe for readiness and the breaker; `TIME`, so that an
     /// idle instance keeps its estimate of Redis' clock current too.
     pub async fn ping(&self) -> Result<(), DependencyError> {
-        self.guard
+        let result = self
+            .guard
             .probe(async {
                 let mut conn = self.conn().await?;
                 let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
                 self.clock.observe(secs * 1000 + micros / 1000);
                 Ok::<_, redis::RedisError>(())
             })
-            .await
+            .await;
+        after_call(&self.connector, &result);
+        result
+    }
+}
+
+async fn connect(connector: &Connector) -> RedisResult<Conn> {
+    match connector {
+        Connector::Single(manager) => Ok(Conn::Single(manager.clone())),
+        Connector::Cluster(link) => Ok(Conn::Cluster(link.conn().await?)),
+    }
+}
+
+/// After a call on `connector`: an outage in cluster mode may be a topology
+/// the connection has not followed (see [`ClusterLink`]).
+fn after_call<T>(connector: &Connector, result: &Result<T, DependencyError>) {
+    if let (Connector::Cluster(link), Err(DependencyError::Failed(..) | DependencyError::Timeout(_))) =
+        (connector, result)
+    {
+        link.suspect();
     }
 }
 

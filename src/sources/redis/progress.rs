@@ -1,26 +1,35 @@
 //! The progress log: positions acknowledged to players, kept in Redis until
 //! the internal API has them (at-least-once delivery).
 //!
-//! A Redis Stream with one consumer group: every instance reads its share
-//! (`XREADGROUP`), and entries read by an instance that died are taken over
-//! by another after a short idle time (`XAUTOCLAIM`). Entries the internal API
-//! cannot take now are folded into a parked hash, one field per (user, title),
-//! so an outage parks distinct pairs rather than heartbeats, and are offered
-//! again beside fresh entries on every round. An item that fails alone too
-//! often while others are delivered moves to a bounded dead-letter stream.
-//! The three keys share one hash tag, so the settle script works in Redis
-//! Cluster mode too. How many times an item failed alone travels with it (the
-//! `a` field of an entry, `attempts` in a parked value), so every instance
-//! and every restart counts on from the same number.
+//! Every bucket (see `keys`) has its own shard of the log: a Redis Stream
+//! with one consumer group, a parked hash and a dead-letter stream, all under
+//! the bucket's hash tag. The session scripts append to the stream of the
+//! user's bucket in the same atomic step that records the position. Every
+//! instance reads every shard (`XREADGROUP`), and entries read by an instance
+//! that died are taken over by another after a short idle time
+//! (`XAUTOCLAIM`): no instance owns a bucket. Entries the internal API cannot
+//! take now are folded into the shard's parked hash, one field per (user,
+//! title), so an outage parks distinct pairs rather than heartbeats, and are
+//! offered again beside fresh entries on every round. An item that fails
+//! alone too often while others are delivered moves to the shard's bounded
+//! dead-letter stream. A round is settled shard by shard, each by one script
+//! on that shard's keys. How many times an item failed alone travels with it
+//! (the `a` field of an entry, `attempts` in a parked value), so every
+//! instance and every restart counts on from the same number.
+//!
+//! The single `{progress}` log of the layout before buckets is one more
+//! shard, drained while it holds anything and never created again.
 
-use std::collections::HashMap;
-use std::sync::LazyLock;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
-use redis::{Script, Value};
+use redis::{Cmd, Script, Value};
 use serde::{Deserialize, Serialize};
 
-use super::keys::{self, UserKeys};
+use super::grouped::{Group, all_answered, error_code};
+use super::keys::{Bucket, Shard, UserKeys};
 use super::{POSITION_TTL_S, RedisStore, millis_to_utc};
 use crate::model::{ContentId, PositionMs, ProgressItem, ResumePoint, UserId};
 use crate::resilience::DependencyError;
@@ -35,15 +44,94 @@ pub const PROGRESS_GROUP: &str = "delivery";
 /// duration (a batch post is bounded by the internal API's timeout).
 const CLAIM_IDLE: Duration = Duration::from_secs(15);
 
-/// The dead-letter stream keeps about this many items (`XADD MAXLEN ~`):
-/// poison items are rare, and an operator replays them long before.
+/// The dead-letter stream of a shard keeps about this many items (`XADD
+/// MAXLEN ~`): poison items are rare, and an operator replays them long
+/// before.
 const DEAD_LETTERS_KEPT: u64 = 10_000;
+
+/// Reads per round: every shard's share, then what the shards that had more
+/// than their share may take of what the others left.
+const STAGES: usize = 2;
+
+/// Once the `{progress}` log of the layout before buckets held nothing (or
+/// does not exist), it is looked at again only this much later: a round
+/// pays for it while it drains, not for ever.
+const LEGACY_RECHECK: Duration = Duration::from_secs(60);
 
 /// The log's handle for one consumer (one instance).
 #[derive(Clone)]
 pub struct ProgressLog {
     redis: RedisStore,
     consumer: String,
+    walk: Arc<Walk>,
+}
+
+/// Where the walk over the shards stands, across rounds.
+struct Walk {
+    /// The first shard to get one more than the others, so that no shard
+    /// always gets the smaller share.
+    next: AtomicUsize,
+    born: Instant,
+    /// Milliseconds since `born` before which the `{progress}` log is not
+    /// read (0: read it).
+    legacy_quiet_until: AtomicU64,
+}
+
+impl Walk {
+    fn new() -> Self {
+        Self {
+            next: AtomicUsize::new(0),
+            born: Instant::now(),
+            legacy_quiet_until: AtomicU64::new(0),
+        }
+    }
+
+    fn legacy_due(&self) -> bool {
+        self.born.elapsed().as_millis() as u64 >= self.legacy_quiet_until.load(Ordering::Relaxed)
+    }
+
+    fn legacy_seen(&self, held_something: bool) {
+        let until = if held_something {
+            0
+        } else {
+            (self.born.elapsed() + LEGACY_RECHECK).as_millis() as u64
+        };
+        self.legacy_quiet_until.store(until, Ordering::Relaxed);
+    }
+}
+
+/// An entry of the log: its id in the stream of its shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryId {
+    shard: Shard,
+    id: String,
+}
+
+/// A field of a parked hash: its name in the hash of its shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedField {
+    shard: Shard,
+    field: String,
+}
+
+#[cfg(test)]
+impl EntryId {
+    pub(crate) fn for_tests(id: &str) -> Self {
+        Self {
+            shard: Shard::Legacy,
+            id: id.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl ParkedField {
+    pub(crate) fn for_tests(field: String) -> Self {
+        Self {
+            shard: Shard::Legacy,
+            field,
+        }
+    }
 }
 
 /// An item and the times it failed alone so far.
@@ -53,12 +141,12 @@ pub type Tried = (ProgressItem, u32);
 /// each with the number of times it already failed alone.
 #[derive(Debug, Default)]
 pub struct Delivery {
-    /// (entry id, (item, attempts)); an entry that does not parse is settled
+    /// (entry, (item, attempts)); an entry that does not parse is settled
     /// as done, with `None`.
-    pub fresh: Vec<(String, Option<Tried>)>,
+    pub fresh: Vec<(EntryId, Option<Tried>)>,
     /// (field, raw value, (item, attempts)); a value that does not parse is
     /// settled as done, with `None`.
-    pub parked: Vec<(String, String, Option<Tried>)>,
+    pub parked: Vec<(ParkedField, String, Option<Tried>)>,
 }
 
 /// A position moved to the dead letters: its fields in the stream.
@@ -70,9 +158,18 @@ struct Buried {
 }
 
 /// How a round ended for each piece of it, applied by [`ProgressLog::settle`]
-/// in one atomic script.
+/// in one atomic script per shard.
 #[derive(Debug, Default)]
 pub struct Settlement {
+    shards: BTreeMap<Shard, ShardSettlement>,
+    /// Positions held in memory moved to the dead letters (of their user's
+    /// bucket, known only to the store).
+    buried_from_memory: Vec<Buried>,
+}
+
+/// The part of a settlement on one shard's keys: the sections of `settle.lua`.
+#[derive(Debug, Default)]
+struct ShardSettlement {
     done: Vec<String>,
     forget: Vec<(String, String)>,
     retry: Vec<(String, String, String)>,
@@ -81,60 +178,73 @@ pub struct Settlement {
     park: Vec<(String, String, String)>,
 }
 
-impl Settlement {
-    /// A fresh entry delivered, refused for good or unparseable: it leaves the log.
-    pub fn done(&mut self, id: String) {
-        self.done.push(id);
-    }
-
-    /// A parked field delivered (or refused for good): removed unless it changed meanwhile.
-    pub fn forget_parked(&mut self, field: String, value: String) {
-        self.forget.push((field, value));
-    }
-
-    /// A fresh entry not delivered: parked (unless a newer position of its
-    /// pair is), with the times it failed alone so far.
-    pub fn park(&mut self, id: String, item: &ProgressItem, attempts: u32) {
-        self.park.push((id, field(item), parked_value(item, attempts)));
-    }
-
-    /// A parked field that failed alone once more: its count goes up,
-    /// unless the field changed meanwhile.
-    pub fn retry_parked(&mut self, field: String, value: String, item: &ProgressItem, attempts: u32) {
-        let new = parked_value(item, attempts);
-        self.retry.push((field, value, new));
-    }
-
-    /// A parked field that failed alone `attempts` times: moved to the dead
-    /// letters, unless it changed meanwhile.
-    pub fn bury_parked(
-        &mut self,
-        field: String,
-        value: String,
-        item: &ProgressItem,
-        attempts: u32,
-        error: &str,
-    ) {
-        self.bury.push((field, value, buried(item, attempts, error)));
-    }
-
-    /// A fresh entry that failed alone `attempts` times: moved to the dead letters.
-    pub fn bury_entry(&mut self, id: String, item: &ProgressItem, attempts: u32, error: &str) {
-        self.dead.push((id, buried(item, attempts, error)));
-    }
-
-    /// A position held in memory that failed alone `attempts` times.
-    pub fn bury(&mut self, item: &ProgressItem, attempts: u32, error: &str) {
-        self.dead.push((String::new(), buried(item, attempts, error)));
-    }
-
-    pub fn is_empty(&self) -> bool {
+impl ShardSettlement {
+    fn is_empty(&self) -> bool {
         self.done.is_empty()
             && self.forget.is_empty()
             && self.retry.is_empty()
             && self.bury.is_empty()
             && self.dead.is_empty()
             && self.park.is_empty()
+    }
+}
+
+impl Settlement {
+    fn on(&mut self, shard: Shard) -> &mut ShardSettlement {
+        self.shards.entry(shard).or_default()
+    }
+
+    /// A fresh entry delivered, refused for good or unparseable: it leaves the log.
+    pub fn done(&mut self, id: EntryId) {
+        self.on(id.shard).done.push(id.id);
+    }
+
+    /// A parked field delivered (or refused for good): removed unless it changed meanwhile.
+    pub fn forget_parked(&mut self, field: ParkedField, value: String) {
+        self.on(field.shard).forget.push((field.field, value));
+    }
+
+    /// A fresh entry not delivered: parked in its shard (unless a newer
+    /// position of its pair is), with the times it failed alone so far.
+    pub fn park(&mut self, id: EntryId, item: &ProgressItem, attempts: u32) {
+        let parked = (id.id, field(item), parked_value(item, attempts));
+        self.on(id.shard).park.push(parked);
+    }
+
+    /// A parked field that failed alone once more: its count goes up,
+    /// unless the field changed meanwhile.
+    pub fn retry_parked(&mut self, field: ParkedField, value: String, item: &ProgressItem, attempts: u32) {
+        let new = parked_value(item, attempts);
+        self.on(field.shard).retry.push((field.field, value, new));
+    }
+
+    /// A parked field that failed alone `attempts` times: moved to the dead
+    /// letters, unless it changed meanwhile.
+    pub fn bury_parked(
+        &mut self,
+        field: ParkedField,
+        value: String,
+        item: &ProgressItem,
+        attempts: u32,
+        error: &str,
+    ) {
+        let buried = buried(item, attempts, error);
+        self.on(field.shard).bury.push((field.field, value, buried));
+    }
+
+    /// A fresh entry that failed alone `attempts` times: moved to the dead letters.
+    pub fn bury_entry(&mut self, id: EntryId, item: &ProgressItem, attempts: u32, error: &str) {
+        let buried = buried(item, attempts, error);
+        self.on(id.shard).dead.push((id.id, buried));
+    }
+
+    /// A position held in memory that failed alone `attempts` times.
+    pub fn bury(&mut self, item: &ProgressItem, attempts: u32, error: &str) {
+        self.buried_from_memory.push(buried(item, attempts, error));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buried_from_memory.is_empty() && self.shards.values().all(ShardSettlement::is_empty)
     }
 }
 
@@ -150,6 +260,7 @@ fn buried(item: &ProgressItem, attempts: u32, error: &str) -> Buried {
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     pub id: String,
+    shard: Shard,
     /// `None` when the entry does not parse (it is listed, never replayed).
     pub item: Option<ProgressItem>,
     pub attempts: u32,
@@ -158,9 +269,11 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     pub fn to_json(&self) -> serde_json::Value {
+        let stream = self.shard.dead();
         match &self.item {
             Some(item) => serde_json::json!({
                 "entry_id": self.id,
+                "stream": stream,
                 "user_id": item.user_id,
                 "content_id": item.content_id,
                 "position_ms": item.position_ms,
@@ -169,7 +282,7 @@ impl DeadLetter {
                 "attempts": self.attempts,
                 "last_error": self.last_error,
             }),
-            None => serde_json::json!({"entry_id": self.id, "invalid": true}),
+            None => serde_json::json!({"entry_id": self.id, "stream": stream, "invalid": true}),
         }
     }
 }
@@ -227,7 +340,7 @@ fn parse_entry(fields: &[(String, String)]) -> Option<(ProgressItem, u32)> {
     Some((item, attempts))
 }
 
-fn parse_dead_letter(id: String, fields: &[(String, String)]) -> DeadLetter {
+fn parse_dead_letter(shard: Shard, id: String, fields: &[(String, String)]) -> DeadLetter {
     let parsed = parse_entry(fields);
     let last_error = fields
         .iter()
@@ -236,6 +349,7 @@ fn parse_dead_letter(id: String, fields: &[(String, String)]) -> DeadLetter {
         .unwrap_or_default();
     DeadLetter {
         id,
+        shard,
         attempts: parsed.as_ref().map_or(0, |(_, a)| *a),
         item: parsed.map(|(item, _)| item),
         last_error,
@@ -263,8 +377,11 @@ fn pairs_of(value: &Value) -> Vec<(&Value, &Value)> {
     }
 }
 
+/// A stream entry: its id and its (field, value) pairs.
+type StreamEntry = (String, Vec<(String, String)>);
+
 /// Stream replies as (id, [(field, value)]) whatever the command.
-fn entries(value: &Value) -> Vec<(String, Vec<(String, String)>)> {
+fn entries(value: &Value) -> Vec<StreamEntry> {
     let Ok(list) = redis::from_redis_value_ref::<Vec<Value>>(value) else {
         return Vec::new();
     };
@@ -281,41 +398,17 @@ fn entries(value: &Value) -> Vec<(String, Vec<(String, String)>)> {
         .collect()
 }
 
-/// The first error reply of a pipeline run with `ignore_errors`, as the
-/// error of that one command: its code (`NOGROUP`, `NOSCRIPT`) stays
-/// readable, so the store can tell an answer from an outage.
-fn first_error(replies: &[Value]) -> Option<redis::RedisError> {
-    replies.iter().find_map(|reply| match reply {
-        Value::ServerError(e) => Some(redis::RedisError::from(e.clone())),
-        _ => None,
-    })
-}
-
-fn is_noscript(e: &redis::RedisError) -> bool {
-    e.code() == Some("NOSCRIPT")
-}
-
-/// The same fields the session scripts write: `u c p t w`, and `a` once the
-/// item failed alone.
-fn add_entry(pipe: &mut redis::Pipeline, item: &ProgressItem, attempts: u32) {
-    let cmd = pipe
-        .cmd("XADD")
-        .arg(keys::progress_log())
-        .arg("*")
-        .arg("u")
-        .arg(item.user_id.as_str())
-        .arg("c")
-        .arg(item.content_id.as_str())
-        .arg("p")
-        .arg(item.position_ms.get())
-        .arg("t")
-        .arg(item.updated_at.timestamp_millis())
-        .arg("w")
-        .arg(if item.completed { "1" } else { "0" });
-    if attempts > 0 {
-        cmd.arg("a").arg(attempts);
-    }
-    cmd.ignore();
+/// `XAUTOCLAIM`'s answer: the cursor to go on from (`0-0` once the pending
+/// entries were all looked at) and the entries taken over.
+fn claimed(value: &Value) -> (String, Vec<StreamEntry>) {
+    let Ok(parts) = redis::from_redis_value_ref::<Vec<Value>>(value) else {
+        return ("0-0".to_owned(), Vec::new());
+    };
+    let cursor = parts
+        .first()
+        .and_then(|c| redis::from_redis_value_ref::<String>(c).ok())
+        .unwrap_or_else(|| "0-0".to_owned());
+    (cursor, parts.get(1).map(entries).unwrap_or_default())
 }
 
 /// The resume position an item leaves in the user's positions hash.
@@ -336,16 +429,14 @@ struct UserHomecoming<'a> {
 }
 
 /// One user's part of a homecoming: `EVALSHA remember.lua` writing their
-/// positions and, when `log` is true, appending their entries.
-fn remember_cmd(user: &UserId, home: &UserHomecoming<'_>, log: bool) -> redis::Cmd {
+/// positions and appending their entries to the log of their bucket.
+fn remember_cmd(keys: &UserKeys, user: &UserId, home: &UserHomecoming<'_>) -> Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(REMEMBER.get_hash())
-        .arg(if log { 2 } else { 1 })
-        .arg(UserKeys::new(user).positions());
-    if log {
-        cmd.arg(keys::progress_log());
-    }
-    cmd.arg(POSITION_TTL_S)
+        .arg(2)
+        .arg(keys.positions())
+        .arg(keys.log())
+        .arg(POSITION_TTL_S)
         .arg(user.as_str())
         .arg(home.positions.len());
     for item in &home.positions {
@@ -353,9 +444,8 @@ fn remember_cmd(user: &UserId, home: &UserHomecoming<'_>, log: bool) -> redis::C
             .arg(position_value(item))
             .arg(item.updated_at.timestamp_millis());
     }
-    let logged: &[(&ProgressItem, u32)] = if log { &home.logged } else { &[] };
-    cmd.arg(logged.len());
-    for (item, attempts) in logged {
+    cmd.arg(home.logged.len());
+    for (item, attempts) in &home.logged {
         cmd.arg(item.content_id.as_str())
             .arg(item.position_ms.get())
             .arg(item.updated_at.timestamp_millis())
@@ -366,14 +456,165 @@ fn remember_cmd(user: &UserId, home: &UserHomecoming<'_>, log: bool) -> redis::C
 }
 
 /// A dead letter's fields for the settle script: `u c p t w a e`.
-fn buried_args(call: &mut redis::ScriptInvocation<'_>, b: &Buried) {
-    call.arg(b.item.user_id.as_str())
+fn buried_args(cmd: &mut Cmd, b: &Buried) {
+    cmd.arg(b.item.user_id.as_str())
         .arg(b.item.content_id.as_str())
         .arg(b.item.position_ms.get())
         .arg(b.item.updated_at.timestamp_millis())
         .arg(if b.item.completed { "1" } else { "0" })
         .arg(b.attempts)
         .arg(&b.error);
+}
+
+/// `EVALSHA settle.lua` on one shard's keys.
+fn settle_cmd(shard: Shard, s: Option<&ShardSettlement>, from_memory: &[&Buried]) -> Cmd {
+    let empty = ShardSettlement::default();
+    let s = s.unwrap_or(&empty);
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(SETTLE.get_hash())
+        .arg(3)
+        .arg(shard.log())
+        .arg(shard.parked())
+        .arg(shard.dead())
+        .arg(PROGRESS_GROUP)
+        .arg(DEAD_LETTERS_KEPT);
+    cmd.arg(s.forget.len());
+    for (field, value) in &s.forget {
+        cmd.arg(field).arg(value);
+    }
+    cmd.arg(s.retry.len());
+    for (field, value, new) in &s.retry {
+        cmd.arg(field).arg(value).arg(new);
+    }
+    cmd.arg(s.bury.len());
+    for (field, value, buried) in &s.bury {
+        cmd.arg(field).arg(value);
+        buried_args(&mut cmd, buried);
+    }
+    cmd.arg(s.dead.len() + from_memory.len());
+    for (id, buried) in &s.dead {
+        cmd.arg(id);
+        buried_args(&mut cmd, buried);
+    }
+    for buried in from_memory {
+        cmd.arg("");
+        buried_args(&mut cmd, buried);
+    }
+    cmd.arg(s.park.len());
+    for (id, field, value) in &s.park {
+        cmd.arg(id).arg(field).arg(value);
+    }
+    cmd.arg(s.done.len());
+    for id in &s.done {
+        cmd.arg(id);
+    }
+    cmd
+}
+
+/// Creates a shard's consumer group, reading from the stream's start. The
+/// `{progress}` log of the layout before buckets is never created again:
+/// without it there is nothing to drain.
+fn create_group(shard: Shard) -> Cmd {
+    let mut cmd = redis::cmd("XGROUP");
+    cmd.arg("CREATE").arg(shard.log()).arg(PROGRESS_GROUP).arg("0");
+    if !shard.is_legacy() {
+        cmd.arg("MKSTREAM");
+    }
+    cmd
+}
+
+/// How many of each kind a shard is asked for in one stage of a round.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Ask {
+    /// `XAUTOCLAIM`: entries abandoned by dead consumers.
+    claim: usize,
+    /// `XREADGROUP`: new entries.
+    read: usize,
+    /// `HRANDFIELD`: parked pairs.
+    sample: usize,
+}
+
+/// `total` shared by `n` shards: equal shares, one more for the `total % n`
+/// shards from `first` on.
+fn shares(total: usize, n: usize, first: usize) -> Vec<usize> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let (base, extra) = (total / n, total % n);
+    (0..n)
+        .map(|i| base + usize::from((i + n - first % n) % n < extra))
+        .collect()
+}
+
+/// `total` shared by the shards at the places `who` (as [`shares`]): place → share.
+fn shares_among(who: &[usize], total: usize, first: usize) -> HashMap<usize, usize> {
+    who.iter().copied().zip(shares(total, who.len(), first)).collect()
+}
+
+/// One shard's reads in a round.
+struct ShardRead {
+    shard: Shard,
+    /// Where `XAUTOCLAIM` goes on from.
+    cursor: String,
+    ask: Ask,
+}
+
+impl ShardRead {
+    fn commands(&self, consumer: &str) -> Group {
+        let (log, ask) = (self.shard.log(), self.ask);
+        let mut group = Vec::with_capacity(3);
+        if ask.claim > 0 {
+            let mut cmd = redis::cmd("XAUTOCLAIM");
+            cmd.arg(&log)
+                .arg(PROGRESS_GROUP)
+                .arg(consumer)
+                .arg(CLAIM_IDLE.as_millis() as u64)
+                .arg(&self.cursor)
+                .arg("COUNT")
+                .arg(ask.claim);
+            group.push(cmd);
+        }
+        if ask.read > 0 {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(PROGRESS_GROUP)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(ask.read)
+                .arg("STREAMS")
+                .arg(&log)
+                .arg(">");
+            group.push(cmd);
+        }
+        if ask.sample > 0 {
+            let mut cmd = redis::cmd("HRANDFIELD");
+            cmd.arg(self.shard.parked()).arg(ask.sample).arg("WITHVALUES");
+            group.push(cmd);
+        }
+        if self.shard.is_legacy() {
+            // Whether it still holds anything at all: entries another
+            // instance read and has not settled yet count too.
+            group.push(redis::cmd("XLEN").arg(&log).clone());
+            group.push(redis::cmd("HLEN").arg(self.shard.parked()).clone());
+        }
+        group
+    }
+}
+
+/// The three reads of a shard, in the order of its commands.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Claim,
+    Read,
+    Sample,
+}
+
+/// Which kinds a shard had more of than it was asked for.
+#[derive(Debug, Clone, Copy, Default)]
+struct More {
+    claim: bool,
+    read: bool,
+    sample: bool,
 }
 
 impl RedisStore {
@@ -386,40 +627,20 @@ impl RedisStore {
         ProgressLog {
             redis: self.clone(),
             consumer,
+            walk: Arc::new(Walk::new()),
         }
     }
 }
 
 impl ProgressLog {
-    /// Appends positions: (cluster mode, where the session script cannot) a
-    /// heartbeat's.
-    pub async fn append_all(&self, items: &[ProgressItem]) -> Result<(), DependencyError> {
-        let items: Vec<(&ProgressItem, u32)> = items.iter().map(|i| (i, 0)).collect();
-        self.append(&items).await
-    }
-
-    async fn append(&self, items: &[(&ProgressItem, u32)]) -> Result<(), DependencyError> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        for (item, attempts) in items {
-            add_entry(&mut pipe, item, *attempts);
-        }
-        self.redis
-            .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-            .await
-    }
-
     /// Brings positions held in memory (while Redis was unreachable) back:
     /// `positions` update their users' resume positions unless Redis holds
     /// newer ones, and `logged` (with the times each failed alone) join the
-    /// log. Single-node mode: one script per user doing both atomically, all
-    /// in one round trip. Cluster mode: a script may touch one slot only, so
-    /// the users' scripts run side by side and the log entries follow in one
-    /// pipeline. On `Err` any part may have happened; doing it all again is
-    /// harmless (a position is written only if not older, an entry logged
-    /// twice is delivered twice).
+    /// log of their user's bucket; one script per user does both atomically.
+    /// One round trip on a single node, one round-trip time in cluster mode
+    /// (see `run_grouped`). On `Err` any part may have happened; doing it all
+    /// again is harmless (a position is written only if not older, an entry
+    /// logged twice is delivered twice).
     pub async fn bring_back(
         &self,
         positions: &[&ProgressItem],
@@ -439,294 +660,446 @@ impl ProgressLog {
         if by_user.is_empty() {
             return Ok(());
         }
-        if !self.redis.is_cluster() {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for (user, home) in &by_user {
-                pipe.add_command(remember_cmd(user, home, true));
-            }
-            return self
-                .redis
-                .run(|mut c| async move {
-                    let mut replies: Vec<Value> = pipe.query_async(&mut c).await?;
-                    if first_error(&replies).as_ref().is_some_and(is_noscript) {
-                        // Redis restarted (or flushed its scripts): load and
-                        // run again, which writes nothing twice that matters.
-                        REMEMBER.load_async(&mut c).await?;
-                        replies = pipe.query_async(&mut c).await?;
-                    }
-                    first_error(&replies).map_or(Ok(()), Err)
-                })
-                .await;
+        let mut by_bucket: BTreeMap<Bucket, Group> = BTreeMap::new();
+        for (user, home) in &by_user {
+            let keys = self.redis.user_keys(user);
+            by_bucket
+                .entry(keys.bucket())
+                .or_default()
+                .push(remember_cmd(&keys, user, home));
         }
-        let writes = by_user
-            .iter()
-            .filter(|(_, home)| !home.positions.is_empty())
-            .map(|(user, home)| {
-                let cmd = remember_cmd(user, home, false);
-                self.redis.run(|mut c| async move {
-                    match cmd.query_async::<Value>(&mut c).await {
-                        Err(e) if is_noscript(&e) => {
-                            REMEMBER.load_async(&mut c).await?;
-                            cmd.query_async::<Value>(&mut c).await
-                        }
-                        other => other,
-                    }
-                })
-            });
-        for written in futures::future::join_all(writes).await {
-            written?;
-        }
-        self.append(logged).await
+        let groups = by_bucket.into_values().collect();
+        let replies = self.redis.run_grouped(groups, Some(&REMEMBER)).await?;
+        all_answered(replies).map(drop)
     }
 
-    /// Creates the consumer group (and the stream) unless it exists. Needed
-    /// again after Redis lost its data.
+    /// Creates every shard's consumer group (and stream) unless it exists.
+    /// Needed again after Redis lost its data.
     pub async fn ensure_group(&self) -> Result<(), DependencyError> {
-        let created: Result<(), DependencyError> = self
-            .redis
-            .run(|mut c| async move {
-                let reply: redis::RedisResult<()> = redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(keys::progress_log())
-                    .arg(PROGRESS_GROUP)
-                    .arg("0")
-                    .arg("MKSTREAM")
-                    .query_async(&mut c)
-                    .await;
-                match reply {
-                    Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-                    other => other,
-                }
-            })
-            .await;
-        created
+        self.create_groups(&self.redis.buckets.shards()).await
     }
 
-    /// Takes over entries abandoned by dead consumers, then reads new ones,
-    /// and samples parked pairs: at most `max` of each. Never blocks (the
-    /// connection is shared with the request path).
+    async fn create_groups(&self, shards: &[Shard]) -> Result<(), DependencyError> {
+        let groups = shards.iter().map(|s| vec![create_group(*s)]).collect();
+        let replies = self.redis.run_grouped(groups, None).await?;
+        let mut first = None;
+        for (shard, reply) in shards.iter().zip(replies) {
+            let refused = match reply {
+                Err(e) => Some(DependencyError::Failed("redis", e.to_string())),
+                Ok(values) => values.iter().find_map(|v| match (error_code(v), v) {
+                    (None | Some("BUSYGROUP"), _) => None,
+                    // No `{progress}` log: nothing of the layout before buckets to drain.
+                    (Some(_), _) if shard.is_legacy() => None,
+                    (Some(_), Value::ServerError(e)) => Some(DependencyError::Refused(
+                        "redis",
+                        redis::RedisError::from(e.clone()).to_string(),
+                    )),
+                    (Some(code), _) => Some(DependencyError::Refused("redis", code.to_owned())),
+                }),
+            };
+            if first.is_none() {
+                first = refused;
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Takes over entries abandoned by dead consumers, reads new ones and
+    /// samples parked pairs, from every shard: at most `max` of each kind,
+    /// or one of each per shard when there are more shards than that (so no
+    /// shard waits for its turn). Every shard is asked for its share; the
+    /// shards that had more than their share are then asked for what the
+    /// others left, in the same round. A shard whose group is gone (Redis
+    /// lost its data) gets it back within the round; a shard whose node does
+    /// not answer is skipped this round (what it holds stays in Redis).
+    /// Never blocks (the connection is shared with the request path).
+    ///
+    /// Round trips: one per stage, two at most (and one more to create
+    /// groups after Redis lost its data); the second only when some shard
+    /// had more than its share.
     pub async fn next_round(&self, max: usize) -> Result<Delivery, DependencyError> {
-        let log = keys::progress_log();
-        let parked = keys::progress_parked();
-        let consumer = self.consumer.clone();
-        let replies: Vec<Value> = self
+        let legacy_due = self.walk.legacy_due();
+        let shards: Vec<Shard> = self
             .redis
-            .run(|mut c| async move {
-                let replies: Vec<Value> = redis::pipe()
-                    .ignore_errors()
-                    .cmd("XAUTOCLAIM")
-                    .arg(&log)
-                    .arg(PROGRESS_GROUP)
-                    .arg(&consumer)
-                    .arg(CLAIM_IDLE.as_millis() as u64)
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(max)
-                    .cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(PROGRESS_GROUP)
-                    .arg(&consumer)
-                    .arg("COUNT")
-                    .arg(max)
-                    .arg("STREAMS")
-                    .arg(&log)
-                    .arg(">")
-                    .cmd("HRANDFIELD")
-                    .arg(&parked)
-                    .arg(max)
-                    .arg("WITHVALUES")
-                    .query_async(&mut c)
-                    .await?;
-                // `NOGROUP` (Redis lost its data) must read as an answer,
-                // not as a failure of Redis.
-                first_error(&replies).map_or(Ok(replies), Err)
+            .buckets
+            .shards()
+            .into_iter()
+            .filter(|s| legacy_due || !s.is_legacy())
+            .collect();
+        let n = shards.len();
+        let budget = max.max(n);
+        let first = self.walk.next.fetch_add(budget % n.max(1), Ordering::Relaxed);
+        let share = shares(budget, n, first);
+        let mut reads: Vec<ShardRead> = shards
+            .iter()
+            .zip(&share)
+            .map(|(&shard, &k)| ShardRead {
+                shard,
+                cursor: "0-0".to_owned(),
+                ask: Ask {
+                    claim: k,
+                    read: k,
+                    sample: k,
+                },
             })
-            .await?;
-        let [claimed, read, sample] = <[Value; 3]>::try_from(replies).unwrap_or_default();
+            .collect();
+        let mut left = Ask {
+            claim: budget,
+            read: budget,
+            sample: budget,
+        };
         let mut delivery = Delivery::default();
-        // XAUTOCLAIM answers [next-cursor, entries, deleted-ids].
-        if let Ok(parts) = redis::from_redis_value_ref::<Vec<Value>>(&claimed)
-            && let Some(list) = parts.get(1)
-        {
-            for (id, fields) in entries(list) {
-                delivery.fresh.push((id, parse_entry(&fields)));
+        let mut sampled: HashSet<(Shard, String)> = HashSet::new();
+        let mut refusal: Option<String> = None;
+        // Whether the `{progress}` log answered, and held anything.
+        let mut legacy: Option<bool> = None;
+        for stage in 0..STAGES {
+            let asked: Vec<usize> = (0..n)
+                .filter(|&i| reads.get(i).is_some_and(|r| r.ask != Ask::default()))
+                .collect();
+            if asked.is_empty() {
+                break;
+            }
+            let groups = asked
+                .iter()
+                .filter_map(|&i| reads.get(i).map(|r| r.commands(&self.consumer)))
+                .collect();
+            let replies = match self.redis.run_grouped(groups, None).await {
+                Ok(replies) => replies,
+                Err(e) if stage == 0 => return Err(e),
+                // What the first stage read is delivered this round.
+                Err(_) => break,
+            };
+            let mut more = vec![More::default(); n];
+            let mut missing: Vec<usize> = Vec::new();
+            for (&i, reply) in asked.iter().zip(replies) {
+                let (Some(read), Some(more)) = (reads.get_mut(i), more.get_mut(i)) else {
+                    continue;
+                };
+                let ask = std::mem::take(&mut read.ask);
+                // A node that does not answer: its shards wait for a later round.
+                let Ok(values) = reply else { continue };
+                let before = (delivery.fresh.len(), delivery.parked.len());
+                let mut values = values.into_iter();
+                for (asked_for, kind) in [
+                    (ask.claim, Kind::Claim),
+                    (ask.read, Kind::Read),
+                    (ask.sample, Kind::Sample),
+                ] {
+                    if asked_for == 0 {
+                        continue;
+                    }
+                    let value = values.next().unwrap_or(Value::Nil);
+                    match (error_code(&value), &value) {
+                        (Some("NOGROUP"), _) => {
+                            if !missing.contains(&i) {
+                                missing.push(i);
+                            }
+                            continue;
+                        }
+                        (Some(_), Value::ServerError(e)) => {
+                            refusal.get_or_insert_with(|| redis::RedisError::from(e.clone()).to_string());
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    let shard = read.shard;
+                    match kind {
+                        Kind::Claim => {
+                            let (cursor, list) = claimed(&value);
+                            left.claim = left.claim.saturating_sub(list.len());
+                            for (id, fields) in list {
+                                delivery.fresh.push((EntryId { shard, id }, parse_entry(&fields)));
+                            }
+                            more.claim = cursor != "0-0";
+                            read.cursor = cursor;
+                        }
+                        Kind::Read => {
+                            // XREADGROUP answers stream → entries (or nil when nothing is new).
+                            let list: Vec<_> = pairs_of(&value)
+                                .into_iter()
+                                .flat_map(|(_, list)| entries(list))
+                                .collect();
+                            left.read = left.read.saturating_sub(list.len());
+                            more.read = list.len() >= asked_for;
+                            for (id, fields) in list {
+                                delivery.fresh.push((EntryId { shard, id }, parse_entry(&fields)));
+                            }
+                        }
+                        Kind::Sample => {
+                            let pairs = pairs_of(&value);
+                            more.sample = pairs.len() >= asked_for;
+                            for (field, value) in pairs {
+                                let (Ok(field), Ok(value)) = (
+                                    redis::from_redis_value_ref::<String>(field),
+                                    redis::from_redis_value_ref::<String>(value),
+                                ) else {
+                                    continue;
+                                };
+                                // A second sample may draw a field again.
+                                if !sampled.insert((shard, field.clone())) {
+                                    continue;
+                                }
+                                left.sample = left.sample.saturating_sub(1);
+                                let parsed = parse_parked(&value);
+                                delivery
+                                    .parked
+                                    .push((ParkedField { shard, field }, value, parsed));
+                            }
+                        }
+                    }
+                }
+                if read.shard.is_legacy() {
+                    let left_there =
+                        values.any(|v| redis::from_redis_value_ref::<u64>(&v).is_ok_and(|n| n > 0));
+                    let held = (delivery.fresh.len(), delivery.parked.len()) != before || left_there;
+                    legacy = Some(legacy.unwrap_or(false) || held);
+                }
+            }
+            if stage + 1 == STAGES {
+                break;
+            }
+            if !missing.is_empty() {
+                let gone: Vec<Shard> = missing
+                    .iter()
+                    .filter_map(|&i| reads.get(i).map(|r| r.shard))
+                    .collect();
+                tracing::warn!(shards = gone.len(), "progress log groups missing; creating them");
+                let _ = self.create_groups(&gone).await;
+            }
+            // What is left of each kind, shared by the shards that had more
+            // of it (and those whose group was just created).
+            let wanting = |kind: fn(&More) -> bool| -> Vec<usize> {
+                (0..n)
+                    .filter(|i| missing.contains(i) || more.get(*i).is_some_and(kind))
+                    .collect()
+            };
+            let claim = shares_among(&wanting(|m| m.claim), left.claim, first);
+            let read = shares_among(&wanting(|m| m.read), left.read, first);
+            let sample = shares_among(&wanting(|m| m.sample), left.sample, first);
+            for (i, r) in reads.iter_mut().enumerate() {
+                r.ask = Ask {
+                    claim: claim.get(&i).copied().unwrap_or(0),
+                    read: read.get(&i).copied().unwrap_or(0),
+                    sample: sample.get(&i).copied().unwrap_or(0),
+                };
             }
         }
-        // XREADGROUP answers stream → entries (or nil when nothing is new).
-        for (_, list) in pairs_of(&read) {
-            for (id, fields) in entries(list) {
-                delivery.fresh.push((id, parse_entry(&fields)));
-            }
+        if let Some(held) = legacy {
+            self.walk.legacy_seen(held);
         }
-        for (field, value) in pairs_of(&sample) {
-            if let (Ok(field), Ok(value)) = (
-                redis::from_redis_value_ref::<String>(field),
-                redis::from_redis_value_ref::<String>(value),
-            ) {
-                let parsed = parse_parked(&value);
-                delivery.parked.push((field, value, parsed));
+        match refusal {
+            Some(error) if delivery.fresh.is_empty() && delivery.parked.is_empty() => {
+                Err(DependencyError::Refused("redis", error))
             }
+            _ => Ok(delivery),
         }
-        Ok(delivery)
     }
 
-    /// Applies a round's outcome in one atomic script.
+    /// Applies a round's outcome: one atomic script per shard it touches,
+    /// all in one round trip (one round-trip time in cluster mode). `Err`
+    /// when any shard's script did not run: those entries stay with this
+    /// consumer and are taken over later (delivering twice is fine).
     pub async fn settle(&self, s: &Settlement) -> Result<(), DependencyError> {
         if s.is_empty() {
             return Ok(());
         }
-        let mut call = SETTLE.prepare_invoke();
-        call.key(keys::progress_log())
-            .key(keys::progress_parked())
-            .key(keys::progress_dead())
-            .arg(PROGRESS_GROUP)
-            .arg(DEAD_LETTERS_KEPT);
-        call.arg(s.forget.len());
-        for (field, value) in &s.forget {
-            call.arg(field).arg(value);
+        let mut from_memory: BTreeMap<Shard, Vec<&Buried>> = BTreeMap::new();
+        for buried in &s.buried_from_memory {
+            let bucket = self.redis.buckets.of(&buried.item.user_id);
+            from_memory.entry(Shard::Bucket(bucket)).or_default().push(buried);
         }
-        call.arg(s.retry.len());
-        for (field, value, new) in &s.retry {
-            call.arg(field).arg(value).arg(new);
-        }
-        call.arg(s.bury.len());
-        for (field, value, buried) in &s.bury {
-            call.arg(field).arg(value);
-            buried_args(&mut call, buried);
-        }
-        call.arg(s.dead.len());
-        for (id, buried) in &s.dead {
-            call.arg(id);
-            buried_args(&mut call, buried);
-        }
-        call.arg(s.park.len());
-        for (id, field, value) in &s.park {
-            call.arg(id).arg(field).arg(value);
-        }
-        call.arg(s.done.len());
-        for id in &s.done {
-            call.arg(id);
-        }
-        self.redis
-            .run(|mut c| async move { call.invoke_async::<i64>(&mut c).await })
-            .await
-            .map(drop)
+        let mut shards: Vec<Shard> = s
+            .shards
+            .iter()
+            .filter(|(_, part)| !part.is_empty())
+            .map(|(shard, _)| *shard)
+            .collect();
+        shards.extend(from_memory.keys().filter(|k| !s.shards.contains_key(k)));
+        let groups = shards
+            .iter()
+            .map(|shard| {
+                let buried = from_memory.get(shard).map(Vec::as_slice).unwrap_or_default();
+                vec![settle_cmd(*shard, s.shards.get(shard), buried)]
+            })
+            .collect();
+        let replies = self.redis.run_grouped(groups, Some(&SETTLE)).await?;
+        all_answered(replies).map(drop)
     }
 
-    /// Up to `count` dead letters after entry `after` (from the first when `None`), oldest first.
+    /// Up to `count` dead letters after `after` (from the first when
+    /// `None`), shard by shard, oldest first within a shard.
     pub async fn dead_letters(
         &self,
-        after: Option<&str>,
+        after: Option<&DeadLetter>,
         count: usize,
     ) -> Result<Vec<DeadLetter>, DependencyError> {
-        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
-        let list: Value = self
+        let shards = self.redis.buckets.shards();
+        let from = after
+            .and_then(|a| shards.iter().position(|s| *s == a.shard))
+            .unwrap_or(0);
+        let rest = shards.get(from..).unwrap_or_default();
+        // Which shards hold any, in one look, so that empty ones cost nothing more.
+        let lengths = self
             .redis
-            .run(|mut c| async move {
-                redis::cmd("XRANGE")
-                    .arg(keys::progress_dead())
-                    .arg(start)
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(count)
-                    .query_async(&mut c)
-                    .await
-            })
+            .run_grouped(
+                rest.iter()
+                    .map(|s| vec![redis::cmd("XLEN").arg(s.dead()).clone()])
+                    .collect(),
+                None,
+            )
             .await?;
-        Ok(entries(&list)
-            .into_iter()
-            .map(|(id, fields)| parse_dead_letter(id, &fields))
-            .collect())
+        let lengths = all_answered(lengths)?;
+        let mut letters = Vec::new();
+        for (shard, length) in rest.iter().zip(lengths) {
+            let held: u64 = length
+                .first()
+                .and_then(|v| redis::from_redis_value_ref(v).ok())
+                .unwrap_or(0);
+            if held == 0 {
+                continue;
+            }
+            let wanted = count.saturating_sub(letters.len());
+            if wanted == 0 {
+                break;
+            }
+            let start = match after {
+                Some(a) if a.shard == *shard => format!("({}", a.id),
+                _ => "-".to_owned(),
+            };
+            let key = shard.dead();
+            let list: Value = self
+                .redis
+                .run(|mut c| async move {
+                    redis::cmd("XRANGE")
+                        .arg(key)
+                        .arg(start)
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(wanted)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            letters.extend(
+                entries(&list)
+                    .into_iter()
+                    .map(|(id, fields)| parse_dead_letter(*shard, id, &fields)),
+            );
+        }
+        Ok(letters)
     }
 
     /// Removes dead letters (delivered by a replay).
-    pub async fn forget_dead_letters(&self, ids: &[String]) -> Result<(), DependencyError> {
-        if ids.is_empty() {
-            return Ok(());
+    pub async fn forget_dead_letters(&self, letters: &[&DeadLetter]) -> Result<(), DependencyError> {
+        let mut by_shard: BTreeMap<Shard, Vec<&str>> = BTreeMap::new();
+        for letter in letters {
+            by_shard.entry(letter.shard).or_default().push(&letter.id);
         }
-        let mut cmd = redis::cmd("XDEL");
-        cmd.arg(keys::progress_dead()).arg(ids);
-        self.redis
-            .run(|mut c| async move { cmd.query_async::<()>(&mut c).await })
-            .await
+        let groups = by_shard
+            .into_iter()
+            .map(|(shard, ids)| vec![redis::cmd("XDEL").arg(shard.dead()).arg(ids).clone()])
+            .collect();
+        let replies = self.redis.run_grouped(groups, None).await?;
+        all_answered(replies).map(drop)
     }
 
     /// Forgets consumers (instances long gone) that hold no entries and were
-    /// idle longer than `idle`, so the group does not grow with restarts.
+    /// idle longer than `idle`, shard by shard, so the groups do not grow
+    /// with restarts.
     pub async fn forget_idle_consumers(&self, idle: Duration) -> Result<usize, DependencyError> {
-        let log = keys::progress_log();
-        let consumers: Vec<Value> = self
-            .redis
-            .run(|mut c| {
-                let log = log.clone();
-                async move {
+        let shards = self.redis.buckets.shards();
+        let groups = shards
+            .iter()
+            .map(|s| {
+                vec![
                     redis::cmd("XINFO")
                         .arg("CONSUMERS")
-                        .arg(log)
+                        .arg(s.log())
                         .arg(PROGRESS_GROUP)
-                        .query_async(&mut c)
-                        .await
-                }
-            })
-            .await?;
-        let idle_ms = idle.as_millis() as i64;
-        let gone: Vec<String> = consumers
-            .iter()
-            .filter_map(|consumer| {
-                let fields = pairs_of(consumer);
-                let get = |name: &str| {
-                    fields
-                        .iter()
-                        .find(|(k, _)| redis::from_redis_value_ref::<String>(k).ok().as_deref() == Some(name))
-                        .map(|(_, v)| *v)
-                };
-                let name: String = redis::from_redis_value_ref(get("name")?).ok()?;
-                let pending: i64 = redis::from_redis_value_ref(get("pending")?).ok()?;
-                let idle: i64 = redis::from_redis_value_ref(get("idle")?).ok()?;
-                (pending == 0 && idle > idle_ms && name != self.consumer).then_some(name)
+                        .clone(),
+                ]
             })
             .collect();
-        if gone.is_empty() {
-            return Ok(0);
-        }
-        let count = gone.len();
-        self.redis
-            .run(|mut c| async move {
-                let mut pipe = redis::pipe();
-                for name in &gone {
-                    pipe.cmd("XGROUP")
+        let replies = self.redis.run_grouped(groups, None).await?;
+        let idle_ms = idle.as_millis() as i64;
+        let mut forgotten = 0;
+        let mut deletions: Vec<Group> = Vec::new();
+        for (shard, reply) in shards.iter().zip(replies) {
+            // A shard without its group (or whose node does not answer) has none to forget.
+            let Some(Ok(consumers)) = reply
+                .ok()
+                .and_then(|values| values.into_iter().next())
+                .map(redis::from_redis_value::<Vec<Value>>)
+            else {
+                continue;
+            };
+            let gone: Vec<Cmd> = consumers
+                .iter()
+                .filter_map(|consumer| {
+                    let fields = pairs_of(consumer);
+                    let get = |name: &str| {
+                        fields
+                            .iter()
+                            .find(|(k, _)| {
+                                redis::from_redis_value_ref::<String>(k).ok().as_deref() == Some(name)
+                            })
+                            .map(|(_, v)| *v)
+                    };
+                    let name: String = redis::from_redis_value_ref(get("name")?).ok()?;
+                    let pending: i64 = redis::from_redis_value_ref(get("pending")?).ok()?;
+                    let idle: i64 = redis::from_redis_value_ref(get("idle")?).ok()?;
+                    (pending == 0 && idle > idle_ms && name != self.consumer).then_some(name)
+                })
+                .map(|name| {
+                    redis::cmd("XGROUP")
                         .arg("DELCONSUMER")
-                        .arg(&log)
+                        .arg(shard.log())
                         .arg(PROGRESS_GROUP)
                         .arg(name)
-                        .ignore();
-                }
-                pipe.query_async::<()>(&mut c).await
-            })
-            .await?;
-        Ok(count)
+                        .clone()
+                })
+                .collect();
+            forgotten += gone.len();
+            if !gone.is_empty() {
+                deletions.push(gone);
+            }
+        }
+        if deletions.is_empty() {
+            return Ok(0);
+        }
+        let replies = self.redis.run_grouped(deletions, None).await?;
+        all_answered(replies).map(|_| forgotten)
     }
 
-    /// Entries in the log and parked pairs (for metrics and tests).
+    /// Entries in the logs and parked pairs, summed over the shards that
+    /// answered (for metrics and tests).
     pub async fn backlog(&self) -> Result<(u64, u64), DependencyError> {
-        let (log, parked) = (keys::progress_log(), keys::progress_parked());
-        self.redis
-            .run(|mut c| async move {
-                redis::pipe()
-                    .cmd("XLEN")
-                    .arg(log)
-                    .cmd("HLEN")
-                    .arg(parked)
-                    .query_async(&mut c)
-                    .await
+        let shards = self.redis.buckets.shards();
+        let groups = shards
+            .iter()
+            .map(|s| {
+                vec![
+                    redis::cmd("XLEN").arg(s.log()).clone(),
+                    redis::cmd("HLEN").arg(s.parked()).clone(),
+                ]
             })
-            .await
+            .collect();
+        let replies = self.redis.run_grouped(groups, None).await?;
+        let count =
+            |v: Option<&Value>| -> u64 { v.and_then(|v| redis::from_redis_value_ref(v).ok()).unwrap_or(0) };
+        Ok(replies
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .fold((0, 0), |(log, parked), values| {
+                (log + count(values.first()), parked + count(values.get(1)))
+            }))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::keys::Buckets;
     use super::*;
 
     fn item() -> ProgressItem {
@@ -798,12 +1171,45 @@ mod tests {
             ("a".to_owned(), "5".to_owned()),
             ("e".to_owned(), "status 404".to_owned()),
         ];
-        let json = parse_dead_letter("1-0".to_owned(), &fields).to_json();
+        let json = parse_dead_letter(Shard::Legacy, "1-0".to_owned(), &fields).to_json();
         assert_eq!(json["entry_id"], "1-0");
         assert_eq!(json["user_id"], "x");
         assert_eq!(json["position_ms"], 5);
         assert_eq!(json["attempts"], 5);
         assert_eq!(json["last_error"], "status 404");
         assert_eq!(json["updated_at"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(json["stream"], "moneta:{progress}:dead");
+    }
+
+    #[test]
+    fn shares_are_equal_and_the_remainder_rotates() {
+        assert_eq!(shares(10, 4, 0), [3, 3, 2, 2]);
+        assert_eq!(shares(10, 4, 3), [3, 2, 2, 3]);
+        assert_eq!(shares(8, 4, 1), [2, 2, 2, 2]);
+        assert_eq!(shares(3, 5, 4), [1, 1, 0, 0, 1]);
+        assert!(shares(5, 0, 0).is_empty());
+        for first in 0..7 {
+            assert_eq!(shares(200, 7, first).iter().sum::<usize>(), 200);
+        }
+    }
+
+    #[test]
+    fn a_settlement_goes_to_the_shards_of_its_pieces() {
+        let mut s = Settlement::default();
+        assert!(s.is_empty());
+        s.done(EntryId::for_tests("1-0"));
+        s.park(
+            EntryId {
+                shard: Shard::Bucket(Buckets::new(64).of(&item().user_id)),
+                id: "2-0".to_owned(),
+            },
+            &item(),
+            1,
+        );
+        s.bury(&item(), 5, "status 404");
+        assert_eq!(s.shards.len(), 2);
+        assert_eq!(s.shards[&Shard::Legacy].done, ["1-0"]);
+        assert_eq!(s.buried_from_memory.len(), 1);
+        assert!(!s.is_empty());
     }
 }

@@ -2,15 +2,15 @@
 //! one user's keys (one cluster slot). The limit rule itself lives in
 //! `scripts/start.lua`; this file turns replies into typed outcomes.
 
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use redis::{Script, Value};
+use redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, Value};
 
-use super::keys::{self, UserKeys};
-use super::{POSITION_TTL_S, RedisStore, millis_to_utc};
-use crate::model::{ContentId, DeviceId, LiveSession, PositionMs, ProgressItem, SessionId, UserId};
+use super::{Conn, POSITION_TTL_S, RedisStore, millis_to_utc};
+use crate::model::{ContentId, DeviceId, LiveSession, PositionMs, SessionId, UserId};
 use crate::resilience::DependencyError;
 
 /// The session scripts, each behind the helpers they share.
@@ -28,6 +28,7 @@ macro_rules! session_script {
 static START: LazyLock<Script> = session_script!("start.lua");
 static HEARTBEAT: LazyLock<Script> = session_script!("heartbeat.lua");
 static STOP: LazyLock<Script> = session_script!("stop.lua");
+static STATE: LazyLock<Script> = session_script!("state.lua");
 static LIST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/list.lua")));
 
 /// How long a user's session keys outlive their last write: ended ids stay
@@ -65,6 +66,10 @@ pub enum StartOutcome {
 pub enum TouchOutcome {
     /// Recorded (and durable) at Redis' `now`.
     Touched(DateTime<Utc>),
+    /// Recorded by the primary at Redis' `now`, but fewer replicas than
+    /// `MONETA_REDIS_MIN_REPLICAS_ACKED` acknowledged it in time: a failover
+    /// could still lose it.
+    Unreplicated(DateTime<Utc>),
     /// Unknown to this caller, or stopped, replaced or expired.
     Unknown,
     /// Ended by a newer start under `evict_oldest`.
@@ -84,7 +89,24 @@ pub enum EndOutcome {
     WasEvicted,
     /// Redis kept no trace of it; the final position was still recorded.
     Untraced,
+    /// Ended (or recorded) by the primary, but fewer replicas than
+    /// `MONETA_REDIS_MIN_REPLICAS_ACKED` acknowledged it in time.
+    Unreplicated,
     Unknown,
+}
+
+/// Where a session stands, judged on Redis' clock, without changing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// A heartbeat within the session TTL.
+    Live,
+    /// Ended by a newer start under `evict_oldest`.
+    Evicted,
+    /// Stopped, replaced by the same device, or silent past the TTL.
+    Ended,
+    /// Redis keeps no trace of it (it started while Redis was unreachable,
+    /// Redis lost its data, or it ended too long ago to be remembered).
+    Untraced,
 }
 
 /// How much a heartbeat or stop may do with an id Redis has no trace of.
@@ -109,6 +131,8 @@ pub struct LiveList {
 pub struct SessionStore {
     redis: RedisStore,
     ttl: Duration,
+    /// Whether the heartbeat and the stop script were loaded once.
+    loaded: Arc<[AtomicBool; 2]>,
 }
 
 fn int(v: Option<&Value>) -> i64 {
@@ -139,11 +163,48 @@ fn live_session(id: String, info: &str, expires_at: Option<DateTime<Utc>>) -> Op
     })
 }
 
+/// How long `WAIT` may block: half the Redis timeout, so the script before
+/// it and the round trip keep the other half (never 0, which blocks forever).
+fn wait_ms(timeout: Duration) -> u64 {
+    (timeout.as_millis() as u64 / 2).max(1)
+}
+
+/// Sends `pipe` (a script's `EVALSHA`, maybe `WAIT`, errors kept per
+/// command); a script Redis does not know (restarted, failed over to a
+/// replica that never loaded it) is loaded and the pipeline sent once more.
+/// Returns the script's reply and `WAIT`'s count.
+async fn script_then_wait(
+    conn: &mut Conn,
+    script: &Script,
+    pipe: &redis::Pipeline,
+) -> RedisResult<(Vec<Value>, Option<i64>)> {
+    let mut loaded = false;
+    loop {
+        let replies: Vec<Value> = pipe.query_async(conn).await?;
+        let mut replies = replies.into_iter();
+        let reply = replies
+            .next()
+            .ok_or_else(|| redis::RedisError::from((ErrorKind::UnexpectedReturnType, "no script reply")))?;
+        let acked = replies
+            .next()
+            .and_then(|v| redis::from_redis_value_ref::<i64>(&v).ok());
+        match reply.extract_error() {
+            Err(e) if !loaded && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                script.load_async(conn).await?;
+                loaded = true;
+            }
+            Err(e) => return Err(e),
+            Ok(reply) => return Ok((redis::from_redis_value(reply)?, acked)),
+        }
+    }
+}
+
 impl RedisStore {
     pub fn sessions(&self, ttl: Duration) -> SessionStore {
         SessionStore {
             redis: self.clone(),
             ttl,
+            loaded: Arc::default(),
         }
     }
 }
@@ -165,7 +226,7 @@ impl SessionStore {
     }
 
     pub async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, DependencyError> {
-        let keys = UserKeys::new(req.user);
+        let keys = self.redis.user_keys(req.user);
         let mut call = START.prepare_invoke();
         call.key(keys.sessions())
             .key(keys.session_info())
@@ -207,12 +268,69 @@ impl SessionStore {
     }
 
     /// Redis' time after which a write sent now is no longer awaited, or ''.
+    /// A write that has to wait for replicas is skipped earlier: it must
+    /// leave its `WAIT` room within the caller's patience.
     fn deadline(&self) -> String {
+        let timeout = self.redis.guard().timeout();
+        let budget = match self.replicas_wait() {
+            Some((_, wait_ms)) => timeout.saturating_sub(Duration::from_millis(wait_ms)),
+            None => timeout,
+        };
         self.redis
             .clock()
-            .deadline(self.redis.guard().timeout())
+            .deadline(budget)
             .map(|ms| ms.to_string())
             .unwrap_or_default()
+    }
+
+    /// `WAIT`'s arguments when writes must reach replicas.
+    fn replicas_wait(&self) -> Option<(u32, u64)> {
+        let replicas = self.redis.min_replicas_acked;
+        (replicas > 0).then(|| (replicas, wait_ms(self.redis.guard().timeout())))
+    }
+
+    /// Runs a heartbeat or stop script, followed in the same pipeline by
+    /// `WAIT` when writes must reach replicas. The pipeline goes to one node
+    /// in cluster mode too: the cluster client routes a pipeline by its
+    /// keyed commands, and `WAIT` has no key. `WAIT` counts the replicas
+    /// holding everything this connection wrote before it, so the script's
+    /// writes. Returns the script's reply and whether the replicas hold it
+    /// (always so without `WAIT`).
+    async fn invoke_written(
+        &self,
+        script: &Script,
+        loaded: &AtomicBool,
+        call: Cmd,
+    ) -> Result<(Vec<Value>, bool), DependencyError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(call).ignore_errors();
+        let replicas = self.replicas_wait();
+        if let Some((n, wait_ms)) = replicas {
+            pipe.cmd("WAIT").arg(n).arg(wait_ms);
+        }
+        let (reply, acked) = self
+            .redis
+            .run_waiting(|mut c| async move {
+                // A `WAIT` after an `EVALSHA` answered `NOSCRIPT` still blocks
+                // (for the connection's earlier writes), so the script is
+                // loaded before its first call rather than after a refusal.
+                if replicas.is_some() && !loaded.load(Ordering::Relaxed) {
+                    script.load_async(&mut c).await?;
+                    loaded.store(true, Ordering::Relaxed);
+                }
+                script_then_wait(&mut c, script, &pipe).await
+            })
+            .await?;
+        let held = match replicas {
+            Some((n, _)) => acked.is_some_and(|acked| acked >= i64::from(n)),
+            None => {
+                // A reply that waited for replicas arrives late by that wait:
+                // its `now` would set the estimate back by as much.
+                self.redis.clock().observe(int(reply.get(1)));
+                true
+            }
+        };
+        Ok((reply, held))
     }
 
     /// A write the script skipped because its caller had given up waiting:
@@ -221,26 +339,20 @@ impl SessionStore {
         DependencyError::Timeout("redis")
     }
 
-    /// Single-node mode writes the progress-log entry inside the script, so
-    /// a heartbeat is one round trip; in cluster mode the log lives in
-    /// another slot and the entry is a second command (see `ProgressLog`).
-    fn log_key(&self) -> Option<String> {
-        (!self.redis.is_cluster()).then(keys::progress_log)
-    }
-
     /// A heartbeat or stop script on one user's session and position keys
-    /// (and, single-node, the progress log), arguments still to come.
-    fn writing_call<'a>(&self, script: &'a Script, user: &UserId) -> redis::ScriptInvocation<'a> {
-        let keys = UserKeys::new(user);
-        let mut call = script.prepare_invoke();
-        call.key(keys.sessions())
-            .key(keys.session_info())
-            .key(keys.devices())
-            .key(keys.ended())
-            .key(keys.positions());
-        if let Some(log) = self.log_key() {
-            call.key(log);
-        }
+    /// and the progress log of the user's bucket (one hash tag, so one
+    /// atomic step in cluster mode too), arguments still to come.
+    fn writing_call(&self, script: &Script, user: &UserId) -> Cmd {
+        let keys = self.redis.user_keys(user);
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(script.get_hash())
+            .arg(6)
+            .arg(keys.sessions())
+            .arg(keys.session_info())
+            .arg(keys.devices())
+            .arg(keys.ended())
+            .arg(keys.positions())
+            .arg(keys.log());
         call
     }
 
@@ -270,46 +382,17 @@ impl SessionStore {
             .arg(rejoin)
             .arg(self.key_lifetime_ms())
             .arg(UNKNOWN_DEVICE);
-        let reply = self.invoke(call).await?;
+        let (reply, held) = self.invoke_written(&HEARTBEAT, &self.loaded[0], call).await?;
         let now = millis_to_utc(int(reply.get(1)));
         Ok(match int(reply.first()) {
-            1 => {
-                self.append_in_cluster(user, content, position, now, false)
-                    .await?;
-                TouchOutcome::Touched(now)
-            }
+            1 if held => TouchOutcome::Touched(now),
+            1 => TouchOutcome::Unreplicated(now),
             -1 => TouchOutcome::Evicted,
             2 if !matches!(untraced, Untraced::Refuse) => TouchOutcome::Untraced,
             3 => TouchOutcome::Full(holders(reply.get(2..).unwrap_or_default())),
             4 => return Err(Self::too_late()),
             _ => TouchOutcome::Unknown,
         })
-    }
-
-    /// Cluster mode: the log lives in another slot than the user's keys, so
-    /// the entry the script could not write is a second command.
-    async fn append_in_cluster(
-        &self,
-        user: &UserId,
-        content: ContentId,
-        position: PositionMs,
-        now: DateTime<Utc>,
-        completed: bool,
-    ) -> Result<(), DependencyError> {
-        if !self.redis.is_cluster() {
-            return Ok(());
-        }
-        let item = ProgressItem {
-            user_id: user.clone(),
-            content_id: content,
-            position_ms: position,
-            updated_at: now,
-            completed,
-        };
-        self.redis
-            .progress_log()
-            .append_all(std::slice::from_ref(&item))
-            .await
     }
 
     /// Ends a session at once, freeing its slot; records a final position
@@ -337,27 +420,43 @@ impl SessionStore {
                 "1"
             })
             .arg(self.key_lifetime_ms());
-        let reply = self.invoke(call).await?;
-        let outcome = match int(reply.first()) {
+        let (reply, held) = self.invoke_written(&STOP, &self.loaded[1], call).await?;
+        Ok(match int(reply.first()) {
+            1..=3 if !held => EndOutcome::Unreplicated,
             1 => EndOutcome::Ended,
             2 => EndOutcome::WasEvicted,
             3 => EndOutcome::Untraced,
             4 => return Err(Self::too_late()),
-            _ => return Ok(EndOutcome::Unknown),
-        };
-        let recorded = text(reply.get(2))
-            .and_then(|p| p.parse().ok())
-            .and_then(|p| PositionMs::new(p).ok());
-        if let Some(position) = recorded {
-            let now = millis_to_utc(int(reply.get(1)));
-            self.append_in_cluster(user, content, position, now, completed)
-                .await?;
-        }
-        Ok(outcome)
+            _ => EndOutcome::Unknown,
+        })
+    }
+
+    /// Where `session_id` of `user` stands: one read-only script, on the
+    /// user's keys alone (one cluster slot).
+    pub async fn state(
+        &self,
+        user: &UserId,
+        session_id: &SessionId,
+    ) -> Result<SessionState, DependencyError> {
+        let keys = self.redis.user_keys(user);
+        let mut call = STATE.prepare_invoke();
+        call.key(keys.sessions())
+            .key(keys.session_info())
+            .key(keys.devices())
+            .key(keys.ended())
+            .arg(self.ttl_ms())
+            .arg(session_id.as_str());
+        let reply = self.invoke(call).await?;
+        Ok(match int(reply.first()) {
+            1 => SessionState::Live,
+            -1 => SessionState::Evicted,
+            2 => SessionState::Untraced,
+            _ => SessionState::Ended,
+        })
     }
 
     pub async fn list(&self, user: &UserId) -> Result<LiveList, DependencyError> {
-        let keys = UserKeys::new(user);
+        let keys = self.redis.user_keys(user);
         let mut call = LIST.prepare_invoke();
         call.key(keys.sessions())
             .key(keys.session_info())
@@ -379,5 +478,18 @@ impl SessionStore {
             })
             .collect();
         Ok(LiveList { now, sessions })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_leaves_half_the_redis_timeout_and_never_blocks_forever() {
+        assert_eq!(wait_ms(Duration::from_millis(250)), 125);
+        assert_eq!(wait_ms(Duration::from_millis(2_000)), 1_000);
+        // `WAIT n 0` would block until the replicas answer, however long.
+        assert_eq!(wait_ms(Duration::from_millis(1)), 1);
     }
 }

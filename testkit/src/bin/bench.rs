@@ -5,7 +5,9 @@
 //! `docs/performance.md`.
 //!
 //! Settings: BENCH_DURATION_S (10), BENCH_ROUNDS (3), BENCH_CONNECTIONS (64),
-//! BENCH_SOAK_S (60), BENCH_USERS (1000), BENCH_TITLES (200).
+//! BENCH_SOAK_S (60), BENCH_USERS (1000), BENCH_TITLES (200),
+//! BENCH_OVERLOAD_S (20), BENCH_SCENARIOS (`all`, or `overload` for the
+//! overload scenario alone, which rewrites only its section of the report).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use testkit::bench_stack::{
     Baseline, Binaries, Spread, Stack, drive, env_or, machine, playback_info_requests, report_date,
-    repository_root, start_sessions,
+    repository_root, start_sessions, start_sessions_on,
 };
 use testkit::nginx::{Nginx, NginxOptions};
 use testkit::require_binary;
@@ -72,10 +74,23 @@ struct Wrk {
 
 impl Wrk {
     fn run(&self, url: &str, script: &str, seconds: u64) -> Outcome {
+        self.run_as(url, script, seconds, 2, self.connections, &[])
+    }
+
+    /// With its own threads and connections; `envs` after the common ones.
+    fn run_as(
+        &self,
+        url: &str,
+        script: &str,
+        seconds: u64,
+        threads: u64,
+        connections: u64,
+        envs: &[(&str, &str)],
+    ) -> Outcome {
         let out = Command::new(require_binary("wrk"))
             .args([
-                "-t2",
-                &format!("-c{}", self.connections),
+                &format!("-t{threads}"),
+                &format!("-c{connections}"),
                 &format!("-d{seconds}s"),
                 "--timeout",
                 "5s",
@@ -85,6 +100,7 @@ impl Wrk {
             .arg(url)
             .env("BENCH_LUA_DIR", &self.lua_dir)
             .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(envs.iter().copied())
             .output()
             .expect("run wrk");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -189,6 +205,15 @@ fn main() {
         let sessions = start_sessions(&client, &base, &tokens, &spread, HEARTBEAT_SESSIONS).await;
         (len, sessions)
     });
+    // The overload flood's sessions: one per user, on devices of their own.
+    let flood_sessions = runtime.block_on(start_sessions_on(
+        &client,
+        &base,
+        &tokens,
+        &spread,
+        spread.users,
+        "bench-flood",
+    ));
     let warm_s = warm_started.elapsed().as_secs_f64();
     let sessions_file = write(
         "sessions",
@@ -198,13 +223,13 @@ fn main() {
             .collect(),
     );
 
-    let never = Duration::from_secs(60);
-    let bare = stack.baseline(Baseline::BareAxum, body_len, &[], never);
-    let one_trip = stack.baseline(Baseline::OneRoundTrip, body_len, &[], never);
-    let nginx = Nginx::start(
-        NginxOptions::new(base.trim_start_matches("http://")).rate_limit("1000000r/s", 1_000_000),
+    let flood_sessions_file = write(
+        "flood-sessions",
+        flood_sessions
+            .iter()
+            .map(|(token, id)| format!("{token} {id}\n"))
+            .collect(),
     );
-
     let wrk = Wrk {
         lua_dir: root.join("bench/wrk"),
         connections,
@@ -215,6 +240,31 @@ fn main() {
             ("BENCH_PAIR_TOKEN".into(), pair_token),
         ],
     };
+    let overload_s = env_or("BENCH_OVERLOAD_S", 20).max(8);
+    let report_path = root.join("docs/performance.md");
+    if std::env::var("BENCH_SCENARIOS").is_ok_and(|v| v.trim() == "overload") {
+        // Only the processes this scenario measures.
+        drop(moneta);
+        let section = overload_section(
+            &stack,
+            &wrk,
+            &flood_sessions_file,
+            flood_sessions.len(),
+            overload_s,
+        );
+        println!("\n{section}");
+        let old = std::fs::read_to_string(&report_path).unwrap_or_default();
+        let _ = std::fs::write(&report_path, with_section(&old, &section));
+        return;
+    }
+
+    let never = Duration::from_secs(60);
+    let bare = stack.baseline(Baseline::BareAxum, body_len, &[], never);
+    let one_trip = stack.baseline(Baseline::OneRoundTrip, body_len, &[], never);
+    let nginx = Nginx::start(
+        NginxOptions::new(base.trim_start_matches("http://")).rate_limit("1000000r/s", 1_000_000),
+    );
+
     let scenario = |name, url: &str, script, server, requests_per_op| Scenario {
         name,
         url: url.to_owned(),
@@ -412,7 +462,225 @@ fn main() {
         sessions = HEARTBEAT_SESSIONS,
         plural = if rounds == 1 { "" } else { "s" },
     );
-    println!("\n{report}");
-    let _ = std::fs::write(root.join("docs/performance.md"), report);
     drop(nginx);
+    drop(moneta);
+    let section = overload_section(
+        &stack,
+        &wrk,
+        &flood_sessions_file,
+        flood_sessions.len(),
+        overload_s,
+    );
+    let report = with_section(&report, &section);
+    println!("\n{report}");
+    let _ = std::fs::write(&report_path, report);
+}
+
+/// The overload scenario (CONTRACT §9): heartbeats from this many connections…
+const FLOOD_CONNECTIONS: u64 = 4096;
+/// …and, beside them, playback-info from these many.
+const PROBE_CONNECTIONS: u64 = 4;
+/// The contract's figures for it.
+const PROBE_SUCCESS_TARGET_PCT: f64 = 99.0;
+const PROBE_P99_TARGET_MS: f64 = 100.0;
+const FLOOD_P99_TARGET_MS: f64 = 250.0;
+const OVERLOAD_RSS_TARGET_MIB: f64 = 96.0;
+const OVERLOAD_HEADING: &str = "## Overload";
+const SESSION_ROUTE: &str = "route=\"/v1/playback/sessions/{session_id}\"";
+
+struct OverloadRow {
+    name: &'static str,
+    flood: Outcome,
+    probe: Outcome,
+    /// Flood requests answered `503 overloaded` (admission) and `503` by a
+    /// handler (the Redis bulkhead full, a timeout).
+    shed: f64,
+    handler_503: f64,
+    limit_at_end: f64,
+    peak_rss_mib: f64,
+}
+
+impl OverloadRow {
+    /// Share of a run's requests answered 2xx; wrk counts a request it gave
+    /// up on (5 s) or lost to a socket error as no answer.
+    fn success_pct(o: &Outcome) -> f64 {
+        let sent = (o.requests + o.socket_errors).max(1) as f64;
+        (o.requests - o.non2xx.min(o.requests)) as f64 / sent * 100.0
+    }
+
+    /// Flood requests answered 2xx or 503, as the contract asks of every one.
+    fn flood_answered_pct(&self) -> f64 {
+        let o = &self.flood;
+        let sent = (o.requests + o.socket_errors).max(1) as f64;
+        let ok = (o.requests - o.non2xx.min(o.requests)) as f64;
+        ((ok + self.shed + self.handler_503) / sent * 100.0).min(100.0)
+    }
+
+    fn shed_pct(&self) -> f64 {
+        self.shed / self.flood.requests.max(1) as f64 * 100.0
+    }
+}
+
+/// One fresh Moneta with `settings` under the flood and the probe.
+fn overload_row(
+    stack: &Stack,
+    wrk: &Wrk,
+    flood_sessions_file: &str,
+    seconds: u64,
+    name: &'static str,
+    settings: &[(&str, String)],
+) -> (OverloadRow, Outcome) {
+    eprintln!("overload: {name}");
+    let moneta = stack.moneta(&[], settings, Duration::from_secs(60));
+    let base = moneta.url();
+    // This process's own copies (titles, the client-side cache) warm up
+    // with the probe alone, which is also the reference p99.
+    let _ = wrk.run_as(&base, "playback_info.lua", 3, 1, PROBE_CONNECTIONS, &[]);
+    let alone = wrk.run_as(&base, "playback_info.lua", 5, 1, PROBE_CONNECTIONS, &[]);
+    reset_peak(moneta.pid());
+    let shed_before = moneta.metric("moneta_requests_shed_total", SESSION_ROUTE);
+    let handler_503 = |m: &testkit::bench_stack::Moneta| {
+        m.metric(
+            "moneta_http_requests_total",
+            &format!("{SESSION_ROUTE},status=\"503\""),
+        )
+    };
+    let handler_503_before = handler_503(&moneta);
+    let flood_envs = [("BENCH_SESSIONS", flood_sessions_file)];
+    let (flood, probe, limit_at_end) = std::thread::scope(|scope| {
+        let flood =
+            scope.spawn(|| wrk.run_as(&base, "heartbeat.lua", seconds, 2, FLOOD_CONNECTIONS, &flood_envs));
+        // The probe runs inside the flood: it starts once all 4096
+        // connections are open and ends before they close.
+        std::thread::sleep(Duration::from_secs(2));
+        let probe = wrk.run_as(&base, "playback_info.lua", seconds - 4, 1, PROBE_CONNECTIONS, &[]);
+        let limit = moneta.metric("moneta_overload_limit", "");
+        (flood.join().expect("the flood's wrk"), probe, limit)
+    });
+    let row = OverloadRow {
+        name,
+        peak_rss_mib: peak_rss_mib(moneta.pid()),
+        shed: moneta.metric("moneta_requests_shed_total", SESSION_ROUTE) - shed_before,
+        handler_503: handler_503(&moneta) - handler_503_before,
+        limit_at_end,
+        flood,
+        probe,
+    };
+    (row, alone)
+}
+
+/// Before (no admission control) and after (the default adaptive limit).
+fn overload_section(
+    stack: &Stack,
+    wrk: &Wrk,
+    flood_sessions_file: &str,
+    sessions: usize,
+    seconds: u64,
+) -> String {
+    let nofile = command_line_of("sh", &["-c", "ulimit -n"]);
+    let (before, _) = overload_row(
+        stack,
+        wrk,
+        flood_sessions_file,
+        seconds,
+        "before: no admission control (`MONETA_OVERLOAD_LIMIT=off`)",
+        &[("MONETA_OVERLOAD_LIMIT", "off".into())],
+    );
+    let (after, alone) = overload_row(
+        stack,
+        wrk,
+        flood_sessions_file,
+        seconds,
+        "after: adaptive limit (default)",
+        &[],
+    );
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| | probe success | probe p99 ms | probe req/s | flood answered 2xx or 503 | flood p99 ms | flood p50 ms | flood req/s | shed (503 overloaded) | other 503 | socket errors | limit at the end | peak RSS MiB |"
+    );
+    let _ = writeln!(
+        table,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for row in [&before, &after] {
+        let limit = if row.limit_at_end > 0.0 {
+            format!("{:.0}", row.limit_at_end)
+        } else {
+            "off".into()
+        };
+        let _ = writeln!(
+            table,
+            "| {} | {:.2} % | {:.1} | {:.0} | {:.2} % | {:.1} | {:.1} | {:.0} | {:.1} % | {:.0} | {} | {limit} | {:.1} |",
+            row.name,
+            OverloadRow::success_pct(&row.probe),
+            row.probe.p99_ms,
+            row.probe.rps,
+            row.flood_answered_pct(),
+            row.flood.p99_ms,
+            row.flood.p50_ms,
+            row.flood.rps,
+            row.shed_pct(),
+            row.handler_503,
+            row.flood.socket_errors,
+            row.peak_rss_mib,
+        );
+    }
+    let _ = writeln!(
+        table,
+        "| contract (§9) | ≥ {PROBE_SUCCESS_TARGET_PCT:.0} % | ≤ {PROBE_P99_TARGET_MS:.0} | | 100 % | ≤ {FLOOD_P99_TARGET_MS:.0} | | | | | | | ≤ {OVERLOAD_RSS_TARGET_MIB:.0} |"
+    );
+    let verdict = |ok: bool| if ok { "met" } else { "missed" };
+    let checks = [
+        (
+            "probe success",
+            OverloadRow::success_pct(&after.probe) >= PROBE_SUCCESS_TARGET_PCT,
+        ),
+        ("probe p99", after.probe.p99_ms <= PROBE_P99_TARGET_MS),
+        ("flood answered", after.flood_answered_pct() >= 99.99),
+        ("flood p99", after.flood.p99_ms <= FLOOD_P99_TARGET_MS),
+        ("peak RSS", after.peak_rss_mib <= OVERLOAD_RSS_TARGET_MIB),
+    ]
+    .iter()
+    .map(|(what, ok)| format!("{what} {}", verdict(*ok)))
+    .collect::<Vec<_>>()
+    .join(", ");
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    format!(
+        "{OVERLOAD_HEADING} (CONTRACT §9)\n\n\
+         Measured by `scripts/bench` ({date}; `BENCH_SCENARIOS=overload` runs this alone). Machine: {machine}; open files {nofile}.\n\n\
+         wrk sends heartbeats from {FLOOD_CONNECTIONS} connections (2 threads) round {sessions} live sessions (one per bench user) for {seconds} s; beside them, playback-info from {PROBE_CONNECTIONS} other connections (1 thread, the probe) walks the warm user × title pairs, from 2 s after the flood starts to 2 s before it ends. Each row is one fresh Moneta process on the same Redis and internal API; wrk, Moneta, Redis and the internal API share the machine's cores. A request wrk gave up on (5 s) or lost to a socket error counts as unanswered.\n\n\
+         {table}\n\
+         Reference: the probe alone on the same instance, just before the flood: p99 {alone_p99:.2} ms at {alone_rps:.0} requests/s. Under the flood the probe's p99 is {after_vs_alone:.0}× that with admission control, {before_vs_alone:.0}× without; its success went from {before_success:.2} % to {after_success:.2} %, the flood's p99 from {before_flood:.0} ms to {after_flood:.0} ms, peak RSS from {before_rss:.1} MiB to {after_rss:.1} MiB.\n\n\
+         Against the contract, after: {checks}.\n",
+        date = report_date(),
+        machine = machine(),
+        alone_p99 = alone.p99_ms,
+        alone_rps = alone.rps,
+        after_vs_alone = ratio(after.probe.p99_ms, alone.p99_ms),
+        before_vs_alone = ratio(before.probe.p99_ms, alone.p99_ms),
+        before_success = OverloadRow::success_pct(&before.probe),
+        after_success = OverloadRow::success_pct(&after.probe),
+        before_flood = before.flood.p99_ms,
+        after_flood = after.flood.p99_ms,
+        before_rss = before.peak_rss_mib,
+        after_rss = after.peak_rss_mib,
+    )
+}
+
+/// `report` with its overload section replaced by `section` (or added).
+fn with_section(report: &str, section: &str) -> String {
+    let Some(start) = report.find(OVERLOAD_HEADING) else {
+        return format!("{}\n\n{section}", report.trim_end());
+    };
+    let rest = &report[start + OVERLOAD_HEADING.len()..];
+    let end = rest
+        .find("\n## ")
+        .map_or(report.len(), |at| start + OVERLOAD_HEADING.len() + at + 1);
+    format!("{}{section}{}", &report[..start], &report[end..])
+}
+
+/// The first line a shell command prints.
+fn command_line_of(program: &str, args: &[&str]) -> String {
+    testkit::bench_stack::command_line(program, args)
 }

@@ -1,7 +1,7 @@
 -- Records a heartbeat and the position it carries, before the player is told
 -- the position is safe. A heartbeat means the title is being watched again,
 -- so it clears a `completed` mark.
--- KEYS[5] positions hash, KEYS[6] progress log stream (optional).
+-- KEYS[5] positions hash, KEYS[6] the progress log of the user's bucket.
 -- ARGV: 1 ttl_ms, 2 session_id, 3 position_ms, 4 position_ttl_s, 5 user_id,
 -- 6 content_id, 7 deadline (Redis ms after which the caller no longer waits,
 -- or ''), 8 max_streams to record a session Redis has no trace of (or '' not

@@ -1,8 +1,9 @@
 -- Brings positions one instance held in memory while Redis was unreachable
 -- back into Redis, for one user: each updates the user's resume position
--- unless Redis holds a newer one, and (single-node mode, KEYS[2] given) the
--- entries not yet delivered join the progress log in the same atomic step.
--- KEYS[1] the user's positions hash, KEYS[2] progress log stream (optional)
+-- unless Redis holds a newer one, and the entries not yet delivered join the
+-- progress log of the user's bucket in the same atomic step.
+-- KEYS[1] the user's positions hash, KEYS[2] the progress log of the user's
+-- bucket (the same hash tag)
 -- ARGV[1] position_ttl_s, ARGV[2] user id, ARGV[3] number of positions N, then
 -- N (content id, value '<ms>[:c]@<at_ms>', at_ms) triples, then the number of
 -- log entries L, then L (c, p, t, w, a) records.
@@ -28,11 +29,9 @@ if written > 0 then
 end
 local logged = tonumber(ARGV[i])
 i = i + 1
-if KEYS[2] then
-  for _ = 1, logged do
-    redis.call('XADD', KEYS[2], '*', 'u', ARGV[2], 'c', ARGV[i], 'p', ARGV[i + 1],
-      't', ARGV[i + 2], 'w', ARGV[i + 3], 'a', ARGV[i + 4])
-    i = i + 5
-  end
+for _ = 1, logged do
+  redis.call('XADD', KEYS[2], '*', 'u', ARGV[2], 'c', ARGV[i], 'p', ARGV[i + 1],
+    't', ARGV[i + 2], 'w', ARGV[i + 3], 'a', ARGV[i + 4])
+  i = i + 5
 end
 return written

@@ -69,8 +69,10 @@ local function keep_keys(ms)
   end
 end
 
--- The resume position ('<ms>[:c]@<now>') and, with KEYS[6], the progress-log
--- entry that carries it to the internal API, in the same atomic step.
+-- The resume position ('<ms>[:c]@<now>') and the progress-log entry that
+-- carries it to the internal API (KEYS[6], the log of the user's bucket: the
+-- same hash tag, so Redis Cluster runs this in one slot too), in the same
+-- atomic step.
 local function record_position(user, content, position, completed, position_ttl)
   local value = position
   if completed == '1' then
@@ -78,8 +80,6 @@ local function record_position(user, content, position, completed, position_ttl)
   end
   redis.call('HSET', KEYS[5], content, value .. '@' .. now)
   redis.call('EXPIRE', KEYS[5], position_ttl)
-  if KEYS[6] then
-    redis.call('XADD', KEYS[6], '*', 'u', user, 'c', content, 'p', position, 't', now, 'w', completed)
-  end
+  redis.call('XADD', KEYS[6], '*', 'u', user, 'c', content, 'p', position, 't', now, 'w', completed)
 end
 

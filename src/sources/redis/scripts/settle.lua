@@ -1,5 +1,7 @@
--- Settles one delivery round of the progress log, atomically.
--- KEYS[1] progress log stream, KEYS[2] parked hash, KEYS[3] dead-letter stream
+-- Settles one delivery round of one shard of the progress log (a bucket's,
+-- or the `{progress}` log of the layout before buckets), atomically.
+-- KEYS[1] progress log stream, KEYS[2] parked hash, KEYS[3] dead-letter
+-- stream, all three of one hash tag
 -- ARGV[1] consumer group, ARGV[2] dead-letter stream length (approximate cap),
 -- then sections, each a count followed by that many records:
 --   forget  (field, value): a parked field delivered, removed unless it

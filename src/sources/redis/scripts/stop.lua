@@ -1,7 +1,7 @@
 -- Ends a session and frees its stream slot; records the final position if
 -- given. `completed` marks the title watched; without a position it keeps the
 -- stored one.
--- KEYS[5] positions hash, KEYS[6] progress log stream (optional).
+-- KEYS[5] positions hash, KEYS[6] the progress log of the user's bucket.
 -- ARGV: 1 session_id, 2 position_ms ('' when none), 3 position_ttl_s,
 -- 4 user_id, 5 content_id, 6 completed ('1' or '0'), 7 deadline (as in
 -- heartbeat.lua, or ''), 8 '1' when Moneta issued the id to this caller (a

@@ -1,0 +1,301 @@
+//! The licence proxy (CONTRACT §8): the stream limit where a player cannot
+//! skip it. A player that ignores `409 session_evicted`, or sends no
+//! heartbeats, still needs a licence at start and at every renewal; each
+//! one passes here, and a session that is no longer live gets none.
+//!
+//! In order: the licence token; the DRM system it is for; the per-session
+//! rate limit; the session (one read-only Redis script); for ClearKey the
+//! key ids asked for. Then the licence: ClearKey from Moneta's own keys
+//! file, any other system from its vendor, the challenge and the answer
+//! passed through unchanged.
+//!
+//! Degraded operation is the heartbeats': while Redis is unreachable, a
+//! session id whose MAC proves Moneta issued it to this caller gets its
+//! licence (counted as a fallback), any other does not. A full Redis
+//! bulkhead is Moneta's own overload and answers `503`.
+
+mod clearkey;
+mod limit;
+mod token;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use reqwest::header::HeaderValue;
+
+pub use token::{LicenseGrant, LicenseTokens, TokenError};
+
+use crate::config::{LicenseProxySettings, Secret};
+use crate::model::{DrmSystem, KeyId};
+use crate::resilience::DependencyError;
+use crate::sessions::{Provenance, SessionKey};
+use crate::sources::CallContext;
+use crate::sources::drm::{DrmUpstreams, LicenseCall, VendorAnswer};
+use crate::sources::redis::{SessionState, SessionStore};
+use clearkey::ClearKeyError;
+use limit::RateLimit;
+
+/// One licence request as the edge received it.
+pub struct LicenseRequest<'a> {
+    pub system: DrmSystem,
+    /// The bearer token of `Authorization`; `None` when none was sent.
+    pub token: Option<&'a str>,
+    /// The CDM's licence request (challenge), as received.
+    pub body: Bytes,
+    pub content_type: Option<&'a HeaderValue>,
+    pub ctx: &'a CallContext,
+}
+
+pub enum License {
+    /// A W3C ClearKey licence Moneta issued itself (JSON).
+    ClearKey(Vec<u8>),
+    /// The vendor's answer, whatever its status.
+    Vendor(VendorAnswer),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LicenseError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("{0}")]
+    Denied(&'static str),
+    #[error("no such session")]
+    SessionNotFound,
+    #[error("playback moved to another device")]
+    SessionEvicted,
+    #[error("too many licence requests")]
+    RateLimited { retry_after: Duration },
+    #[error("{0}")]
+    InvalidBody(&'static str),
+    /// Nothing issues licences for this system here.
+    #[error("no licence server for this DRM system")]
+    NoLicenseServer,
+    /// The vendor's licence server failed (unreachable, timed out, breaker open).
+    #[error("the licence server is unavailable")]
+    Unavailable,
+    /// Moneta's own Redis bulkhead is full.
+    #[error("too busy to check the session; try again")]
+    Busy,
+}
+
+/// `outcome` of `moneta_license_requests_total`: a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A ClearKey licence from Moneta's keys file.
+    Issued,
+    /// The vendor answered 2xx.
+    Forwarded,
+    /// The vendor answered another status, passed back unchanged.
+    UpstreamStatus,
+    MissingToken,
+    InvalidToken,
+    Denied,
+    Evicted,
+    SessionNotFound,
+    RateLimited,
+    InvalidBody,
+    TooLarge,
+    NoLicenseServer,
+    Unavailable,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Issued => "issued",
+            Outcome::Forwarded => "forwarded",
+            Outcome::UpstreamStatus => "upstream_status",
+            Outcome::MissingToken => "missing_token",
+            Outcome::InvalidToken => "invalid_token",
+            Outcome::Denied => "denied",
+            Outcome::Evicted => "evicted",
+            Outcome::SessionNotFound => "session_not_found",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::InvalidBody => "invalid_body",
+            Outcome::TooLarge => "too_large",
+            Outcome::NoLicenseServer => "no_license_server",
+            Outcome::Unavailable => "unavailable",
+        }
+    }
+
+    fn of(result: &Result<License, LicenseError>) -> Self {
+        match result {
+            Ok(License::ClearKey(_)) => Outcome::Issued,
+            Ok(License::Vendor(answer)) if answer.status.is_success() => Outcome::Forwarded,
+            Ok(License::Vendor(_)) => Outcome::UpstreamStatus,
+            Err(LicenseError::Token(TokenError::Missing)) => Outcome::MissingToken,
+            Err(LicenseError::Token(TokenError::Invalid)) => Outcome::InvalidToken,
+            Err(LicenseError::Denied(_)) => Outcome::Denied,
+            Err(LicenseError::SessionNotFound) => Outcome::SessionNotFound,
+            Err(LicenseError::SessionEvicted) => Outcome::Evicted,
+            Err(LicenseError::RateLimited { .. }) => Outcome::RateLimited,
+            Err(LicenseError::InvalidBody(_)) => Outcome::InvalidBody,
+            Err(LicenseError::NoLicenseServer) => Outcome::NoLicenseServer,
+            Err(LicenseError::Unavailable | LicenseError::Busy) => Outcome::Unavailable,
+        }
+    }
+}
+
+/// Counts one licence request; `drm_system` and `outcome` are closed sets.
+pub fn count(system: DrmSystem, outcome: Outcome) {
+    metrics::counter!(
+        "moneta_license_requests_total",
+        "drm_system" => system.as_str(),
+        "outcome" => outcome.as_str()
+    )
+    .increment(1);
+}
+
+fn fallback(kind: &'static str) {
+    metrics::counter!("moneta_fallbacks_total", "dependency" => "redis", "kind" => kind).increment(1);
+}
+
+pub struct Licenses {
+    tokens: LicenseTokens,
+    sessions: SessionStore,
+    session_key: SessionKey,
+    limit: RateLimit,
+    /// Set: ClearKey licences are Moneta's own.
+    clear_keys: Option<HashMap<KeyId, [u8; 16]>>,
+    vendors: DrmUpstreams,
+}
+
+impl Licenses {
+    pub fn new(
+        token_secret: &Secret,
+        sessions: SessionStore,
+        session_key: SessionKey,
+        clear_keys: Option<HashMap<KeyId, [u8; 16]>>,
+        vendors: DrmUpstreams,
+    ) -> Self {
+        Self {
+            tokens: LicenseTokens::new(token_secret),
+            sessions,
+            session_key,
+            limit: RateLimit::default(),
+            clear_keys,
+            vendors,
+        }
+    }
+
+    /// Builds the proxy from its settings; the keys file was loaded by the caller.
+    pub fn from_settings(
+        token_secret: &Secret,
+        proxy: &LicenseProxySettings,
+        sessions: SessionStore,
+        session_key: SessionKey,
+        clear_keys: Option<HashMap<KeyId, [u8; 16]>>,
+    ) -> Result<Self, String> {
+        let vendors = DrmUpstreams::new(proxy)?;
+        Ok(Self::new(
+            token_secret,
+            sessions,
+            session_key,
+            clear_keys,
+            vendors,
+        ))
+    }
+
+    /// Checks the request, then answers the licence; every request is
+    /// counted in `moneta_license_requests_total`.
+    pub async fn license(&self, request: LicenseRequest<'_>) -> Result<License, LicenseError> {
+        let system = request.system;
+        let result = self.answer(request).await;
+        count(system, Outcome::of(&result));
+        result
+    }
+
+    async fn answer(&self, request: LicenseRequest<'_>) -> Result<License, LicenseError> {
+        let grant = self.tokens.verify(request.token)?;
+        // ClearKey stands in for any CENC system in development: the key id
+        // decides there, not the system the catalog named.
+        if request.system != DrmSystem::ClearKey && grant.drm_system != request.system.as_str() {
+            return Err(LicenseError::Denied(
+                "the licence token is for another DRM system",
+            ));
+        }
+        let limited = match &grant.session {
+            Some(session) => self.limit.admit(session.as_str()),
+            // NUL occurs in neither part, so the key is unambiguous.
+            None => self
+                .limit
+                .admit(&format!("{}\0{}", grant.user.as_str(), grant.content.as_str())),
+        };
+        limited.map_err(|retry_after| LicenseError::RateLimited { retry_after })?;
+        self.check_session(&grant).await?;
+        match request.system {
+            DrmSystem::ClearKey => {
+                let kid = clearkey::granted_key(&request.body, grant.key_id).map_err(|e| match e {
+                    ClearKeyError::Malformed => LicenseError::InvalidBody(
+                        "expected a W3C ClearKey licence request: {\"kids\": [\"<base64url key id>\"], \"type\": \"temporary\"}",
+                    ),
+                    ClearKeyError::NotGranted => {
+                        LicenseError::Denied("the licence token does not grant the requested key")
+                    }
+                })?;
+                let keys = self.clear_keys.as_ref().ok_or(LicenseError::NoLicenseServer)?;
+                let key = keys
+                    .get(&kid)
+                    .ok_or(LicenseError::Denied("no licence is issued for this key"))?;
+                Ok(License::ClearKey(clearkey::license(kid, key)))
+            }
+            system => {
+                let call = LicenseCall {
+                    body: request.body,
+                    content_type: request.content_type,
+                    user: &grant.user,
+                    content: &grant.content,
+                    session: grant.session.as_ref(),
+                    ctx: request.ctx,
+                };
+                match self.vendors.request(system, call).await {
+                    None => Err(LicenseError::NoLicenseServer),
+                    Some(Ok(answer)) => Ok(License::Vendor(answer)),
+                    Some(Err(_)) => Err(LicenseError::Unavailable),
+                }
+            }
+        }
+    }
+
+    /// A token from a session start is good only while that session is
+    /// live for its user. One read-only script; Redis' answer decides while
+    /// it gives one.
+    async fn check_session(&self, grant: &LicenseGrant) -> Result<(), LicenseError> {
+        let Some(session) = &grant.session else {
+            return Ok(());
+        };
+        if session.content_id() != grant.content {
+            return Err(LicenseError::SessionNotFound);
+        }
+        let provenance = self.session_key.provenance(&grant.user, session);
+        if provenance == Provenance::Forged {
+            return Err(LicenseError::SessionNotFound);
+        }
+        let issued = provenance == Provenance::Issued;
+        match self.sessions.state(&grant.user, session).await {
+            Ok(SessionState::Live) => Ok(()),
+            Ok(SessionState::Evicted) => Err(LicenseError::SessionEvicted),
+            Ok(SessionState::Ended) => Err(LicenseError::SessionNotFound),
+            // Started while Redis was unreachable, or Redis lost its data:
+            // as with a heartbeat, Redis' silence is not an ending. The
+            // session's next heartbeat records it again within the limit or
+            // ends it with `409 stream_limit_reached`; refusing the licence
+            // here would stop a player that did nothing wrong.
+            Ok(SessionState::Untraced) if issued => {
+                fallback("license_untraced");
+                Ok(())
+            }
+            Ok(SessionState::Untraced) => Err(LicenseError::SessionNotFound),
+            Err(DependencyError::Saturated(_)) => Err(LicenseError::Busy),
+            // Redis unreachable: an outage never stops a player, exactly as
+            // heartbeats keep being answered; only an id this instance can
+            // prove ours passes.
+            Err(_) if issued => {
+                fallback("license_unchecked");
+                Ok(())
+            }
+            Err(_) => Err(LicenseError::SessionNotFound),
+        }
+    }
+}

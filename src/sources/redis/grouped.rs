@@ -1,0 +1,174 @@
+//! Commands for many hash tags at once (every bucket's progress log), in as
+//! few round trips as the deployment allows.
+
+use redis::{Cmd, RedisResult, Script, Value};
+
+use super::{Conn, RedisStore};
+use crate::resilience::DependencyError;
+
+/// Commands on one hash tag (one cluster slot), answered together.
+pub(super) type Group = Vec<Cmd>;
+
+/// Each group's replies, one per command, a command's error reply in place
+/// (`Value::ServerError`); `Err` for a group whose pipeline got no answer.
+pub(super) type GroupReplies = Vec<RedisResult<Vec<Value>>>;
+
+/// The error code of a command's error reply (`NOGROUP`, `NOSCRIPT`, …).
+pub(super) fn error_code(reply: &Value) -> Option<&str> {
+    match reply {
+        Value::ServerError(e) => Some(e.code()),
+        _ => None,
+    }
+}
+
+/// Every group answered and no command failed: the replies; otherwise the
+/// first failure, as an answer (`Refused`) or, for a group that got no
+/// answer, a failure.
+pub(super) fn all_answered(replies: GroupReplies) -> Result<Vec<Vec<Value>>, DependencyError> {
+    let mut all = Vec::with_capacity(replies.len());
+    for group in replies {
+        let values = group.map_err(|e| DependencyError::Failed("redis", e.to_string()))?;
+        if let Some(Value::ServerError(e)) = values.iter().find(|v| matches!(v, Value::ServerError(_))) {
+            let e = redis::RedisError::from(e.clone());
+            return Err(DependencyError::Refused("redis", e.to_string()));
+        }
+        all.push(values);
+    }
+    Ok(all)
+}
+
+/// One pipeline per group, all sent at once on the multiplexed connection.
+async fn query_each(conn: &Conn, groups: &[Group]) -> Vec<RedisResult<Vec<Value>>> {
+    let calls = groups.iter().map(|group| {
+        let mut conn = conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for cmd in group {
+            pipe.add_command(cmd.clone());
+        }
+        async move {
+            if group.is_empty() {
+                return Ok(Vec::new());
+            }
+            pipe.query_async::<Vec<Value>>(&mut conn).await
+        }
+    });
+    futures::future::join_all(calls).await
+}
+
+/// Every group in one pipeline (a single node serves every slot).
+async fn query_together(conn: &mut Conn, groups: &[Group]) -> RedisResult<GroupReplies> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for cmd in groups.iter().flatten() {
+        pipe.add_command(cmd.clone());
+    }
+    if groups.iter().all(Vec::is_empty) {
+        return Ok(groups.iter().map(|_| Ok(Vec::new())).collect());
+    }
+    let mut replies = pipe.query_async::<Vec<Value>>(conn).await?.into_iter();
+    Ok(groups
+        .iter()
+        .map(|group| Ok(replies.by_ref().take(group.len()).collect()))
+        .collect())
+}
+
+impl RedisStore {
+    /// Runs `groups`, each on one hash tag, as one guarded call. A single
+    /// node takes them all as one pipeline: one round trip. A cluster
+    /// pipeline may not span slots, so in cluster mode each group is its own
+    /// pipeline, all sent at once (the cluster connection multiplexes them
+    /// per node): still one round-trip time. A group whose node does not
+    /// answer (unreachable, failing over) answers `Err` while the others
+    /// answer; only when no group is answered is the call a failure.
+    ///
+    /// `script`: commands answered `NOSCRIPT` (Redis restarted, or flushed
+    /// its scripts) are `EVALSHA`s of it, run once more after loading it.
+    pub(super) async fn run_grouped(
+        &self,
+        groups: Vec<Group>,
+        script: Option<&Script>,
+    ) -> Result<GroupReplies, DependencyError> {
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cluster = self.is_cluster();
+        self.run(|mut conn| async move {
+            let mut replies = if cluster {
+                let replies = query_each(&conn, &groups).await;
+                if let Some(Err(e)) = replies.iter().find(|r| r.is_err())
+                    && replies.iter().all(|r| r.is_err())
+                {
+                    return Err(e.clone());
+                }
+                replies
+            } else {
+                query_together(&mut conn, &groups).await?
+            };
+            if let Some(script) = script {
+                again_without_noscript(&mut conn, cluster, script, &groups, &mut replies).await?;
+            }
+            Ok(replies)
+        })
+        .await
+    }
+}
+
+/// Loads `script` and runs again the commands answered `NOSCRIPT`, putting
+/// their new replies in place.
+async fn again_without_noscript(
+    conn: &mut Conn,
+    cluster: bool,
+    script: &Script,
+    groups: &[Group],
+    replies: &mut GroupReplies,
+) -> RedisResult<()> {
+    // (group, the places of its commands answered NOSCRIPT)
+    let todo: Vec<(usize, Vec<usize>)> = replies
+        .iter()
+        .enumerate()
+        .filter_map(|(g, reply)| {
+            let at: Vec<usize> = reply
+                .as_ref()
+                .ok()?
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| error_code(v) == Some("NOSCRIPT"))
+                .map(|(i, _)| i)
+                .collect();
+            (!at.is_empty()).then_some((g, at))
+        })
+        .collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let retry: Vec<Group> = todo
+        .iter()
+        .map(|(g, at)| {
+            let group = groups.get(*g).map(Vec::as_slice).unwrap_or_default();
+            at.iter().filter_map(|&i| group.get(i).cloned()).collect()
+        })
+        .collect();
+    // In cluster mode `SCRIPT LOAD` goes to every node.
+    script.load_async(conn).await?;
+    let again = if cluster {
+        query_each(conn, &retry).await
+    } else {
+        query_together(conn, &retry).await?
+    };
+    for ((g, at), result) in todo.into_iter().zip(again) {
+        let Some(reply) = replies.get_mut(g) else { continue };
+        match (reply.as_mut(), result) {
+            (Ok(values), Ok(new)) => {
+                for (i, value) in at.into_iter().zip(new) {
+                    if let Some(old) = values.get_mut(i) {
+                        *old = value;
+                    }
+                }
+            }
+            (_, Err(e)) => *reply = Err(e),
+            (Err(_), Ok(_)) => {}
+        }
+    }
+    Ok(())
+}
