@@ -53,7 +53,18 @@ tee_pid=$!
 child=$!
 exec 3>&-
 
+# The trimmer stops first: emptying the copy between Moneta's last lines and
+# the end of this script would lose the shutdown lines the file must keep.
+stop_trimmer() {
+    if [ -n "$trimmer" ]; then
+        kill "$trimmer" 2> /dev/null
+        wait "$trimmer" 2> /dev/null
+        trimmer=
+    fi
+}
+
 forward() {
+    stop_trimmer
     kill -s "$1" "$child" 2> /dev/null
 }
 trap 'forward TERM' TERM
@@ -67,8 +78,7 @@ done
 wait "$child"
 status=$?
 
-kill "$trimmer" 2> /dev/null
-wait "$trimmer" 2> /dev/null
+stop_trimmer
 # Moneta's end of the pipe is closed: tee drains what is left and exits.
 wait "$tee_pid"
 exit "$status"
