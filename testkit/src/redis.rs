@@ -208,7 +208,7 @@ impl RedisCluster {
         let dir = tempfile::tempdir().expect("cluster dir");
         let nodes: Vec<RedisServer> = (0..n)
             .map(|_| {
-                let port = free_port();
+                let port = cluster_node_port();
                 let conf = dir.path().join(format!("nodes-{port}.conf"));
                 let conf = conf.display().to_string();
                 let mut args = vec!["--cluster-enabled", "yes", "--cluster-config-file", &conf];
@@ -291,5 +291,20 @@ impl RedisCluster {
             .map(|n| n.url.clone())
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+/// A free port for a cluster node whose bus port (the port + 10000, which
+/// Redis Cluster opens beside it) is free too. The kernel hands out ports up
+/// to 60999, and a node on a port above 55535 cannot open its bus at all.
+fn cluster_node_port() -> u16 {
+    loop {
+        let port = free_port();
+        let bus_free = port
+            .checked_add(10_000)
+            .is_some_and(|bus| std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok());
+        if bus_free {
+            return port;
+        }
     }
 }

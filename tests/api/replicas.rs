@@ -27,12 +27,8 @@ fn position_on(port: u16, user: &str) -> Option<u64> {
     stored?.split_once('@')?.0.parse().ok()
 }
 
-async fn unacked(app: &TestApp) -> f64 {
-    metric_value(&app.metrics().await, UNACKED).unwrap_or(0.0)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_acknowledged_heartbeat_is_already_on_the_replica() {
+/// A primary, its replica, and an app whose writes wait for one replica.
+async fn replicated_app() -> (RedisServer, RedisServer, TestApp) {
     let primary = RedisServer::start();
     let replica = RedisServer::start_replica_of(primary.port);
     let app = spawn_app_with(&[
@@ -41,6 +37,16 @@ async fn an_acknowledged_heartbeat_is_already_on_the_replica() {
         ("MONETA_REDIS_TIMEOUT_MS", PATIENT_MS),
     ])
     .await;
+    (primary, replica, app)
+}
+
+async fn unacked(app: &TestApp) -> f64 {
+    metric_value(&app.metrics().await, UNACKED).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_heartbeat_is_already_on_the_replica() {
+    let (_primary, replica, app) = replicated_app().await;
     let user = "load-replicas-acked";
     let token = app.token(user, "standard", 2, "KR");
     let id = app.started_session(&token, "m-0001", "tv").await;
@@ -57,14 +63,7 @@ async fn an_acknowledged_heartbeat_is_already_on_the_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_replica_acknowledging_positions_are_kept_in_memory_and_delivered() {
-    let primary = RedisServer::start();
-    let replica = RedisServer::start_replica_of(primary.port);
-    let app = spawn_app_with(&[
-        ("MONETA_REDIS_URL", &primary.url),
-        ("MONETA_REDIS_MIN_REPLICAS_ACKED", "1"),
-        ("MONETA_REDIS_TIMEOUT_MS", PATIENT_MS),
-    ])
-    .await;
+    let (primary, replica, app) = replicated_app().await;
     let user = "load-replicas-unacked";
     let token = app.token(user, "standard", 2, "KR");
     let id = app.started_session(&token, "m-0001", "tv").await;

@@ -393,6 +393,25 @@ impl RedisStore {
             .as_deref()
             .and_then(Waiting::pick)
             .unwrap_or(&*self.connector);
+        self.run_on(connector, op).await
+    }
+
+    /// Runs `op` on a connection under the guard. A command error (Redis
+    /// answered, about this command) is [`DependencyError::Refused`] and
+    /// never trips the breaker; see [`is_outage`].
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, DependencyError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.run_on(&self.connector, op).await
+    }
+
+    async fn run_on<T, F, Fut>(&self, connector: &Connector, op: F) -> Result<T, DependencyError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         let result = self
             .guard
             .call_judged(
@@ -404,28 +423,6 @@ impl RedisStore {
             )
             .await;
         after_call(connector, &result);
-        result
-    }
-
-    /// Runs `op` on a connection under the guard. A command error (Redis
-    /// answered, about this command) is [`DependencyError::Refused`] and
-    /// never trips the breaker; see [`is_outage`].
-    async fn run<T, F, Fut>(&self, op: F) -> Result<T, DependencyError>
-    where
-        F: FnOnce(Conn) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
-    {
-        let result = self
-            .guard
-            .call_judged(
-                async {
-                    let conn = self.conn().await?;
-                    op(conn).await
-                },
-                is_outage,
-            )
-            .await;
-        after_call(&self.connector, &result);
         result
     }
 
