@@ -6,12 +6,12 @@
 //!
 //! Settings: BENCH_DURATION_S (10), BENCH_ROUNDS (3), BENCH_CONNECTIONS (64),
 //! BENCH_SOAK_S (60), BENCH_USERS (1000), BENCH_TITLES (200),
-//! BENCH_OVERLOAD_S (20), BENCH_SCENARIOS (`all`, or `overload` for the
-//! overload scenario alone, which rewrites only its section of the report).
+//! BENCH_OVERLOAD_S (20), BENCH_SCENARIOS (`all`, or `overload` or `cluster`
+//! for that scenario alone, which rewrites only its section of the report).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use testkit::bench_stack::{
     repository_root, start_sessions, start_sessions_on,
 };
 use testkit::nginx::{Nginx, NginxOptions};
-use testkit::require_binary;
+use testkit::{RedisCluster, require_binary};
 
 /// The soak's memory target: peak RSS at most this, and flat.
 const SOAK_TARGET_MIB: f64 = 12.0;
@@ -254,7 +254,25 @@ fn main() {
         );
         println!("\n{section}");
         let old = std::fs::read_to_string(&report_path).unwrap_or_default();
-        let _ = std::fs::write(&report_path, with_section(&old, &section));
+        let _ = std::fs::write(&report_path, with_section(&old, OVERLOAD_HEADING, &section));
+        return;
+    }
+    let cluster_section = |moneta: &testkit::bench_stack::Moneta| {
+        cluster_section(
+            &stack,
+            &wrk,
+            moneta,
+            &runtime,
+            &tokens,
+            (rounds, duration),
+            dir.path(),
+        )
+    };
+    if std::env::var("BENCH_SCENARIOS").is_ok_and(|v| v.trim() == "cluster") {
+        let section = cluster_section(&moneta);
+        println!("\n{section}");
+        let old = std::fs::read_to_string(&report_path).unwrap_or_default();
+        let _ = std::fs::write(&report_path, with_section(&old, CLUSTER_HEADING, &section));
         return;
     }
 
@@ -463,6 +481,7 @@ fn main() {
         plural = if rounds == 1 { "" } else { "s" },
     );
     drop(nginx);
+    let cluster = cluster_section(&moneta);
     drop(moneta);
     let section = overload_section(
         &stack,
@@ -471,7 +490,8 @@ fn main() {
         flood_sessions.len(),
         overload_s,
     );
-    let report = with_section(&report, &section);
+    let report = with_section(&report, CLUSTER_HEADING, &cluster);
+    let report = with_section(&report, OVERLOAD_HEADING, &section);
     println!("\n{report}");
     let _ = std::fs::write(&report_path, report);
 }
@@ -668,19 +688,157 @@ fn overload_section(
     )
 }
 
-/// `report` with its overload section replaced by `section` (or added).
-fn with_section(report: &str, section: &str) -> String {
-    let Some(start) = report.find(OVERLOAD_HEADING) else {
-        return format!("{}\n\n{section}", report.trim_end());
+/// `report` with its section under `heading` replaced by `section`, or
+/// added before the first section, so a scenario run alone lands beside the
+/// single-node table it is compared with.
+fn with_section(report: &str, heading: &str, section: &str) -> String {
+    let Some(start) = report.find(heading) else {
+        return match report.find("\n## ") {
+            Some(at) => format!("{}\n\n{section}\n{}", report[..at].trim_end(), &report[at + 1..]),
+            None => format!("{}\n\n{section}", report.trim_end()),
+        };
     };
-    let rest = &report[start + OVERLOAD_HEADING.len()..];
+    let rest = &report[start + heading.len()..];
     let end = rest
         .find("\n## ")
-        .map_or(report.len(), |at| start + OVERLOAD_HEADING.len() + at + 1);
+        .map_or(report.len(), |at| start + heading.len() + at + 1);
     format!("{}{section}{}", &report[..start], &report[end..])
 }
 
 /// The first line a shell command prints.
 fn command_line_of(program: &str, args: &[&str]) -> String {
     testkit::bench_stack::command_line(program, args)
+}
+
+const CLUSTER_HEADING: &str = "## Redis Cluster";
+const CLUSTER_PRIMARIES: usize = 3;
+
+/// One measured wrk run against `moneta`, with its Redis calls and
+/// client-cache hits per request.
+fn measure(
+    wrk: &Wrk,
+    moneta: &testkit::bench_stack::Moneta,
+    script: &str,
+    seconds: u64,
+    envs: &[(&str, &str)],
+) -> Outcome {
+    let url = moneta.url();
+    let _ = wrk.run_as(&url, script, 3, 2, wrk.connections, envs);
+    reset_peak(moneta.pid());
+    let before = (moneta.redis_calls(), moneta.client_cache_hits());
+    let mut outcome = wrk.run_as(&url, script, seconds, 2, wrk.connections, envs);
+    outcome.peak_rss_mib = peak_rss_mib(moneta.pid());
+    let requests = outcome.requests.max(1) as f64;
+    outcome.redis_calls = Some((moneta.redis_calls() - before.0) / requests);
+    outcome.cache_hits = Some((moneta.client_cache_hits() - before.1) / requests);
+    outcome
+}
+
+/// The single-node Moneta `single` and a Moneta on a 3-primary Redis Cluster
+/// under the same playback-info and heartbeat load, back to back in every
+/// round, so that the ratio between them is not the machine's drift.
+fn cluster_section(
+    stack: &Stack,
+    wrk: &Wrk,
+    single: &testkit::bench_stack::Moneta,
+    runtime: &tokio::runtime::Runtime,
+    tokens: &Arc<Vec<String>>,
+    (rounds, duration): (u64, u64),
+    dir: &Path,
+) -> String {
+    eprintln!("cluster: starting a {CLUSTER_PRIMARIES}-node Redis Cluster and a Moneta on it");
+    let cluster = RedisCluster::start(CLUSTER_PRIMARIES);
+    let moneta = stack.moneta(
+        &[],
+        &[("MONETA_REDIS_CLUSTER_URLS", cluster.urls())],
+        Duration::from_secs(60),
+    );
+    let base = moneta.url();
+    let client = reqwest::Client::new();
+    let playback_info = playback_info_requests(&base, tokens, &stack.spread);
+    // The cluster starts empty; warmed like the single node, it holds the
+    // same entitlements and positions when the rounds begin.
+    let warm_started = Instant::now();
+    let sessions = runtime.block_on(async {
+        drive(&client, 0..stack.spread.pairs(), WARM_CONCURRENCY, &playback_info).await;
+        start_sessions(&client, &base, tokens, &stack.spread, HEARTBEAT_SESSIONS).await
+    });
+    let warm_s = warm_started.elapsed().as_secs_f64();
+    let sessions_path = dir.join("cluster-sessions");
+    std::fs::write(
+        &sessions_path,
+        sessions
+            .iter()
+            .map(|(token, id)| format!("{token} {id}\n"))
+            .collect::<String>(),
+    )
+    .expect("bench file");
+    let sessions_file = sessions_path.display().to_string();
+    let cluster_envs = [("BENCH_SESSIONS", sessions_file.as_str())];
+
+    let loads = [
+        ("playback-info, warm cache", "playback_info.lua"),
+        ("heartbeat", "heartbeat.lua"),
+    ];
+    // Per load, per round: the single node's outcome, then the cluster's.
+    let mut measured: Vec<Vec<[Outcome; 2]>> = vec![Vec::new(); loads.len()];
+    for round in 1..=rounds {
+        for (i, (name, script)) in loads.iter().enumerate() {
+            eprintln!("cluster round {round}/{rounds}: {name}, single node");
+            let on_single = measure(wrk, single, script, duration, &[]);
+            eprintln!("cluster round {round}/{rounds}: {name}, cluster");
+            let on_cluster = measure(wrk, &moneta, script, duration, &cluster_envs);
+            measured[i].push([on_single, on_cluster]);
+        }
+    }
+
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| scenario | Redis | requests/s | p50 ms | p99 ms | peak RSS MiB | cluster vs single node (median, min–max) | Redis calls/request | client-cache hits/request | non-2xx | socket errors |"
+    );
+    let _ = writeln!(
+        table,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for ((name, _), per_round) in loads.iter().zip(&measured) {
+        let ratios: Vec<f64> = per_round
+            .iter()
+            .map(|[s, c]| c.rps / s.rps.max(1.0) * 100.0)
+            .collect();
+        let (median, low, high) = spread_of(&ratios);
+        for (at, redis) in [(0, "single node"), (1, "cluster, 3 primaries")] {
+            let mut by_rps: Vec<Outcome> = per_round.iter().map(|r| r[at].clone()).collect();
+            by_rps.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+            let o = &by_rps[by_rps.len() / 2];
+            let ratio = if at == 0 {
+                "100 %".to_owned()
+            } else {
+                format!("{median:.0} % ({low:.0}–{high:.0} %)")
+            };
+            let _ = writeln!(
+                table,
+                "| {name} | {redis} | {:.0} | {:.2} | {:.2} | {:.1} | {ratio} | {:.2} | {:.2} | {} | {} |",
+                o.rps,
+                o.p50_ms,
+                o.p99_ms,
+                o.peak_rss_mib,
+                o.redis_calls.unwrap_or(0.0),
+                o.cache_hits.unwrap_or(0.0),
+                o.non2xx,
+                o.socket_errors
+            );
+        }
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!(
+        "{CLUSTER_HEADING}\n\n\
+         Measured by `scripts/bench` ({date}; `BENCH_SCENARIOS=cluster` runs this alone; wrk with 2 threads and {connections} connections, {rounds} round{plural} of {duration} s per row, each after a 3 s warm-up). Machine: {machine}.\n\n\
+         Two Moneta processes on the same internal API: the single-node one of the table above (one Redis) and one with `MONETA_REDIS_CLUSTER_URLS` on a {CLUSTER_PRIMARIES}-primary Redis Cluster without replicas. Every round measures the single node and then the cluster, back to back, under each load; the ratio is taken within its round, and each row is the median round. The cluster was warmed like the single node (every user × title pair once, then {HEARTBEAT_SESSIONS} live sessions for the heartbeats; {warm_s:.0} s). These figures come from one run on a noisy {cores}-core machine where the three Redis nodes, wrk, Moneta and the internal API share the cores: they show what cluster mode costs Moneta as a client, not the throughput three Redis machines would give.\n\n\
+         {table}",
+        date = report_date(),
+        machine = machine(),
+        connections = wrk.connections,
+        plural = if rounds == 1 { "" } else { "s" },
+    )
 }
