@@ -129,14 +129,33 @@ fn licenses(
     Ok(Some(licenses))
 }
 
+/// Connections the kernel completes and holds for `accept` (capped by
+/// `net.core.somaxconn`, 4096 on current kernels); tokio's `bind` asks for
+/// 1024. When the queue is full the kernel drops the handshake's last ACK:
+/// the client believes it is connected and sends its request, which then
+/// waits for TCP retransmissions (200 ms and more) before it is even read.
+/// The overload benchmark's 4096 reconnecting clients overflowed 1024 on a
+/// busy machine (`ListenOverflows` in `nstat`), never 4096. Go's listeners
+/// ask for somaxconn too.
+const LISTEN_BACKLOG: u32 = 8192;
+
 async fn bind(addr: SocketAddr, setting: &'static str) -> Result<TcpListener, StartupError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartupError::Listen {
-            setting,
-            addr,
-            source,
-        })
+    let listen = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As `TcpListener::bind` does: a restarted instance takes its port
+        // back while the old connections linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| StartupError::Listen {
+        setting,
+        addr,
+        source,
+    })
 }
 
 pub struct Application {

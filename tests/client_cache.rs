@@ -1,8 +1,10 @@
 //! The client-side cache of entitlements and resume positions (RESP3
 //! `CLIENT TRACKING`), checked on a fleet of real `moneta` processes sharing
-//! one real redis-server: a change made anywhere reaches every instance's
-//! cached answer, a reconnect forgets everything cached before it, and the
-//! cache stays within its bound.
+//! one real redis-server, or one real Redis Cluster: a change made anywhere
+//! reaches every instance's cached answer, a reconnect forgets everything
+//! cached before it, and the cache stays within its bound. In a cluster it
+//! stays correct when the user's slot moves to another primary (`MOVED`) and
+//! when a primary dies and its replica takes over.
 //!
 //! Visibility is timed from the writer's reply to the first answer that shows
 //! the change. The bound (50 ms) is checked on the median of several changes,
@@ -16,12 +18,15 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use moneta::sources::redis::keys::key_slot;
 use serde_json::Value;
-use support::redis_probe::RedisProbe;
+use support::redis_probe::{RedisProbe, bucket};
 use support::{
-    FakeApi, MonetaProcess, PATIENCE, PublicApi, RedisServer, eventually, metric_value, mint_token,
-    spawn_fake_api,
+    FakeApi, MonetaProcess, PATIENCE, PublicApi, RedisServer, eventually, eventually_blocking, metric_value,
+    mint_token, spawn_fake_api,
 };
+use testkit::RedisCluster;
+use testkit::redis::cli;
 
 const TITLE: &str = "m-0001";
 /// The issue's bound on how long an instance may answer from a stale copy.
@@ -40,18 +45,8 @@ impl Fleet {
         }
     }
 
-    /// An instance whose caches never expire during the test: what it answers
-    /// is either current or stale, never merely re-read.
     fn member(&self, extra: &[(&'static str, String)]) -> MonetaProcess {
-        let mut envs = vec![
-            ("MONETA_REDIS_URL", self.redis.url.clone()),
-            ("MONETA_INTERNAL_API_URL", self.api.url()),
-            ("MONETA_REDIS_CLIENT_CACHE_TTL_MS", "3600000".to_owned()),
-            ("MONETA_ENTITLEMENT_TTL_S", "3600".to_owned()),
-            ("MONETA_CONTENT_LOCAL_TTL_MS", "3600000".to_owned()),
-        ];
-        envs.extend(extra.iter().cloned());
-        MonetaProcess::start(&envs)
+        member(("MONETA_REDIS_URL", self.redis.url.clone()), &self.api, extra)
     }
 
     async fn probe(&self) -> RedisProbe {
@@ -59,13 +54,26 @@ impl Fleet {
     }
 }
 
+/// An instance whose caches never expire during the test: what it answers
+/// is either current or stale, never merely re-read.
+fn member(redis: (&'static str, String), api: &FakeApi, extra: &[(&'static str, String)]) -> MonetaProcess {
+    let mut envs = vec![
+        redis,
+        ("MONETA_INTERNAL_API_URL", api.url()),
+        ("MONETA_REDIS_CLIENT_CACHE_TTL_MS", "3600000".to_owned()),
+        ("MONETA_ENTITLEMENT_TTL_S", "3600".to_owned()),
+        ("MONETA_CONTENT_LOCAL_TTL_MS", "3600000".to_owned()),
+    ];
+    envs.extend(extra.iter().cloned());
+    MonetaProcess::start(&envs)
+}
+
 fn entitlement_key(user: &str) -> String {
     support::redis_probe::user_key(user, "entitlement")
 }
 
 /// Calls Redis received since start, by command (`INFO commandstats`).
-async fn command_calls(probe: &mut RedisProbe) -> BTreeMap<String, u64> {
-    let info: String = probe.query(redis::cmd("INFO").arg("commandstats")).await;
+fn command_calls(info: &str) -> BTreeMap<String, u64> {
     info.lines()
         .filter_map(|l| {
             let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
@@ -76,7 +84,13 @@ async fn command_calls(probe: &mut RedisProbe) -> BTreeMap<String, u64> {
 }
 
 async fn reads(probe: &mut RedisProbe) -> u64 {
-    let calls = command_calls(probe).await;
+    let info: String = probe.query(redis::cmd("INFO").arg("commandstats")).await;
+    reads_in(&info)
+}
+
+/// `GET` and `HGET` calls in an `INFO commandstats` answer.
+fn reads_in(info: &str) -> u64 {
+    let calls = command_calls(info);
     calls.get("get").copied().unwrap_or(0) + calls.get("hget").copied().unwrap_or(0)
 }
 
@@ -245,7 +259,21 @@ async fn the_cache_holds_at_most_its_bound_and_can_be_turned_off() {
     // Two keys per user: room for one user's view at a time.
     let small = fleet.member(&[("MONETA_REDIS_CLIENT_CACHE_KEYS", "2".to_owned())]);
     let off = fleet.member(&[("MONETA_REDIS_CLIENT_CACHE_KEYS", "0".to_owned())]);
-    let mut probe = fleet.probe().await;
+    let probe = tokio::sync::Mutex::new(fleet.probe().await);
+    holds_its_bound(&small, &off, async || reads(&mut *probe.lock().await).await).await;
+}
+
+#[tokio::test]
+async fn in_a_cluster_the_cache_holds_at_most_its_bound() {
+    let fleet = ClusterFleet::start(RedisCluster::start(3)).await;
+    let small = fleet.member(&[("MONETA_REDIS_CLIENT_CACHE_KEYS", "2".to_owned())]);
+    let off = fleet.member(&[("MONETA_REDIS_CLIENT_CACHE_KEYS", "0".to_owned())]);
+    holds_its_bound(&small, &off, async || fleet.reads()).await;
+}
+
+/// `small` holds two keys (one user's view), `off` none; `reads` counts
+/// the reads Redis served.
+async fn holds_its_bound(small: &MonetaProcess, off: &MonetaProcess, reads: impl AsyncFn() -> u64) {
     let tokens: Vec<String> = [
         ("u-basic", "basic"),
         ("u-standard", "standard"),
@@ -254,7 +282,7 @@ async fn the_cache_holds_at_most_its_bound_and_can_be_turned_off() {
     .iter()
     .map(|(user, plan)| mint_token(user, plan, 2, "KR"))
     .collect();
-    for instance in [&small, &off] {
+    for instance in [small, off] {
         for token in &tokens {
             for _ in 0..2 {
                 assert_eq!(
@@ -267,25 +295,242 @@ async fn the_cache_holds_at_most_its_bound_and_can_be_turned_off() {
 
     // The last user is still held; the first was pushed out by the others.
     let api = small.public_api();
-    let before = reads(&mut probe).await;
+    let before = reads().await;
     assert_eq!(api.playback_info(TITLE, &tokens[2]).await.status(), 200);
-    assert_eq!(reads(&mut probe).await, before, "the most recent user is cached");
+    assert_eq!(reads().await, before, "the most recent user is cached");
     assert_eq!(api.playback_info(TITLE, &tokens[0]).await.status(), 200);
-    assert_eq!(reads(&mut probe).await, before + 2, "the oldest user was evicted");
+    assert_eq!(reads().await, before + 2, "the oldest user was evicted");
 
     let api = off.public_api();
-    let before = reads(&mut probe).await;
+    let before = reads().await;
     assert_eq!(api.playback_info(TITLE, &tokens[2]).await.status(), 200);
-    assert_eq!(
-        reads(&mut probe).await,
-        before + 2,
-        "turned off, every answer reads Redis"
-    );
+    assert_eq!(reads().await, before + 2, "turned off, every answer reads Redis");
     assert_eq!(
         metric_value(
             &off.metrics().await,
             r#"moneta_redis_client_cache_requests_total{result="hit"}"#
         ),
         None
+    );
+}
+
+/// A Redis Cluster, two instances on it and the user whose cached view is
+/// watched.
+struct ClusterFleet {
+    cluster: RedisCluster,
+    api: FakeApi,
+}
+
+const CLUSTER_USER: &str = "u-standard";
+
+impl ClusterFleet {
+    async fn start(cluster: RedisCluster) -> ClusterFleet {
+        ClusterFleet {
+            cluster,
+            api: spawn_fake_api().await,
+        }
+    }
+
+    fn member(&self, extra: &[(&'static str, String)]) -> MonetaProcess {
+        member(
+            ("MONETA_REDIS_CLUSTER_URLS", self.cluster.urls()),
+            &self.api,
+            extra,
+        )
+    }
+
+    /// A node that is alive, to ask about the topology.
+    fn asked(&self, not: u16) -> u16 {
+        self.cluster
+            .nodes
+            .iter()
+            .map(|n| n.port)
+            .find(|p| *p != not && cli(*p, &["PING"]).trim() == "PONG")
+            .expect("a live node")
+    }
+
+    /// The primary holding the user's keys now, as a live node other than
+    /// `not` sees it (none while a failover is under way).
+    fn owner_seen(&self, not: u16) -> Option<u16> {
+        let slot = key_slot(format!("b{}", bucket(CLUSTER_USER)).as_bytes());
+        self.cluster.primary_of_slot(self.asked(not), slot)
+    }
+
+    fn owner(&self, not: u16) -> u16 {
+        self.owner_seen(not).expect("a primary serves the slot")
+    }
+
+    /// Reads the cluster's primaries served since they started.
+    fn reads(&self) -> u64 {
+        self.cluster
+            .nodes
+            .iter()
+            .map(|n| reads_in(&cli(n.port, &["INFO", "commandstats"])))
+            .sum()
+    }
+
+    /// Sets the user's entitlement on the primary holding it, keeping its TTL.
+    fn set_entitlement(&self, value: &str) {
+        let key = entitlement_key(CLUSTER_USER);
+        let reply = cli(
+            self.owner(self.cluster.nodes[0].port),
+            &["SET", &key, value, "KEEPTTL"],
+        );
+        assert_eq!(reply.trim(), "OK", "SET on the owner");
+    }
+}
+
+/// Whether, after one answer that may read, the next ones are given
+/// without asking Redis.
+async fn served_from_memory(fleet: &ClusterFleet, api: &PublicApi, token: &str) -> bool {
+    assert_eq!(api.playback_info(TITLE, token).await.status(), 200);
+    let before = fleet.reads();
+    for _ in 0..10 {
+        assert_eq!(api.playback_info(TITLE, token).await.status(), 200);
+    }
+    fleet.reads() == before
+}
+
+#[tokio::test]
+async fn in_a_cluster_changes_reach_every_cached_answer_and_warm_answers_read_nothing() {
+    let fleet = ClusterFleet::start(RedisCluster::start(3)).await;
+    let writer = fleet.member(&[]);
+    let reader = fleet.member(&[]);
+    let (writer_api, reader_api) = (writer.public_api(), reader.public_api());
+    let token = mint_token(CLUSTER_USER, "standard", 2, "KR");
+    assert_eq!(reader_api.playback_info(TITLE, &token).await.status(), 200);
+    let session = writer_api.started_session(&token, TITLE, "tv").await;
+
+    let mut lags = Vec::new();
+    for position in (0..5).map(|i| 600_000 + i * 60_000) {
+        assert_eq!(
+            writer_api.heartbeat(&token, &session, position).await.status(),
+            200
+        );
+        lags.push(
+            until_answer(&reader_api, &token, |status, body| {
+                status == 200 && resume_of(body) == Some(position)
+            })
+            .await,
+        );
+        assert!(
+            served_from_memory(&fleet, &reader_api, &token).await,
+            "a warm answer is served from the instance's own copy"
+        );
+    }
+    // Changes made on the primary itself, by no instance.
+    let granted = cli(fleet.owner(0), &["GET", &entitlement_key(CLUSTER_USER)]);
+    let granted = granted.trim().to_owned();
+    for (value, status) in [("null", 403), (granted.as_str(), 200)] {
+        fleet.set_entitlement(value);
+        lags.push(until_answer(&reader_api, &token, |s, _| s == status).await);
+    }
+    eprintln!("change → the other instance's answer, cluster: {lags:?}");
+    let typical = median(lags.clone());
+    assert!(typical <= VISIBLE_WITHIN, "median {typical:?}: {lags:?}");
+    let metrics = eventually(PATIENCE, async || {
+        let metrics = reader.metrics().await;
+        let hits = metric_value(
+            &metrics,
+            r#"moneta_redis_client_cache_requests_total{result="hit"}"#,
+        )?;
+        (hits >= 50.0).then_some(metrics)
+    })
+    .await
+    .expect("hits are exported in cluster mode too");
+    assert_eq!(
+        metric_value(&metrics, "moneta_redis_client_cache_trusted"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn in_a_cluster_a_slot_moved_to_another_primary_serves_nothing_stale() {
+    let fleet = ClusterFleet::start(RedisCluster::start(3)).await;
+    let writer = fleet.member(&[]);
+    let reader = fleet.member(&[]);
+    let (writer_api, reader_api) = (writer.public_api(), reader.public_api());
+    let token = mint_token(CLUSTER_USER, "standard", 2, "KR");
+    let session = writer_api.started_session(&token, TITLE, "tv").await;
+    assert_eq!(
+        writer_api.heartbeat(&token, &session, 600_000).await.status(),
+        200
+    );
+    until_answer(&reader_api, &token, |s, body| {
+        s == 200 && resume_of(body) == Some(600_000)
+    })
+    .await;
+    assert!(served_from_memory(&fleet, &reader_api, &token).await);
+
+    let from = fleet.owner(0);
+    let to = fleet
+        .cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|p| *p != from)
+        .expect("another primary");
+    let slot = key_slot(format!("b{}", bucket(CLUSTER_USER)).as_bytes());
+    fleet.cluster.migrate_slot(slot, from, to);
+    assert_eq!(fleet.owner(0), to);
+
+    // Both the instance's own write and one made on the new primary show.
+    assert_eq!(
+        writer_api.heartbeat(&token, &session, 700_000).await.status(),
+        200
+    );
+    until_answer(&reader_api, &token, |s, body| {
+        s == 200 && resume_of(body) == Some(700_000)
+    })
+    .await;
+    assert!(
+        served_from_memory(&fleet, &reader_api, &token).await,
+        "the copy is kept again once read from the new primary"
+    );
+    fleet.set_entitlement("null");
+    until_answer(&reader_api, &token, |s, _| s == 403).await;
+    for _ in 0..5 {
+        assert_eq!(reader_api.playback_info(TITLE, &token).await.status(), 403);
+    }
+}
+
+#[tokio::test]
+async fn in_a_cluster_after_a_failover_nothing_cached_from_the_dead_primary_is_served() {
+    let mut fleet = ClusterFleet::start(RedisCluster::start_with_replicas(3, 1)).await;
+    let reader = fleet.member(&[]);
+    let api = reader.public_api();
+    let token = mint_token(CLUSTER_USER, "standard", 2, "KR");
+    assert_eq!(api.playback_info(TITLE, &token).await.status(), 200);
+    assert!(served_from_memory(&fleet, &api, &token).await);
+
+    let victim = fleet.owner(0);
+    let replica = *fleet
+        .cluster
+        .replicas_of(victim)
+        .first()
+        .expect("the owner has a replica");
+    // The replica holds the granted entitlement before its primary dies.
+    let key = entitlement_key(CLUSTER_USER);
+    let copied = eventually_blocking(PATIENCE, || {
+        (cli(replica, &["GET", &key]).trim() != "").then_some(())
+    });
+    assert!(copied.is_some(), "the replica never copied the entitlement");
+    fleet.cluster.kill(victim);
+    let promoted = eventually_blocking(PATIENCE, || {
+        (fleet.owner_seen(victim) == Some(replica)).then_some(())
+    });
+    assert!(promoted.is_some(), "the replica never took over");
+
+    // Granted in the copy, revoked on the new primary: a copy that outlived
+    // the dead connection would answer 200 for an hour.
+    fleet.set_entitlement("null");
+    until_answer(&api, &token, |s, _| s == 403).await;
+    for _ in 0..5 {
+        assert_eq!(api.playback_info(TITLE, &token).await.status(), 403);
+    }
+    let metrics = reader.metrics().await;
+    assert!(
+        metric_value(&metrics, "moneta_redis_client_cache_distrusted_total").is_some_and(|n| n >= 1.0),
+        "the lost connection withdrew trust"
     );
 }

@@ -277,6 +277,46 @@ impl RedisCluster {
             .collect()
     }
 
+    /// Moves `slot` and its keys from the primary on `from` to the primary
+    /// on `to`, the way `redis-cli --cluster reshard` does (IMPORTING and
+    /// MIGRATING, `MIGRATE`, then the new owner announced to every primary).
+    /// Clients that still ask `from` get `MOVED`.
+    pub fn migrate_slot(&self, slot: u16, from: u16, to: u16) {
+        let id_of = |port: u16| cli(port, &["CLUSTER", "MYID"]).trim().to_owned();
+        let (from_id, to_id) = (id_of(from), id_of(to));
+        let slot = slot.to_string();
+        let ok = |reply: String, what: &str| assert!(reply.trim() == "OK", "{what}: {reply}");
+        ok(
+            cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]),
+            "importing",
+        );
+        ok(
+            cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]),
+            "migrating",
+        );
+        loop {
+            let keys = cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let to_port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            ok(cli(from, &args), "migrate");
+        }
+        for node in self
+            .nodes
+            .iter()
+            .filter(|n| cli(n.port, &["ROLE"]).starts_with("master"))
+        {
+            ok(
+                cli(node.port, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]),
+                "node",
+            );
+        }
+    }
+
     /// SIGKILL to the node on `port`: no shutdown code of it runs.
     pub fn kill(&mut self, port: u16) {
         if let Some(node) = self.nodes.iter_mut().find(|n| n.port == port) {

@@ -18,6 +18,12 @@
 //! (the crate drops every older entry), so nothing from before a reconnect is
 //! ever read again.
 //!
+//! In Redis Cluster mode the crate tracks on every node connection, each with
+//! its own cache epoch over one shared LRU: a read is invalidated by the
+//! primary that served it, and a connection that dies (its primary failed
+//! over) takes everything read through it along. The proof of life is then
+//! a `PING` answered by every primary.
+//!
 //! Bounded: the crate's LRU counts Redis keys, but keeps one entry per
 //! (key, command) with no bound per key, and a user's positions are one hash
 //! read one title at a time. So a position is kept for at most

@@ -226,8 +226,8 @@ pub struct RedisStore {
     guard: Guard,
     /// Redis' clock as last measured, for stamps and deadlines.
     clock: Arc<RedisClock>,
-    /// Single-node mode only: the cluster client's per-node invalidations and
-    /// reconnects are not covered by a test here yet.
+    /// The client-side cache, on the shared connection (every node's
+    /// connection in cluster mode).
     cache: Option<Arc<ClientCache>>,
     buckets: Buckets,
     /// Replicas a heartbeat or stop must reach before it counts as recorded.
@@ -273,12 +273,22 @@ fn connector(settings: &RedisSettings, cache: Option<&Arc<ClientCache>>) -> Redi
     let timeout = settings.guard.timeout;
     Ok(match &settings.cluster_urls {
         Some(urls) => {
-            let client = ClusterClient::builder(urls.clone())
+            let mut builder = ClusterClient::builder(urls.clone())
                 .connection_timeout(timeout)
                 .response_timeout(timeout)
-                .retries(1)
-                .build()?;
-            Connector::Cluster(Arc::new(ClusterLink::new(client)))
+                .retries(1);
+            if let Some(cache) = cache {
+                // The crate gives every node connection its own tracking and
+                // its own cache epoch: an invalidation arrives on the
+                // connection that read the key, and a node reconnected (or a
+                // new primary after a failover) never serves what an older
+                // connection read.
+                builder = builder
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .cache_config(cache.config())
+                    .push_sender(cache.push_handler());
+            }
+            Connector::Cluster(Arc::new(ClusterLink::new(builder.build()?)))
         }
         None => {
             let mut client = redis::Client::open(settings.url.as_str())?;
@@ -306,10 +316,7 @@ fn connector(settings: &RedisSettings, cache: Option<&Arc<ClientCache>>) -> Redi
 impl RedisStore {
     /// Prepares the connection without connecting: Moneta starts while Redis is down.
     pub fn new(settings: &RedisSettings) -> RedisResult<Self> {
-        let cache = match settings.cluster_urls {
-            Some(_) => None,
-            None => ClientCache::new(&settings.client_cache),
-        };
+        let cache = ClientCache::new(&settings.client_cache);
         let connector = connector(settings, cache.as_ref())?;
         let waiting = match settings.min_replicas_acked {
             0 => None,
@@ -334,24 +341,20 @@ impl RedisStore {
         alive: impl Fn() -> bool + Send + 'static,
     ) -> Option<impl Future<Output = ()> + Send + 'static> {
         let cache = self.cache.clone()?;
-        let Connector::Single(manager) = &*self.connector else {
-            return None;
-        };
-        let manager = manager.clone();
+        let connector = self.connector.clone();
         Some(async move {
             let mut tick = tokio::time::interval(client_cache::PING_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while alive() {
                 tick.tick().await;
                 // Not through the guard: this is the cache's bookkeeping, not
-                // a dependency call, and the connection's response timeout
+                // a dependency call, and the connections' response timeout
                 // bounds it.
-                let mut conn = manager.clone();
-                match redis::cmd("PING").query_async::<()>(&mut conn).await {
+                match prove_alive(&connector).await {
                     Ok(()) => cache.confirm(),
                     Err(_) => cache.distrust(),
                 }
-                if let Some(stats) = manager.get_cache_statistics() {
+                if let Some(stats) = cache_statistics(&connector) {
                     ClientCache::export(&stats);
                 }
             }
@@ -440,6 +443,35 @@ impl RedisStore {
             .await;
         after_call(&self.connector, &result);
         result
+    }
+}
+
+/// A `PING` answered on every connection cached reads go through: each
+/// connection's invalidations arrive before its reply, so every change made
+/// before now has reached the cache. In cluster mode that is one `PING` per
+/// primary, all of which must answer.
+async fn prove_alive(connector: &Connector) -> RedisResult<()> {
+    match connector {
+        Connector::Single(manager) => redis::cmd("PING").query_async(&mut manager.clone()).await,
+        Connector::Cluster(link) => {
+            use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+            let every_primary = RoutingInfo::MultiNode((
+                MultipleNodeRoutingInfo::AllMasters,
+                Some(ResponsePolicy::AllSucceeded),
+            ));
+            link.conn()
+                .await?
+                .route_command(redis::cmd("PING"), every_primary)
+                .await
+                .map(drop)
+        }
+    }
+}
+
+fn cache_statistics(connector: &Connector) -> Option<redis::caching::CacheStatistics> {
+    match connector {
+        Connector::Single(manager) => manager.get_cache_statistics(),
+        Connector::Cluster(link) => link.current.load().as_ref()?.get_cache_statistics(),
     }
 }
 
