@@ -109,6 +109,66 @@ async fn until_answer(api: &PublicApi, token: &str, shows: impl Fn(u16, &Value) 
     started.elapsed()
 }
 
+/// The cache's counters reach the metrics (exported every quarter second),
+/// and the instance trusts its copy.
+async fn assert_cache_exported(instance: &MonetaProcess, min_hits: f64, min_invalidations: f64) {
+    let metrics = eventually(PATIENCE, async || {
+        let metrics = instance.metrics().await;
+        let hits = metric_value(
+            &metrics,
+            r#"moneta_redis_client_cache_requests_total{result="hit"}"#,
+        )?;
+        let invalidations = metric_value(&metrics, "moneta_redis_client_cache_invalidations_total")?;
+        (hits >= min_hits && invalidations >= min_invalidations).then_some(metrics)
+    })
+    .await
+    .expect("hits and invalidations are exported");
+    assert_eq!(
+        metric_value(&metrics, "moneta_redis_client_cache_trusted"),
+        Some(1.0)
+    );
+}
+
+/// Whether, after one answer that may read, the next ones are given
+/// without asking Redis (`reads`: the reads Redis served so far).
+async fn served_from_memory(api: &PublicApi, token: &str, reads: impl AsyncFn() -> u64) -> bool {
+    assert_eq!(api.playback_info(TITLE, token).await.status(), 200);
+    let before = reads().await;
+    for _ in 0..10 {
+        assert_eq!(api.playback_info(TITLE, token).await.status(), 200);
+    }
+    reads().await == before
+}
+
+/// Heartbeats through `writer`, each followed until `reader`'s answer shows
+/// it, and then served from the reader's own copy. Returns how long each
+/// took to show.
+async fn follow_heartbeats(
+    writer: &PublicApi,
+    reader: &PublicApi,
+    token: &str,
+    session: &str,
+    reads: impl AsyncFn() -> u64,
+) -> Vec<Duration> {
+    let mut lags = Vec::new();
+    // Positions between the resume thresholds (5 % and 90 % of 132 min), so
+    // the answer carries each one as it is.
+    for position in (0..5).map(|i| 600_000 + i * 60_000) {
+        assert_eq!(writer.heartbeat(token, session, position).await.status(), 200);
+        lags.push(
+            until_answer(reader, token, |status, body| {
+                status == 200 && resume_of(body) == Some(position)
+            })
+            .await,
+        );
+        assert!(
+            served_from_memory(reader, token, &reads).await,
+            "a warm answer is served from the instance's own copy"
+        );
+    }
+    lags
+}
+
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
@@ -125,38 +185,17 @@ async fn a_heartbeat_through_one_instance_shows_in_the_others_cached_answer() {
     let reader = fleet.member(&[]);
     let (writer_api, reader_api) = (writer.public_api(), reader.public_api());
     let token = mint_token("u-standard", "standard", 2, "KR");
-    let mut probe = fleet.probe().await;
+    let probe = fleet.probe().await;
 
     // The reader has looked the title up once: positions are cached only for
     // titles known to exist.
     assert_eq!(reader_api.playback_info(TITLE, &token).await.status(), 200);
     let session = writer_api.started_session(&token, TITLE, "tv").await;
-    let mut lags = Vec::new();
-    // Positions between the resume thresholds (5 % and 90 % of 132 min), so
-    // the answer carries each one as it is.
-    for position in (0..5).map(|i| 600_000 + i * 60_000) {
-        assert_eq!(
-            writer_api.heartbeat(&token, &session, position).await.status(),
-            200
-        );
-        let lag = until_answer(&reader_api, &token, |status, body| {
-            status == 200 && resume_of(body) == Some(position)
-        })
-        .await;
-        lags.push(lag);
-
-        // Now warm: repeated answers make no Redis read at all.
-        let before = reads(&mut probe).await;
-        for _ in 0..10 {
-            let body = reader_api.playback_info_json(TITLE, &token).await;
-            assert_eq!(resume_of(&body), Some(position));
-        }
-        assert_eq!(
-            reads(&mut probe).await,
-            before,
-            "a warm answer is served from the instance's own copy"
-        );
-    }
+    let probe = tokio::sync::Mutex::new(probe);
+    let lags = follow_heartbeats(&writer_api, &reader_api, &token, &session, async || {
+        reads(&mut *probe.lock().await).await
+    })
+    .await;
     eprintln!("heartbeat → other instance's answer: {lags:?}");
     let typical = median(lags.clone());
     assert!(
@@ -164,23 +203,8 @@ async fn a_heartbeat_through_one_instance_shows_in_the_others_cached_answer() {
         "median visibility {typical:?} exceeds {VISIBLE_WITHIN:?}: {lags:?}"
     );
 
-    // Exported every quarter second.
-    let metrics = eventually(PATIENCE, async || {
-        let metrics = reader.metrics().await;
-        let hits = metric_value(
-            &metrics,
-            r#"moneta_redis_client_cache_requests_total{result="hit"}"#,
-        )?;
-        // Every heartbeat after the first changed a position the reader held.
-        let invalidations = metric_value(&metrics, "moneta_redis_client_cache_invalidations_total")?;
-        (hits >= 50.0 && invalidations >= 4.0).then_some(metrics)
-    })
-    .await
-    .expect("hits and invalidations are exported");
-    assert_eq!(
-        metric_value(&metrics, "moneta_redis_client_cache_trusted"),
-        Some(1.0)
-    );
+    // Every heartbeat after the first changed a position the reader held.
+    assert_cache_exported(&reader, 50.0, 4.0).await;
 }
 
 #[tokio::test]
@@ -380,17 +404,6 @@ impl ClusterFleet {
     }
 }
 
-/// Whether, after one answer that may read, the next ones are given
-/// without asking Redis.
-async fn served_from_memory(fleet: &ClusterFleet, api: &PublicApi, token: &str) -> bool {
-    assert_eq!(api.playback_info(TITLE, token).await.status(), 200);
-    let before = fleet.reads();
-    for _ in 0..10 {
-        assert_eq!(api.playback_info(TITLE, token).await.status(), 200);
-    }
-    fleet.reads() == before
-}
-
 #[tokio::test]
 async fn in_a_cluster_changes_reach_every_cached_answer_and_warm_answers_read_nothing() {
     let fleet = ClusterFleet::start(RedisCluster::start(3)).await;
@@ -401,23 +414,8 @@ async fn in_a_cluster_changes_reach_every_cached_answer_and_warm_answers_read_no
     assert_eq!(reader_api.playback_info(TITLE, &token).await.status(), 200);
     let session = writer_api.started_session(&token, TITLE, "tv").await;
 
-    let mut lags = Vec::new();
-    for position in (0..5).map(|i| 600_000 + i * 60_000) {
-        assert_eq!(
-            writer_api.heartbeat(&token, &session, position).await.status(),
-            200
-        );
-        lags.push(
-            until_answer(&reader_api, &token, |status, body| {
-                status == 200 && resume_of(body) == Some(position)
-            })
-            .await,
-        );
-        assert!(
-            served_from_memory(&fleet, &reader_api, &token).await,
-            "a warm answer is served from the instance's own copy"
-        );
-    }
+    let mut lags =
+        follow_heartbeats(&writer_api, &reader_api, &token, &session, async || fleet.reads()).await;
     // Changes made on the primary itself, by no instance.
     let granted = cli(fleet.owner(0), &["GET", &entitlement_key(CLUSTER_USER)]);
     let granted = granted.trim().to_owned();
@@ -428,20 +426,7 @@ async fn in_a_cluster_changes_reach_every_cached_answer_and_warm_answers_read_no
     eprintln!("change → the other instance's answer, cluster: {lags:?}");
     let typical = median(lags.clone());
     assert!(typical <= VISIBLE_WITHIN, "median {typical:?}: {lags:?}");
-    let metrics = eventually(PATIENCE, async || {
-        let metrics = reader.metrics().await;
-        let hits = metric_value(
-            &metrics,
-            r#"moneta_redis_client_cache_requests_total{result="hit"}"#,
-        )?;
-        (hits >= 50.0).then_some(metrics)
-    })
-    .await
-    .expect("hits are exported in cluster mode too");
-    assert_eq!(
-        metric_value(&metrics, "moneta_redis_client_cache_trusted"),
-        Some(1.0)
-    );
+    assert_cache_exported(&reader, 50.0, 4.0).await;
 }
 
 #[tokio::test]
@@ -460,7 +445,7 @@ async fn in_a_cluster_a_slot_moved_to_another_primary_serves_nothing_stale() {
         s == 200 && resume_of(body) == Some(600_000)
     })
     .await;
-    assert!(served_from_memory(&fleet, &reader_api, &token).await);
+    assert!(served_from_memory(&reader_api, &token, async || fleet.reads()).await);
 
     let from = fleet.owner(0);
     let to = fleet
@@ -484,7 +469,7 @@ async fn in_a_cluster_a_slot_moved_to_another_primary_serves_nothing_stale() {
     })
     .await;
     assert!(
-        served_from_memory(&fleet, &reader_api, &token).await,
+        served_from_memory(&reader_api, &token, async || fleet.reads()).await,
         "the copy is kept again once read from the new primary"
     );
     fleet.set_entitlement("null");
@@ -501,7 +486,7 @@ async fn in_a_cluster_after_a_failover_nothing_cached_from_the_dead_primary_is_s
     let api = reader.public_api();
     let token = mint_token(CLUSTER_USER, "standard", 2, "KR");
     assert_eq!(api.playback_info(TITLE, &token).await.status(), 200);
-    assert!(served_from_memory(&fleet, &api, &token).await);
+    assert!(served_from_memory(&api, &token, async || fleet.reads()).await);
 
     let victim = fleet.owner(0);
     let replica = *fleet
