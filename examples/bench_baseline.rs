@@ -2,11 +2,21 @@
 //! settings as Moneta and answering a JSON body of the same size:
 //!
 //! - without a Redis URL, a bare axum handler: no authentication, no I/O;
-//! - with one, the one-round-trip ceiling: each request makes one Redis
-//!   pipeline (GET + HGET, the shape of Moneta's warm playback-info read) on a
-//!   multiplexed connection, then answers. Request `i` reads user
-//!   `bench-{i % users}`'s entitlement and their position for title
-//!   `(i / users) % titles`, the order `scripts/bench` sends Moneta.
+//! - with one, the one-round-trip ceilings on a multiplexed connection:
+//!   - playback-info (`GET`, any path): one Redis pipeline (GET + HGET, the
+//!     shape of Moneta's warm playback-info read), then the answer. Request
+//!     `i` reads user `bench-{i % users}`'s entitlement and their position
+//!     for title `(i / users) % titles`, the order `scripts/bench` sends
+//!     Moneta.
+//!   - heartbeat (`PUT /v1/playback/sessions/{id}`, Moneta's heartbeat
+//!     request): the position taken from the JSON body, one `EVALSHA` of a
+//!     Lua script doing a heartbeat's writes (`ZADD` to the sessions set,
+//!     `HSET` of the position, `XADD` to the bucket's progress log, with
+//!     their expiries) on keys of Moneta's shape, then an answer of the
+//!     heartbeat's shape. Heartbeat `i` writes for user `bench-{i % users}`.
+//!     Its keys start `ceiling:` instead of `moneta:` so that Moneta, when
+//!     it runs beside, does not deliver these log entries, and its log is
+//!     capped (`MAXLEN ~`) since nothing consumes it.
 //!
 //! Usage: `bench_baseline <listen addr> <body bytes> [<redis url> <users> [<title,title,…>]]`
 //! (titles default to `m-0001`)
@@ -15,9 +25,81 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Router;
+use axum::body::Bytes;
+use axum::extract::Path;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, put};
+use chrono::{SecondsFormat, TimeZone, Utc};
+use redis::Script;
+
+/// A heartbeat's Redis writes, without Moneta's checks (liveness, eviction,
+/// the deadline): KEYS sessions, positions, log; ARGV session id, position,
+/// user, title, session TTL ms, position TTL s. Returns `{1, now}` like
+/// Moneta's script.
+const HEARTBEAT_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[2] .. '@' .. now)
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'u', ARGV[3], 'c', ARGV[4], 'p', ARGV[2], 't', now, 'w', '0')
+return {1, now}
+";
+/// Moneta's defaults (`MONETA_SESSION_TTL_S`, the position's lifetime).
+const SESSION_TTL_MS: i64 = 90_000;
+const POSITION_TTL_S: u64 = 30 * 24 * 3600;
+
+/// The Redis side of the heartbeat's one-round-trip ceiling.
+struct HeartbeatTrip {
+    conn: redis::aio::MultiplexedConnection,
+    hash: String,
+    /// `(user, sessions key, positions key, log key)` per user, built once.
+    keys: Vec<(String, String, String, String)>,
+    next: AtomicUsize,
+}
+
+#[derive(serde::Deserialize)]
+struct HeartbeatBody {
+    position_ms: u64,
+}
+
+impl HeartbeatTrip {
+    /// The answer Moneta gives, or `None` for a body without a position.
+    async fn beat(&self, id: &str, body: &[u8]) -> Result<Option<String>, redis::RedisError> {
+        let Ok(HeartbeatBody { position_ms }) = serde_json::from_slice(body) else {
+            return Ok(None);
+        };
+        // `<random>.<title>.<mac>`
+        let title = id.split('.').nth(1).unwrap_or_default();
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let (user, sessions, positions, log) = &self.keys[i % self.keys.len()];
+        let mut conn = self.conn.clone();
+        let (_, now): (i64, i64) = redis::cmd("EVALSHA")
+            .arg(&self.hash)
+            .arg(3)
+            .arg(sessions)
+            .arg(positions)
+            .arg(log)
+            .arg(id)
+            .arg(position_ms)
+            .arg(user)
+            .arg(title)
+            .arg(SESSION_TTL_MS)
+            .arg(POSITION_TTL_S)
+            .query_async(&mut conn)
+            .await?;
+        let expires_at = Utc
+            .timestamp_millis_opt(now + SESSION_TTL_MS)
+            .single()
+            .unwrap_or_default()
+            .to_rfc3339_opts(SecondsFormat::Millis, true);
+        Ok(Some(format!(
+            "{{\"session_id\":\"{id}\",\"expires_at\":\"{expires_at}\"}}"
+        )))
+    }
+}
 
 /// The Redis side of the one-round-trip ceiling.
 struct OneTrip {
@@ -91,21 +173,65 @@ fn main() -> std::io::Result<()> {
                     Ok((keys.entitlement(), keys.positions()))
                 })
                 .collect::<std::io::Result<_>>()?;
+            let hash = Script::new(HEARTBEAT_LUA)
+                .load_async(&mut conn.clone())
+                .await
+                .map_err(std::io::Error::other)?;
+            let beat = Arc::new(HeartbeatTrip {
+                conn: conn.clone(),
+                hash,
+                keys: heartbeat_keys(&buckets, users)?,
+                next: AtomicUsize::new(0),
+            });
             let trip = Arc::new(OneTrip {
                 conn,
                 keys,
                 titles,
                 next: AtomicUsize::new(0),
             });
-            let app = Router::new().fallback(get(move || {
-                let trip = trip.clone();
-                async move {
-                    match trip.read().await {
-                        Ok(()) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-                        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+            let heartbeat = put(move |Path(id): Path<String>, body: Bytes| async move {
+                match beat.beat(&id, &body).await {
+                    Ok(Some(answer)) => {
+                        ([(header::CONTENT_TYPE, "application/json")], answer).into_response()
                     }
+                    Ok(None) => StatusCode::BAD_REQUEST.into_response(),
+                    Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
                 }
-            }));
+            });
+            let app = Router::new()
+                .route("/v1/playback/sessions/{id}", heartbeat)
+                .fallback(get(move || {
+                    let trip = trip.clone();
+                    async move {
+                        match trip.read().await {
+                            Ok(()) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+                            Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                        }
+                    }
+                }));
             axum::serve(listener, app).await
         })
+}
+
+/// Per user: the id and the keys a heartbeat writes, under `ceiling:`
+/// instead of `moneta:`.
+fn heartbeat_keys(
+    buckets: &moneta::sources::redis::keys::Buckets,
+    users: usize,
+) -> std::io::Result<Vec<(String, String, String, String)>> {
+    let ours = |key: String| key.replacen("moneta:", "ceiling:", 1);
+    (0..users)
+        .map(|i| {
+            let id = format!("bench-{i}");
+            let user =
+                moneta::model::UserId::parse(id.clone()).map_err(|e| std::io::Error::other(e.to_string()))?;
+            let keys = buckets.user(&user);
+            Ok((
+                id,
+                ours(keys.sessions()),
+                ours(keys.positions()),
+                ours(keys.log()),
+            ))
+        })
+        .collect()
 }

@@ -106,30 +106,52 @@ pub const SESSION_RANDOM_LEN: usize = 32;
 pub const SESSION_MAC_LEN: usize = 22;
 
 impl SessionId {
+    /// The random part and the MAC have fixed lengths and no `.`, so the
+    /// title is what lies between them.
     fn split_str(s: &str) -> Option<(&str, &str, &str)> {
-        let mut parts = s.split('.');
-        let (random, content, mac) = (parts.next()?, parts.next()?, parts.next()?);
-        let ok = parts.next().is_none()
-            && random.len() == SESSION_RANDOM_LEN
-            && random.bytes().all(|b| b.is_ascii_hexdigit())
+        let (random, rest) = s.split_at_checked(SESSION_RANDOM_LEN)?;
+        let (content, mac) = rest.split_at_checked(rest.len().checked_sub(SESSION_MAC_LEN)?)?;
+        let content = content.strip_prefix('.')?.strip_suffix('.')?;
+        let ok = random.bytes().all(|b| b.is_ascii_hexdigit())
             && plain(content, 64, b"_-")
-            && mac.len() == SESSION_MAC_LEN
             && mac
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         ok.then_some((random, content, mac))
     }
 
+    /// The parts of an id whose shape was checked when it was built, without
+    /// checking it again (a heartbeat asks for them three times).
+    fn known_parts(&self) -> (&str, &str, &str) {
+        let s = self.0.as_str();
+        let random = s.get(..SESSION_RANDOM_LEN).unwrap_or_default();
+        let mac_at = s.len().saturating_sub(SESSION_MAC_LEN);
+        let mac = s.get(mac_at..).unwrap_or_default();
+        let content = s
+            .get(SESSION_RANDOM_LEN + 1..mac_at.saturating_sub(1))
+            .unwrap_or_default();
+        (random, content, mac)
+    }
+
     /// `(random, title, mac)`.
     pub fn parts(&self) -> (&str, ContentId, &str) {
-        // The shape was checked when the id was built.
-        let (random, content, mac) = Self::split_str(&self.0).unwrap_or(("", "", ""));
+        let (random, content, mac) = self.known_parts();
         (random, ContentId(content.to_owned()), mac)
+    }
+
+    /// The random part, the title and the MAC, borrowed.
+    pub fn str_parts(&self) -> (&str, &str, &str) {
+        self.known_parts()
     }
 
     /// The title a session plays, so positions route while Redis is down.
     pub fn content_id(&self) -> ContentId {
         self.parts().1
+    }
+
+    /// [`SessionId::content_id`], borrowed.
+    pub fn content_str(&self) -> &str {
+        self.known_parts().1
     }
 
     /// Assembles an id from its parts (the MAC is computed by the caller).
@@ -234,6 +256,22 @@ mod tests {
         assert!(SessionId::parse(format!("{random}.m/1.{mac}")).is_err());
         assert!(SessionId::parse(format!("{random}.m-1.{mac}.x")).is_err());
         assert!(SessionId::parse("nope").is_err());
+        assert_eq!(id.str_parts(), (random.as_str(), "m-0001", mac.as_str()));
+        assert_eq!(id.content_str(), "m-0001");
+        let dotted_mac = format!("{}.{}", "b".repeat(10), "b".repeat(SESSION_MAC_LEN - 11));
+        for bad in [
+            format!("{random}.m.1.{mac}"),
+            format!("{random}..{mac}"),
+            format!("{random}.{mac}"),
+            format!("{random}.m-1.{dotted_mac}"),
+            format!("{random}xm-1.{mac}"),
+            format!("{random}.m-1x{mac}"),
+            format!("{}.m-1.{mac}", "g".repeat(SESSION_RANDOM_LEN)),
+            format!("{random}.m-é.{mac}"),
+            format!("{random}.{}.{mac}", "a".repeat(65)),
+        ] {
+            assert!(SessionId::parse(bad.clone()).is_err(), "{bad}");
+        }
     }
 
     #[test]

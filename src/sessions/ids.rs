@@ -4,6 +4,9 @@
 //! another caller, fails here — also while Redis is down, when nothing else
 //! could tell.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
@@ -17,6 +20,13 @@ type HmacSha256 = Hmac<Sha256>;
 /// Bytes of the MAC kept in the id.
 const MAC_BYTES: usize = 16;
 
+/// Ids kept as verified, at most (a few hundred bytes each): more than the
+/// sessions one instance sees heartbeats for between two of a session's
+/// heartbeats.
+const VERIFIED_CAPACITY: u64 = 10_000;
+/// An id is kept while its heartbeats keep coming (every 30 s by default).
+const VERIFIED_IDLE: Duration = Duration::from_secs(120);
+
 /// Cloned, not made again, where another part needs it: without a shared
 /// secret the key is random per process, and every holder must have the same.
 #[derive(Clone)]
@@ -27,6 +37,12 @@ pub struct SessionKey {
     /// per-process key, ids of other instances fail the MAC and only Redis
     /// can tell whether they are real.
     shared: bool,
+    /// Ids whose MAC verified, with the caller it verified for. A player
+    /// sends the same id with every heartbeat of a session, and the MAC (an
+    /// HMAC-SHA256 of four blocks) was the largest cost of a heartbeat's own
+    /// work. The key never changes within a process, so an entry stays true;
+    /// only ids that verified are kept, so forged ones cannot fill it.
+    verified: moka::sync::Cache<String, Arc<str>>,
 }
 
 /// What an id's MAC proves about it.
@@ -64,13 +80,17 @@ impl SessionKey {
         Ok(Self {
             keyed,
             shared: secret.is_some(),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_CAPACITY)
+                .time_to_idle(VERIFIED_IDLE)
+                .build(),
         })
     }
 
-    fn mac(&self, user: &UserId, content: &ContentId, random: &str) -> HmacSha256 {
+    fn mac(&self, user: &UserId, content: &str, random: &str) -> HmacSha256 {
         let mut mac = self.keyed.clone();
         // NUL cannot occur in any of the three parts, so the message is unambiguous.
-        for part in [user.as_str(), content.as_str(), random] {
+        for part in [user.as_str(), content, random] {
             mac.update(part.as_bytes());
             mac.update(&[0]);
         }
@@ -80,9 +100,12 @@ impl SessionKey {
     /// A new id for `user` playing `content`.
     pub fn issue(&self, user: &UserId, content: &ContentId) -> Result<SessionId, InvalidId> {
         let random = uuid::Uuid::new_v4().simple().to_string();
-        let tag = self.mac(user, content, &random).finalize().into_bytes();
+        let tag = self.mac(user, content.as_str(), &random).finalize().into_bytes();
         let encoded = URL_SAFE_NO_PAD.encode(tag.get(..MAC_BYTES).unwrap_or_default());
-        SessionId::from_parts(&random, content, &encoded)
+        let id = SessionId::from_parts(&random, content, &encoded)?;
+        // Its first heartbeat then finds it verified.
+        self.remember(user, &id);
+        Ok(id)
     }
 
     /// What the MAC proves of `id` for `user`.
@@ -96,13 +119,30 @@ impl SessionKey {
 
     /// True when Moneta issued `id` to `user` (constant-time comparison).
     pub fn verify(&self, user: &UserId, id: &SessionId) -> bool {
-        let (random, content, encoded) = id.parts();
+        if self
+            .verified
+            .get(id.as_str())
+            .is_some_and(|verified_for| &*verified_for == user.as_str())
+        {
+            return true;
+        }
+        let (random, content, encoded) = id.str_parts();
         let Ok(tag) = URL_SAFE_NO_PAD.decode(encoded) else {
             return false;
         };
-        self.mac(user, &content, random)
+        let issued = self
+            .mac(user, content, random)
             .verify_truncated_left(&tag)
-            .is_ok()
+            .is_ok();
+        if issued {
+            self.remember(user, id);
+        }
+        issued
+    }
+
+    fn remember(&self, user: &UserId, id: &SessionId) {
+        self.verified
+            .insert(id.as_str().to_owned(), Arc::from(user.as_str()));
     }
 }
 
@@ -122,6 +162,10 @@ mod tests {
         assert_eq!(id.content_id(), title);
         assert!(key.verify(&user("alice"), &id));
         assert!(!key.verify(&user("bob"), &id));
+        // Verified once (and kept), still only for its caller.
+        assert!(key.verify(&user("alice"), &id));
+        assert!(!key.verify(&user("bob"), &id));
+        assert!(!key.clone().verify(&user("bob"), &id));
         let other = SessionKey::new(Some(&Secret::from("k2"))).unwrap();
         assert!(!other.verify(&user("alice"), &id));
         let random_key = SessionKey::new(None).unwrap();

@@ -217,7 +217,10 @@ impl Sessions {
             .touch(&claims.sub, session_id, position, untraced)
             .await;
         if let Ok(TouchOutcome::Untraced) = outcome {
-            let max_streams = self.playback.stream_limit(claims, ctx).await?;
+            // Boxed: this rare branch asks the internal API, whose future
+            // would otherwise size every heartbeat's, and each layer of the
+            // router copies that whole future once per request.
+            let max_streams = Box::pin(self.playback.stream_limit(claims, ctx)).await?;
             outcome = self
                 .store
                 .touch(

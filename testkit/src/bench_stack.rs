@@ -1,6 +1,6 @@
 //! The stack `scripts/bench` and `scripts/profile` measure: Redis, PostgreSQL
 //! behind the seeded internal API plus bench users and titles, Moneta, and the
-//! two baselines of `examples/bench_baseline.rs`, all on loopback. Both tools
+//! baselines of `examples/bench_baseline.rs`, all on loopback. Both tools
 //! start it here so that their numbers describe the same requests over the
 //! same data.
 
@@ -321,7 +321,8 @@ fn wrapped(wrapper: &[OsString], bin: &Path) -> Command {
 pub enum Baseline {
     /// A bare axum handler: no authentication, no I/O.
     BareAxum,
-    /// One Redis pipeline per request over the same keys Moneta reads.
+    /// One Redis pipeline per request over the same keys Moneta reads; also
+    /// the heartbeat's ceiling (one `EVALSHA` per heartbeat request).
     OneRoundTrip,
 }
 
@@ -513,6 +514,23 @@ pub async fn start_sessions(
     count: usize,
 ) -> Vec<(String, String)> {
     start_sessions_on(client, base, tokens, spread, count, "bench-heartbeat").await
+}
+
+/// One heartbeat for each of `sessions`, as players send every 30 s: a
+/// session not heard from for 90 s has ended (CONTRACT §4), and a bench
+/// spends longer than that between two heartbeat loads.
+pub async fn renew_sessions(client: &reqwest::Client, base: &str, sessions: &[(String, String)]) {
+    for (token, id) in sessions {
+        let response = client
+            .put(format!("{base}/v1/playback/sessions/{id}"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"position_ms": 60_000, "state": "playing"}))
+            .send()
+            .await
+            .expect("heartbeat");
+        let status = response.status();
+        assert_eq!(status, 200, "a bench session ended before its renewal ({status})");
+    }
 }
 
 /// As [`start_sessions`], on devices `<device_prefix>-<i>`: another set of

@@ -58,6 +58,9 @@ impl MonetaProcess {
             .env("MONETA_SESSION_SECRET", "integration-session-secret")
             // Tests stop processes often; the drain itself is tested where it matters.
             .env("MONETA_SHUTDOWN_DRAIN_MS", "0")
+            // Bursts of heartbeats while a dependency fails must be answered,
+            // not shed: the adaptive limit stays above every burst here.
+            .env("MONETA_OVERLOAD_MIN_LIMIT", "128")
             .env("RUST_LOG", "info");
         for name in unset {
             command.env_remove(name);

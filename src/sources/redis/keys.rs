@@ -209,6 +209,27 @@ impl UserKeys {
     pub fn bucket(&self) -> Bucket {
         self.bucket
     }
+
+    /// `EVALSHA <hash> 6` and the keys of a session script, in its `KEYS`
+    /// order: sessions, session-info, devices, ended, positions and the
+    /// bucket's log; arguments still to come. The keys are written from the
+    /// one base into a command sized once: formatted one by one, with the
+    /// command regrowing, they were ~7 k instructions of a heartbeat.
+    pub fn session_script_call(&self, hash: &str) -> redis::Cmd {
+        // `EVALSHA`, hash, key count, 6 keys and up to 10 arguments; room
+        // for the keys and 256 bytes of everything else.
+        let mut call = redis::Cmd::with_capacity(19, 256 + 6 * (self.base.len() + 16));
+        call.arg("EVALSHA").arg(hash).arg(6);
+        let mut key = String::with_capacity(self.base.len() + 16);
+        for suffix in [":sessions", ":session-info", ":devices", ":ended", ":positions"] {
+            key.clear();
+            key.push_str(&self.base);
+            key.push_str(suffix);
+            call.arg(key.as_str());
+        }
+        call.arg(self.log());
+        call
+    }
 }
 
 /// The cluster hash slot part of a key (what Redis Cluster hashes).
@@ -362,5 +383,33 @@ mod tests {
     fn content_keys_are_per_title() {
         let id = ContentId::parse("m-0001").unwrap();
         assert_eq!(content(&id), "moneta:content:m-0001");
+    }
+
+    #[test]
+    fn a_session_script_call_names_the_keys_of_its_user_in_order() {
+        let buckets = Buckets::new(64);
+        for id in ["user-42", "a}b{c:d", "x:sessions", "%7B"] {
+            let keys = buckets.user(&UserId::parse(id).expect("valid id"));
+            let call = keys.session_script_call("abc");
+            let args: Vec<String> = call
+                .args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    _ => String::new(),
+                })
+                .collect();
+            let expected = [
+                "EVALSHA".to_owned(),
+                "abc".to_owned(),
+                "6".to_owned(),
+                keys.sessions(),
+                keys.session_info(),
+                keys.devices(),
+                keys.ended(),
+                keys.positions(),
+                keys.log(),
+            ];
+            assert_eq!(args, expected, "{id}");
+        }
     }
 }

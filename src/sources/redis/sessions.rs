@@ -199,6 +199,21 @@ async fn script_then_wait(
     }
 }
 
+/// Sends a script's `EVALSHA` alone; a script Redis does not know is loaded
+/// and the call sent once more.
+async fn script_alone(conn: &mut Conn, script: &Script, call: &Cmd) -> RedisResult<Vec<Value>> {
+    let mut loaded = false;
+    loop {
+        match call.query_async(conn).await {
+            Err(e) if !loaded && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                script.load_async(conn).await?;
+                loaded = true;
+            }
+            reply => return reply,
+        }
+    }
+}
+
 impl RedisStore {
     pub fn sessions(&self, ttl: Duration) -> SessionStore {
         SessionStore {
@@ -302,35 +317,39 @@ impl SessionStore {
         loaded: &AtomicBool,
         call: Cmd,
     ) -> Result<(Vec<Value>, bool), DependencyError> {
+        let replicas = self.replicas_wait();
+        let Some((n, wait_ms)) = replicas else {
+            // Alone, not as a pipeline of one: the shared connection's
+            // client-side cache copies and resolves every pipeline (~2 k
+            // instructions a heartbeat) but lets a single uncacheable
+            // command through untouched.
+            let reply = self
+                .redis
+                .run_waiting(|mut c| async move { script_alone(&mut c, script, &call).await })
+                .await?;
+            self.redis.clock().observe(int(reply.get(1)));
+            return Ok((reply, true));
+        };
         let mut pipe = redis::pipe();
         pipe.add_command(call).ignore_errors();
-        let replicas = self.replicas_wait();
-        if let Some((n, wait_ms)) = replicas {
-            pipe.cmd("WAIT").arg(n).arg(wait_ms);
-        }
+        pipe.cmd("WAIT").arg(n).arg(wait_ms);
         let (reply, acked) = self
             .redis
             .run_waiting(|mut c| async move {
                 // A `WAIT` after an `EVALSHA` answered `NOSCRIPT` still blocks
                 // (for the connection's earlier writes), so the script is
                 // loaded before its first call rather than after a refusal.
-                if replicas.is_some() && !loaded.load(Ordering::Relaxed) {
+                if !loaded.load(Ordering::Relaxed) {
                     script.load_async(&mut c).await?;
                     loaded.store(true, Ordering::Relaxed);
                 }
                 script_then_wait(&mut c, script, &pipe).await
             })
             .await?;
-        let held = match replicas {
-            Some((n, _)) => acked.is_some_and(|acked| acked >= i64::from(n)),
-            None => {
-                // A reply that waited for replicas arrives late by that wait:
-                // its `now` would set the estimate back by as much.
-                self.redis.clock().observe(int(reply.get(1)));
-                true
-            }
-        };
-        Ok((reply, held))
+        // The clock is not observed here: a reply that waited for replicas
+        // arrives late by that wait, and its `now` would set the estimate
+        // back by as much.
+        Ok((reply, acked.is_some_and(|acked| acked >= i64::from(n))))
     }
 
     /// A write the script skipped because its caller had given up waiting:
@@ -343,17 +362,7 @@ impl SessionStore {
     /// and the progress log of the user's bucket (one hash tag, so one
     /// atomic step in cluster mode too), arguments still to come.
     fn writing_call(&self, script: &Script, user: &UserId) -> Cmd {
-        let keys = self.redis.user_keys(user);
-        let mut call = redis::cmd("EVALSHA");
-        call.arg(script.get_hash())
-            .arg(6)
-            .arg(keys.sessions())
-            .arg(keys.session_info())
-            .arg(keys.devices())
-            .arg(keys.ended())
-            .arg(keys.positions())
-            .arg(keys.log());
-        call
+        self.redis.user_keys(user).session_script_call(script.get_hash())
     }
 
     /// Keeps a session alive and records its position, durably: once this
@@ -366,7 +375,7 @@ impl SessionStore {
         position: PositionMs,
         untraced: Untraced,
     ) -> Result<TouchOutcome, DependencyError> {
-        let content = session_id.content_id();
+        let content = session_id.content_str();
         let mut call = self.writing_call(&HEARTBEAT, user);
         let rejoin = match untraced {
             Untraced::Record { max_streams } => max_streams.to_string(),
@@ -377,7 +386,7 @@ impl SessionStore {
             .arg(position.get())
             .arg(POSITION_TTL_S)
             .arg(user.as_str())
-            .arg(content.as_str())
+            .arg(content)
             .arg(self.deadline())
             .arg(rejoin)
             .arg(self.key_lifetime_ms())
@@ -405,13 +414,13 @@ impl SessionStore {
         completed: bool,
         untraced: Untraced,
     ) -> Result<EndOutcome, DependencyError> {
-        let content = session_id.content_id();
+        let content = session_id.content_str();
         let mut call = self.writing_call(&STOP, user);
         call.arg(session_id.as_str())
             .arg(position.map(|p| p.get().to_string()).unwrap_or_default())
             .arg(POSITION_TTL_S)
             .arg(user.as_str())
-            .arg(content.as_str())
+            .arg(content)
             .arg(if completed { "1" } else { "0" })
             .arg(self.deadline())
             .arg(if matches!(untraced, Untraced::Refuse) {

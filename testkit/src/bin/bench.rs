@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use testkit::bench_stack::{
-    Baseline, Binaries, Spread, Stack, drive, env_or, machine, playback_info_requests, report_date,
-    repository_root, start_sessions, start_sessions_on,
+    Baseline, Binaries, Spread, Stack, drive, env_or, machine, playback_info_requests, renew_sessions,
+    report_date, repository_root, start_sessions, start_sessions_on,
 };
 use testkit::nginx::{Nginx, NginxOptions};
 use testkit::{RedisCluster, require_binary};
@@ -138,7 +138,11 @@ impl Wrk {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Server {
     Bare,
+    /// `examples/bench_baseline.rs` with Redis: playback-info's one-RTT
+    /// ceiling…
     OneTrip,
+    /// …and, in the same process, the heartbeat's.
+    HeartbeatTrip,
     Moneta,
 }
 
@@ -205,15 +209,6 @@ fn main() {
         let sessions = start_sessions(&client, &base, &tokens, &spread, HEARTBEAT_SESSIONS).await;
         (len, sessions)
     });
-    // The overload flood's sessions: one per user, on devices of their own.
-    let flood_sessions = runtime.block_on(start_sessions_on(
-        &client,
-        &base,
-        &tokens,
-        &spread,
-        spread.users,
-        "bench-flood",
-    ));
     let warm_s = warm_started.elapsed().as_secs_f64();
     let sessions_file = write(
         "sessions",
@@ -223,13 +218,26 @@ fn main() {
             .collect(),
     );
 
-    let flood_sessions_file = write(
-        "flood-sessions",
-        flood_sessions
-            .iter()
-            .map(|(token, id)| format!("{token} {id}\n"))
-            .collect(),
-    );
+    // The overload flood's sessions: one per user, on devices of their own,
+    // started right before the flood (they live 90 s without a heartbeat).
+    let flood_sessions = |moneta: &testkit::bench_stack::Moneta| {
+        let started = runtime.block_on(start_sessions_on(
+            &client,
+            &moneta.url(),
+            &tokens,
+            &spread,
+            spread.users,
+            "bench-flood",
+        ));
+        let file = write(
+            "flood-sessions",
+            started
+                .iter()
+                .map(|(token, id)| format!("{token} {id}\n"))
+                .collect(),
+        );
+        (file, started.len())
+    };
     let wrk = Wrk {
         lua_dir: root.join("bench/wrk"),
         connections,
@@ -243,15 +251,10 @@ fn main() {
     let overload_s = env_or("BENCH_OVERLOAD_S", 20).max(8);
     let report_path = root.join("docs/performance.md");
     if std::env::var("BENCH_SCENARIOS").is_ok_and(|v| v.trim() == "overload") {
+        let (flood_sessions_file, flood_sessions) = flood_sessions(&moneta);
         // Only the processes this scenario measures.
         drop(moneta);
-        let section = overload_section(
-            &stack,
-            &wrk,
-            &flood_sessions_file,
-            flood_sessions.len(),
-            overload_s,
-        );
+        let section = overload_section(&stack, &wrk, &flood_sessions_file, flood_sessions, overload_s);
         println!("\n{section}");
         let old = std::fs::read_to_string(&report_path).unwrap_or_default();
         let _ = std::fs::write(&report_path, with_section(&old, OVERLOAD_HEADING, &section));
@@ -326,6 +329,13 @@ fn main() {
             Server::Moneta,
             2.0,
         ),
+        scenario(
+            "baseline: heartbeat one-RTT ceiling (one EVALSHA: ZADD, HSET, XADD on keys of the same shape)",
+            &one_trip.url,
+            "heartbeat.lua",
+            Server::HeartbeatTrip,
+            1.0,
+        ),
         scenario("heartbeat", &base, "heartbeat.lua", Server::Moneta, 1.0),
         scenario(
             "playback-info through nginx",
@@ -335,8 +345,13 @@ fn main() {
             1.0,
         ),
     ];
-    let [bare_at, one_trip_at] = [Server::Bare, Server::OneTrip]
+    let [bare_at, one_trip_at, heartbeat_trip_at] = [Server::Bare, Server::OneTrip, Server::HeartbeatTrip]
         .map(|s| scenarios.iter().position(|sc| sc.server == s).expect("baselines"));
+    // A heartbeat's ceiling is one EVALSHA, not playback-info's pipeline.
+    let ceiling_of = |sc: &Scenario| match sc.script {
+        "heartbeat.lua" => heartbeat_trip_at,
+        _ => one_trip_at,
+    };
     // This machine's speed drifts (shared cores): every round measures both
     // baselines and each scenario back to back, a ratio is taken within its
     // round, and the table reports the median round.
@@ -344,10 +359,12 @@ fn main() {
     for round in 1..=rounds {
         for (i, sc) in scenarios.iter().enumerate() {
             eprintln!("round {round}/{rounds}: {}", sc.name);
+            // A round outlasts the sessions' 90 s of liveness.
+            runtime.block_on(renew_sessions(&client, &base, &sessions));
             let _ = wrk.run(&sc.url, sc.script, 3);
             let pid = match sc.server {
                 Server::Bare => bare.process.pid(),
-                Server::OneTrip => one_trip.process.pid(),
+                Server::OneTrip | Server::HeartbeatTrip => one_trip.process.pid(),
                 Server::Moneta => moneta_pid,
             };
             reset_peak(pid);
@@ -388,7 +405,7 @@ fn main() {
                 name: sc.name,
                 median: by_rps[by_rps.len() / 2].clone(),
                 vs_bare: ratio_to(bare_at, per_round),
-                vs_one_trip: ratio_to(one_trip_at, per_round),
+                vs_one_trip: ratio_to(ceiling_of(sc), per_round),
                 server: sc.server,
             }
         })
@@ -413,7 +430,7 @@ fn main() {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| scenario | requests/s | p50 ms | p99 ms | peak RSS MiB | vs bare axum (median, min–max) | vs one-RTT ceiling (median, min–max) | Redis calls/request | client-cache hits/request | non-2xx | socket errors |"
+        "| scenario | requests/s | p50 ms | p99 ms | peak RSS MiB | vs bare axum (median, min–max) | vs its one-RTT ceiling (median, min–max) | Redis calls/request | client-cache hits/request | non-2xx | socket errors |"
     );
     let _ = writeln!(
         table,
@@ -424,7 +441,7 @@ fn main() {
         let o = &row.median;
         let redis = match (row.server, o.redis_calls) {
             (_, Some(r)) => format!("{r:.2}"),
-            (Server::OneTrip, None) => "1 (by construction)".into(),
+            (Server::OneTrip | Server::HeartbeatTrip, None) => "1 (by construction)".into(),
             _ => "–".into(),
         };
         let hits = o
@@ -469,7 +486,7 @@ fn main() {
         "# Performance\n\n\
          Measured by `scripts/bench` ({date}; wrk with 2 threads and {connections} connections, {rounds} round{plural} of {duration} s per scenario, each after a 3 s warm-up).\n\n\
          Machine: {machine}.\n\n\
-         Load: {users} users × {titles} titles. playback-info requests walk every user × title pair (users fastest, each wrk thread from a random point of the cycle). The internal API's demo seed has a dozen titles, most limited by country or plan, so the bench adds copies of m-0001 (`m-1001`…) beside it and users `bench-0`…. Before the rounds every pair was asked for once ({warm_s:.0} s), so Redis holds every caller's entitlement and resume position. Both baselines get the same requests and answer a body of playback-info's size ({body_len} bytes): the bare axum handler does nothing else, the one-RTT ceiling (`examples/bench_baseline.rs`) makes one Redis pipeline (GET entitlement + HGET position) per request over the same keys in the same order — the least I/O a warm playback-info needs unless it answers from memory held in the process.\n\n\
+         Load: {users} users × {titles} titles. playback-info requests walk every user × title pair (users fastest, each wrk thread from a random point of the cycle). The internal API's demo seed has a dozen titles, most limited by country or plan, so the bench adds copies of m-0001 (`m-1001`…) beside it and users `bench-0`…. Before the rounds every pair was asked for once ({warm_s:.0} s), so Redis holds every caller's entitlement and resume position. Both baselines get the same requests and answer a body of playback-info's size ({body_len} bytes): the bare axum handler does nothing else, the one-RTT ceiling (`examples/bench_baseline.rs`) makes one Redis pipeline (GET entitlement + HGET position) per request over the same keys in the same order — the least I/O a warm playback-info needs unless it answers from memory held in the process. The heartbeat has a ceiling of its own in the same process: Moneta's heartbeat requests, answered with one `EVALSHA` of a script doing a heartbeat's writes (`ZADD` to the sessions set, `HSET` of the position, `XADD` to the bucket's progress log, and their expiries, on keys of Moneta's shape under a `ceiling:` prefix) and an answer of the heartbeat's shape, without authentication or the session checks; heartbeat rows are compared with it, every other row with playback-info's.\n\n\
          {table}\n\
          {soak_line}\n\n\
          Each row is the median round; a ratio is taken against each baseline of the same round. Session start + stop counts pairs (each pair is two requests). Heartbeats go round {sessions} live sessions. Redis calls per request are Moneta's own count (`moneta_dependency_requests_total{{dependency=\"redis\"}}`: a command, a pipeline or a script is one call; background probes included); a call the client-side cache answered whole is one of them but makes no round trip. Client-cache hits per request count reads the in-process copy of Redis answered (`moneta_redis_client_cache_requests_total{{result=\"hit\"}}`): a playback-info reads two keys, so 2.00 means no round trip at all, 1.00 typically the entitlement from the copy and the position from Redis. Instructions per request and per-function costs: `docs/profiling.md`.\n",
@@ -482,14 +499,9 @@ fn main() {
     );
     drop(nginx);
     let cluster = cluster_section(&moneta);
+    let (flood_sessions_file, flood_sessions) = flood_sessions(&moneta);
     drop(moneta);
-    let section = overload_section(
-        &stack,
-        &wrk,
-        &flood_sessions_file,
-        flood_sessions.len(),
-        overload_s,
-    );
+    let section = overload_section(&stack, &wrk, &flood_sessions_file, flood_sessions, overload_s);
     let report = with_section(&report, CLUSTER_HEADING, &cluster);
     let report = with_section(&report, OVERLOAD_HEADING, &section);
     println!("\n{report}");
@@ -759,22 +771,40 @@ fn cluster_section(
     // The cluster starts empty; warmed like the single node, it holds the
     // same entitlements and positions when the rounds begin.
     let warm_started = Instant::now();
-    let sessions = runtime.block_on(async {
+    // Sessions of their own on the single node too: the main rounds' may
+    // have ended by now (90 s without a heartbeat).
+    let (sessions, single_sessions) = runtime.block_on(async {
         drive(&client, 0..stack.spread.pairs(), WARM_CONCURRENCY, &playback_info).await;
-        start_sessions(&client, &base, tokens, &stack.spread, HEARTBEAT_SESSIONS).await
+        (
+            start_sessions(&client, &base, tokens, &stack.spread, HEARTBEAT_SESSIONS).await,
+            start_sessions_on(
+                &client,
+                &single.url(),
+                tokens,
+                &stack.spread,
+                HEARTBEAT_SESSIONS,
+                "bench-cluster-single",
+            )
+            .await,
+        )
     });
     let warm_s = warm_started.elapsed().as_secs_f64();
-    let sessions_path = dir.join("cluster-sessions");
-    std::fs::write(
-        &sessions_path,
-        sessions
-            .iter()
-            .map(|(token, id)| format!("{token} {id}\n"))
-            .collect::<String>(),
-    )
-    .expect("bench file");
-    let sessions_file = sessions_path.display().to_string();
-    let cluster_envs = [("BENCH_SESSIONS", sessions_file.as_str())];
+    let sessions_file = |name: &str, sessions: &[(String, String)]| {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            sessions
+                .iter()
+                .map(|(token, id)| format!("{token} {id}\n"))
+                .collect::<String>(),
+        )
+        .expect("bench file");
+        path.display().to_string()
+    };
+    let cluster_file = sessions_file("cluster-sessions", &sessions);
+    let single_file = sessions_file("single-sessions", &single_sessions);
+    let cluster_envs = [("BENCH_SESSIONS", cluster_file.as_str())];
+    let single_envs = [("BENCH_SESSIONS", single_file.as_str())];
 
     let loads = [
         ("playback-info, warm cache", "playback_info.lua"),
@@ -785,7 +815,7 @@ fn cluster_section(
     for round in 1..=rounds {
         for (i, (name, script)) in loads.iter().enumerate() {
             eprintln!("cluster round {round}/{rounds}: {name}, single node");
-            let on_single = measure(wrk, single, script, duration, &[]);
+            let on_single = measure(wrk, single, script, duration, &single_envs);
             eprintln!("cluster round {round}/{rounds}: {name}, cluster");
             let on_cluster = measure(wrk, &moneta, script, duration, &cluster_envs);
             measured[i].push([on_single, on_cluster]);

@@ -1,15 +1,17 @@
 //! `scripts/profile`: instructions per warm request, counted by callgrind for
-//! the bare axum baseline, the one-RTT ceiling, Moneta's playback-info and
-//! Moneta's heartbeat, on the stack `scripts/bench` uses
-//! (`testkit::bench_stack`). Instruction counts repeat where wall-clock
-//! numbers on a shared machine do not. Prints the table and writes it into
-//! `docs/profiling.md`.
+//! the bare axum baseline, the one-RTT ceilings of playback-info and of the
+//! heartbeat, Moneta's playback-info and Moneta's heartbeat, on the stack
+//! `scripts/bench` uses (`testkit::bench_stack`). Instruction counts repeat
+//! where wall-clock numbers on a shared machine do not. Prints the table and
+//! writes it into `docs/profiling.md`.
 //!
 //! Settings: PROFILE_REQUESTS (2000) requests counted per scenario,
 //! PROFILE_WARMUP (one per user) requests before counting,
 //! PROFILE_CONCURRENCY (1) requests in flight, PROFILE_ANNOTATE=1 keeps the
-//! playback-info profile and its `callgrind_annotate` output in
-//! `target/profile/`; BENCH_USERS and BENCH_TITLES as for `scripts/bench`.
+//! playback-info and heartbeat profiles and their `callgrind_annotate`
+//! output in `target/profile/`, PROFILE_ONLY=heartbeat counts the heartbeat
+//! and its ceiling alone and leaves the docs as they are; BENCH_USERS and
+//! BENCH_TITLES as for `scripts/bench`.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use testkit::bench_stack::{
     Baseline, Binaries, MakeRequest, Spread, Stack, command_line, drive, env_or, heartbeat_requests, machine,
-    playback_info_requests, redis_reads, report_date, repository_root, start_sessions,
+    playback_info_requests, redis_reads, report_date, repository_root, start_sessions, start_sessions_on,
 };
 use testkit::{require_binary, run};
 
@@ -29,6 +31,9 @@ const HEADING: &str = "## Instructions per request (scripts/profile)";
 /// The issue's target: a warm playback-info costs at most this many times
 /// the one-RTT ceiling's instructions.
 const TARGET_VS_ONE_TRIP: f64 = 2.0;
+/// The heartbeat's target, in instructions per request.
+const HEARTBEAT_TARGET: f64 = 90_000.0;
+const HEARTBEAT_CEILING: &str = "baseline: heartbeat one-RTT ceiling (EVALSHA)";
 /// Start-up under valgrind runs ~50× slower than native.
 const PATIENCE: Duration = Duration::from_secs(600);
 /// Moneta keeps a verified token this long; a warm-up older than that no
@@ -140,11 +145,59 @@ impl Callgrind {
     }
 }
 
+/// Which one-RTT ceiling a row is compared with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    PlaybackInfo,
+    Heartbeat,
+}
+
 struct Counted {
     name: &'static str,
+    kind: Kind,
     per_request: f64,
     redis_round_trips: f64,
+    /// Moneta only: the connections' tasks (HTTP/1, router, middleware,
+    /// handler, answer, access line) and the progress courier, per request.
+    parts: Option<Parts>,
     dump: PathBuf,
+}
+
+#[derive(Clone, Copy)]
+struct Parts {
+    connection: f64,
+    courier: f64,
+}
+
+/// Functions whose inclusive cost is a [`Parts`] column.
+const CONNECTION_TASK: &str = "moneta::startup::spawn_connection::{{closure}}";
+const COURIER: &str = "moneta::progress::courier::Courier::run::{{closure}}";
+
+/// Inclusive instructions of the connections' tasks and of the courier in a
+/// dump, per request. The courier's share moves between runs of the same
+/// build (it depends on how many entries each of its rounds finds), the
+/// connections' tasks do not; the table shows both.
+fn parts(dump: &Path, requests: u64) -> Option<Parts> {
+    let mut command = Command::new(require_binary("callgrind_annotate"));
+    command
+        .args(["--auto=no", "--inclusive=yes", "--threshold=100"])
+        .arg(dump);
+    let output = run(&mut command, "callgrind_annotate");
+    let text = String::from_utf8_lossy(&output.stdout);
+    // A function is listed once per source file its code came from; the
+    // largest of its lines is the whole of it.
+    let inclusive = |function: &str| {
+        text.lines()
+            .filter(|l| l.contains(function))
+            .filter_map(|l| l.split_whitespace().next()?.replace(',', "").parse::<f64>().ok())
+            .fold(0.0, f64::max)
+    };
+    let n = requests as f64;
+    let connection = inclusive(CONNECTION_TASK) / n;
+    (connection > 0.0).then(|| Parts {
+        connection,
+        courier: inclusive(COURIER) / n,
+    })
 }
 
 struct Run<'a> {
@@ -161,7 +214,14 @@ impl Run<'_> {
     /// trips come from Redis, not from Moneta's `/metrics`: under valgrind,
     /// its process collector (rustix reading the vDSO from the auxiliary
     /// vector) faults on the first scrape.
-    fn count(&self, name: &'static str, grind: &Callgrind, pid: u32, make: &MakeRequest) -> Counted {
+    fn count(
+        &self,
+        name: &'static str,
+        kind: Kind,
+        grind: &Callgrind,
+        pid: u32,
+        make: &MakeRequest,
+    ) -> Counted {
         let started = Instant::now();
         eprintln!("{name}: {} warm-up requests", self.warm.end - self.warm.start);
         self.runtime
@@ -186,10 +246,13 @@ impl Run<'_> {
                 "{name}: warm-up and count took over {TOKEN_CACHE:?}: some tokens were verified again; lower PROFILE_REQUESTS"
             );
         }
+        let parts = name.starts_with("Moneta").then(|| parts(&dump, n)).flatten();
         Counted {
             name,
+            kind,
             per_request,
             redis_round_trips: reads as f64 / n as f64,
+            parts,
             dump,
         }
     }
@@ -199,6 +262,7 @@ fn main() {
     let counted_n = env_or("PROFILE_REQUESTS", 2000).max(1);
     let concurrency = env_or("PROFILE_CONCURRENCY", 1).max(1) as usize;
     let annotate = std::env::var("PROFILE_ANNOTATE").is_ok_and(|v| v == "1");
+    let heartbeat_only = std::env::var("PROFILE_ONLY").is_ok_and(|v| v == "heartbeat");
     let spread = Spread::from_env();
     // One request per user first, so every token the counted requests carry
     // is verified already; the counted requests then ask for pairs the
@@ -223,13 +287,27 @@ fn main() {
     // Moneta at full speed, which then leaves: the profiled Moneta starts
     // with nothing in its own memory, as after a deploy onto a warm Redis.
     eprintln!("warming Redis through a Moneta at full speed");
-    let body_len = {
+    // It also starts the sessions the heartbeat ceiling is sent heartbeats
+    // for: ids of the same shape as those of the profiled Moneta's own
+    // sessions, which the ceiling writes for without checking.
+    let (body_len, ceiling_sessions) = {
         let native = stack.moneta(&[], &stretched, PATIENCE);
         let make = playback_info_requests(&native.url(), &tokens, &spread);
         runtime.block_on(async {
             let len = drive(&client, 0..1, 1, &make).await;
-            drive(&client, 1..counted.end, 64, &make).await;
-            len
+            if !heartbeat_only {
+                drive(&client, 1..counted.end, 64, &make).await;
+            }
+            let sessions = start_sessions_on(
+                &client,
+                &native.url(),
+                &tokens,
+                &spread,
+                HEARTBEAT_SESSIONS,
+                "bench-ceiling",
+            )
+            .await;
+            (len, Arc::new(sessions))
         })
     };
 
@@ -243,19 +321,40 @@ fn main() {
     };
     let mut results: Vec<Counted> = Vec::new();
 
-    for kind in [Baseline::BareAxum, Baseline::OneRoundTrip] {
+    let baselines: &[Baseline] = if heartbeat_only {
+        &[Baseline::OneRoundTrip]
+    } else {
+        &[Baseline::BareAxum, Baseline::OneRoundTrip]
+    };
+    for &kind in baselines {
         let grind = Callgrind::new(dir.path(), &kind.name().replace([' ', ':'], "-"));
         let server = stack.baseline(kind, body_len, &grind.wrapper(), PATIENCE);
-        let make = playback_info_requests(&server.url, &tokens, &spread);
-        results.push(job.count(kind.name(), &grind, server.process.pid(), &make));
+        let pid = server.process.pid();
+        if !heartbeat_only {
+            let make = playback_info_requests(&server.url, &tokens, &spread);
+            results.push(job.count(kind.name(), Kind::PlaybackInfo, &grind, pid, &make));
+        }
+        if kind == Baseline::OneRoundTrip {
+            // The same process serves the heartbeat's ceiling, counted apart.
+            let make = heartbeat_requests(&server.url, &ceiling_sessions);
+            results.push(job.count(HEARTBEAT_CEILING, Kind::Heartbeat, &grind, pid, &make));
+        }
     }
 
     let grind = Callgrind::new(dir.path(), "moneta");
     eprintln!("starting Moneta under callgrind");
     let moneta = stack.moneta(&grind.wrapper(), &stretched, PATIENCE);
     let base = moneta.url();
-    let make = playback_info_requests(&base, &tokens, &spread);
-    results.push(job.count("Moneta playback-info, warm", &grind, moneta.pid(), &make));
+    if !heartbeat_only {
+        let make = playback_info_requests(&base, &tokens, &spread);
+        results.push(job.count(
+            "Moneta playback-info, warm",
+            Kind::PlaybackInfo,
+            &grind,
+            moneta.pid(),
+            &make,
+        ));
+    }
 
     let sessions = Arc::new(runtime.block_on(start_sessions(
         &job.client,
@@ -265,12 +364,36 @@ fn main() {
         HEARTBEAT_SESSIONS,
     )));
     let make = heartbeat_requests(&base, &sessions);
-    results.push(job.count("Moneta heartbeat", &grind, moneta.pid(), &make));
+    results.push(job.count("Moneta heartbeat", Kind::Heartbeat, &grind, moneta.pid(), &make));
     drop(moneta);
 
     if annotate {
-        save_annotation(&root, &results[2].dump);
+        for r in &results {
+            match r.name {
+                "Moneta playback-info, warm" => save_annotation(&root, "playback-info", &r.dump),
+                "Moneta heartbeat" => save_annotation(&root, "heartbeat", &r.dump),
+                _ => {}
+            }
+        }
     }
+    if heartbeat_only {
+        for r in &results {
+            println!(
+                "{}: {} instructions/request{}, {:.2} Redis round trips/request",
+                r.name,
+                thousands(r.per_request),
+                r.parts.map_or(String::new(), |p| format!(
+                    " (connections' tasks {}, progress courier {})",
+                    thousands(p.connection),
+                    thousands(p.courier)
+                )),
+                r.redis_round_trips
+            );
+        }
+        return;
+    }
+    // Rows in reading order: the baselines, then Moneta.
+    results.sort_by_key(|r| (r.name.starts_with("Moneta"), r.kind == Kind::Heartbeat));
     let section = section(&results, &spread, counted_n, job.warm.end, concurrency, body_len);
     println!("\n{section}");
     let doc = root.join("docs/profiling.md");
@@ -286,37 +409,51 @@ fn section(
     concurrency: usize,
     body_len: usize,
 ) -> String {
-    let bare = results[0].per_request;
-    let one_trip = results[1].per_request;
+    let of = |name: &str| {
+        results
+            .iter()
+            .find(|r| r.name == name)
+            .map_or(f64::NAN, |r| r.per_request)
+    };
+    let bare = of(Baseline::BareAxum.name());
+    let ceiling = |kind: Kind| match kind {
+        Kind::PlaybackInfo => of(Baseline::OneRoundTrip.name()),
+        Kind::Heartbeat => of(HEARTBEAT_CEILING),
+    };
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| scenario | instructions/request | vs one-RTT ceiling | vs bare axum | Redis round trips/request |"
+        "| scenario | instructions/request | vs its one-RTT ceiling | vs bare axum | Redis round trips/request | of which the connection's task | of which the progress courier |"
     );
-    let _ = writeln!(table, "| --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(table, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in results {
+        let (connection, courier) = r.parts.map_or(("–".to_owned(), "–".to_owned()), |p| {
+            (thousands(p.connection), thousands(p.courier))
+        });
         let _ = writeln!(
             table,
-            "| {} | {} | {:.2}× | {:.2}× | {:.2} |",
+            "| {} | {} | {:.2}× | {:.2}× | {:.2} | {connection} | {courier} |",
             r.name,
             thousands(r.per_request),
-            r.per_request / one_trip,
+            r.per_request / ceiling(r.kind),
             r.per_request / bare,
             r.redis_round_trips,
         );
     }
-    let playback = results[2].per_request / one_trip;
-    let verdict = if playback <= TARGET_VS_ONE_TRIP {
-        "met"
-    } else {
-        "not met"
-    };
+    let verdict = |met: bool| if met { "met" } else { "not met" };
+    let playback = of("Moneta playback-info, warm") / ceiling(Kind::PlaybackInfo);
+    let heartbeat = of("Moneta heartbeat");
+    let heartbeat_ratio = heartbeat / ceiling(Kind::Heartbeat);
     format!(
         "{HEADING}\n\n\
          Measured by `scripts/profile` ({date}; {valgrind}). Machine: {machine}.\n\n\
          {table}\n\
-         Target, a warm playback-info at most {TARGET_VS_ONE_TRIP:.0}× the one-RTT ceiling's instructions: {verdict} ({playback:.2}×).\n\n\
-         How: each server runs under `valgrind --tool=callgrind`; after {warm} warm-up requests the counters are zeroed (`callgrind_control -z`), exactly {counted} requests are sent, {in_flight}, and the dump's total (`callgrind_control -d`) is divided by {counted}. The total is the whole process: every thread, the runtime, background tasks (health probes, metrics upkeep) included; the kernel is not. Requests are those of `scripts/bench`: playback-info walks {users} users × {titles} titles, the baselines get the same requests and answer {body_len} bytes, and a Moneta at full speed asked for every counted pair beforehand, so Redis is warm and the profiled process's own memory holds only what its warm-up put there (every user's token, the titles). Heartbeats go round {sessions} live sessions. Redis round trips are the reads Redis served during the count (`INFO stats` `total_reads_processed`), background probes included. Under valgrind Moneta runs ~50× slower, so its wall-clock lifetimes (title and entitlement caches) and timeouts are stretched for the run; background work that runs per second still weighs more per request than at full speed. `PROFILE_ANNOTATE=1 scripts/profile` keeps the playback-info profile and `callgrind_annotate` output in `target/profile/`.\n",
+         Targets: a warm playback-info at most {TARGET_VS_ONE_TRIP:.0}× its one-RTT ceiling's instructions: {playback_verdict} ({playback:.2}×); a heartbeat at most {heartbeat_target}: {heartbeat_verdict} ({heartbeat_now}, {heartbeat_ratio:.2}× its ceiling).\n\n\
+         How: each server runs under `valgrind --tool=callgrind`; after {warm} warm-up requests the counters are zeroed (`callgrind_control -z`), exactly {counted} requests are sent, {in_flight}, and the dump's total (`callgrind_control -d`) is divided by {counted}. The total is the whole process: every thread, the runtime, background tasks (health probes, metrics upkeep) included; the kernel is not. Requests are those of `scripts/bench`: playback-info walks {users} users × {titles} titles, the baselines get the same requests and answer {body_len} bytes, and a Moneta at full speed asked for every counted pair beforehand, so Redis is warm and the profiled process's own memory holds only what its warm-up put there (every user's token, the titles). Heartbeats go round {sessions} live sessions; the heartbeat ceiling (`examples/bench_baseline.rs`, the same process as the playback-info ceiling, counted apart) gets the same requests for another {sessions} sessions and answers each with one `EVALSHA` of a script doing a heartbeat's writes (`ZADD`, `HSET`, `XADD` and their expiries, on keys of Moneta's shape) and an answer of the heartbeat's shape, without authentication or the session checks. Redis round trips are the reads Redis served during the count (`INFO stats` `total_reads_processed`), background probes included. For Moneta, two parts of the total (inclusive, per request): the connection's task (HTTP/1, router, middleware, handler, answer, access line), which repeats from run to run, and the progress courier, background work that reads each heartbeat's log entry back and delivers it, whose share moves between runs of the same build with how many entries each of its rounds finds. Under valgrind Moneta runs ~50× slower, so its wall-clock lifetimes (title and entitlement caches) and timeouts are stretched for the run; background work that runs per second still weighs more per request than at full speed. `PROFILE_ANNOTATE=1 scripts/profile` keeps the playback-info and heartbeat profiles and `callgrind_annotate` output in `target/profile/`.\n",
+        playback_verdict = verdict(playback <= TARGET_VS_ONE_TRIP),
+        heartbeat_verdict = verdict(heartbeat <= HEARTBEAT_TARGET),
+        heartbeat_target = thousands(HEARTBEAT_TARGET),
+        heartbeat_now = thousands(heartbeat),
         date = report_date(),
         valgrind = command_line("valgrind", &["--version"]),
         machine = machine(),
@@ -371,29 +508,24 @@ fn replace_section(text: &str, heading: &str, section: &str) -> String {
     out
 }
 
-/// Keeps the playback-info profile where it can be read after the run.
-fn save_annotation(root: &Path, dump: &Path) {
+/// Keeps a profile (`name`: `playback-info`, `heartbeat`) where it can be
+/// read after the run.
+fn save_annotation(root: &Path, name: &str, dump: &Path) {
     let out_dir = root.join("target/profile");
     std::fs::create_dir_all(&out_dir).expect("create target/profile");
-    let kept = out_dir.join("playback-info.callgrind");
+    let kept = out_dir.join(format!("{name}.callgrind"));
     std::fs::copy(dump, &kept).expect("copy the callgrind dump");
     // Functions on the stack when the counters are dumped (thread start, the
     // worker loop) show the whole total as their own cost; the list below
     // them is the real exclusive cost, hence no threshold.
     for (file, view) in [
-        (
-            "playback-info.annotate.txt",
-            ["--threshold=100", "--inclusive=no"],
-        ),
-        (
-            "playback-info.inclusive.txt",
-            ["--threshold=99", "--inclusive=yes"],
-        ),
+        ("annotate.txt", ["--threshold=100", "--inclusive=no"]),
+        ("inclusive.txt", ["--threshold=99", "--inclusive=yes"]),
     ] {
         let mut command = Command::new(require_binary("callgrind_annotate"));
         command.arg("--auto=no").args(view).arg(&kept);
         let output = run(&mut command, "callgrind_annotate");
-        std::fs::write(out_dir.join(file), output.stdout).expect("write annotation");
+        std::fs::write(out_dir.join(format!("{name}.{file}")), output.stdout).expect("write annotation");
     }
     eprintln!("profile and annotations in {}", out_dir.display());
 }
