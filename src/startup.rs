@@ -18,6 +18,7 @@ use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::time::Instant;
 
@@ -363,6 +364,9 @@ impl Application {
 struct ConnectionLimit {
     permits: Arc<Semaphore>,
     open: Option<metrics::Gauge>,
+    /// Notified when a connection waits for a place: idle keep-alive
+    /// connections then close and make room (see [`HeadSleep`]).
+    full: Arc<Notify>,
 }
 
 impl ConnectionLimit {
@@ -373,6 +377,7 @@ impl ConnectionLimit {
         Self {
             permits: Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS))),
             open,
+            full: Arc::new(Notify::new()),
         }
     }
 }
@@ -427,9 +432,19 @@ async fn serve(
     let (abandon, abandoned) = watch::channel(());
     let mut stop_accepting = pin!(stop_accepting);
     loop {
-        let permit = tokio::select! {
-            () = &mut stop_accepting => break,
-            permit = limit.permits.clone().acquire_owned() => permit,
+        let permit = match limit.permits.clone().try_acquire_owned() {
+            Ok(permit) => Ok(permit),
+            Err(_) => {
+                // Full: the idle keep-alive connections close (players keep
+                // one open between heartbeats), as nginx reuses its idle
+                // ones when its connections run out; a client that sends
+                // nothing must not hold a place a new one is waiting for.
+                limit.full.notify_waiters();
+                tokio::select! {
+                    () = &mut stop_accepting => break,
+                    permit = limit.permits.clone().acquire_owned() => permit,
+                }
+            }
         };
         // The semaphore is never closed.
         let Ok(permit) = permit else { break };
@@ -444,6 +459,7 @@ async fn serve(
                 graceful.watcher(),
                 abandoned.clone(),
                 OpenConnection::new(permit, &limit.open),
+                limit.full.clone(),
             ),
             Err(e) if is_connection_error(&e) => {}
             Err(e) => {
@@ -487,6 +503,7 @@ fn spawn_connection(
     watcher: Watcher,
     mut abandoned: watch::Receiver<()>,
     open: OpenConnection,
+    full: Arc<Notify>,
 ) {
     let reads = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(CountedReads {
@@ -498,6 +515,7 @@ fn spawn_connection(
         .timer(HeadTimer {
             reads,
             first_head: AtomicBool::new(true),
+            full,
         })
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEAD_BUFFER);
@@ -526,6 +544,8 @@ fn spawn_connection(
 struct HeadTimer {
     reads: Arc<AtomicU64>,
     first_head: AtomicBool,
+    /// The connection limit was reached: an idle connection closes at once.
+    full: Arc<Notify>,
 }
 
 impl hyper::rt::Timer for HeadTimer {
@@ -534,12 +554,13 @@ impl hyper::rt::Timer for HeadTimer {
     }
 
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        let clock = if self.first_head.swap(false, Ordering::Relaxed) {
-            HeadClock::Fresh
+        let (clock, full) = if self.first_head.swap(false, Ordering::Relaxed) {
+            (HeadClock::Fresh, None)
         } else {
-            HeadClock::Idle {
+            let idle = HeadClock::Idle {
                 reads_before: self.reads.load(Ordering::Relaxed),
-            }
+            };
+            (idle, Some(Box::pin(self.full.clone().notified_owned())))
         };
         Box::pin(HeadSleep {
             reads: self.reads.clone(),
@@ -547,6 +568,7 @@ impl hyper::rt::Timer for HeadTimer {
             armed_at: Instant::now(),
             timeout: deadline.saturating_duration_since(std::time::Instant::now()),
             sleep: None,
+            full,
         })
     }
 }
@@ -567,6 +589,8 @@ struct HeadSleep {
     timeout: Duration,
     // Made on the first poll: most heads arrive whole and never need it.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Between requests: the connection limit was reached.
+    full: Option<Pin<Box<OwnedNotified>>>,
 }
 
 impl Future for HeadSleep {
@@ -580,6 +604,12 @@ impl Future for HeadSleep {
             && this.reads.load(Ordering::Relaxed) != reads_before
         {
             this.clock = HeadClock::Started { at: Instant::now() };
+        }
+        if let (HeadClock::Idle { .. }, Some(full)) = (&this.clock, this.full.as_mut())
+            && full.as_mut().poll(cx).is_ready()
+        {
+            // hyper closes a connection whose next head did not start.
+            return Poll::Ready(());
         }
         let deadline = match this.clock {
             HeadClock::Fresh => this.armed_at + this.timeout,

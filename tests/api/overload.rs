@@ -365,3 +365,59 @@ mod under_fault {
         app.api.assert_receives_position("u-premium", 3_000_000).await;
     }
 }
+
+/// At `MONETA_MAX_CONNECTIONS` a new connection waits in the listen
+/// backlog; the connections that sit idle between requests (a player's,
+/// between heartbeats) close to make room for it, instead of holding their
+/// places for the whole keep-alive idle time (75 s).
+#[tokio::test]
+async fn at_the_connection_limit_idle_keep_alive_connections_make_room() {
+    let app = spawn_app_with(&[("MONETA_MAX_CONNECTIONS", "2")]).await;
+    let port = app.address.rsplit(':').next().expect("a port").to_owned();
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(format!("127.0.0.1:{port}"))
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /health/live HTTP/1.1\r\nHost: moneta\r\n\r\n")
+            .await
+            .expect("request");
+        let mut answer = [0u8; 1024];
+        let n = stream.read(&mut answer).await.expect("answer");
+        assert!(
+            answer[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&answer[..n])
+        );
+        idle.push(stream);
+    }
+
+    // A third client, on a connection of its own, is answered well before
+    // an idle connection would have timed out…
+    let third = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let status = third
+        .get(format!("{}/health/live", app.address))
+        .send()
+        .await
+        .expect("the third connection is answered while two idle ones held the limit")
+        .status();
+    assert_eq!(status, 200);
+    // …because the idle ones were closed.
+    let closed = eventually(PATIENCE, async || {
+        for stream in &mut idle {
+            let mut byte = [0u8; 1];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(std::time::Duration::from_millis(50), stream.read(&mut byte)).await
+            {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+    assert!(closed.is_some(), "no idle connection was closed");
+}
