@@ -563,7 +563,7 @@ async fn upstream_connections_are_kept_alive() {
 
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_json_502() {
-    let nobody_listens = support::free_port();
+    let nobody_listens = support::refused_port();
     let nginx = Nginx::start(NginxOptions::new(format!("127.0.0.1:{nobody_listens}")));
     let response = public_api(&nginx)
         .get_anonymously("/v1/contents/m-0001/playback-info")

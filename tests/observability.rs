@@ -380,7 +380,7 @@ async fn breaker_state_is_exported_before_any_transition() {
     let moneta = MonetaProcess::start(&[
         (
             "MONETA_REDIS_URL",
-            format!("redis://127.0.0.1:{}", support::free_port()),
+            format!("redis://127.0.0.1:{}", support::refused_port()),
         ),
         ("MONETA_INTERNAL_API_URL", support::nobody_listens()),
         ("MONETA_REDIS_BREAKER_FAILURES", "1000000".to_owned()),

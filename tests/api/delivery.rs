@@ -437,7 +437,7 @@ async fn the_progress_commands_fail_in_one_line_when_redis_or_the_api_is_unreach
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     };
-    let no_redis = format!("redis://127.0.0.1:{}", support::free_port());
+    let no_redis = format!("redis://127.0.0.1:{}", support::refused_port());
     let no_api = support::nobody_listens();
     for (redis_url, api_url, command) in [
         (no_redis.as_str(), app.api.url(), "dead-letters"),

@@ -150,7 +150,24 @@ impl SnapshotMoneta {
 
 /// A loopback URL where nothing listens: every call is refused.
 pub fn nobody_listens() -> String {
-    format!("http://127.0.0.1:{}", free_port())
+    format!("http://127.0.0.1:{}", refused_port())
+}
+
+/// A loopback port where every connection is refused for the rest of the
+/// run: it stays bound, without listening, by this process. A port merely
+/// found free could be taken by another test's server meanwhile, which
+/// would then answer in nobody's place.
+pub fn refused_port() -> u16 {
+    static HELD: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind a loopback port");
+    let port = socket.local_addr().expect("its address").port();
+    HELD.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(socket);
+    port
 }
 
 /// A valid HS256 dev token for one hour.
