@@ -415,6 +415,8 @@ struct Moved {
     /// Fresh entries read from the log.
     fresh: usize,
     read: usize,
+    /// Read by the round's sweep (taken over, parked).
+    swept: usize,
     delivered: usize,
     /// Whether what the round took from memory reached Redis (or needed not).
     home: bool,
@@ -425,28 +427,33 @@ impl Courier {
     /// is gone because Redis lost its data) is mended at once, within the
     /// round: creating the group is idempotent. While Redis is unreachable,
     /// the round delivers from memory only.
-    async fn read_log(&self) -> Delivery {
-        match self.log.next_round(self.batch_size).await {
+    async fn read_log(&self, sweep: bool) -> Delivery {
+        match self.log.next_round(self.batch_size, sweep).await {
             Ok(delivery) => delivery,
             Err(DependencyError::Refused(_, error)) => {
                 tracing::warn!(error = %error, "the progress log could not be read; creating its group");
                 let _ = self.log.ensure_group().await;
-                self.log.next_round(self.batch_size).await.unwrap_or_default()
+                self.log
+                    .next_round(self.batch_size, sweep)
+                    .await
+                    .unwrap_or_default()
             }
             Err(_) => Delivery::default(),
         }
     }
 
-    async fn round(&self) -> Moved {
+    async fn round(&self, sweep: bool) -> Moved {
         let memory = self.unlogged.take(self.batch_size);
         let taken = memory.len();
-        let moved = self.round_with(memory).await;
+        let moved = self.round_with(memory, sweep).await;
         self.unlogged.release(taken);
         moved
     }
 
-    async fn round_with(&self, memory: Vec<Held>) -> Moved {
-        let round = Round::new(memory, self.read_log().await);
+    async fn round_with(&self, memory: Vec<Held>, sweep: bool) -> Moved {
+        let delivery = self.read_log(sweep).await;
+        let swept = delivery.swept;
+        let round = Round::new(memory, delivery);
         let (fresh, read) = (round.fresh, round.read());
         let send = round.to_send();
         let items: Vec<ProgressItem> = send.iter().map(|&i| round.offers[i].item.clone()).collect();
@@ -503,6 +510,7 @@ impl Courier {
         Moved {
             fresh,
             read,
+            swept,
             delivered: end.delivered,
             home,
         }
@@ -512,9 +520,11 @@ impl Courier {
     /// whether what memory held could reach Redis.
     async fn tick(&self) -> bool {
         let mut home = true;
+        let mut sweep = true;
         for _ in 0..MAX_ROUNDS_PER_TICK {
-            let moved = self.round().await;
+            let moved = self.round(sweep).await;
             home = moved.home;
+            sweep = moved.swept > 0;
             metrics::gauge!("moneta_progress_queue_depth").set(self.unlogged.len() as f64);
             // Full rounds go on while they deliver; while the internal API
             // fails, only a full read of fresh entries is worth another round
@@ -647,6 +657,7 @@ mod tests {
             Delivery {
                 fresh: vec![fresh("1-0", item("u", 100, 10), 0)],
                 parked: vec![],
+                swept: 0,
             },
         );
         let (sent, _) = play(round, |_| Fate::Delivered, 5);
@@ -658,6 +669,7 @@ mod tests {
         let delivery = || Delivery {
             fresh: vec![fresh("1-0", item("u", 100, 10), 0)],
             parked: vec![],
+            swept: 0,
         };
         // Delivered: the older entry leaves the log; the memory item
         // updates the resume position only.
@@ -689,6 +701,7 @@ mod tests {
         let delivery = || Delivery {
             fresh: vec![fresh("1-0", item("u", 300, 30), 0)],
             parked: vec![],
+            swept: 0,
         };
         let (sent, end) = play(
             Round::new(vec![memory(item("u", 200, 20))], delivery()),
@@ -722,6 +735,7 @@ mod tests {
             Delivery {
                 fresh: vec![fresh("1-0", item("u", 100, 10), 0)],
                 parked: vec![],
+                swept: 0,
             },
         );
         let (sent, end) = play(round, |_| Fate::Failed, 5);
@@ -735,6 +749,7 @@ mod tests {
             Delivery {
                 fresh: vec![fresh("2-0", item("u", 200, 20), 0)],
                 parked: vec![parked(item("u", 100, 10), 0)],
+                swept: 0,
             },
         );
         let (sent, end) = play(round, |_| Fate::Delivered, 5);
@@ -752,6 +767,7 @@ mod tests {
                 Delivery {
                     fresh: vec![],
                     parked: vec![parked(item("u", 5, 1), attempts)],
+                    swept: 0,
                 },
             )
         };
@@ -775,6 +791,7 @@ mod tests {
             Delivery {
                 fresh: vec![fresh("1-0", item("u", 5, 1), 1)],
                 parked: vec![],
+                swept: 0,
             },
         );
         let (_, end) = play(round, |_| Fate::FailedAlone("timeout".into()), 5);
@@ -790,6 +807,7 @@ mod tests {
             Delivery {
                 fresh: vec![fresh("1-0", item("f", 2, 2), 4)],
                 parked: vec![parked(item("p", 3, 3), 4)],
+                swept: 0,
             },
         );
         let (_, end) = play(round, |_| Fate::Failed, 5);
@@ -826,6 +844,7 @@ mod tests {
             Delivery {
                 fresh: vec![fresh("1-0", item("u", 1, 1), 0), fresh("2-0", item("u", 2, 2), 0)],
                 parked: vec![],
+                swept: 0,
             },
         );
         let (sent, end) = play(round, |_| Fate::Refused, 5);
@@ -843,6 +862,7 @@ mod tests {
             Delivery {
                 fresh: vec![fresh("1-0", item("u", 1, 5), 0), fresh("2-0", item("u", 2, 5), 0)],
                 parked: vec![],
+                swept: 0,
             },
         );
         let (sent, end) = play(round, |_| Fate::Delivered, 5);

@@ -147,6 +147,8 @@ pub struct Delivery {
     /// (field, raw value, (item, attempts)); a value that does not parse is
     /// settled as done, with `None`.
     pub parked: Vec<(ParkedField, String, Option<Tried>)>,
+    /// How many of them a sweep brought (entries taken over, parked pairs).
+    pub swept: usize,
 }
 
 /// A position moved to the dead letters: its fields in the stream.
@@ -327,8 +329,8 @@ fn parse_parked(value: &str) -> Option<(ProgressItem, u32)> {
 
 /// An `XADD` entry `u c p t [w] [a]` back into an item and its attempts;
 /// `None` if anything is off.
-fn parse_entry(fields: &[(String, String)]) -> Option<(ProgressItem, u32)> {
-    let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+fn parse_entry(fields: &[(&str, &str)]) -> Option<(ProgressItem, u32)> {
+    let get = |name: &str| fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
     let item = ProgressItem {
         user_id: UserId::parse(get("u")?).ok()?,
         content_id: ContentId::parse(get("c")?).ok()?,
@@ -340,15 +342,15 @@ fn parse_entry(fields: &[(String, String)]) -> Option<(ProgressItem, u32)> {
     Some((item, attempts))
 }
 
-fn parse_dead_letter(shard: Shard, id: String, fields: &[(String, String)]) -> DeadLetter {
+fn parse_dead_letter(shard: Shard, id: &str, fields: &[(&str, &str)]) -> DeadLetter {
     let parsed = parse_entry(fields);
     let last_error = fields
         .iter()
-        .find(|(k, _)| k == "e")
-        .map(|(_, v)| v.clone())
+        .find(|(k, _)| *k == "e")
+        .map(|(_, v)| (*v).to_owned())
         .unwrap_or_default();
     DeadLetter {
-        id,
+        id: id.to_owned(),
         shard,
         attempts: parsed.as_ref().map_or(0, |(_, a)| *a),
         item: parsed.map(|(item, _)| item),
@@ -377,22 +379,37 @@ fn pairs_of(value: &Value) -> Vec<(&Value, &Value)> {
     }
 }
 
-/// A stream entry: its id and its (field, value) pairs.
-type StreamEntry = (String, Vec<(String, String)>);
+/// A stream entry: its id and its (field, value) pairs, borrowed from the
+/// reply (a round decodes hundreds of entries: no copy of each field).
+type StreamEntry<'a> = (&'a str, Vec<(&'a str, &'a str)>);
 
-/// Stream replies as (id, [(field, value)]) whatever the command.
-fn entries(value: &Value) -> Vec<StreamEntry> {
-    let Ok(list) = redis::from_redis_value_ref::<Vec<Value>>(value) else {
+/// A reply's text, borrowed.
+fn text(value: &Value) -> Option<&str> {
+    match value {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        Value::VerbatimString { text, .. } => Some(text),
+        _ => None,
+    }
+}
+
+/// Stream replies as (id, [(field, value)]) whatever the command. An entry
+/// without fields (deleted while pending) has none.
+fn entries(value: &Value) -> Vec<StreamEntry<'_>> {
+    let Value::Array(list) = value else {
         return Vec::new();
     };
     list.iter()
         .filter_map(|entry| {
-            let (id, fields): (String, Option<Vec<String>>) = redis::from_redis_value_ref(entry).ok()?;
-            let fields = fields.unwrap_or_default();
-            let pairs = fields
-                .chunks(2)
-                .filter_map(|kv| Some((kv.first()?.clone(), kv.get(1)?.clone())))
-                .collect();
+            let Value::Array(parts) = entry else { return None };
+            let id = text(parts.first()?)?;
+            let pairs = match parts.get(1) {
+                Some(Value::Array(fields)) => fields
+                    .chunks_exact(2)
+                    .filter_map(|kv| Some((text(kv.first()?)?, text(kv.get(1)?)?)))
+                    .collect(),
+                _ => Vec::new(),
+            };
             Some((id, pairs))
         })
         .collect()
@@ -400,14 +417,11 @@ fn entries(value: &Value) -> Vec<StreamEntry> {
 
 /// `XAUTOCLAIM`'s answer: the cursor to go on from (`0-0` once the pending
 /// entries were all looked at) and the entries taken over.
-fn claimed(value: &Value) -> (String, Vec<StreamEntry>) {
-    let Ok(parts) = redis::from_redis_value_ref::<Vec<Value>>(value) else {
+fn claimed(value: &Value) -> (String, Vec<StreamEntry<'_>>) {
+    let Value::Array(parts) = value else {
         return ("0-0".to_owned(), Vec::new());
     };
-    let cursor = parts
-        .first()
-        .and_then(|c| redis::from_redis_value_ref::<String>(c).ok())
-        .unwrap_or_else(|| "0-0".to_owned());
+    let cursor = parts.first().and_then(text).unwrap_or("0-0").to_owned();
     (cursor, parts.get(1).map(entries).unwrap_or_default())
 }
 
@@ -554,18 +568,22 @@ fn shares_among(who: &[usize], total: usize, first: usize) -> HashMap<usize, usi
 /// One shard's reads in a round.
 struct ShardRead {
     shard: Shard,
+    /// `shard.log()`, named once a round.
+    log: String,
     /// Where `XAUTOCLAIM` goes on from.
     cursor: String,
     ask: Ask,
 }
 
 impl ShardRead {
-    fn commands(&self, consumer: &str) -> Group {
-        let (log, ask) = (self.shard.log(), self.ask);
+    /// The shard's commands; without its `XREADGROUP` when that is part of
+    /// one over many shards ([`read_together`]).
+    fn commands(&self, consumer: &str, read_apart: bool) -> Group {
+        let (log, ask) = (&self.log, self.ask);
         let mut group = Vec::with_capacity(3);
         if ask.claim > 0 {
             let mut cmd = redis::cmd("XAUTOCLAIM");
-            cmd.arg(&log)
+            cmd.arg(log)
                 .arg(PROGRESS_GROUP)
                 .arg(consumer)
                 .arg(CLAIM_IDLE.as_millis() as u64)
@@ -574,7 +592,7 @@ impl ShardRead {
                 .arg(ask.claim);
             group.push(cmd);
         }
-        if ask.read > 0 {
+        if ask.read > 0 && read_apart {
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP")
                 .arg(PROGRESS_GROUP)
@@ -582,7 +600,7 @@ impl ShardRead {
                 .arg("COUNT")
                 .arg(ask.read)
                 .arg("STREAMS")
-                .arg(&log)
+                .arg(log)
                 .arg(">");
             group.push(cmd);
         }
@@ -594,11 +612,71 @@ impl ShardRead {
         if self.shard.is_legacy() {
             // Whether it still holds anything at all: entries another
             // instance read and has not settled yet count too.
-            group.push(redis::cmd("XLEN").arg(&log).clone());
+            group.push(redis::cmd("XLEN").arg(log).clone());
             group.push(redis::cmd("HLEN").arg(self.shard.parked()).clone());
         }
         group
     }
+}
+
+/// One `XREADGROUP` over the logs of `reads` at the places `at`, all asked
+/// for the same count. On a single node a round's reads are two such
+/// commands (shares differ by one at most) instead of one per bucket: the
+/// command's cost is per call far more than per stream.
+fn read_together(reads: &[ShardRead], at: &[usize], count: usize, consumer: &str) -> Cmd {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(PROGRESS_GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS");
+    for read in at.iter().filter_map(|&i| reads.get(i)) {
+        cmd.arg(&read.log);
+    }
+    for _ in at {
+        cmd.arg(">");
+    }
+    cmd
+}
+
+/// A many-stream `XREADGROUP` answer split by stream, as the answer to each
+/// stream's own `XREADGROUP` (streams with nothing new are left out of the
+/// answer: `Nil`). An error answer (`NOGROUP` when one of the groups is
+/// gone) stands for every stream asked.
+fn split_read(reply: Option<Value>, logs: &[&str]) -> Vec<Value> {
+    let streams = match reply {
+        Some(Value::ServerError(e)) => return logs.iter().map(|_| Value::ServerError(e.clone())).collect(),
+        // RESP3 answers a map, RESP2 an array of [stream, entries].
+        Some(Value::Map(streams)) => streams,
+        Some(Value::Array(streams)) => streams
+            .into_iter()
+            .filter_map(|stream| match stream {
+                Value::Array(pair) => {
+                    let mut pair = pair.into_iter();
+                    Some((pair.next()?, pair.next()?))
+                }
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut by_log: HashMap<String, Value> = streams
+        .into_iter()
+        .filter_map(|(name, list)| {
+            let name = text(&name)?.to_owned();
+            Some((
+                name.clone(),
+                Value::Array(vec![Value::Array(vec![
+                    Value::BulkString(name.into_bytes()),
+                    list,
+                ])]),
+            ))
+        })
+        .collect();
+    logs.iter()
+        .map(|log| by_log.remove(*log).unwrap_or(Value::Nil))
+        .collect()
 }
 
 /// The three reads of a shard, in the order of its commands.
@@ -717,7 +795,12 @@ impl ProgressLog {
     /// Round trips: one per stage, two at most (and one more to create
     /// groups after Redis lost its data); the second only when some shard
     /// had more than its share.
-    pub async fn next_round(&self, max: usize) -> Result<Delivery, DependencyError> {
+    ///
+    /// `sweep`: whether to take over and sample as well; without it the
+    /// round only reads new entries. Abandoned entries and parked pairs are
+    /// rare, and looking for them costs a command per shard: the courier
+    /// sweeps once a tick, and again only while sweeps find something.
+    pub async fn next_round(&self, max: usize, sweep: bool) -> Result<Delivery, DependencyError> {
         let legacy_due = self.walk.legacy_due();
         let shards: Vec<Shard> = self
             .redis
@@ -735,18 +818,20 @@ impl ProgressLog {
             .zip(&share)
             .map(|(&shard, &k)| ShardRead {
                 shard,
+                log: shard.log(),
                 cursor: "0-0".to_owned(),
                 ask: Ask {
-                    claim: k,
+                    claim: if sweep { k } else { 0 },
                     read: k,
-                    sample: k,
+                    sample: if sweep { k } else { 0 },
                 },
             })
             .collect();
+        let swept_budget = if sweep { budget } else { 0 };
         let mut left = Ask {
-            claim: budget,
+            claim: swept_budget,
             read: budget,
-            sample: budget,
+            sample: swept_budget,
         };
         let mut delivery = Delivery::default();
         let mut sampled: HashSet<(Shard, String)> = HashSet::new();
@@ -760,16 +845,42 @@ impl ProgressLog {
             if asked.is_empty() {
                 break;
             }
-            let groups = asked
+            // A single node serves every bucket: their reads go together,
+            // one command per count asked (cluster slots must stay apart).
+            let mut together: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            if !self.redis.is_cluster() {
+                for &i in &asked {
+                    if let Some(r) = reads.get(i).filter(|r| r.ask.read > 0 && !r.shard.is_legacy()) {
+                        together.entry(r.ask.read).or_default().push(i);
+                    }
+                }
+            }
+            let apart = |i: usize| !together.values().any(|at| at.contains(&i));
+            let mut groups: Vec<Group> = asked
                 .iter()
-                .filter_map(|&i| reads.get(i).map(|r| r.commands(&self.consumer)))
+                .filter_map(|&i| reads.get(i).map(|r| r.commands(&self.consumer, apart(i))))
                 .collect();
-            let replies = match self.redis.run_grouped(groups, None).await {
+            groups.extend(
+                together
+                    .iter()
+                    .map(|(&count, at)| vec![read_together(&reads, at, count, &self.consumer)]),
+            );
+            let mut replies = match self.redis.run_grouped(groups, None).await {
                 Ok(replies) => replies,
                 Err(e) if stage == 0 => return Err(e),
                 // What the first stage read is delivered this round.
                 Err(_) => break,
             };
+            let mut read_values: HashMap<usize, Value> = HashMap::new();
+            for (at, reply) in together.values().zip(replies.drain(asked.len()..)) {
+                let logs: Vec<&str> = at
+                    .iter()
+                    .filter_map(|&i| reads.get(i))
+                    .map(|r| r.log.as_str())
+                    .collect();
+                let reply = reply.ok().and_then(|values| values.into_iter().next());
+                read_values.extend(at.iter().copied().zip(split_read(reply, &logs)));
+            }
             let mut more = vec![More::default(); n];
             let mut missing: Vec<usize> = Vec::new();
             for (&i, reply) in asked.iter().zip(replies) {
@@ -778,7 +889,11 @@ impl ProgressLog {
                 };
                 let ask = std::mem::take(&mut read.ask);
                 // A node that does not answer: its shards wait for a later round.
-                let Ok(values) = reply else { continue };
+                let Ok(mut values) = reply else { continue };
+                if !apart(i) {
+                    let read_value = read_values.remove(&i).unwrap_or(Value::Nil);
+                    values.insert(usize::from(ask.claim > 0).min(values.len()), read_value);
+                }
                 let before = (delivery.fresh.len(), delivery.parked.len());
                 let mut values = values.into_iter();
                 for (asked_for, kind) in [
@@ -808,7 +923,9 @@ impl ProgressLog {
                         Kind::Claim => {
                             let (cursor, list) = claimed(&value);
                             left.claim = left.claim.saturating_sub(list.len());
+                            delivery.swept += list.len();
                             for (id, fields) in list {
+                                let id = id.to_owned();
                                 delivery.fresh.push((EntryId { shard, id }, parse_entry(&fields)));
                             }
                             more.claim = cursor != "0-0";
@@ -823,6 +940,7 @@ impl ProgressLog {
                             left.read = left.read.saturating_sub(list.len());
                             more.read = list.len() >= asked_for;
                             for (id, fields) in list {
+                                let id = id.to_owned();
                                 delivery.fresh.push((EntryId { shard, id }, parse_entry(&fields)));
                             }
                         }
@@ -841,6 +959,7 @@ impl ProgressLog {
                                     continue;
                                 }
                                 left.sample = left.sample.saturating_sub(1);
+                                delivery.swept += 1;
                                 let parsed = parse_parked(&value);
                                 delivery
                                     .parked
@@ -1135,12 +1254,7 @@ mod tests {
 
     #[test]
     fn entries_need_every_field() {
-        let f = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        };
+        let f = |pairs: &[(&'static str, &'static str)]| pairs.to_vec();
         let ok = f(&[("u", "x"), ("c", "m-1"), ("p", "5"), ("t", "1000")]);
         assert_eq!(
             parse_entry(&ok).map(|(i, a)| (i.position_ms.get(), a)),
@@ -1162,16 +1276,16 @@ mod tests {
 
     #[test]
     fn dead_letters_list_as_json() {
-        let fields = vec![
-            ("u".to_owned(), "x".to_owned()),
-            ("c".to_owned(), "m-1".to_owned()),
-            ("p".to_owned(), "5".to_owned()),
-            ("t".to_owned(), "1700000000123".to_owned()),
-            ("w".to_owned(), "0".to_owned()),
-            ("a".to_owned(), "5".to_owned()),
-            ("e".to_owned(), "status 404".to_owned()),
+        let fields = [
+            ("u", "x"),
+            ("c", "m-1"),
+            ("p", "5"),
+            ("t", "1700000000123"),
+            ("w", "0"),
+            ("a", "5"),
+            ("e", "status 404"),
         ];
-        let json = parse_dead_letter(Shard::Legacy, "1-0".to_owned(), &fields).to_json();
+        let json = parse_dead_letter(Shard::Legacy, "1-0", &fields).to_json();
         assert_eq!(json["entry_id"], "1-0");
         assert_eq!(json["user_id"], "x");
         assert_eq!(json["position_ms"], 5);

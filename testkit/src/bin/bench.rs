@@ -504,6 +504,8 @@ fn main() {
     let section = overload_section(&stack, &wrk, &flood_sessions_file, flood_sessions, overload_s);
     let report = with_section(&report, CLUSTER_HEADING, &cluster);
     let report = with_section(&report, OVERLOAD_HEADING, &section);
+    let old = std::fs::read_to_string(&report_path).unwrap_or_default();
+    let report = with_kept_sections(&report, &old);
     println!("\n{report}");
     let _ = std::fs::write(&report_path, report);
 }
@@ -715,6 +717,21 @@ fn with_section(report: &str, heading: &str, section: &str) -> String {
         .find("\n## ")
         .map_or(report.len(), |at| start + heading.len() + at + 1);
     format!("{}{section}{}", &report[..start], &report[end..])
+}
+
+/// `report` followed by the sections of `old` a run does not write (kept by
+/// hand: the hot-path goals and their reasons), so a full run keeps them.
+fn with_kept_sections(report: &str, old: &str) -> String {
+    let mut out = report.trim_end().to_owned();
+    for section in old.split("\n## ").skip(1) {
+        let section = format!("## {}", section.trim_end());
+        if !report.contains(section.lines().next().unwrap_or_default()) {
+            out.push_str("\n\n");
+            out.push_str(&section);
+        }
+    }
+    out.push('\n');
+    out
 }
 
 /// The first line a shell command prints.
