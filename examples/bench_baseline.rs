@@ -44,7 +44,7 @@ redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[2] .. '@' .. now)
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'u', ARGV[3], 'c', ARGV[4], 'p', ARGV[2], 't', now, 'w', '0')
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'i', ARGV[2] .. ' ' .. now .. ' 0 ' .. ARGV[4] .. ' ' .. ARGV[3])
 return {1, now}
 ";
 /// Moneta's defaults (`MONETA_SESSION_TTL_S`, the position's lifetime).

@@ -102,7 +102,8 @@ fn node_of_each_bucket(cluster: &RedisCluster) -> BTreeMap<u16, u16> {
         .collect()
 }
 
-/// A stream's entries as field → value maps.
+/// A stream's entries as field → value maps; a progress-log entry's packed
+/// item (`i`: `<p> <t> <w> <c> <u>`) is read as those five fields.
 fn stream(conn: &mut ClusterConnection, key: &str) -> Vec<BTreeMap<String, String>> {
     let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
         .arg(key)
@@ -113,10 +114,16 @@ fn stream(conn: &mut ClusterConnection, key: &str) -> Vec<BTreeMap<String, Strin
     entries
         .into_iter()
         .map(|(_, fields)| {
-            fields
+            let mut entry: BTreeMap<String, String> = fields
                 .chunks(2)
                 .map(|kv| (kv[0].clone(), kv[1].clone()))
-                .collect()
+                .collect();
+            if let Some(packed) = entry.remove("i") {
+                for (name, part) in ["p", "t", "w", "c", "u"].into_iter().zip(packed.splitn(5, ' ')) {
+                    entry.insert(name.to_owned(), part.to_owned());
+                }
+            }
+            entry
         })
         .collect()
 }

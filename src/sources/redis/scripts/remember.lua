@@ -30,8 +30,10 @@ end
 local logged = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, logged do
-  redis.call('XADD', KEYS[2], '*', 'u', ARGV[2], 'c', ARGV[i], 'p', ARGV[i + 1],
-    't', ARGV[i + 2], 'w', ARGV[i + 3], 'a', ARGV[i + 4])
+  -- The entry's shape is the session scripts' (session_lib.lua), plus 'a'.
+  redis.call('XADD', KEYS[2], '*',
+    'i', ARGV[i + 1] .. ' ' .. ARGV[i + 2] .. ' ' .. ARGV[i + 3] .. ' ' .. ARGV[i] .. ' ' .. ARGV[2],
+    'a', ARGV[i + 4])
   i = i + 5
 end
 return written

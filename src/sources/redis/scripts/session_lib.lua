@@ -72,7 +72,9 @@ end
 -- The resume position ('<ms>[:c]@<now>') and the progress-log entry that
 -- carries it to the internal API (KEYS[6], the log of the user's bucket: the
 -- same hash tag, so Redis Cluster runs this in one slot too), in the same
--- atomic step.
+-- atomic step. The entry is one field, 'i' = '<position> <now> <completed>
+-- <content> <user>' (the user last: it may hold spaces), because the courier
+-- reads every entry back and each field costs it a reply value to parse.
 local function record_position(user, content, position, completed, position_ttl)
   local value = position
   if completed == '1' then
@@ -80,6 +82,6 @@ local function record_position(user, content, position, completed, position_ttl)
   end
   redis.call('HSET', KEYS[5], content, value .. '@' .. now)
   redis.call('EXPIRE', KEYS[5], position_ttl)
-  redis.call('XADD', KEYS[6], '*', 'u', user, 'c', content, 'p', position, 't', now, 'w', completed)
+  redis.call('XADD', KEYS[6], '*', 'i', position .. ' ' .. now .. ' ' .. completed .. ' ' .. content .. ' ' .. user)
 end
 
