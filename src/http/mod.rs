@@ -20,7 +20,6 @@ use axum::response::IntoResponse;
 use axum::routing::{MethodRouter, get, post, put};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::app::App;
@@ -91,20 +90,17 @@ pub fn router(app: AppState, server: &ServerSettings) -> Router {
         // per `Router::layer` call, and the copies of that large future were
         // an eighth of the hot path's instructions with a call per layer.
         // The request id is settled before anything logs, and every error
-        // below `json_errors` leaves as contract JSON.
+        // below `ObserveLayer` leaves as contract JSON.
         .layer(
             ServiceBuilder::new()
-                .layer(axum::middleware::map_request(middleware::drop_insane_request_id))
-                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(middleware::RequestIdLayer)
                 // Before anything that costs: a request refused here is not
                 // logged, authenticated or sent to a dependency (CONTRACT §9).
                 .layer(admission::AdmissionLayer::new(
                     &server.overload,
                     &server.cors_allowed_origins,
                 ))
-                .layer(axum::middleware::from_fn(middleware::observe))
-                .layer(axum::middleware::map_response(middleware::json_errors))
+                .layer(middleware::ObserveLayer)
                 .map_response(IntoResponse::into_response)
                 .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))
                 .layer(TimeoutLayer::with_status_code(
