@@ -664,13 +664,15 @@ impl Settings {
                 shutdown_grace: src.millis("MONETA_SHUTDOWN_GRACE_MS", 7_000)?,
                 overload: src.overload()?,
                 // Each open connection holds ~12 KiB (hyper's buffers, its
-                // task) and a turn in the scheduler ahead of a viewer's
-                // request. Under the overload benchmark's 4096 flooding
-                // connections, 8192 let all in: peak RSS 97–99 MiB and a
-                // probe p99 of 99–150 ms; 1536 kept 55 MiB and 45–63 ms,
-                // the rest waiting in the listen backlog at no cost.
-                // 1024 put the flood's p99 on its 250 ms line.
-                max_connections: src.positive("MONETA_MAX_CONNECTIONS", 1_536)?,
+                // task). Under the overload benchmark's 4096 flooding
+                // connections (2-core Intel host, mimalloc), 8192 let all in:
+                // every request answered, probe p99 60–72 ms, peak RSS
+                // 67 MiB. 1536 kept ~41 MiB but made room by closing
+                // connections between two requests, which clients with a
+                // request already on its way see as errors: 3 % of the probe
+                // and of the flood lost. (With glibc's malloc, 8192 peaked
+                // at 97–100 MiB.)
+                max_connections: src.positive("MONETA_MAX_CONNECTIONS", 8_192)?,
             },
             redis: RedisSettings {
                 url: src.url("MONETA_REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?,
@@ -872,7 +874,7 @@ mod tests {
         let s = with(&[]).unwrap().server;
         assert_eq!(s.overload.limit, OverloadLimit::Adaptive);
         assert_eq!((s.overload.min_limit, s.overload.max_limit), (8, 1024));
-        assert_eq!(s.max_connections, 1536);
+        assert_eq!(s.max_connections, 8192);
         let limit = |v: &str| with(&[("MONETA_OVERLOAD_LIMIT", v)]).map(|s| s.server.overload.limit);
         assert_eq!(limit("4").unwrap(), OverloadLimit::Fixed(4));
         assert_eq!(limit("off").unwrap(), OverloadLimit::Off);

@@ -18,7 +18,7 @@ use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use metrics::{Counter, Histogram};
-use tower::{Layer, Service};
+use tower::Service;
 use tracing::field::Empty;
 
 use super::error::{ErrorBody, ErrorDetail, code_for_status};
@@ -55,20 +55,14 @@ fn method_label(method: &axum::http::Method) -> &'static str {
 /// and plain; otherwise, or without one, a new UUID is made, so logs and
 /// headers never carry arbitrary client bytes. The answer carries the id
 /// unless something below set one.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RequestIdLayer;
-
-impl<S> Layer<S> for RequestIdLayer {
-    type Service = RequestIds<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RequestIds { inner }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct RequestIds<S> {
     inner: S,
+}
+
+/// The layer, for `layer_fn`.
+pub fn request_ids<S>(inner: S) -> RequestIds<S> {
+    RequestIds { inner }
 }
 
 fn new_request_id() -> HeaderValue {
@@ -191,20 +185,14 @@ fn request_span(req: &Request, route: Option<&str>, request_id: &str) -> tracing
 
 /// `moneta_http_*` metrics, the request's server span, one access-log line
 /// per request, and contract JSON for errors raised below the handlers.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ObserveLayer;
-
-impl<S> Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Observe { inner }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct Observe<S> {
     inner: S,
+}
+
+/// The layer, for `layer_fn`.
+pub fn observe<S>(inner: S) -> Observe<S> {
+    Observe { inner }
 }
 
 impl<S> Service<Request> for Observe<S>
@@ -223,7 +211,7 @@ where
         let started = Instant::now();
         // Route templates, never raw paths: label cardinality stays bounded.
         let route = req.extensions().get::<MatchedPath>().cloned();
-        // Set by `RequestIdLayer` outside, so always there and plain.
+        // Set by `RequestIds` outside, so always there and plain.
         let request_id = req.headers().get(&X_REQUEST_ID).cloned();
         let span = request_span(
             &req,

@@ -19,6 +19,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{MethodRouter, get, post, put};
 use tower::ServiceBuilder;
+use tower::layer::layer_fn;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 
@@ -90,17 +91,17 @@ pub fn router(app: AppState, server: &ServerSettings) -> Router {
         // per `Router::layer` call, and the copies of that large future were
         // an eighth of the hot path's instructions with a call per layer.
         // The request id is settled before anything logs, and every error
-        // below `ObserveLayer` leaves as contract JSON.
+        // below `observe` leaves as contract JSON.
         .layer(
             ServiceBuilder::new()
-                .layer(middleware::RequestIdLayer)
+                .layer(layer_fn(middleware::request_ids))
                 // Before anything that costs: a request refused here is not
                 // logged, authenticated or sent to a dependency (CONTRACT §9).
                 .layer(admission::AdmissionLayer::new(
                     &server.overload,
                     &server.cors_allowed_origins,
                 ))
-                .layer(middleware::ObserveLayer)
+                .layer(layer_fn(middleware::observe))
                 .map_response(IntoResponse::into_response)
                 .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))
                 .layer(TimeoutLayer::with_status_code(

@@ -6,6 +6,7 @@ mod support;
 
 mod helpers;
 
+mod allocator;
 mod auth;
 mod cdn_signing;
 mod cluster;
