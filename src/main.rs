@@ -1,6 +1,7 @@
 //! The `moneta` command line: `serve` (the default), `token`, and
 //! `progress` (the dead letters of position delivery).
 
+use std::alloc::{GlobalAlloc, Layout};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -18,7 +19,62 @@ use moneta::telemetry;
 /// mimalloc instead of glibc's malloc: ~15 k fewer instructions a
 /// heartbeat (`docs/profiling.md`, "Heartbeat, round 4").
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: Allocator = Allocator;
+
+/// `mimalloc::MiMalloc`, except that what needs no more than a word's
+/// alignment (nearly every allocation: strings, byte buffers, boxes of
+/// pointers) goes to plain `mi_malloc`. The crate sends everything to
+/// `mi_malloc_aligned`, whose fast path only serves blocks up to 1 KiB
+/// that happen to be aligned; larger ones (hyper's and the answers'
+/// buffers) took its generic path (`docs/profiling.md`, "Hot path,
+/// round 5"). Every mimalloc block is at least word-aligned.
+struct Allocator;
+
+const WORD: usize = std::mem::size_of::<usize>();
+
+// SAFETY: each call forwards to mimalloc, which returns blocks of at least
+// the requested size aligned to a word at least, or null; frees and
+// reallocations only ever see mimalloc's own blocks.
+unsafe impl GlobalAlloc for Allocator {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.align() <= WORD {
+            // SAFETY: see the impl.
+            unsafe { libmimalloc_sys::mi_malloc(layout.size()).cast() }
+        } else {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { mimalloc::MiMalloc.alloc(layout) }
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.align() <= WORD {
+            // SAFETY: see the impl.
+            unsafe { libmimalloc_sys::mi_zalloc(layout.size()).cast() }
+        } else {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+        // SAFETY: `ptr` came from one of the calls above.
+        unsafe { libmimalloc_sys::mi_free(ptr.cast()) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if layout.align() <= WORD {
+            // SAFETY: `ptr` came from one of the calls above.
+            unsafe { libmimalloc_sys::mi_realloc(ptr.cast(), new_size).cast() }
+        } else {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+        }
+    }
+}
 
 /// mimalloc's own defaults keep freed pages for a second and commit arenas
 /// eagerly: ~13 MiB more peak RSS than glibc under `scripts/bench`. Purging

@@ -4,20 +4,17 @@
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponseParts, ResponseParts};
 
-use crate::model::PlaybackInfo;
+use crate::model::CdnCookies;
 
 /// Three `Set-Cookie` headers, or none without a cookie domain or cookies.
 pub struct CdnCookieHeaders(Vec<HeaderValue>);
 
 impl CdnCookieHeaders {
-    pub fn new(info: &PlaybackInfo, domain: Option<&str>) -> Self {
-        let (Some(domain), Some(c)) = (domain, &info.cdn_cookies) else {
+    pub fn new(content_id: &str, cookies: Option<&CdnCookies>, domain: Option<&str>) -> Self {
+        let (Some(domain), Some(c)) = (domain, cookies) else {
             return Self(Vec::new());
         };
-        let attributes = format!(
-            "Domain={domain}; Path=/{}/; Secure; HttpOnly; SameSite=None",
-            info.content_id
-        );
+        let attributes = format!("Domain={domain}; Path=/{content_id}/; Secure; HttpOnly; SameSite=None");
         let values = [
             ("CloudFront-Policy", &c.policy),
             ("CloudFront-Signature", &c.signature),

@@ -6,7 +6,6 @@
 //! boxes every request's future, and `from_fn` also a clone of the whole
 //! stack below it, on the path every request takes.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{OnceLock, PoisonError, RwLock};
@@ -296,7 +295,9 @@ where
 /// digits. Keyed by route, so a lookup borrows the template instead of
 /// copying it; a route has a handful of (method, status) pairs.
 fn http_series(method: &'static str, route: &str, status: u16) -> (Counter, Histogram) {
-    type Series = HashMap<String, Vec<(&'static str, u16, Counter, Histogram)>>;
+    // foldhash: looked up on every request, by a route template, never by
+    // what a client sends.
+    type Series = foldhash::HashMap<String, Vec<(&'static str, u16, Counter, Histogram)>>;
     static SERIES: OnceLock<RwLock<Series>> = OnceLock::new();
     let series = SERIES.get_or_init(Default::default);
     let find = |of_route: &[(&'static str, u16, Counter, Histogram)]| {

@@ -61,6 +61,12 @@ impl Cdn {
 
     /// Signed cookies for everything under `<base>/<content_id>/`, expiring
     /// with the URLs signed at `now`; `None` without a key pair.
+    /// What stream URLs depend on besides their path: the expiry they are
+    /// signed with, which holds for a whole signing step (0 unsigned).
+    pub fn signing_step(&self, now: SystemTime) -> u64 {
+        self.signer.as_ref().map_or(0, |signer| signer.expires_at(now))
+    }
+
     pub fn cookies(&self, content_id: &ContentId, now: SystemTime) -> Option<CdnCookies> {
         let signer = self.signer.as_ref()?;
         let resource = format!("{}/{content_id}/*", self.base);

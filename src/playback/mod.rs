@@ -10,7 +10,7 @@ mod user_state;
 
 use std::sync::{Arc, OnceLock};
 
-pub use answer::{Answers, Audience};
+pub use answer::{Answers, Audience, MediaJson, PlaybackAnswer};
 pub use content::Titles;
 use rules::Denial;
 pub use user_state::UserStates;
@@ -121,6 +121,11 @@ impl Playback {
     /// The caller's concurrent-stream limit (entitlement, else claims).
     pub async fn stream_limit(&self, claims: &Claims, ctx: &CallContext) -> Result<u32, PlaybackError> {
         self.users.stream_limit(claims, ctx).await
+    }
+
+    /// The playback-info answer for an authorized title, as it is written.
+    pub fn answer(&self, authorized: &Authorized, audience: &Audience<'_>) -> PlaybackAnswer {
+        self.answers.playback_answer(authorized, audience)
     }
 
     /// The playback-info answer for an authorized title.

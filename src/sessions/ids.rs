@@ -42,7 +42,7 @@ pub struct SessionKey {
     /// HMAC-SHA256 of four blocks) was the largest cost of a heartbeat's own
     /// work. The key never changes within a process, so an entry stays true;
     /// only ids that verified are kept, so forged ones cannot fill it.
-    verified: moka::sync::Cache<String, Arc<str>>,
+    verified: moka::sync::Cache<String, Arc<str>, foldhash::fast::RandomState>,
 }
 
 /// What an id's MAC proves about it.
@@ -80,10 +80,11 @@ impl SessionKey {
         Ok(Self {
             keyed,
             shared: secret.is_some(),
+            // foldhash, as the verified tokens (`auth/verifier.rs`).
             verified: moka::sync::Cache::builder()
                 .max_capacity(VERIFIED_CAPACITY)
                 .time_to_idle(VERIFIED_IDLE)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         })
     }
 

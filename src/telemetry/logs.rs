@@ -9,15 +9,22 @@
 //! the same keys in the same order.
 
 use std::fmt::{self, Write as _};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
+use tracing::level_filters::LevelFilter;
+use tracing::span::{Attributes, Id, Record};
+use tracing::subscriber::Interest;
+use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::{FilterExt, filter_fn};
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::{self as tfmt, FmtContext};
+use tracing_subscriber::layer::{Context, Filter};
 use tracing_subscriber::registry::LookupSpan;
 
 use super::traces;
@@ -25,10 +32,30 @@ use crate::config::LogFormat;
 
 /// One access line per answered request: what operators search by request
 /// id. No user id and no headers: the bearer token must never reach a log
-/// line. Plain `&str` fields, not `%`: they skip the formatting machinery.
+/// line.
+///
+/// With the JSON format and the line statically on under `RUST_LOG`, it is
+/// written straight to the layer's writer, the same line [`JsonLine`] would
+/// write: passing it through `tracing`'s event dispatch (filters, the
+/// layer's buffer, the field visitor) cost about as much as writing it
+/// (`docs/profiling.md`, "Hot path, round 5"). Until the filter has said so
+/// (its first call), and with span-dependent filters, it goes as an event.
 pub fn access(method: &str, route: &str, status: u16, latency: Duration, request_id: &str) {
+    if let Some(direct) = DIRECT_ACCESS.get() {
+        match direct.interest.load(Ordering::Relaxed) {
+            ALWAYS => {
+                let mut line = String::with_capacity(320);
+                if access_line(&mut line, method, route, status, latency, request_id).is_ok() {
+                    (direct.write)(line.as_bytes());
+                }
+                return;
+            }
+            NEVER => return,
+            _ => {}
+        }
+    }
     tracing::info!(
-        target: "moneta::access",
+        target: ACCESS_TARGET,
         method,
         route,
         status,
@@ -36,6 +63,124 @@ pub fn access(method: &str, route: &str, status: u16, latency: Duration, request
         request_id,
         "request"
     );
+}
+
+const ACCESS_TARGET: &str = "moneta::access";
+
+/// What the stdout filter said of the access line's callsite.
+const UNKNOWN: u8 = 0;
+const ALWAYS: u8 = 1;
+const NEVER: u8 = 2;
+
+/// The JSON layer's writer, for access lines written straight out, and what
+/// its filter said of them. The first JSON layer built sets it (a process
+/// has one).
+struct DirectAccess {
+    write: WriteLine,
+    interest: Arc<AtomicU8>,
+}
+
+/// Writes one whole line.
+type WriteLine = Box<dyn Fn(&[u8]) + Send + Sync>;
+
+static DIRECT_ACCESS: OnceLock<DirectAccess> = OnceLock::new();
+
+/// `{…, "message":"request", method, route, status, latency_ms, request_id,
+/// "target":"moneta::access"}`: the keys and order of the event's line.
+fn access_line(
+    out: &mut String,
+    method: &str,
+    route: &str,
+    status: u16,
+    latency: Duration,
+    request_id: &str,
+) -> fmt::Result {
+    line_start(out, "INFO")?;
+    out.push_str(",\"message\":\"request\",\"method\":");
+    write_json_str(out, method)?;
+    out.push_str(",\"route\":");
+    write_json_str(out, route)?;
+    out.push_str(",\"status\":");
+    write_u64(out, u64::from(status))?;
+    // Milliseconds to the microsecond, digit by digit (a float's `Display`
+    // was ~1 k instructions a line).
+    let micros = latency.as_micros();
+    out.push_str(",\"latency_ms\":");
+    write_u64(out, u64::try_from(micros / 1000).unwrap_or(u64::MAX))?;
+    let frac = u32::try_from(micros % 1000).unwrap_or(0);
+    out.push('.');
+    out.push(char::from(b'0' + (frac / 100) as u8));
+    out.push(char::from(b'0' + (frac / 10 % 10) as u8));
+    out.push(char::from(b'0' + (frac % 10) as u8));
+    out.push_str(",\"request_id\":");
+    write_json_str(out, request_id)?;
+    out.push_str(",\"target\":\"moneta::access\"}\n");
+    Ok(())
+}
+
+/// `{` and the fields every line starts with: the active trace and span ids,
+/// the timestamp and the level.
+fn line_start(out: &mut impl fmt::Write, level: &str) -> fmt::Result {
+    out.write_char('{')?;
+    if let Some((trace_id, span_id)) = traces::current_ids() {
+        out.write_str("\"trace_id\":\"")?;
+        write_hex(out, &trace_id.to_bytes())?;
+        out.write_str("\",\"span_id\":\"")?;
+        write_hex(out, &span_id.to_bytes())?;
+        out.write_str("\",")?;
+    }
+    out.write_str("\"timestamp\":\"")?;
+    write_timestamp(out, SystemTime::now())?;
+    out.write_str("\",\"level\":\"")?;
+    out.write_str(level)?;
+    out.write_char('"')
+}
+
+/// The stdout filter, noting what it says of the access line's callsite.
+struct NotingAccess<F> {
+    inner: F,
+    interest: Arc<AtomicU8>,
+}
+
+impl<S, F: Filter<S>> Filter<S> for NotingAccess<F> {
+    fn enabled(&self, meta: &Metadata<'_>, cx: &Context<'_, S>) -> bool {
+        self.inner.enabled(meta, cx)
+    }
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        let interest = self.inner.callsite_enabled(meta);
+        if meta.target() == ACCESS_TARGET && *meta.level() == Level::INFO && meta.is_event() {
+            let noted = if interest.is_always() {
+                ALWAYS
+            } else if interest.is_never() {
+                NEVER
+            } else {
+                UNKNOWN
+            };
+            self.interest.store(noted, Ordering::Relaxed);
+        }
+        interest
+    }
+    fn event_enabled(&self, event: &Event<'_>, cx: &Context<'_, S>) -> bool {
+        self.inner.event_enabled(event, cx)
+    }
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        self.inner.max_level_hint()
+    }
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        self.inner.on_new_span(attrs, id, ctx);
+    }
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        self.inner.on_record(id, values, ctx);
+    }
+    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
+        self.inner.on_enter(id, ctx);
+    }
+    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
+        self.inner.on_exit(id, ctx);
+    }
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        self.inner.on_close(id, ctx);
+    }
 }
 
 /// `{"trace_id":…,"span_id":…,"timestamp":…,"level":…,<fields>,"target":…}`.
@@ -52,20 +197,8 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        writer.write_char('{')?;
-        if let Some((trace_id, span_id)) = traces::current_ids() {
-            writer.write_str("\"trace_id\":\"")?;
-            write_hex(&mut writer, &trace_id.to_bytes())?;
-            writer.write_str("\",\"span_id\":\"")?;
-            write_hex(&mut writer, &span_id.to_bytes())?;
-            writer.write_str("\",")?;
-        }
-        writer.write_str("\"timestamp\":\"")?;
-        write_timestamp(&mut writer, SystemTime::now())?;
         let meta = event.metadata();
-        writer.write_str("\",\"level\":\"")?;
-        writer.write_str(meta.level().as_str())?;
-        writer.write_char('"')?;
+        line_start(&mut writer, meta.level().as_str())?;
         let mut fields = JsonFieldsVisitor {
             out: &mut writer,
             result: Ok(()),
@@ -280,17 +413,31 @@ where
 pub fn layer_with_writer<S, W>(filter: &str, format: LogFormat, writer: W) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
-    W: for<'w> tfmt::MakeWriter<'w> + Send + Sync + 'static,
+    W: for<'w> tfmt::MakeWriter<'w> + Clone + Send + Sync + 'static,
 {
     let filter = EnvFilter::try_new(filter)
         .unwrap_or_else(|_| EnvFilter::new("info"))
         .and(filter_fn(|meta| meta.is_event()));
     match format {
-        LogFormat::Json => tfmt::layer()
-            .event_format(JsonLine)
-            .with_writer(writer)
-            .with_filter(filter)
-            .boxed(),
+        LogFormat::Json => {
+            let interest = Arc::new(AtomicU8::new(UNKNOWN));
+            let direct = writer.clone();
+            let _ = DIRECT_ACCESS.set(DirectAccess {
+                // One `write_all` per line, as the layer writes its lines.
+                write: Box::new(move |line| {
+                    let _ = direct.make_writer().write_all(line);
+                }),
+                interest: Arc::clone(&interest),
+            });
+            tfmt::layer()
+                .event_format(JsonLine)
+                .with_writer(writer)
+                .with_filter(NotingAccess {
+                    inner: filter,
+                    interest,
+                })
+                .boxed()
+        }
         LogFormat::Text => tfmt::layer()
             .event_format(TextWithTraceIds(tfmt::format()))
             .with_writer(writer)
@@ -302,6 +449,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log writer the test reads back.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 
     #[test]
     fn timestamps_match_chrono() {
@@ -343,21 +504,49 @@ mod tests {
     }
 
     #[test]
-    fn a_line_is_one_json_object_with_the_fields_in_order() {
-        use std::sync::{Arc, Mutex};
+    fn access_lines_written_straight_out_match_the_events() {
         use tracing_subscriber::layer::SubscriberExt;
 
-        #[derive(Clone, Default)]
-        struct Lines(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().expect("lock").extend_from_slice(buf);
-                Ok(buf.len())
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let subscriber =
+            tracing_subscriber::registry()
+                .with(layer_with_writer("info", LogFormat::Json, move || sink.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..2 {
+                access("GET", "/v1/\"x\"", 200, Duration::from_micros(1234), "r-1");
             }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
+        });
+        assert_eq!(
+            DIRECT_ACCESS.get().map(|d| d.interest.load(Ordering::Relaxed)),
+            Some(ALWAYS)
+        );
+        let text = String::from_utf8(lines.0.lock().expect("lock").clone()).expect("utf-8");
+        let lines: Vec<serde_json::Map<String, serde_json::Value>> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let (event, direct) = (&lines[0], &lines[1]);
+        let keys = |l: &serde_json::Map<String, serde_json::Value>| l.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(event), keys(direct), "{text}");
+        for (key, value) in event {
+            match key.as_str() {
+                "timestamp" => assert!(direct[key].is_string()),
+                "latency_ms" => {
+                    assert!((value.as_f64().unwrap() - 1.234).abs() < 1e-9);
+                    assert_eq!(direct[key].as_f64(), Some(1.234));
+                }
+                _ => assert_eq!(&direct[key], value, "{key}"),
             }
         }
+        assert_eq!(direct["route"], "/v1/\"x\"");
+    }
+
+    #[test]
+    fn a_line_is_one_json_object_with_the_fields_in_order() {
+        use tracing_subscriber::layer::SubscriberExt;
+
         let lines = Lines::default();
         let sink = lines.clone();
         let subscriber = tracing_subscriber::registry().with(

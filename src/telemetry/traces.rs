@@ -104,6 +104,10 @@ impl Injector for HeaderInjector<'_> {
 /// Makes `span` continue the trace named by an incoming `traceparent`, if any.
 /// Must run before the span is first entered.
 pub fn continue_trace(span: &Span, headers: &HeaderMap) {
+    // Most requests carry none: extracting builds a context to find that out.
+    if !headers.contains_key("traceparent") {
+        return;
+    }
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);

@@ -1,11 +1,11 @@
 use axum::extract::{Path, State};
 
+use crate::http::AppState;
 use crate::http::cookies::CdnCookieHeaders;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::Caller;
-use crate::http::{AppState, JsonAnswer};
 use crate::model::{ContentId, PlaybackInfo};
-use crate::playback::Audience;
+use crate::playback::{Audience, PlaybackAnswer};
 use crate::sources::CallContext;
 
 /// Stream URLs, DRM, subtitles and resume position for one title.
@@ -29,16 +29,20 @@ pub async fn playback_info(
     Caller(claims): Caller,
     ctx: CallContext,
     Path(content_id): Path<String>,
-) -> Result<(CdnCookieHeaders, JsonAnswer<PlaybackInfo>), ApiError> {
+) -> Result<(CdnCookieHeaders, PlaybackAnswer), ApiError> {
     let content_id = ContentId::parse(content_id).map_err(|_| ApiError::InvalidContentId)?;
     let authorized = app.playback.authorize(&claims, &content_id, &ctx).await?;
     let audience = Audience {
         claims: &claims,
         session_id: None,
     };
-    let info = app.playback.assemble(&authorized, &audience);
+    let answer = app.playback.answer(&authorized, &audience);
     Ok((
-        CdnCookieHeaders::new(&info, app.cdn_cookie_domain.as_deref()),
-        JsonAnswer(info),
+        CdnCookieHeaders::new(
+            answer.content_id(),
+            answer.cdn_cookies(),
+            app.cdn_cookie_domain.as_deref(),
+        ),
+        answer,
     ))
 }

@@ -193,7 +193,11 @@ pub async fn start(
         .sessions
         .start(&claims, &content_id, &body.device_id, &ctx)
         .await?;
-    let cookies = CdnCookieHeaders::new(&started.playback, app.cdn_cookie_domain.as_deref());
+    let cookies = CdnCookieHeaders::new(
+        &started.playback.content_id,
+        started.playback.cdn_cookies.as_ref(),
+        app.cdn_cookie_domain.as_deref(),
+    );
     Ok((
         StatusCode::CREATED,
         cookies,

@@ -86,12 +86,19 @@ impl RedisStore {
         let cached = cached.map(|(_, config)| config);
         let (ent, pos): (Option<String>, Option<String>) = self
             .run(|mut c| async move {
-                let mut pipe = redis::pipe();
-                pipe.cmd("GET").arg(keys.entitlement());
+                // Sized up front: growing the pipeline and each command's
+                // buffers took three reallocations a request.
+                let mut pipe = redis::Pipeline::with_capacity(2);
+                let entitlement = keys.entitlement();
+                let mut get = redis::Cmd::with_capacity(2, 3 + entitlement.len());
+                get.arg("GET").arg(entitlement);
+                pipe.add_command(get);
                 if let Some(cached) = &cached {
                     pipe.set_cache_config(cached.clone());
                 }
-                pipe.cmd("HGET").arg(positions).arg(content_id.as_str());
+                let mut hget = redis::Cmd::with_capacity(3, 4 + positions.len() + content_id.as_str().len());
+                hget.arg("HGET").arg(positions).arg(content_id.as_str());
+                pipe.add_command(hget);
                 if let Some(cached) = cached.filter(|_| keep_position) {
                     pipe.set_cache_config(cached);
                 }

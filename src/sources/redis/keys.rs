@@ -187,32 +187,41 @@ impl UserKeys {
         Self { bucket, base }
     }
 
+    /// The user's base and `suffix`, without `format!`'s machinery (a
+    /// playback-info names two keys, a heartbeat six).
+    fn with(&self, suffix: &str) -> String {
+        let mut key = String::with_capacity(self.base.len() + suffix.len());
+        key.push_str(&self.base);
+        key.push_str(suffix);
+        key
+    }
+
     /// Cached entitlement JSON (`null` when the user has none).
     pub fn entitlement(&self) -> String {
-        format!("{}:entitlement", self.base)
+        self.with(":entitlement")
     }
     /// Hash: content id → resume position in ms.
     pub fn positions(&self) -> String {
-        format!("{}:positions", self.base)
+        self.with(":positions")
     }
     /// Sorted set: session id → last heartbeat (ms since epoch, Redis' clock).
     pub fn sessions(&self) -> String {
-        format!("{}:sessions", self.base)
+        self.with(":sessions")
     }
     /// Hash: session id → "device_id content_id".
     pub fn session_info(&self) -> String {
-        format!("{}:session-info", self.base)
+        self.with(":session-info")
     }
     /// Hash: device id → its live session id (finds the session a device replaces).
     pub fn devices(&self) -> String {
-        format!("{}:devices", self.base)
+        self.with(":devices")
     }
     /// Sorted set of recently ended sessions (`e:<id>` evicted, `s:<id>`
     /// stopped, replaced or expired) → when: their ids stay ended, and an
     /// evicted player's next heartbeat can say why. Bounded per user by the
     /// scripts.
     pub fn ended(&self) -> String {
-        format!("{}:ended", self.base)
+        self.with(":ended")
     }
     /// The progress log of the user's bucket: the session scripts append to
     /// it in the same atomic step that records the position.

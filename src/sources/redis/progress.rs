@@ -20,11 +20,13 @@
 //! The single `{progress}` log of the layout before buckets is one more
 //! shard, drained while it holds anything and never created again.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+// foldhash, seeded per process, for a round's maps (as the courier's).
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use redis::{Cmd, Script, Value};
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +38,7 @@ use crate::resilience::DependencyError;
 
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/settle.lua")));
 static REMEMBER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/remember.lua")));
+static READ: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/read.lua")));
 
 pub const PROGRESS_GROUP: &str = "delivery";
 
@@ -623,16 +626,7 @@ impl ShardRead {
             group.push(cmd);
         }
         if ask.read > 0 && read_apart {
-            let mut cmd = redis::cmd("XREADGROUP");
-            cmd.arg("GROUP")
-                .arg(PROGRESS_GROUP)
-                .arg(consumer)
-                .arg("COUNT")
-                .arg(ask.read)
-                .arg("STREAMS")
-                .arg(log)
-                .arg(">");
-            group.push(cmd);
+            group.push(read_cmd(&[log], ask.read, consumer));
         }
         if ask.sample > 0 {
             let mut cmd = redis::cmd("HRANDFIELD");
@@ -649,25 +643,82 @@ impl ShardRead {
     }
 }
 
-/// One `XREADGROUP` over the logs of `reads` at the places `at`, all asked
-/// for the same count. On a single node a round's reads are two such
+/// One read (`read.lua`) over the logs of `reads` at the places `at`, all
+/// asked for the same count. On a single node a round's reads are two such
 /// commands (shares differ by one at most) instead of one per bucket: the
 /// command's cost is per call far more than per stream.
 fn read_together(reads: &[ShardRead], at: &[usize], count: usize, consumer: &str) -> Cmd {
-    let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP")
-        .arg(PROGRESS_GROUP)
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(count)
-        .arg("STREAMS");
-    for read in at.iter().filter_map(|&i| reads.get(i)) {
-        cmd.arg(&read.log);
+    let logs: Vec<&str> = at
+        .iter()
+        .filter_map(|&i| reads.get(i))
+        .map(|r| r.log.as_str())
+        .collect();
+    read_cmd(&logs, count, consumer)
+}
+
+/// `EVALSHA read.lua`: `XREADGROUP … COUNT count STREAMS logs… > …`, its
+/// answer packed into one string ([`unpack_read`] gives the shape back).
+fn read_cmd(logs: &[&str], count: usize, consumer: &str) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(READ.get_hash()).arg(logs.len());
+    for log in logs {
+        cmd.arg(*log);
     }
-    for _ in at {
-        cmd.arg(">");
-    }
+    cmd.arg(PROGRESS_GROUP).arg(consumer).arg(count);
     cmd
+}
+
+/// `read.lua`'s packed answer in the shape `XREADGROUP` answers in RESP2,
+/// `[[log, [[id, [field, value, …]], …]], …]`. Nil and errors stay as they
+/// are. A string that does not unpack (never written by `read.lua`) reads
+/// as nothing new: its entries stay pending with this consumer, and the
+/// sweep's `XAUTOCLAIM` delivers them once they are idle.
+fn unpack_read(value: Value) -> Value {
+    let Value::BulkString(bytes) = value else {
+        return value;
+    };
+    let mut parts = Packed(&bytes);
+    let unpacked = (|| {
+        let mut streams = Vec::new();
+        while !parts.0.is_empty() {
+            let log = parts.value()?;
+            let n = parts.count()?;
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let id = parts.value()?;
+                let k = parts.count()?;
+                let fields = (0..k).map(|_| parts.value()).collect::<Option<Vec<_>>>()?;
+                entries.push(Value::Array(vec![id, Value::Array(fields)]));
+            }
+            streams.push(Value::Array(vec![log, Value::Array(entries)]));
+        }
+        Some(Value::Array(streams))
+    })();
+    unpacked.unwrap_or_else(|| {
+        tracing::warn!("a progress-log read answered something other than read.lua's packing");
+        Value::Nil
+    })
+}
+
+/// The parts of `read.lua`'s answer, each `<byte length>:<bytes>`.
+struct Packed<'a>(&'a [u8]);
+
+impl<'a> Packed<'a> {
+    fn part(&mut self) -> Option<&'a [u8]> {
+        let colon = self.0.iter().position(|&b| b == b':')?;
+        let len: usize = std::str::from_utf8(self.0.get(..colon)?).ok()?.parse().ok()?;
+        let part = self.0.get(colon + 1..colon + 1 + len)?;
+        self.0 = self.0.get(colon + 1 + len..)?;
+        Some(part)
+    }
+
+    fn value(&mut self) -> Option<Value> {
+        self.part().map(|p| Value::BulkString(p.to_vec()))
+    }
+
+    fn count(&mut self) -> Option<usize> {
+        std::str::from_utf8(self.part()?).ok()?.parse().ok()
+    }
 }
 
 /// A many-stream `XREADGROUP` answer split by stream, as the answer to each
@@ -895,7 +946,7 @@ impl ProgressLog {
                     .iter()
                     .map(|(&count, at)| vec![read_together(&reads, at, count, &self.consumer)]),
             );
-            let mut replies = match self.redis.run_grouped(groups, None).await {
+            let mut replies = match self.redis.run_grouped(groups, Some(&READ)).await {
                 Ok(replies) => replies,
                 Err(e) if stage == 0 => return Err(e),
                 // What the first stage read is delivered this round.
@@ -908,7 +959,10 @@ impl ProgressLog {
                     .filter_map(|&i| reads.get(i))
                     .map(|r| r.log.as_str())
                     .collect();
-                let reply = reply.ok().and_then(|values| values.into_iter().next());
+                let reply = reply
+                    .ok()
+                    .and_then(|values| values.into_iter().next())
+                    .map(unpack_read);
                 read_values.extend(at.iter().copied().zip(split_read(reply, &logs)));
             }
             let mut more = vec![More::default(); n];
@@ -934,7 +988,10 @@ impl ProgressLog {
                     if asked_for == 0 {
                         continue;
                     }
-                    let value = values.next().unwrap_or(Value::Nil);
+                    let mut value = values.next().unwrap_or(Value::Nil);
+                    if matches!(kind, Kind::Read) && apart(i) {
+                        value = unpack_read(value);
+                    }
                     match (error_code(&value), &value) {
                         (Some("NOGROUP"), _) => {
                             if !missing.contains(&i) {
@@ -1302,6 +1359,59 @@ mod tests {
             ]))
             .is_none()
         );
+    }
+
+    #[test]
+    fn packed_reads_unpack_to_the_shape_xreadgroup_answers() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let pack = |parts: &[&str]| -> String { parts.iter().map(|p| format!("{}:{p}", p.len())).collect() };
+        let packed = pack(&[
+            "moneta:{b0}:log",
+            "2",
+            "1-0",
+            "4",
+            "i",
+            "5 1000 0 m-1 a:user 2",
+            "a",
+            "3",
+            "2-0",
+            "0",
+            "moneta:{b1}:log",
+            "0",
+        ]);
+        let value = unpack_read(bulk(&packed));
+        let expected = Value::Array(vec![
+            Value::Array(vec![
+                bulk("moneta:{b0}:log"),
+                Value::Array(vec![
+                    Value::Array(vec![
+                        bulk("1-0"),
+                        Value::Array(vec![
+                            bulk("i"),
+                            bulk("5 1000 0 m-1 a:user 2"),
+                            bulk("a"),
+                            bulk("3"),
+                        ]),
+                    ]),
+                    Value::Array(vec![bulk("2-0"), Value::Array(vec![])]),
+                ]),
+            ]),
+            Value::Array(vec![bulk("moneta:{b1}:log"), Value::Array(vec![])]),
+        ]);
+        assert_eq!(value, expected);
+        let split = split_read(Some(value), &["moneta:{b0}:log", "moneta:{b1}:log"]);
+        let list: Vec<_> = pairs_of(&split[0])
+            .into_iter()
+            .flat_map(|(_, l)| entries(l))
+            .collect();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0], ("1-0", vec![("i", "5 1000 0 m-1 a:user 2"), ("a", "3")]));
+        let (item, attempts) = parse_entry(&list[0].1).unwrap();
+        assert_eq!((item.user_id.as_str(), attempts), ("a:user 2", 3));
+        assert_eq!(unpack_read(Value::Nil), Value::Nil);
+        for broken in ["5:abc", "3:abc2:", "x:abc", "3:abcy:", "3:abc1:21:x"] {
+            assert_eq!(unpack_read(bulk(broken)), Value::Nil, "{broken:?}");
+        }
     }
 
     #[test]

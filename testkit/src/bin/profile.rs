@@ -226,15 +226,28 @@ impl Run<'_> {
         eprintln!("{name}: {} warm-up requests", self.warm.end - self.warm.start);
         self.runtime
             .block_on(drive(&self.client, self.warm.clone(), self.concurrency, make));
+        // Moneta's heartbeats are delivered by its courier, in rounds a
+        // second apart: counted from an empty log to an empty log, the
+        // window holds the delivery of exactly the counted heartbeats, not
+        // of part of the warm-up's or without the last round's.
+        let delivered = || {
+            if kind == Kind::Heartbeat && name.starts_with("Moneta") {
+                wait_for_empty_progress_log(self.redis_port, name)
+            } else {
+                0
+            }
+        };
+        delivered();
         let reads_before = redis_reads(self.redis_port);
         grind.control(pid, "-z");
         let n = self.counted.end - self.counted.start;
         eprintln!("{name}: {n} counted requests");
         self.runtime
             .block_on(drive(&self.client, self.counted.clone(), self.concurrency, make));
+        let polls = delivered();
         let (dump, total) = grind.dump(pid);
-        // The second INFO is itself one read.
-        let reads = redis_reads(self.redis_port).saturating_sub(reads_before + 1);
+        // The second INFO is itself one read, and so is each poll above.
+        let reads = redis_reads(self.redis_port).saturating_sub(reads_before + 1 + polls);
         let took = started.elapsed();
         let per_request = total as f64 / n as f64;
         eprintln!(
@@ -255,6 +268,43 @@ impl Run<'_> {
             parts,
             dump,
         }
+    }
+}
+
+/// Waits until every progress-log stream Moneta writes (`moneta:{…}:log`)
+/// is empty: its courier deletes each entry once settled. Each poll is one
+/// script, so one Redis read; returns how many were made. Gives up after a
+/// minute with a note, so a stuck courier shows in the count, not as a hang.
+fn wait_for_empty_progress_log(redis_port: u16, name: &str) -> u64 {
+    const LEFT: &str = "local n, cursor = 0, '0' \
+        repeat \
+          local r = redis.call('SCAN', cursor, 'MATCH', 'moneta:*:log', 'COUNT', 1000) \
+          cursor = r[1] \
+          for _, key in ipairs(r[2]) do n = n + redis.call('XLEN', key) end \
+        until cursor == '0' \
+        return n";
+    let cli = require_binary("redis-cli");
+    let port = redis_port.to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut polls = 0;
+    loop {
+        let out = run(
+            Command::new(&cli).args(["-p", &port, "EVAL", LEFT, "0"]),
+            "redis-cli EVAL",
+        );
+        polls += 1;
+        let left: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(u64::MAX);
+        if left == 0 {
+            return polls;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("{name}: progress-log entries still undelivered after 60 s ({left})");
+            return polls;
+        }
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -449,7 +499,7 @@ fn section(
          Measured by `scripts/profile` ({date}; {valgrind}). Machine: {machine}.\n\n\
          {table}\n\
          Targets: a warm playback-info at most {TARGET_VS_ONE_TRIP:.0}× its one-RTT ceiling's instructions: {playback_verdict} ({playback:.2}×); a heartbeat at most {heartbeat_target}: {heartbeat_verdict} ({heartbeat_now}, {heartbeat_ratio:.2}× its ceiling).\n\n\
-         How: each server runs under `valgrind --tool=callgrind`; after {warm} warm-up requests the counters are zeroed (`callgrind_control -z`), exactly {counted} requests are sent, {in_flight}, and the dump's total (`callgrind_control -d`) is divided by {counted}. The total is the whole process: every thread, the runtime, background tasks (health probes, metrics upkeep) included; the kernel is not. Requests are those of `scripts/bench`: playback-info walks {users} users × {titles} titles, the baselines get the same requests and answer {body_len} bytes, and a Moneta at full speed asked for every counted pair beforehand, so Redis is warm and the profiled process's own memory holds only what its warm-up put there (every user's token, the titles). Heartbeats go round {sessions} live sessions; the heartbeat ceiling (`examples/bench_baseline.rs`, the same process as the playback-info ceiling, counted apart) gets the same requests for another {sessions} sessions and answers each with one `EVALSHA` of a script doing a heartbeat's writes (`ZADD`, `HSET`, `XADD` and their expiries, on keys of Moneta's shape) and an answer of the heartbeat's shape, without authentication or the session checks. Redis round trips are the reads Redis served during the count (`INFO stats` `total_reads_processed`), background probes included. For Moneta, two parts of the total (inclusive, per request): the connection's task (HTTP/1, router, middleware, handler, answer, access line), which repeats from run to run, and the progress courier, background work that reads each heartbeat's log entry back and delivers it, whose share moves between runs of the same build with how many entries each of its rounds finds. Under valgrind Moneta runs ~50× slower, so its wall-clock lifetimes (title and entitlement caches) and timeouts are stretched for the run; background work that runs per second still weighs more per request than at full speed. `PROFILE_ANNOTATE=1 scripts/profile` keeps the playback-info and heartbeat profiles and `callgrind_annotate` output in `target/profile/`.\n",
+         How: each server runs under `valgrind --tool=callgrind`; after {warm} warm-up requests the counters are zeroed (`callgrind_control -z`), exactly {counted} requests are sent, {in_flight}, and the dump's total (`callgrind_control -d`) is divided by {counted}. The total is the whole process: every thread, the runtime, background tasks (health probes, metrics upkeep) included; the kernel is not. Requests are those of `scripts/bench`: playback-info walks {users} users × {titles} titles, the baselines get the same requests and answer {body_len} bytes, and a Moneta at full speed asked for every counted pair beforehand, so Redis is warm and the profiled process's own memory holds only what its warm-up put there (every user's token, the titles). Heartbeats go round {sessions} live sessions; the heartbeat ceiling (`examples/bench_baseline.rs`, the same process as the playback-info ceiling, counted apart) gets the same requests for another {sessions} sessions and answers each with one `EVALSHA` of a script doing a heartbeat's writes (`ZADD`, `HSET`, `XADD` and their expiries, on keys of Moneta's shape) and an answer of the heartbeat's shape, without authentication or the session checks. Redis round trips are the reads Redis served during the count (`INFO stats` `total_reads_processed`), background probes included. For Moneta, two parts of the total (inclusive, per request): the connection's task (HTTP/1, router, middleware, handler, answer, access line), which repeats from run to run, and the progress courier, background work that reads each heartbeat's log entry back and delivers it. Moneta's heartbeats are counted from an empty progress log to an empty one (the courier deletes each entry it settles), so the count holds the delivery of exactly the counted heartbeats. Under valgrind Moneta runs ~50× slower, so its wall-clock lifetimes (title and entitlement caches) and timeouts are stretched for the run; background work that runs per second still weighs more per request than at full speed. `PROFILE_ANNOTATE=1 scripts/profile` keeps the playback-info and heartbeat profiles and `callgrind_annotate` output in `target/profile/`.\n",
         playback_verdict = verdict(playback <= TARGET_VS_ONE_TRIP),
         heartbeat_verdict = verdict(heartbeat <= HEARTBEAT_TARGET),
         heartbeat_target = thousands(HEARTBEAT_TARGET),
