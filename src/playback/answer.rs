@@ -103,18 +103,15 @@ impl PlaybackAnswer {
     /// written here, its keys as literals: serde_json escapes every key of a
     /// struct byte by byte (~1 k instructions an answer).
     pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        let Self::Shared {
-            media,
-            resume_position_ms,
-            watched,
-            degraded,
-            cdn_cookies,
-        } = self
-        else {
-            return match self {
-                Self::PerCaller(info) => serde_json::to_writer(out, info),
-                Self::Shared { .. } => Ok(()),
-            };
+        let (media, resume_position_ms, watched, degraded, cdn_cookies) = match self {
+            Self::PerCaller(info) => return serde_json::to_writer(out, info),
+            Self::Shared {
+                media,
+                resume_position_ms,
+                watched,
+                degraded,
+                cdn_cookies,
+            } => (media, resume_position_ms, watched, degraded, cdn_cookies),
         };
         let c = &media.from;
         let flag = |on: bool| if on { "true" } else { "false" };

@@ -12,7 +12,8 @@
 -- The string is a sequence of parts, each `<byte length>:<bytes>`, so any
 -- byte may appear in a part: per stream its name and its entry count, per
 -- entry its id, the number of field and value parts, then those parts.
--- Nothing new anywhere answers nil; an error (NOGROUP) answers as itself.
+-- Nothing new anywhere answers an empty string (a Lua false would reach a
+-- RESP3 client as a boolean); an error (NOGROUP) answers as itself.
 local args = {'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS'}
 for i = 1, #KEYS do args[#args + 1] = KEYS[i] end
 for _ = 1, #KEYS do args[#args + 1] = '>' end
@@ -21,7 +22,7 @@ if type(streams) == 'table' and streams.err then
   return streams
 end
 if not streams then
-  return false
+  return ''
 end
 
 local out = {}
