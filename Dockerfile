@@ -29,13 +29,17 @@ RUN find . -path ./target -prune -o -type f -name '*.rs' -print0 \
 
 FROM toolchain AS build
 COPY --from=skeleton /src/ /src/
-RUN cargo build --release --locked --workspace --bins
+# The same selection scripts/bench and scripts/profile build: features unify
+# across it, and symbol names follow them, so link/hot-functions.txt (the
+# link order of serving's code, build.rs) names this binary's functions.
+ARG SELECTION="-p moneta -p internal-api --bin moneta --bin internal-api --example bench_baseline"
+RUN cargo build --release --locked ${SELECTION}
 
 COPY . .
 # The skeleton's own crates were compiled after the real sources were last
 # modified, so cargo would consider them fresh; forget just those two.
 RUN cargo clean --release --package moneta --package internal-api \
- && cargo build --release --locked --workspace --bins \
+ && cargo build --release --locked ${SELECTION} \
  && mkdir -p /out \
  && cp target/release/moneta target/release/internal-api /out/ \
  && /out/moneta --version \

@@ -8,6 +8,7 @@ pub mod licenses;
 pub mod model;
 pub mod playback;
 pub mod progress;
+pub mod resident;
 pub mod resilience;
 pub mod sessions;
 pub mod sources;

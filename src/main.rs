@@ -287,6 +287,14 @@ fn serve(settings: Settings) -> ExitCode {
                 return ExitCode::from(CONFIG_EXIT);
             }
         };
+        // Everything start-up alone runs has run (src/resident.rs).
+        let released = moneta::resident::release_startup_pages();
+        tracing::debug!(
+            binary_kib = released.binary_kib,
+            mappings = released.mappings,
+            "start-up pages released"
+        );
+        tokio::spawn(moneta::resident::keep_trimmed());
         match app.run_until_stopped(shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// Top-level modules by layer, lowest first.
 const LAYERS: &[(&str, &[&str])] = &[
     ("ground", &["model"]),
-    ("base", &["config", "resilience", "telemetry"]),
+    ("base", &["config", "resident", "resilience", "telemetry"]),
     ("I/O", &["sources", "auth"]),
     ("domain", &["playback", "sessions", "progress", "licenses"]),
     ("edge", &["app", "http", "startup"]),

@@ -6,7 +6,7 @@
 //!
 //! Settings: BENCH_DURATION_S (10), BENCH_ROUNDS (3), BENCH_CONNECTIONS (64),
 //! BENCH_SOAK_S (60), BENCH_USERS (1000), BENCH_TITLES (200),
-//! BENCH_OVERLOAD_S (20), BENCH_SCENARIOS (`all`, or `overload` or `cluster`
+//! BENCH_OVERLOAD_S (20), BENCH_SCENARIOS (`all`, or `overload`, `cluster` or `memory`
 //! for that scenario alone, which rewrites only its section of the report).
 
 use std::collections::BTreeMap;
@@ -180,6 +180,7 @@ fn main() {
     let moneta = stack.moneta(&[], &[], Duration::from_secs(60));
     let moneta_pid = moneta.pid();
     let base = moneta.url();
+    let at_start = testkit::memory::breakdown(moneta_pid);
 
     let tokens = Arc::new(stack.user_tokens());
     let pair_token = stack.token("bench-pair", 100_000);
@@ -210,6 +211,8 @@ fn main() {
         (len, sessions)
     });
     let warm_s = warm_started.elapsed().as_secs_f64();
+    let warmed = testkit::memory::breakdown(moneta_pid);
+    let before_loads = [("At start", at_start), ("After the warm-up", warmed)];
     let sessions_file = write(
         "sessions",
         sessions
@@ -271,6 +274,15 @@ fn main() {
             dir.path(),
         )
     };
+    if std::env::var("BENCH_SCENARIOS").is_ok_and(|v| v.trim() == "memory") {
+        let section = memory_section(&wrk, &base, moneta_pid, duration, &before_loads, || {
+            runtime.block_on(renew_sessions(&client, &base, &sessions))
+        });
+        println!("\n{section}");
+        let old = std::fs::read_to_string(&report_path).unwrap_or_default();
+        let _ = std::fs::write(&report_path, with_section(&old, MEMORY_HEADING, &section));
+        return;
+    }
     if std::env::var("BENCH_SCENARIOS").is_ok_and(|v| v.trim() == "cluster") {
         let section = cluster_section(&moneta);
         println!("\n{section}");
@@ -498,10 +510,14 @@ fn main() {
         plural = if rounds == 1 { "" } else { "s" },
     );
     drop(nginx);
+    let memory = memory_section(&wrk, &base, moneta_pid, duration, &before_loads, || {
+        runtime.block_on(renew_sessions(&client, &base, &sessions))
+    });
     let cluster = cluster_section(&moneta);
     let (flood_sessions_file, flood_sessions) = flood_sessions(&moneta);
     drop(moneta);
     let section = overload_section(&stack, &wrk, &flood_sessions_file, flood_sessions, overload_s);
+    let report = with_section(&report, MEMORY_HEADING, &memory);
     let report = with_section(&report, CLUSTER_HEADING, &cluster);
     let report = with_section(&report, OVERLOAD_HEADING, &section);
     let old = std::fs::read_to_string(&report_path).unwrap_or_default();
@@ -737,6 +753,48 @@ fn with_kept_sections(report: &str, old: &str) -> String {
 /// The first line a shell command prints.
 fn command_line_of(program: &str, args: &[&str]) -> String {
     testkit::bench_stack::command_line(program, args)
+}
+
+const MEMORY_HEADING: &str = "## Memory";
+
+/// Where Moneta's resident memory is after `seconds` of playback-info and
+/// then of heartbeats (each from a reset peak), crate by crate for its code.
+fn memory_section(
+    wrk: &Wrk,
+    base: &str,
+    pid: u32,
+    seconds: u64,
+    before_loads: &[(&str, Option<testkit::memory::Breakdown>)],
+    renew_sessions: impl Fn(),
+) -> String {
+    let mut section = format!(
+        "{MEMORY_HEADING}\n\n\
+         Measured by `scripts/bench` ({date}; `BENCH_SCENARIOS=memory` runs this alone): Moneta's memory from `/proc` when it had started, after the warm-up, and at the end of {seconds} s of each load (wrk as above, from a reset peak, after the rounds above when the whole bench runs). Anonymous is `RssAnon` (heap, stacks, caches); the binary's code is its executable mapping, resident pages of it; a crate's row counts the bytes of its functions that lie on resident pages (`nm` sizes against `/proc/<pid>/pagemap`; generic code counts under the crate that instantiated it).\n\n",
+        date = report_date(),
+    );
+    // The warm-up fills the caches: every user's token, every title, the
+    // client-side cache's entitlements and positions.
+    for (when, breakdown) in before_loads {
+        if let Some(b) = breakdown {
+            section.push_str(&b.markdown(when, 0));
+        }
+    }
+    for (name, script) in [
+        ("playback-info", "playback_info.lua"),
+        ("heartbeat", "heartbeat.lua"),
+    ] {
+        eprintln!("memory: {name} for {seconds} s");
+        renew_sessions();
+        let _ = wrk.run(base, script, 3);
+        reset_peak(pid);
+        let _ = wrk.run(base, script, seconds);
+        match testkit::memory::breakdown(pid) {
+            Some(b) => section.push_str(&b.markdown(&format!("After {name}"), 12)),
+            None => section.push_str(&format!("After {name}: the process was gone.\n")),
+        }
+        section.push('\n');
+    }
+    section
 }
 
 const CLUSTER_HEADING: &str = "## Redis Cluster";

@@ -10,8 +10,10 @@
 //! PROFILE_CONCURRENCY (1) requests in flight, PROFILE_ANNOTATE=1 keeps the
 //! playback-info and heartbeat profiles and their `callgrind_annotate`
 //! output in `target/profile/`, PROFILE_ONLY=heartbeat counts the heartbeat
-//! and its ceiling alone and leaves the docs as they are; BENCH_USERS and
-//! BENCH_TITLES as for `scripts/bench`.
+//! and its ceiling alone and leaves the docs as they are, PROFILE_ONLY=layout
+//! keeps one mangled profile of everything serving runs in
+//! `target/profile/layout.callgrind` (for `scripts/hot-functions`); BENCH_USERS
+//! and BENCH_TITLES as for `scripts/bench`.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -65,6 +67,8 @@ fn stretched_settings() -> Vec<(&'static str, String)> {
 struct Callgrind {
     out: PathBuf,
     log: PathBuf,
+    /// Names as the binary's symbol table has them (for the link order).
+    mangled: bool,
 }
 
 impl Callgrind {
@@ -72,17 +76,29 @@ impl Callgrind {
         Callgrind {
             out: dir.join(format!("{name}.callgrind")),
             log: dir.join(format!("{name}.valgrind.log")),
+            mangled: false,
+        }
+    }
+
+    fn mangled(self) -> Callgrind {
+        Callgrind {
+            mangled: true,
+            ..self
         }
     }
 
     fn wrapper(&self) -> Vec<OsString> {
-        vec![
+        let mut args: Vec<OsString> = vec![
             require_binary("valgrind").into(),
             "--tool=callgrind".into(),
             format!("--callgrind-out-file={}", self.out.display()).into(),
             "--dump-instr=no".into(),
             format!("--log-file={}", self.log.display()).into(),
-        ]
+        ];
+        if self.mangled {
+            args.push("--demangle=no".into());
+        }
+        args
     }
 
     fn control(&self, pid: u32, arg: &str) {
@@ -312,7 +328,9 @@ fn main() {
     let counted_n = env_or("PROFILE_REQUESTS", 2000).max(1);
     let concurrency = env_or("PROFILE_CONCURRENCY", 1).max(1) as usize;
     let annotate = std::env::var("PROFILE_ANNOTATE").is_ok_and(|v| v == "1");
-    let heartbeat_only = std::env::var("PROFILE_ONLY").is_ok_and(|v| v == "heartbeat");
+    let only = std::env::var("PROFILE_ONLY").unwrap_or_default();
+    let layout_only = only == "layout";
+    let heartbeat_only = only == "heartbeat";
     let spread = Spread::from_env();
     // One request per user first, so every token the counted requests carry
     // is verified already; the counted requests then ask for pairs the
@@ -369,6 +387,12 @@ fn main() {
         counted,
         concurrency,
     };
+    if layout_only {
+        let grind = Callgrind::new(dir.path(), "layout").mangled();
+        let dump = layout_window(&job, &stack, &grind, &tokens, &spread);
+        save_annotation(&root, "layout", &dump);
+        return;
+    }
     let mut results: Vec<Counted> = Vec::new();
 
     let baselines: &[Baseline] = if heartbeat_only {
@@ -449,6 +473,70 @@ fn main() {
     let doc = root.join("docs/profiling.md");
     let text = std::fs::read_to_string(&doc).unwrap_or_else(|_| "# Profiling the hot path\n".into());
     std::fs::write(&doc, replace_section(&text, HEADING, &section)).expect("write docs/profiling.md");
+}
+
+/// PROFILE_ONLY=layout: one window over everything serving runs, for
+/// `scripts/hot-functions` (the binary's link order, `build.rs`): warm
+/// playback-infos and heartbeats on a kept connection, playback-infos on a
+/// new connection each, session starts and stops, the admin port's scrape,
+/// and the courier delivering the heartbeats. Start-up and the warm-up are
+/// outside it. Names are kept mangled, as the linker needs them.
+fn layout_window(
+    job: &Run<'_>,
+    stack: &Stack,
+    grind: &Callgrind,
+    tokens: &Arc<Vec<String>>,
+    spread: &Spread,
+) -> PathBuf {
+    eprintln!("layout: starting Moneta under callgrind");
+    let moneta = stack.moneta(&grind.wrapper(), &stretched_settings(), PATIENCE);
+    let (base, pid) = (moneta.url(), moneta.pid());
+    let playback_info = playback_info_requests(&base, tokens, spread);
+    let client = &job.client;
+    let sessions = job.runtime.block_on(async {
+        drive(client, job.warm.clone(), 1, &playback_info).await;
+        start_sessions(client, &base, tokens, spread, HEARTBEAT_SESSIONS).await
+    });
+    let heartbeats = heartbeat_requests(&base, &Arc::new(sessions));
+    let _ = moneta.redis_calls();
+    wait_for_empty_progress_log(job.redis_port, "layout");
+    grind.control(pid, "-z");
+    eprintln!("layout: the window");
+    let n = job.counted.end - job.counted.start;
+    job.runtime.block_on(async {
+        drive(client, job.counted.clone(), 1, &playback_info).await;
+        drive(client, 0..n, 1, &heartbeats).await;
+        let fresh = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("client");
+        drive(
+            &fresh,
+            job.counted.start..job.counted.start + n / 10,
+            1,
+            &playback_info,
+        )
+        .await;
+        let pairs = start_sessions_on(client, &base, tokens, spread, HEARTBEAT_SESSIONS, "layout").await;
+        for (token, id) in &pairs {
+            let stop = client
+                .delete(format!("{base}/v1/playback/sessions/{id}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("session stop");
+            assert!(
+                stop.status().is_success(),
+                "session stop answered {}",
+                stop.status()
+            );
+        }
+    });
+    for _ in 0..3 {
+        let _ = moneta.redis_calls();
+    }
+    wait_for_empty_progress_log(job.redis_port, "layout");
+    grind.dump(pid).0
 }
 
 fn section(
