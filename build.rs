@@ -7,7 +7,7 @@
 //! background work run were spread over the whole 14 MiB of code, and ~10 MiB
 //! of it stayed resident under load. `link/hot-functions.txt` lists them
 //! (`scripts/hot-functions`, from `scripts/profile`'s callgrind runs); lld
-//! places them first, in that order (`docs/profiling.md`, "Memory").
+//! places them first, in that order (`docs/profiling.md`, "Memory, round 1").
 //!
 //! Only where lld links: Rust's default on x86_64 Linux. A name the binary no
 //! longer has is skipped, so a stale list costs memory, never correctness.

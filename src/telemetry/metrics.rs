@@ -42,7 +42,7 @@ pub fn install() -> PrometheusHandle {
 /// with every request between scrapes (or forever, with no scraper). Each
 /// request records two samples (~8 bytes each in the recorder's blocks):
 /// at 30 k requests a second, every second between upkeeps held ~0.5 MiB
-/// (`docs/profiling.md`, "Memory"); the fold itself costs the same per
+/// (`docs/profiling.md`, "Memory, round 1"); the fold itself costs the same per
 /// sample however often it runs.
 pub async fn upkeep(handle: PrometheusHandle) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
