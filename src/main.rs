@@ -18,7 +18,8 @@ use moneta::telemetry;
 
 /// mimalloc instead of glibc's malloc: ~15 k fewer instructions a
 /// heartbeat (`docs/profiling.md`, "Heartbeat, round 4").
-#[global_allocator]
+#[cfg_attr(not(feature = "heap-profile"), global_allocator)]
+#[cfg_attr(feature = "heap-profile", allow(dead_code))]
 static ALLOCATOR: Allocator = Allocator;
 
 /// `mimalloc::MiMalloc`, except that what needs no more than a word's

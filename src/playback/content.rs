@@ -111,11 +111,17 @@ impl Titles {
     async fn load_once(&self, content_id: &ContentId, ctx: &CallContext) -> Result<Lookup, PlaybackError> {
         // A caller that waited on another's load counts as a hit.
         let loaded = AtomicBool::new(false);
+        // Every waiter's future holds its own unstarted `init`, and an
+        // unstarted async block is as large as its largest state, here the
+        // Redis and internal-API calls: the ≤ 64 requests waiting on one
+        // title held 1.5 MiB at the heap's peak (scripts/heap; docs/
+        // profiling.md, "Memory, round 2"). Boxed, the load is allocated
+        // only by the one caller that runs it.
         let lookup = self
             .local
             .try_get_with(content_id.clone(), async {
                 loaded.store(true, Ordering::Relaxed);
-                self.load(content_id, ctx).await
+                Box::pin(self.load(content_id, ctx)).await
             })
             .await
             .map_err(|e| (*e).clone());
