@@ -81,8 +81,8 @@ unsafe impl GlobalAlloc for Allocator {
 /// eagerly: ~13 MiB more peak RSS than glibc under `scripts/bench`. Purging
 /// at once and committing lazily kept it within 2–3 MiB of glibc's, and
 /// below it under the overload flood. Those are set as defaults, so
-/// `MIMALLOC_PURGE_DELAY` and `MIMALLOC_ARENA_EAGER_COMMIT` in the
-/// environment still override them.
+/// `MIMALLOC_PURGE_DELAY`, `MIMALLOC_ARENA_EAGER_COMMIT` and
+/// `MIMALLOC_ALLOW_THP` in the environment still override them.
 ///
 /// They must land before mimalloc reads its options, which it does in its
 /// own constructor, before `main` (set from `main`, the first arena was
@@ -98,11 +98,18 @@ extern "C" fn mimalloc_defaults() {
     // the crate names neither.
     const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    const ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
     // SAFETY: stores into mimalloc's option table, which takes them at any
     // time; nothing else runs this early.
     unsafe {
         libmimalloc_sys::mi_option_set_default(ARENA_EAGER_COMMIT, 0);
         libmimalloc_sys::mi_option_set_default(PURGE_DELAY, 0);
+        // Off, mimalloc turns transparent huge pages off for the process
+        // (`PR_SET_THP_DISABLE`). On a host with THP `always`, each 2 MiB
+        // the arena or a thread stack touches becomes resident whole:
+        // +3.2–6.2 MiB anonymous under scripts/bench's memory loads, all
+        // gone with this (docs/profiling.md, "Memory, round 2").
+        libmimalloc_sys::mi_option_set_default(ALLOW_THP, 0);
     }
 }
 
