@@ -65,7 +65,7 @@ pub fn access(method: &str, route: &str, status: u16, latency: Duration, request
     );
 }
 
-const ACCESS_TARGET: &str = "moneta::access";
+pub(crate) const ACCESS_TARGET: &str = "moneta::access";
 
 /// What the stdout filter said of the access line's callsite.
 const UNKNOWN: u8 = 0;
@@ -401,12 +401,12 @@ where
 /// The stdout layer, filtered by `RUST_LOG` on its own so that the level of
 /// logs never decides which spans are traced. Lines do not list span fields,
 /// so the layer skips spans altogether rather than format their fields on
-/// every request.
+/// every request. Access lines reach stdout in batches (`stdout.rs`).
 pub(crate) fn layer<S>(filter: &str, format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    layer_with_writer(filter, format, std::io::stdout)
+    layer_with_writer(filter, format, super::stdout::Stdout)
 }
 
 /// [`layer`] writing somewhere else than stdout (benchmarks write to a sink).

@@ -2,6 +2,7 @@
 
 pub mod logs;
 pub mod metrics;
+pub mod stdout;
 pub mod traces;
 
 use std::sync::Mutex;
@@ -19,8 +20,8 @@ use crate::config::Settings;
 static INSTALLED: Mutex<bool> = Mutex::new(false);
 
 /// Keeps the trace exporter of this process; [`Telemetry::shutdown`] sends
-/// what is still queued.
-#[must_use = "call shutdown() before exit so the last spans are exported"]
+/// what is still queued and writes the log lines still pending.
+#[must_use = "call shutdown() before exit so the last spans are exported and the last log lines written"]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
@@ -30,6 +31,7 @@ impl Telemetry {
         if let Some(provider) = &self.provider {
             traces::shutdown(provider);
         }
+        stdout::flush();
     }
 }
 

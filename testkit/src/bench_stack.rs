@@ -23,6 +23,19 @@ pub const JWT_SECRET: &str = "bench-only-secret";
 /// recognised by the next.
 const SESSION_SECRET: &str = "bench-only-session-secret-of-some-length";
 
+/// The HTTP client the bench tools drive Moneta with. Its pooled
+/// connections are dropped after 30 s idle, before Moneta closes an idle
+/// keep-alive connection (75 s): the tools run their client on a
+/// current-thread runtime that stands still between their `block_on`s, so a
+/// connection Moneta closed meanwhile would look alive at the next checkout
+/// and fail its first request (`IncompleteMessage`).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .expect("HTTP client")
+}
+
 /// A numeric setting from the environment, or its default.
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)

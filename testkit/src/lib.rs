@@ -3,6 +3,7 @@
 //! is ever skipped.
 
 pub mod bench_stack;
+pub mod cpu;
 pub mod memory;
 pub mod nginx;
 pub mod postgres;

@@ -37,7 +37,9 @@ async fn sigterm_flushes_a_just_written_position() {
     let public = moneta.public_api();
     let token = mint_token("u-basic", "basic", 1, "KR");
     let id = public.started_session(&token, "m-0001", "tv").await;
-    assert_eq!(public.heartbeat(&token, &id, 4242).await.status(), 200);
+    let heartbeat = public.heartbeat(&token, &id, 4242).await;
+    assert_eq!(heartbeat.status(), 200);
+    let request_id = heartbeat.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert!(api.delivered().is_empty());
 
     // Drain, in-flight requests and the flush each have their own bounds;
@@ -56,6 +58,13 @@ async fn sigterm_flushes_a_just_written_position() {
         api.received_position("u-basic", 4242),
         "delivered: {:?}\n{output}",
         api.delivered()
+    );
+    // Access lines are written in batches; a stop writes the last of them.
+    assert!(
+        output
+            .lines()
+            .any(|l| l.contains("\"moneta::access\"") && l.contains(&request_id)),
+        "no access line for the last request ({request_id}):\n{output}"
     );
     assert!(!output.contains(DEV_SECRET), "the secret must never be logged");
     assert!(!output.contains(&token), "the token must never be logged");

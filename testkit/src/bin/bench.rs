@@ -7,7 +7,9 @@
 //! Settings: BENCH_DURATION_S (10), BENCH_ROUNDS (3), BENCH_CONNECTIONS (64),
 //! BENCH_SOAK_S (60), BENCH_USERS (1000), BENCH_TITLES (200),
 //! BENCH_OVERLOAD_S (20), BENCH_SCENARIOS (`all`, or `overload`, `cluster` or `memory`
-//! for that scenario alone, which rewrites only its section of the report).
+//! for that scenario alone, which rewrites only its section of the report),
+//! BENCH_SYSCALLS (`1`: also count the serving process's system calls per
+//! request with `perf stat`, in the first round's warm-up runs).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -64,6 +66,47 @@ struct Outcome {
     peak_rss_mib: f64,
     redis_calls: Option<f64>,
     cache_hits: Option<f64>,
+    cpu: CpuPerRequest,
+}
+
+/// System calls by name and count, and the requests that made them.
+type SyscallCounts = (Vec<(String, u64)>, u64);
+
+/// Where a request's CPU went, in µs: the serving process, Redis, wrk, and
+/// the whole machine (which adds the kernel's loopback work outside any of
+/// them, nginx and everything else).
+#[derive(Default, Clone, Copy)]
+struct CpuPerRequest {
+    server: testkit::cpu::Times,
+    redis: f64,
+    wrk: f64,
+    machine: f64,
+}
+
+impl CpuPerRequest {
+    /// Measures around `run`; per request of the outcome `run` returns.
+    fn around(server: u32, redis: u32, run: impl FnOnce() -> Outcome) -> Outcome {
+        use testkit::cpu;
+        let (s, r, w, m) = (
+            cpu::process(server),
+            cpu::process(redis),
+            cpu::children(),
+            cpu::machine_busy(),
+        );
+        let mut outcome = run();
+        let per = 1e6 / outcome.requests.max(1) as f64;
+        let server = cpu::process(server) - s;
+        outcome.cpu = CpuPerRequest {
+            server: testkit::cpu::Times {
+                user: server.user * per,
+                system: server.system * per,
+            },
+            redis: (cpu::process(redis) - r).total() * per,
+            wrk: (cpu::children() - w).total() * per,
+            machine: (cpu::machine_busy() - m) * per,
+        };
+        outcome
+    }
 }
 
 struct Wrk {
@@ -193,7 +236,7 @@ fn main() {
     let tokens_file = write("tokens", tokens.join("\n"));
     let titles_file = write("titles", spread.titles.join("\n"));
 
-    let client = reqwest::Client::new();
+    let client = testkit::bench_stack::client();
     let playback_info = playback_info_requests(&base, &tokens, &spread);
     let warm_started = Instant::now();
     let (body_len, sessions) = runtime.block_on(async {
@@ -368,20 +411,31 @@ fn main() {
     // baselines and each scenario back to back, a ratio is taken within its
     // round, and the table reports the median round.
     let mut rounds_out: Vec<Vec<Outcome>> = vec![Vec::new(); scenarios.len()];
+    let count_syscalls = std::env::var("BENCH_SYSCALLS").is_ok_and(|v| v.trim() == "1");
+    // Per scenario: the counts by call, and the requests they were made for.
+    let mut syscalls: Vec<Option<SyscallCounts>> = vec![None; scenarios.len()];
     for round in 1..=rounds {
         for (i, sc) in scenarios.iter().enumerate() {
             eprintln!("round {round}/{rounds}: {}", sc.name);
             // A round outlasts the sessions' 90 s of liveness.
             runtime.block_on(renew_sessions(&client, &base, &sessions));
-            let _ = wrk.run(&sc.url, sc.script, 3);
             let pid = match sc.server {
                 Server::Bare => bare.process.pid(),
                 Server::OneTrip | Server::HeartbeatTrip => one_trip.process.pid(),
                 Server::Moneta => moneta_pid,
             };
+            if count_syscalls && round == 1 {
+                // Over the warm-up run, so counting never slows a measured one.
+                let counting = testkit::cpu::Syscalls::count(pid);
+                let warm = wrk.run(&sc.url, sc.script, 3);
+                syscalls[i] = Some((counting.stop(), warm.requests.max(1)));
+            } else {
+                let _ = wrk.run(&sc.url, sc.script, 3);
+            }
             reset_peak(pid);
             let before = (moneta.redis_calls(), moneta.client_cache_hits());
-            let mut outcome = wrk.run(&sc.url, sc.script, duration);
+            let mut outcome =
+                CpuPerRequest::around(pid, stack.redis.pid(), || wrk.run(&sc.url, sc.script, duration));
             outcome.peak_rss_mib = peak_rss_mib(pid);
             if sc.server == Server::Moneta {
                 let requests = outcome.requests.max(1) as f64;
@@ -473,6 +527,58 @@ fn main() {
             o.non2xx,
             o.socket_errors
         );
+    }
+    let _ = writeln!(
+        table,
+        "\nCPU per request, µs (the same median rounds): the serving process's user and system time, Redis's, wrk's, and the machine's busy time over both cores (user, system, irq and softirq of every process and none: the rest is mostly the kernel's loopback and, in the nginx row, nginx). Every part shares the two cores, so requests/s go with the machine's column, not the server's alone.\n"
+    );
+    let _ = writeln!(
+        table,
+        "| scenario | server user | server system | Redis | wrk | the rest | machine | machine vs its one-RTT ceiling |"
+    );
+    let _ = writeln!(table, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (row, sc) in rows.iter().zip(&scenarios) {
+        let c = row.median.cpu;
+        let ceiling = rows[ceiling_of(sc)].median.cpu.machine;
+        let rest = c.machine - c.server.total() - c.redis - c.wrk;
+        let _ = writeln!(
+            table,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {rest:.1} | {:.1} | {:.2}× |",
+            row.name,
+            c.server.user,
+            c.server.system,
+            c.redis,
+            c.wrk,
+            c.machine,
+            c.machine / ceiling.max(f64::MIN_POSITIVE)
+        );
+    }
+    if count_syscalls {
+        let _ = writeln!(
+            table,
+            "\nSystem calls per request of the serving process (`BENCH_SYSCALLS=1`: `perf stat` on the kernel's syscall tracepoints over the first round's 3 s warm-up run), those made at least 0.05 times a request:\n"
+        );
+        let _ = writeln!(table, "| scenario | all | by call |");
+        let _ = writeln!(table, "| --- | ---: | --- |");
+        for (sc, counted) in scenarios.iter().zip(&syscalls) {
+            let Some((counts, requests)) = counted else {
+                continue;
+            };
+            let per = |n: u64| n as f64 / *requests as f64;
+            let all: u64 = counts.iter().map(|(_, n)| n).sum();
+            let by_call: Vec<String> = counts
+                .iter()
+                .filter(|(_, n)| per(*n) >= 0.05)
+                .map(|(name, n)| format!("{name} {:.2}", per(*n)))
+                .collect();
+            let _ = writeln!(
+                table,
+                "| {} | {:.2} | {} |",
+                sc.name,
+                per(all),
+                by_call.join(", ")
+            );
+        }
     }
     let first = samples.first().copied().unwrap_or(start_rss);
     let last = samples.last().copied().unwrap_or(start_rss);
@@ -841,7 +947,7 @@ fn cluster_section(
         Duration::from_secs(60),
     );
     let base = moneta.url();
-    let client = reqwest::Client::new();
+    let client = testkit::bench_stack::client();
     let playback_info = playback_info_requests(&base, tokens, &stack.spread);
     // The cluster starts empty; warmed like the single node, it holds the
     // same entitlements and positions when the rounds begin.

@@ -68,7 +68,7 @@ fn record() -> PathBuf {
         .enable_all()
         .build()
         .expect("runtime");
-    let client = reqwest::Client::new();
+    let client = testkit::bench_stack::client();
     eprintln!("starting Redis, PostgreSQL and the internal API");
     let stack = Stack::start(Binaries::beside_current_exe("scripts/heap"), spread.clone());
     let tokens = Arc::new(stack.user_tokens());

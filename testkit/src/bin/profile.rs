@@ -343,7 +343,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let client = reqwest::Client::new();
+    let client = testkit::bench_stack::client();
     let dir = tempfile::tempdir().expect("tempdir");
     let stretched = stretched_settings();
 
