@@ -17,7 +17,7 @@
 //! still writes the lines one by one.
 
 use std::io::Write;
-use std::sync::{Condvar, LazyLock, Mutex, MutexGuard, Once, PoisonError};
+use std::sync::{Condvar, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tracing::Metadata;
@@ -119,7 +119,8 @@ impl<W: Write> State<W> {
 }
 
 static STDOUT: LazyLock<Batched<std::io::Stdout>> = LazyLock::new(|| Batched::new(std::io::stdout()));
-static FLUSHER: Once = Once::new();
+/// Whether the flusher thread runs, once the first batched line asked.
+static FLUSHER: OnceLock<bool> = OnceLock::new();
 
 /// Lines to stdout: the writer the log layer writes through.
 #[derive(Clone, Copy, Debug, Default)]
@@ -145,13 +146,11 @@ impl Write for Line {
 /// Whether the flusher runs; started with the first batched line. Without
 /// it (no thread to be had) every line is written at once.
 fn start_flusher() -> bool {
-    static RUNNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    FLUSHER.call_once(|| {
+    *FLUSHER.get_or_init(|| {
         let started = std::thread::Builder::new()
             .name("log-flusher".into())
             .spawn(|| STDOUT.run_flusher())
             .is_ok();
-        RUNNING.store(started, std::sync::atomic::Ordering::Relaxed);
         if started {
             // A panic that ends the process still writes the lines before it.
             let previous = std::panic::take_hook();
@@ -160,8 +159,8 @@ fn start_flusher() -> bool {
                 previous(info);
             }));
         }
-    });
-    RUNNING.load(std::sync::atomic::Ordering::Relaxed)
+        started
+    })
 }
 
 impl<'a> MakeWriter<'a> for Stdout {
