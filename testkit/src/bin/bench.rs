@@ -9,7 +9,10 @@
 //! BENCH_OVERLOAD_S (20), BENCH_SCENARIOS (`all`, or `overload`, `cluster` or `memory`
 //! for that scenario alone, which rewrites only its section of the report),
 //! BENCH_SYSCALLS (`1`: also count the serving process's system calls per
-//! request with `perf stat`, in the first round's warm-up runs).
+//! request with `perf stat`, in the first round's warm-up runs),
+//! BENCH_SAMPLE (`1`: also sample where the serving process spends its CPU
+//! time with `perf record`, in the first round's warm-up runs, into
+//! `target/bench/samples/`: the data and, beside it, the share by function).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,6 +33,22 @@ const SOAK_TARGET_MIB: f64 = 12.0;
 /// Heartbeats go round these many live sessions.
 const HEARTBEAT_SESSIONS: usize = 64;
 const WARM_CONCURRENCY: usize = 64;
+
+/// A scenario's name as a file name: `playback-info-warm-cache`.
+fn slug(name: &str) -> String {
+    let mut out = String::new();
+    for word in name
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .take(6)
+    {
+        if !out.is_empty() {
+            out.push('-');
+        }
+        out.push_str(&word.to_ascii_lowercase());
+    }
+    out
+}
 
 /// Peak resident memory since the last reset, in MiB.
 fn peak_rss_mib(pid: u32) -> f64 {
@@ -69,8 +88,9 @@ struct Outcome {
     cpu: CpuPerRequest,
 }
 
-/// System calls by name and count, and the requests that made them.
-type SyscallCounts = (Vec<(String, u64)>, u64);
+/// System calls by name and count, context switches, and the requests that
+/// made them.
+type SyscallCounts = (testkit::cpu::Counted, u64);
 
 /// Where a request's CPU went, in µs: the serving process, Redis, wrk, and
 /// the whole machine (which adds the kernel's loopback work outside any of
@@ -414,6 +434,13 @@ fn main() {
     let count_syscalls = std::env::var("BENCH_SYSCALLS").is_ok_and(|v| v.trim() == "1");
     // Per scenario: the counts by call, and the requests they were made for.
     let mut syscalls: Vec<Option<SyscallCounts>> = vec![None; scenarios.len()];
+    let sample = std::env::var("BENCH_SAMPLE").is_ok_and(|v| v.trim() == "1");
+    let samples_dir = repository_root().join("target/bench/samples");
+    // Per scenario: the share of the serving process's samples by part.
+    let mut sampled: Vec<Option<Vec<(testkit::cpu::Part, f64)>>> = vec![None; scenarios.len()];
+    if sample {
+        std::fs::create_dir_all(&samples_dir).expect("create target/bench/samples");
+    }
     for round in 1..=rounds {
         for (i, sc) in scenarios.iter().enumerate() {
             eprintln!("round {round}/{rounds}: {}", sc.name);
@@ -424,13 +451,19 @@ fn main() {
                 Server::OneTrip | Server::HeartbeatTrip => one_trip.process.pid(),
                 Server::Moneta => moneta_pid,
             };
-            if count_syscalls && round == 1 {
-                // Over the warm-up run, so counting never slows a measured one.
-                let counting = testkit::cpu::Syscalls::count(pid);
-                let warm = wrk.run(&sc.url, sc.script, 3);
+            // Counting and sampling run over the warm-up run, so they never
+            // slow a measured one.
+            let counting = (count_syscalls && round == 1).then(|| testkit::cpu::Syscalls::count(pid));
+            let sampling = (sample && round == 1).then(|| {
+                let out = samples_dir.join(format!("{i}-{}.data", slug(sc.name)));
+                testkit::cpu::Samples::record(pid, out)
+            });
+            let warm = wrk.run(&sc.url, sc.script, 3);
+            if let Some(counting) = counting {
                 syscalls[i] = Some((counting.stop(), warm.requests.max(1)));
-            } else {
-                let _ = wrk.run(&sc.url, sc.script, 3);
+            }
+            if let Some(sampling) = sampling {
+                sampled[i] = Some(sampling.stop());
             }
             reset_peak(pid);
             let before = (moneta.redis_calls(), moneta.client_cache_hits());
@@ -553,30 +586,56 @@ fn main() {
             c.machine / ceiling.max(f64::MIN_POSITIVE)
         );
     }
+    if sample {
+        use testkit::cpu::Part;
+        let _ = writeln!(
+            table,
+            "\nWhere the serving process's CPU time goes, µs per request (`BENCH_SAMPLE=1`: `perf record` on the `cpu-clock` event at 4999 Hz over the first round's 3 s warm-up run; each part's share of the samples times the server's user + system time per request above). A sample counts where it fell after inlining: generic code counts under the crate that names the function first, code inlined into Moneta's functions counts as Moneta's. Parts: the kernel (system calls, the network stack, scheduling); the allocator (mimalloc, or glibc's malloc for the baselines); `memcpy`/`memcmp`; clock reads through the vDSO; the runtime (tokio, futures); HTTP (hyper, axum, http, tower, bytes); the Redis client (redis, combine); caches (moka); telemetry (tracing, OpenTelemetry, metrics); JSON (serde); tokens and signing; Moneta's own functions; std, core and hashbrown; and the rest. The data and each function's share are in `target/bench/samples/`.\n"
+        );
+        let short: Vec<&str> = Part::ALL.iter().map(|p| p.column()).collect();
+        let _ = writeln!(table, "| scenario | {} | server |", short.join(" | "));
+        let _ = writeln!(table, "| --- |{} ---: |", " ---: |".repeat(short.len()));
+        for (row, shares) in rows.iter().zip(&sampled) {
+            let Some(shares) = shares else {
+                continue;
+            };
+            let server = row.median.cpu.server.total();
+            let cells: Vec<String> = Part::ALL
+                .iter()
+                .map(|part| {
+                    let share = shares.iter().find(|(p, _)| p == part).map_or(0.0, |(_, s)| *s);
+                    format!("{:.2}", share / 100.0 * server)
+                })
+                .collect();
+            let _ = writeln!(table, "| {} | {} | {server:.1} |", row.name, cells.join(" | "));
+        }
+    }
     if count_syscalls {
         let _ = writeln!(
             table,
-            "\nSystem calls per request of the serving process (`BENCH_SYSCALLS=1`: `perf stat` on the kernel's syscall tracepoints over the first round's 3 s warm-up run), those made at least 0.05 times a request:\n"
+            "\nSystem calls per request of the serving process (`BENCH_SYSCALLS=1`: `perf stat` on the kernel's syscall tracepoints over the first round's 3 s warm-up run), those made at least 0.05 times a request, and the times one of its threads was switched out (`context-switches`: waiting for work or preempted):\n"
         );
-        let _ = writeln!(table, "| scenario | all | by call |");
-        let _ = writeln!(table, "| --- | ---: | --- |");
+        let _ = writeln!(table, "| scenario | all | by call | context switches |");
+        let _ = writeln!(table, "| --- | ---: | --- | ---: |");
         for (sc, counted) in scenarios.iter().zip(&syscalls) {
-            let Some((counts, requests)) = counted else {
+            let Some((counted, requests)) = counted else {
                 continue;
             };
             let per = |n: u64| n as f64 / *requests as f64;
-            let all: u64 = counts.iter().map(|(_, n)| n).sum();
-            let by_call: Vec<String> = counts
+            let all: u64 = counted.calls.iter().map(|(_, n)| n).sum();
+            let by_call: Vec<String> = counted
+                .calls
                 .iter()
                 .filter(|(_, n)| per(*n) >= 0.05)
                 .map(|(name, n)| format!("{name} {:.2}", per(*n)))
                 .collect();
             let _ = writeln!(
                 table,
-                "| {} | {:.2} | {} |",
+                "| {} | {:.2} | {} | {:.2} |",
                 sc.name,
                 per(all),
-                by_call.join(", ")
+                by_call.join(", "),
+                per(counted.context_switches)
             );
         }
     }
