@@ -26,9 +26,25 @@ pub enum DependencyError {
     Failed(&'static str, String),
     /// The dependency answered, with an error about this one call (a Redis
     /// command error such as `NOGROUP`, an HTTP status about the request's
-    /// content). It is alive: the breaker counts a success.
+    /// content), or with one that may be about the call or about itself
+    /// (see [`Verdict`]).
     #[error("{0}: answered with an error: {1}")]
     Refused(&'static str, String),
+}
+
+/// What an error a call ended in says about the dependency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Unreachable or broken: a failure, counted by the breaker.
+    Outage,
+    /// An answer about this one call: a sign of life, counted as a success.
+    Answered,
+    /// An answer that may be about the call or about the dependency (a
+    /// failed batch that may hold a poison item, from an API that may be
+    /// failing everything). Counted neither way: it must not open the
+    /// breaker for one bad item, nor close a half-open one while the
+    /// dependency fails every call.
+    Unclear,
 }
 
 impl DependencyError {
@@ -238,17 +254,16 @@ impl Guard {
         E: Display,
         F: Future<Output = Result<T, E>>,
     {
-        self.call_judged(call, |_| true).await
+        self.call_judged(call, |_| Verdict::Outage).await
     }
 
-    /// Runs `call` under the guard; `is_outage` tells an error that means the
-    /// dependency is unreachable or broken (a failure, counted by the
-    /// breaker) from one it answered about this call alone
-    /// ([`DependencyError::Refused`], counted as a sign of life).
+    /// Runs `call` under the guard; `judge` tells what an error of `call`
+    /// says about the dependency. Errors not judged an outage come back as
+    /// [`DependencyError::Refused`].
     pub async fn call_judged<T, E, F>(
         &self,
         call: F,
-        is_outage: impl Fn(&E) -> bool,
+        judge: impl Fn(&E) -> Verdict,
     ) -> Result<T, DependencyError>
     where
         E: Display,
@@ -257,7 +272,7 @@ impl Guard {
         // +1: zero means "no real call yet".
         let since_born = self.inner.born.elapsed().as_millis() as u64 + 1;
         self.inner.last_call_ms.store(since_born, Ordering::Relaxed);
-        self.guarded(call, is_outage).await
+        self.guarded(call, judge).await
     }
 
     /// A background reachability check, made only while no real call has
@@ -273,10 +288,10 @@ impl Guard {
         if last > 0 && now.saturating_sub(last) < PROBE_QUIET.as_millis() as u64 {
             return Ok(());
         }
-        self.guarded(call, |_| true).await.map(drop)
+        self.guarded(call, |_| Verdict::Outage).await.map(drop)
     }
 
-    async fn guarded<T, E, F>(&self, call: F, is_outage: impl Fn(&E) -> bool) -> Result<T, DependencyError>
+    async fn guarded<T, E, F>(&self, call: F, judge: impl Fn(&E) -> Verdict) -> Result<T, DependencyError>
     where
         E: Display,
         F: Future<Output = Result<T, E>>,
@@ -286,7 +301,11 @@ impl Guard {
         if !inner.breaker.is_call_permitted() {
             return Err(self.reject(DependencyError::Open(dep), "rejected_open"));
         }
-        let _probe = if self.state() == BreakerState::HalfOpen {
+        // failsafe moves to half-open inside `is_call_permitted` but tells the
+        // observer after releasing its lock, so the state read here can still
+        // say open (and under a loaded CPU, for a whole batch of calls): a
+        // call the breaker lets through while not known closed is a probe.
+        let _probe = if self.state() != BreakerState::Closed {
             match inner.probes.try_acquire() {
                 Ok(permit) => Some(permit),
                 Err(_) => return Err(self.reject(DependencyError::Open(dep), "rejected_open")),
@@ -299,23 +318,36 @@ impl Guard {
         };
         let started = Instant::now();
         let result = tokio::time::timeout(inner.settings.timeout, call).await;
-        let (outcome, result) = match result {
-            Ok(Ok(value)) => ("success", Ok(value)),
-            Ok(Err(e)) if is_outage(&e) => ("error", Err(DependencyError::Failed(dep, e.to_string()))),
-            Ok(Err(e)) => ("error", Err(DependencyError::Refused(dep, e.to_string()))),
-            Err(_) => ("timeout", Err(DependencyError::Timeout(dep))),
+        let (outcome, verdict, result) = match result {
+            Ok(Ok(value)) => ("success", Verdict::Answered, Ok(value)),
+            Ok(Err(e)) => match judge(&e) {
+                Verdict::Outage => (
+                    "error",
+                    Verdict::Outage,
+                    Err(DependencyError::Failed(dep, e.to_string())),
+                ),
+                verdict => (
+                    "error",
+                    verdict,
+                    Err(DependencyError::Refused(dep, e.to_string())),
+                ),
+            },
+            Err(_) => ("timeout", Verdict::Outage, Err(DependencyError::Timeout(dep))),
         };
-        match &result {
-            Ok(_) | Err(DependencyError::Refused(..)) => inner.breaker.on_success(),
-            Err(e) => {
-                tracing::warn!(dependency = dep, error = %e, "dependency call failed");
-                inner.breaker.on_error();
+        match verdict {
+            Verdict::Answered => {
+                inner.breaker.on_success();
+                inner.last_ok.store(true, Ordering::Relaxed);
             }
+            Verdict::Outage => {
+                if let Err(e) = &result {
+                    tracing::warn!(dependency = dep, error = %e, "dependency call failed");
+                }
+                inner.breaker.on_error();
+                inner.last_ok.store(false, Ordering::Relaxed);
+            }
+            Verdict::Unclear => {}
         }
-        inner.last_ok.store(
-            matches!(result, Ok(_) | Err(DependencyError::Refused(..))),
-            Ordering::Relaxed,
-        );
         inner.metrics.duration.record(started.elapsed().as_secs_f64());
         inner.metrics.count(outcome);
         result
@@ -368,7 +400,7 @@ mod tests {
         let g = Guard::new("test", &settings());
         for _ in 0..10 {
             let r = g
-                .call_judged(async { Err::<(), _>("NOGROUP") }, |_: &&str| false)
+                .call_judged(async { Err::<(), _>("NOGROUP") }, |_: &&str| Verdict::Answered)
                 .await;
             assert!(matches!(r, Err(DependencyError::Refused(..))));
         }
@@ -412,6 +444,54 @@ mod tests {
         let (first, second) = tokio::join!(slow, second);
         assert!(first.is_ok());
         assert!(matches!(second, Err(DependencyError::Open(_))));
+    }
+
+    #[tokio::test]
+    async fn a_call_let_through_before_the_state_is_told_is_a_probe() {
+        let g = Guard::new("test", &settings());
+        for _ in 0..3 {
+            let _ = fail(&g).await;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let slow = g.call(async {
+            let _ = held.await;
+            Ok::<_, String>(())
+        });
+        let second = async {
+            // failsafe is half-open with the first probe out, but its observer
+            // has not run yet, as when the thread that moved it was preempted.
+            g.inner.state.store(BreakerState::Open as u8, Ordering::Release);
+            let answer = g.call(async { Ok::<_, String>(()) }).await;
+            let _ = release.send(());
+            answer
+        };
+        let (first, second) = tokio::join!(slow, second);
+        assert!(first.is_ok());
+        assert!(matches!(second, Err(DependencyError::Open(_))));
+    }
+
+    #[tokio::test]
+    async fn an_unclear_answer_neither_opens_nor_closes_the_breaker() {
+        let g = Guard::new("test", &settings());
+        async fn unclear(g: &Guard) -> Result<(), DependencyError> {
+            g.call_judged(async { Err::<(), _>("500 for a batch") }, |_: &&str| {
+                Verdict::Unclear
+            })
+            .await
+        }
+        for _ in 0..10 {
+            assert!(matches!(unclear(&g).await, Err(DependencyError::Refused(..))));
+        }
+        assert_eq!(g.state(), BreakerState::Closed);
+        for _ in 0..3 {
+            let _ = fail(&g).await;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let _ = unclear(&g).await;
+        assert_eq!(g.state(), BreakerState::HalfOpen, "closed by an unclear answer");
+        assert!(matches!(fail(&g).await, Err(DependencyError::Failed(..))));
+        assert_eq!(g.state(), BreakerState::Open);
     }
 
     #[tokio::test]

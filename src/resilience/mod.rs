@@ -5,5 +5,5 @@
 mod guard;
 pub mod limiter;
 
-pub use guard::{BreakerState, DependencyError, Guard};
+pub use guard::{BreakerState, DependencyError, Guard, Verdict};
 pub use limiter::{Limiter, Permit, Priority};

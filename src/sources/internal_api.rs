@@ -12,14 +12,15 @@ use tracing::field::Empty;
 use super::CallContext;
 use crate::config::{ExposeSecret, InternalApiSettings, Secret};
 use crate::model::{ContentId, ContentPlayback, Entitlement, Progress, ProgressItem, UserId};
-use crate::resilience::{DependencyError, Guard};
+use crate::resilience::{DependencyError, Guard, Verdict};
 use crate::telemetry::traces;
 
-/// What the internal API said to a batch of positions. Every answer is a
-/// sign of life (the breaker stays closed); only a transport failure or a
-/// timeout is an error of the dependency. Whether a failed batch is the
-/// items' fault or an outage the caller tells apart (an empty batch is the
-/// control: see `progress::deliver`).
+/// What the internal API said to a batch of positions. A refusal is a sign
+/// of life. Another failure of a batch with items may be the items' fault or
+/// an outage, which the caller tells apart (an empty batch is the control:
+/// see `progress::deliver`), so the breaker counts it neither way; a
+/// failure of the empty batch is an outage, as a transport failure or a
+/// timeout is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchOutcome {
     Accepted,
@@ -29,6 +30,17 @@ pub enum BatchOutcome {
     /// Any other status (another `4xx` such as `404`, a `5xx`): about the
     /// batch when other batches are taken, about the API when none is.
     Failed(StatusCode),
+}
+
+/// The statuses that say a batch's content will never be accepted.
+fn refuses_content(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_REQUEST
+            | StatusCode::CONFLICT
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNPROCESSABLE_ENTITY
+    )
 }
 
 #[derive(Serialize)]
@@ -231,8 +243,8 @@ impl InternalApi {
     }
 
     /// Posts a batch (an empty one answers whether the API takes batches at
-    /// all). A status is an answer, never an outage of the dependency: one
-    /// user's bad item must not open the breaker for everybody.
+    /// all). A status for a batch with items never opens the breaker: one
+    /// user's bad item must not open it for everybody.
     pub async fn post_progress(&self, items: &[ProgressItem]) -> Result<BatchOutcome, DependencyError> {
         let url = self.url(&["internal", "v1", "progress:batch"]);
         let span = self.span(&reqwest::Method::POST, "/internal/v1/progress:batch", &url);
@@ -253,9 +265,14 @@ impl InternalApi {
             answered.store(status.as_u16(), Ordering::Relaxed);
             Err(CallError::Status(status))
         };
-        let guarded = self
-            .guard
-            .call_judged(call, |e: &CallError| matches!(e, CallError::Transport(_)));
+        let control = items.is_empty();
+        let guarded = self.guard.call_judged(call, |e: &CallError| match e {
+            CallError::Transport(_) => Verdict::Outage,
+            // Holds no item that could be at fault.
+            CallError::Status(_) if control => Verdict::Outage,
+            CallError::Status(status) if refuses_content(*status) => Verdict::Answered,
+            CallError::Status(_) => Verdict::Unclear,
+        });
         let result = if span.is_none() {
             guarded.await
         } else {
@@ -267,12 +284,10 @@ impl InternalApi {
                 let Ok(status) = StatusCode::from_u16(answered.load(Ordering::Relaxed)) else {
                     return Err(DependencyError::Refused(dep, msg));
                 };
-                Ok(match status {
-                    StatusCode::BAD_REQUEST
-                    | StatusCode::CONFLICT
-                    | StatusCode::PAYLOAD_TOO_LARGE
-                    | StatusCode::UNPROCESSABLE_ENTITY => BatchOutcome::Refused(status),
-                    other => BatchOutcome::Failed(other),
+                Ok(if refuses_content(status) {
+                    BatchOutcome::Refused(status)
+                } else {
+                    BatchOutcome::Failed(status)
                 })
             }
             Err(e) => Err(e),

@@ -275,6 +275,50 @@ async fn a_misconfigured_internal_api_url_is_an_outage_not_poison() {
     nothing_is_judged_while_every_delivery_fails(Fault::NotFound).await;
 }
 
+/// Once playback traffic opened the breaker of an internal API that fails
+/// everything, the courier keeps offering its positions at every half-open
+/// moment. A failed batch may be one item's fault, so it must not count as a
+/// sign of life: that would close the breaker and let every player's reads
+/// through to the dead API again.
+#[tokio::test]
+async fn failed_deliveries_never_close_the_breaker_of_an_api_failing_everything() {
+    let app = spawn_app().await;
+    let sessions = app.watching(&["load-halfopen".to_owned()]).await;
+    let (token, id) = &sessions[0];
+    app.api.set_fault(Fault::Status500);
+    heartbeat_ok(&app, token, id, 80_000).await;
+    let mut n = 0;
+    let opened = eventually(PATIENCE, async || {
+        n += 1;
+        let cold = app.token(&format!("load-halfopen-{n}"), "standard", 2, "KR");
+        let _ = app.playback_info("m-0001", &cold).await;
+        (metric(&app, API_BREAKER).await == 2.0).then_some(())
+    })
+    .await;
+    assert!(opened.is_some(), "the breaker never opened");
+
+    // From here only the courier calls the API: its half-open moments come
+    // after 0.5, 1 and 2 s (MONETA_INTERNAL_API_BREAKER_OPEN_MS doubling).
+    let mut states = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        states.push(metric(&app, API_BREAKER).await);
+        tokio::time::sleep(ROUND / 2).await;
+    }
+    assert!(
+        states.iter().all(|s| *s != 0.0),
+        "the breaker closed while every call failed: {states:?}"
+    );
+
+    app.api.set_fault(Fault::None);
+    assert_delivered(&app, "load-halfopen", 80_000).await;
+    let closed = eventually(PATIENCE, async || {
+        (metric(&app, API_BREAKER).await == 0.0).then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "the breaker never closed again");
+}
+
 #[tokio::test]
 async fn redis_flushed_under_delivery_is_mended_without_tripping_its_breaker() {
     let app = spawn_app().await;

@@ -30,7 +30,7 @@ use tracing::field::Empty;
 use self::client_cache::ClientCache;
 use self::keys::{Buckets, UserKeys};
 use crate::config::RedisSettings;
-use crate::resilience::{DependencyError, Guard};
+use crate::resilience::{DependencyError, Guard, Verdict};
 use crate::telemetry::traces;
 
 /// How long resume positions live in Redis; the internal API keeps them for good.
@@ -422,7 +422,13 @@ impl RedisStore {
                     let conn = connect(connector).await?;
                     op(conn).await
                 },
-                is_outage,
+                |e: &redis::RedisError| {
+                    if is_outage(e) {
+                        Verdict::Outage
+                    } else {
+                        Verdict::Answered
+                    }
+                },
             )
             .await;
         after_call(connector, &result);
