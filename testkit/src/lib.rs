@@ -20,7 +20,7 @@ pub use process::Process;
 pub use redis::{RedisCluster, RedisServer};
 // Suites that check what reached PostgreSQL use the same client as the kit.
 pub use sqlx;
-pub use wait::{PATIENCE, eventually, eventually_blocking};
+pub use wait::{PATIENCE, eventually, eventually_blocking, eventually_every};
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {

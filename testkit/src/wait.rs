@@ -13,7 +13,17 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Asks `check` until it answers `Some`, or `None` once `within` has passed.
-pub async fn eventually<T>(within: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+pub async fn eventually<T>(within: Duration, check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    eventually_every(within, POLL_INTERVAL, check).await
+}
+
+/// [`eventually`], asking every `interval`: where the wait itself is
+/// measured, a coarse poll would measure the poll.
+pub async fn eventually_every<T>(
+    within: Duration,
+    interval: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + within;
     loop {
         if let Some(found) = check().await {
@@ -22,7 +32,7 @@ pub async fn eventually<T>(within: Duration, mut check: impl AsyncFnMut() -> Opt
         if Instant::now() >= deadline {
             return None;
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        tokio::time::sleep(interval).await;
     }
 }
 

@@ -17,7 +17,8 @@ use serde_json::Value;
 pub use fake_api::{FakeApi, Fault, spawn_fake_api};
 pub use redis_probe::RedisProbe;
 pub use testkit::{
-    PATIENCE, Process, RedisServer, eventually, eventually_blocking, free_port, nginx, require_binary, signal,
+    PATIENCE, Process, RedisServer, eventually, eventually_blocking, eventually_every, free_port, nginx,
+    require_binary, signal,
 };
 
 pub const DEV_SECRET: &str = "integration-test-secret-do-not-use";
