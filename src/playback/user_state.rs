@@ -9,7 +9,7 @@ use crate::auth::Claims;
 use crate::model::{ContentId, Entitlement, Origin, PositionMs, ResumePoint, Sourced};
 use crate::sources::CallContext;
 use crate::sources::internal_api::InternalApi;
-use crate::sources::redis::{RedisStore, WriteBack};
+use crate::sources::redis::{LearntPosition, RedisStore, WriteBack};
 
 pub struct UserStates {
     redis: RedisStore,
@@ -130,16 +130,20 @@ impl UserStates {
         content_id: &ContentId,
         redis_up: bool,
         ctx: &CallContext,
-    ) -> (Sourced<ResumePoint>, Option<PositionMs>) {
+    ) -> (Sourced<ResumePoint>, Option<LearntPosition>) {
         match self.api.progress(&claims.sub, content_id, ctx).await {
             Ok(found) => {
-                let p = found.map(|p| p.position_ms).unwrap_or(0);
+                let p = found.as_ref().map_or(0, |p| p.position_ms);
                 let point = ResumePoint {
                     position_ms: p,
                     completed: false,
                 };
                 if redis_up {
-                    (Sourced::fresh(point), PositionMs::new(p).ok())
+                    let learnt = PositionMs::new(p).ok().map(|position_ms| LearntPosition {
+                        position_ms,
+                        at_ms: found.map(|f| f.updated_at.timestamp_millis()),
+                    });
+                    (Sourced::fresh(point), learnt)
                 } else {
                     // Positions reach Redis first and the internal API later, so
                     // without Redis the API's copy may lag the newest heartbeat.

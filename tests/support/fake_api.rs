@@ -46,6 +46,8 @@ pub struct FakeState {
     /// Batches failed for holding one of them, in order.
     pub failed_batches: Mutex<Vec<Value>>,
     pub content_calls: AtomicUsize,
+    /// Reads of one position, whatever the answer (or none, while slow).
+    pub progress_calls: AtomicUsize,
     /// Progress batches that arrived, whatever the answer (or none, when hanging).
     pub batch_calls: AtomicUsize,
     pub total_calls: AtomicUsize,
@@ -67,6 +69,9 @@ impl FakeApi {
     }
     pub fn content_calls(&self) -> usize {
         self.state.content_calls.load(Ordering::SeqCst)
+    }
+    pub fn progress_calls(&self) -> usize {
+        self.state.progress_calls.load(Ordering::SeqCst)
     }
     pub fn total_calls(&self) -> usize {
         self.state.total_calls.load(Ordering::SeqCst)
@@ -228,6 +233,7 @@ async fn progress(
     headers: HeaderMap,
     Path((user, content)): Path<(String, String)>,
 ) -> Response {
+    s.progress_calls.fetch_add(1, Ordering::SeqCst);
     note_headers(&s, &headers);
     if let Some(r) = misbehave(&s).await {
         return r;

@@ -30,7 +30,29 @@ pub struct UserView {
 #[derive(Debug, Clone, Default)]
 pub struct WriteBack {
     pub entitlement: Option<Option<Entitlement>>,
-    pub position: Option<(ContentId, PositionMs)>,
+    pub position: Option<(ContentId, LearntPosition)>,
+}
+
+/// A resume position the internal API holds, with the time it was
+/// acknowledged (`None` when the API holds none: position 0, older than
+/// any stamped one).
+#[derive(Debug, Clone, Copy)]
+pub struct LearntPosition {
+    pub position_ms: PositionMs,
+    pub at_ms: Option<i64>,
+}
+
+impl LearntPosition {
+    fn encode(self) -> String {
+        let point = ResumePoint {
+            position_ms: self.position_ms.get(),
+            completed: false,
+        };
+        match self.at_ms {
+            Some(at) => point.encode_at(at),
+            None => point.encode(),
+        }
+    }
 }
 
 impl RedisStore {
@@ -80,10 +102,13 @@ impl RedisStore {
         let keys = self.user_keys(user);
         let positions = keys.positions();
         let cached = self.cache.as_ref().and_then(|c| Some((c, c.for_read()?)));
-        let keep_position = cached
+        let admission = cached
             .as_ref()
-            .is_some_and(|(cache, _)| known_title && cache.admit_position(&positions, content_id.as_str()));
+            .filter(|_| known_title)
+            .and_then(|(cache, _)| cache.admit_position(&positions, content_id.as_str()));
+        let keep_position = admission.is_some();
         let cached = cached.map(|(_, config)| config);
+        let key = &positions;
         let (ent, pos): (Option<String>, Option<String>) = self
             .run(|mut c| async move {
                 // Sized up front: growing the pipeline and each command's
@@ -96,8 +121,8 @@ impl RedisStore {
                 if let Some(cached) = &cached {
                     pipe.set_cache_config(cached.clone());
                 }
-                let mut hget = redis::Cmd::with_capacity(3, 4 + positions.len() + content_id.as_str().len());
-                hget.arg("HGET").arg(positions).arg(content_id.as_str());
+                let mut hget = redis::Cmd::with_capacity(3, 4 + key.len() + content_id.as_str().len());
+                hget.arg("HGET").arg(key).arg(content_id.as_str());
                 pipe.add_command(hget);
                 if let Some(cached) = cached.filter(|_| keep_position) {
                     pipe.set_cache_config(cached);
@@ -105,6 +130,11 @@ impl RedisStore {
                 pipe.query_async(&mut c).await
             })
             .await?;
+        if let (Some(cache), Some(admission)) = (&self.cache, admission)
+            && admission.raced(cache)
+        {
+            cache.taint(&positions);
+        }
         let entitlement = ent.and_then(|s| serde_json::from_str::<Option<Entitlement>>(&s).ok());
         Ok(UserView {
             entitlement,
@@ -114,6 +144,12 @@ impl RedisStore {
 
     /// Applies what the internal API told about a user, in one round trip.
     /// Best effort: a failed write only costs a later miss.
+    ///
+    /// The position only fills a field Redis lacked (`HSETNX`), stamped
+    /// with the API's time: whatever Redis learnt meanwhile (a heartbeat, a
+    /// position held in memory coming home after an outage) is at least as
+    /// new, and a position an instance brings home later replaces it only
+    /// if newer. An unstamped overwrite made an older homecoming win.
     pub async fn write_back(&self, user: &UserId, write: WriteBack, entitlement_ttl: Duration) {
         if write.entitlement.is_none() && write.position.is_none() {
             return;
@@ -132,10 +168,10 @@ impl RedisStore {
                 }
                 if let Some((content_id, position)) = &write.position {
                     let positions = keys.positions();
-                    pipe.cmd("HSET")
+                    pipe.cmd("HSETNX")
                         .arg(&positions)
                         .arg(content_id.as_str())
-                        .arg(position.get())
+                        .arg(position.encode())
                         .ignore()
                         .cmd("EXPIRE")
                         .arg(&positions)

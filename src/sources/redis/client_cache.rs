@@ -31,13 +31,20 @@
 //! (the invalidation clears both the crate's entries and this count) or for
 //! one TTL: at most `2 × max_keys × TITLES_PER_USER` entries in all.
 //!
-//! Known gap: the crate stores a reply after handing it to the caller, so an
-//! invalidation that lands in between (a write to the same key within
-//! microseconds of a miss) leaves that one entry stale until the key changes
-//! again or its TTL passes; the TTL is the bound.
+//! The crate stores a reply after handing it to the caller, so an
+//! invalidation the connection applies in between (a write to the same key
+//! while the read is answered) leaves a stale entry, served until the key
+//! changes again or its TTL passes (a fleet test under CPU load saw a resume
+//! position one heartbeat behind for the whole TTL). The crate offers no way
+//! to drop one entry, so for positions this module stops serving it instead:
+//! a read holds its [`Admission`], an invalidation of the key marks it, and
+//! a read whose admission was marked meanwhile ([`Admission::raced`]) taints
+//! the key: its positions are read from Redis, uncached, for one TTL, by
+//! which time any entry stored before the taint has expired. Entitlements,
+//! which change rarely, keep the gap, the TTL their bound.
 
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -61,9 +68,31 @@ pub struct ClientCache {
     born: Instant,
     /// Milliseconds since `born` until which cached values may be served; 0: not trusted.
     trusted_until_ms: AtomicU64,
-    /// Positions key → hashes of the titles whose positions are kept.
-    admitted: moka::sync::Cache<String, Arc<Mutex<Vec<u64>>>>,
+    /// Positions key → the titles whose positions are kept.
+    admitted: moka::sync::Cache<String, Arc<Admitted>>,
+    /// Invalidations of everything (FLUSHALL, a disconnection) so far: they
+    /// mark no admission one by one.
+    flushes: AtomicU64,
     hasher: RandomState,
+}
+
+/// One positions key's share of the cache.
+#[derive(Default)]
+struct Admitted {
+    /// Hashes of the titles whose positions are kept.
+    titles: Mutex<Vec<u64>>,
+    /// An invalidation of the key was applied after this was handed out.
+    invalidated: AtomicBool,
+    /// Positions of the key are not kept while this entry lives (one TTL).
+    tainted: bool,
+}
+
+/// A position read the cache may keep. Once the read is answered,
+/// [`Admission::raced`] says whether an invalidation may have landed between
+/// the reply and the crate storing it.
+pub struct Admission {
+    admitted: Arc<Admitted>,
+    flushes: u64,
 }
 
 impl ClientCache {
@@ -83,6 +112,7 @@ impl ClientCache {
                     .max_capacity(settings.max_keys as u64)
                     .time_to_live(settings.ttl)
                     .build(),
+                flushes: AtomicU64::new(0),
                 hasher: RandomState::new(),
             })
         })
@@ -109,7 +139,7 @@ impl ClientCache {
             match push.kind {
                 PushKind::Disconnection => {
                     cache.distrust();
-                    cache.admitted.invalidate_all();
+                    cache.forget_all();
                 }
                 PushKind::Invalidate => cache.forget(&push.data),
                 _ => {}
@@ -118,21 +148,38 @@ impl ClientCache {
         }
     }
 
-    /// Whether the position of `title` under `positions_key` may be kept.
-    pub fn admit_position(&self, positions_key: &str, title: &str) -> bool {
+    /// Whether the position of `title` under `positions_key` may be kept:
+    /// `Some` when it may, to be asked [`Admission::raced`] after the read.
+    pub fn admit_position(&self, positions_key: &str, title: &str) -> Option<Admission> {
         let title = self.hasher.hash_one(title);
-        let titles = self
+        let admitted = self
             .admitted
-            .get_with_by_ref(positions_key, || Arc::new(Mutex::new(Vec::new())));
-        let mut titles = titles.lock().unwrap_or_else(PoisonError::into_inner);
-        if titles.contains(&title) {
-            return true;
+            .get_with_by_ref(positions_key, || Arc::new(Admitted::default()));
+        if admitted.tainted {
+            return None;
         }
-        if titles.len() < TITLES_PER_USER {
-            titles.push(title);
-            return true;
+        let flushes = self.flushes.load(Ordering::Acquire);
+        {
+            let mut titles = admitted.titles.lock().unwrap_or_else(PoisonError::into_inner);
+            if !titles.contains(&title) {
+                if titles.len() >= TITLES_PER_USER {
+                    return None;
+                }
+                titles.push(title);
+            }
         }
-        false
+        Some(Admission { admitted, flushes })
+    }
+
+    /// Positions of `positions_key` are read uncached for one TTL (see the
+    /// module's comment).
+    pub fn taint(&self, positions_key: &str) {
+        let tainted = Admitted {
+            tainted: true,
+            ..Admitted::default()
+        };
+        self.admitted.insert(positions_key.to_owned(), Arc::new(tainted));
+        metrics::counter!("moneta_redis_client_cache_raced_total").increment(1);
     }
 
     /// An invalidation: `[keys]`, or nil when Redis dropped everything.
@@ -140,13 +187,20 @@ impl ClientCache {
         match data.first() {
             Some(Value::Array(keys)) => {
                 for key in keys {
-                    if let Ok(key) = redis::from_redis_value_ref::<String>(key) {
-                        self.admitted.invalidate(&key);
+                    if let Ok(key) = redis::from_redis_value_ref::<String>(key)
+                        && let Some(admitted) = self.admitted.remove(&key)
+                    {
+                        admitted.invalidated.store(true, Ordering::Release);
                     }
                 }
             }
-            _ => self.admitted.invalidate_all(),
+            _ => self.forget_all(),
         }
+    }
+
+    fn forget_all(&self) {
+        self.flushes.fetch_add(1, Ordering::AcqRel);
+        self.admitted.invalidate_all();
     }
 
     /// The per-command setting for a cacheable read: cached while trusted,
@@ -186,6 +240,15 @@ impl ClientCache {
     fn now_ms(&self) -> u64 {
         // +1: zero means "never trusted".
         self.born.elapsed().as_millis() as u64 + 1
+    }
+}
+
+impl Admission {
+    /// Whether an invalidation of the key (or of everything) was applied
+    /// since this admission: the read's reply may have been stored after it.
+    pub fn raced(&self, cache: &ClientCache) -> bool {
+        self.admitted.invalidated.load(Ordering::Acquire)
+            || cache.flushes.load(Ordering::Acquire) != self.flushes
     }
 }
 
@@ -231,20 +294,73 @@ mod tests {
         let cache = cache();
         let key = "moneta:{b7}:u:viewer:positions";
         for title in ["a", "b", "c", "d"] {
-            assert!(cache.admit_position(key, title));
+            assert!(cache.admit_position(key, title).is_some());
         }
-        assert!(cache.admit_position(key, "a"), "admitted titles stay admitted");
-        assert!(!cache.admit_position(key, "e"), "a fifth title is read, not kept");
-        assert!(cache.admit_position("moneta:{b7}:u:other:positions", "e"));
-        let handler = cache.push_handler();
-        let _ = handler(PushInfo {
+        assert!(
+            cache.admit_position(key, "a").is_some(),
+            "admitted titles stay admitted"
+        );
+        assert!(
+            cache.admit_position(key, "e").is_none(),
+            "a fifth title is read, not kept"
+        );
+        assert!(
+            cache
+                .admit_position("moneta:{b7}:u:other:positions", "e")
+                .is_some()
+        );
+        invalidate(&cache, key);
+        assert!(
+            cache.admit_position(key, "e").is_some(),
+            "the change cleared the count with the entries"
+        );
+    }
+
+    fn invalidate(cache: &Arc<ClientCache>, key: &str) {
+        let _ = cache.push_handler()(PushInfo {
             kind: PushKind::Invalidate,
             data: vec![Value::Array(vec![Value::BulkString(key.as_bytes().to_vec())])],
         });
+    }
+
+    #[test]
+    fn a_read_an_invalidation_overtook_taints_the_key_for_one_ttl() {
+        let cache = ClientCache::new(&ClientCacheSettings {
+            max_keys: 16,
+            ttl: Duration::from_millis(300),
+        })
+        .expect("enabled");
+        let key = "moneta:{b7}:u:viewer:positions";
+        let quiet = cache.admit_position(key, "a").expect("admitted");
+        let raced = cache.admit_position(key, "b").expect("admitted");
+        assert!(!quiet.raced(&cache));
+        invalidate(&cache, "moneta:{b7}:u:other:positions");
+        assert!(!raced.raced(&cache), "another key's change");
+        invalidate(&cache, key);
+        assert!(raced.raced(&cache) && quiet.raced(&cache));
+        let after = cache.admit_position(key, "a").expect("admitted again");
+        assert!(!after.raced(&cache), "admitted after the invalidation");
+
+        cache.taint(key);
         assert!(
-            cache.admit_position(key, "e"),
-            "the change cleared the count with the entries"
+            cache.admit_position(key, "a").is_none(),
+            "read uncached while tainted"
         );
+        invalidate(&cache, key);
+        assert!(
+            cache.admit_position(key, "a").is_some(),
+            "a later change removed the stale entry with the taint"
+        );
+        cache.taint(key);
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(cache.admit_position(key, "a").is_some(), "one TTL later");
+
+        let flushed = cache.admit_position(key, "c").expect("admitted");
+        let _ = cache.push_handler()(PushInfo {
+            kind: PushKind::Invalidate,
+            data: vec![Value::Nil],
+        });
+        assert!(flushed.raced(&cache), "Redis dropped everything meanwhile");
     }
 
     #[test]

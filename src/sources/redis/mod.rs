@@ -10,7 +10,7 @@ pub mod keys;
 mod progress;
 mod sessions;
 
-pub use catalog::{CachedContent, UserView, WriteBack};
+pub use catalog::{CachedContent, LearntPosition, UserView, WriteBack};
 pub use clock::RedisClock;
 pub use progress::{DeadLetter, Delivery, EntryId, PROGRESS_GROUP, ParkedField, ProgressLog, Settlement};
 pub use sessions::{
