@@ -286,7 +286,7 @@ async fn titles_a_caller_may_not_play_leave_no_state_that_grows() {
 
 #[tokio::test]
 async fn a_start_refused_with_409_changes_nothing() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(&[WITHOUT_CLIENT_CACHE]).await;
     let two = app.token("u-standard", "standard", 2, "KR");
     let mut live = BTreeSet::new();
     for device in ["device-a", "device-b"] {
@@ -363,6 +363,12 @@ async fn the_progress_log_has_its_delivery_group_from_the_start() {
     assert_delivered(&app, "u-basic", "m-0001", 6_000).await;
 }
 
+/// For tests that change an entitlement in Redis behind Moneta's back and
+/// act on it at once: with the in-process copy, the invalidation reaches
+/// Moneta on its own connection a little later (the copy's coherence is
+/// tests/client_cache.rs' subject), and a start in between saw the old plan.
+const WITHOUT_CLIENT_CACHE: (&str, &str) = ("MONETA_REDIS_CLIENT_CACHE_KEYS", "0");
+
 /// Fault-style tests: Redis killed or frozen, the internal API failing.
 /// Sets the entitlement Moneta reads first (Redis' copy), as a plan change
 /// at the internal API would once the copy is refreshed.
@@ -391,7 +397,11 @@ fn evicted_ids(body: &Value) -> Vec<String> {
 
 #[tokio::test]
 async fn evict_oldest_state_stays_bounded_and_a_downgrade_ends_every_extra_session() {
-    let app = spawn_app_with(&[("MONETA_STREAM_LIMIT_POLICY", "evict_oldest")]).await;
+    let app = spawn_app_with(&[
+        ("MONETA_STREAM_LIMIT_POLICY", "evict_oldest"),
+        WITHOUT_CLIENT_CACHE,
+    ])
+    .await;
     let mut redis = redis_of(&app).await;
     let user = "u-evicting";
     let token = app.token(user, "premium", 3, "KR");
