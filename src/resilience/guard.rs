@@ -423,11 +423,14 @@ mod tests {
         assert_eq!(g.state(), BreakerState::Open);
     }
 
-    #[tokio::test]
-    async fn half_open_admits_a_bounded_number_of_probes() {
-        let g = Guard::new("test", &settings());
+    /// Opens `g`, waits out its open interval, and makes a second call while
+    /// the first (the probe) is out; `meanwhile` runs just before the second.
+    async fn while_a_probe_is_out(
+        g: &Guard,
+        meanwhile: impl FnOnce(),
+    ) -> (Result<(), DependencyError>, Result<(), DependencyError>) {
         for _ in 0..3 {
-            let _ = fail(&g).await;
+            let _ = fail(g).await;
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
         // The first probe holds its slot until the second call has been answered.
@@ -437,11 +440,18 @@ mod tests {
             Ok::<_, String>(())
         });
         let second = async {
+            meanwhile();
             let answer = g.call(async { Ok::<_, String>(()) }).await;
             let _ = release.send(());
             answer
         };
-        let (first, second) = tokio::join!(slow, second);
+        tokio::join!(slow, second)
+    }
+
+    #[tokio::test]
+    async fn half_open_admits_a_bounded_number_of_probes() {
+        let g = Guard::new("test", &settings());
+        let (first, second) = while_a_probe_is_out(&g, || {}).await;
         assert!(first.is_ok());
         assert!(matches!(second, Err(DependencyError::Open(_))));
     }
@@ -449,24 +459,12 @@ mod tests {
     #[tokio::test]
     async fn a_call_let_through_before_the_state_is_told_is_a_probe() {
         let g = Guard::new("test", &settings());
-        for _ in 0..3 {
-            let _ = fail(&g).await;
-        }
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let (release, held) = tokio::sync::oneshot::channel::<()>();
-        let slow = g.call(async {
-            let _ = held.await;
-            Ok::<_, String>(())
-        });
-        let second = async {
-            // failsafe is half-open with the first probe out, but its observer
-            // has not run yet, as when the thread that moved it was preempted.
+        // failsafe is half-open with the first probe out, but its observer has
+        // not run yet, as when the thread that moved it was preempted.
+        let (first, second) = while_a_probe_is_out(&g, || {
             g.inner.state.store(BreakerState::Open as u8, Ordering::Release);
-            let answer = g.call(async { Ok::<_, String>(()) }).await;
-            let _ = release.send(());
-            answer
-        };
-        let (first, second) = tokio::join!(slow, second);
+        })
+        .await;
         assert!(first.is_ok());
         assert!(matches!(second, Err(DependencyError::Open(_))));
     }
