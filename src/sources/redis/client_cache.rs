@@ -70,8 +70,8 @@ pub struct ClientCache {
     trusted_until_ms: AtomicU64,
     /// Positions key → the titles whose positions are kept.
     admitted: moka::sync::Cache<String, Arc<Admitted>>,
-    /// Invalidations of everything (FLUSHALL, a disconnection) so far: they
-    /// mark no admission one by one.
+    /// Invalidations of everything (FLUSHALL) so far: they mark no
+    /// admission one by one.
     flushes: AtomicU64,
     hasher: RandomState,
 }
@@ -137,9 +137,11 @@ impl ClientCache {
                 return Ok(());
             };
             match push.kind {
+                // No read of the old connection is marked: the reconnect
+                // starts a new cache epoch, and what they store is never read.
                 PushKind::Disconnection => {
                     cache.distrust();
-                    cache.forget_all();
+                    cache.admitted.invalidate_all();
                 }
                 PushKind::Invalidate => cache.forget(&push.data),
                 _ => {}
@@ -152,13 +154,14 @@ impl ClientCache {
     /// `Some` when it may, to be asked [`Admission::raced`] after the read.
     pub fn admit_position(&self, positions_key: &str, title: &str) -> Option<Admission> {
         let title = self.hasher.hash_one(title);
+        // Before the lookup: a flush between the two must count as a race.
+        let flushes = self.flushes.load(Ordering::Acquire);
         let admitted = self
             .admitted
             .get_with_by_ref(positions_key, || Arc::new(Admitted::default()));
         if admitted.tainted {
             return None;
         }
-        let flushes = self.flushes.load(Ordering::Acquire);
         {
             let mut titles = admitted.titles.lock().unwrap_or_else(PoisonError::into_inner);
             if !titles.contains(&title) {
