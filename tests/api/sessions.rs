@@ -3,7 +3,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, spawn_app, spawn_app_with};
 use crate::support::assert_error;
 
 #[tokio::test]
@@ -107,11 +107,9 @@ async fn stop_frees_the_slot_at_once() {
     assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 201);
 }
 
-#[tokio::test]
-async fn sessions_without_heartbeat_stop_counting() {
-    // Long enough that the session is surely still live for the 409 below,
-    // however slow the machine; its end is waited for, not raced.
-    let ttl = Duration::from_secs(5);
+/// An app whose sessions live `ttl` without a heartbeat, and one session of
+/// a one-stream user on it.
+async fn one_session_living(ttl: Duration) -> (TestApp, String, String) {
     let ttl_s = ttl.as_secs().to_string();
     let app = spawn_app_with(&[
         ("MONETA_SESSION_TTL_S", &ttl_s),
@@ -120,11 +118,42 @@ async fn sessions_without_heartbeat_stop_counting() {
     .await;
     let token = app.token("u-basic", "basic", 1, "KR");
     let s_id = app.started_session(&token, "m-0001", "phone").await;
+    (app, token, s_id)
+}
+
+#[tokio::test]
+async fn sessions_without_heartbeat_stop_counting() {
+    // Long enough that the session is surely still live for the 409 below,
+    // however slow the machine; its end is waited for, not raced.
+    let ttl = Duration::from_secs(5);
+    let (app, token, s_id) = one_session_living(ttl).await;
     assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 409);
     // The session's last heartbeat was before this answer, so after this sleep it is over the TTL.
     tokio::time::sleep(ttl + Duration::from_millis(200)).await;
     assert_eq!(app.heartbeat(&token, s_id.as_str(), 1).await.status(), 404);
     assert_eq!(app.start_session(&token, "m-0001", "tv").await.status(), 201);
+}
+
+/// A heartbeat that finds its session expired buries the id and writes
+/// nothing else. The first burial creates the user's `ended` key, and a key
+/// without a lifetime would stay in Redis for good if the user never came back.
+#[tokio::test]
+async fn an_expired_sessions_heartbeat_leaves_no_key_without_a_lifetime() {
+    let ttl = Duration::from_secs(2);
+    let (app, token, s_id) = one_session_living(ttl).await;
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert_eq!(app.heartbeat(&token, s_id.as_str(), 1).await.status(), 404);
+
+    let keys = testkit::redis::cli(app.redis.port, &["--scan", "--pattern", "*u-basic*"]);
+    let ended: Vec<&str> = keys.lines().filter(|k| k.ends_with(":ended")).collect();
+    assert_eq!(ended.len(), 1, "the burial is remembered: {keys}");
+    for key in keys.lines().filter(|k| !k.is_empty()) {
+        let pttl: i64 = testkit::redis::cli(app.redis.port, &["PTTL", key])
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(pttl > 0, "{key} has no lifetime (PTTL {pttl})");
+    }
 }
 
 #[tokio::test]

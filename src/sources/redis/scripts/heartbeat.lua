@@ -13,6 +13,7 @@
 -- itself, so nothing is written (a paused Redis runs queued scripts late,
 -- and a late write would carry a newer time than positions acknowledged
 -- after it).
+key_lifetime = tonumber(ARGV[9])
 if ARGV[7] ~= '' and now > tonumber(ARGV[7]) then
   return {4, now}
 end
@@ -42,6 +43,6 @@ if not last then
   redis.call('HSET', KEYS[2], sid, ARGV[10] .. ' ' .. ARGV[6])
 end
 redis.call('ZADD', KEYS[1], now, sid)
-keep_keys(tonumber(ARGV[9]))
+keep_keys()
 record_position(ARGV[5], ARGV[6], ARGV[3], '0', tonumber(ARGV[4]))
 return {1, now}

@@ -25,11 +25,19 @@ local function forget(sid)
   redis.call('HDEL', KEYS[2], sid)
 end
 
+-- How long the user's session keys outlive their last write, in ms. Each
+-- script sets it from its arguments before it writes anything.
+local key_lifetime
+
 -- Remembers that a session ended ('e' evicted, 's' otherwise) so that its id
--- is never recorded again while remembered.
+-- is never recorded again while remembered. Some paths bury and return
+-- without keeping the keys (an expired session's heartbeat, a refusal), and
+-- the first burial creates the key: it gets its lifetime here, or it would
+-- outlive a user who never comes back.
 local function bury(sid, why, keep)
   redis.call('ZADD', KEYS[4], now, why .. ':' .. sid)
   redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(keep + 1))
+  redis.call('PEXPIRE', KEYS[4], key_lifetime)
 end
 
 -- 'e', 's' or nil (Redis keeps no trace of it).
@@ -63,9 +71,9 @@ end
 
 -- The session keys live while the user plays, and long enough after that for
 -- ended ids to stay ended.
-local function keep_keys(ms)
+local function keep_keys()
   for i = 1, 4 do
-    redis.call('PEXPIRE', KEYS[i], ms)
+    redis.call('PEXPIRE', KEYS[i], key_lifetime)
   end
 end
 

@@ -6,6 +6,7 @@
 -- Returns {1, now_ms, evicted id, ...} when started (oldest evicted first),
 -- else {0, now_ms, id1, info1, id2, info2, ...} (the live sessions); a refusal
 -- changes nothing but burying sessions that were no longer live.
+key_lifetime = tonumber(ARGV[7])
 local ttl = tonumber(ARGV[1])
 local max = tonumber(ARGV[2])
 local id, device, content = ARGV[3], ARGV[4], ARGV[5]
@@ -50,5 +51,5 @@ end
 redis.call('ZADD', KEYS[1], now, id)
 redis.call('HSET', KEYS[2], id, device .. ' ' .. content)
 redis.call('HSET', KEYS[3], device, id)
-keep_keys(tonumber(ARGV[7]))
+keep_keys()
 return result

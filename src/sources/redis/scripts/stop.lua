@@ -12,6 +12,7 @@
 -- late: the caller gave up waiting and kept the position itself, so the
 -- session ends (the player did stop) but no position is written (it would
 -- carry a newer time than positions acknowledged after it).
+key_lifetime = tonumber(ARGV[9])
 local late = ARGV[7] ~= '' and now > tonumber(ARGV[7])
 local sid = ARGV[1]
 local outcome
@@ -30,7 +31,7 @@ else
   end
 end
 bury(sid, 's', ENDED_KEEP)
-keep_keys(tonumber(ARGV[9]))
+keep_keys()
 if late then
   return {4, now, ''}
 end
