@@ -156,6 +156,50 @@ async fn an_expired_sessions_heartbeat_leaves_no_key_without_a_lifetime() {
     }
 }
 
+/// A user's session keys outlive their last heartbeat by at least the key
+/// lifetime (an hour at the default TTL), so that ended ids stay ended, even
+/// though a heartbeat renews them only once they run low.
+#[tokio::test]
+async fn session_keys_outlive_the_last_heartbeat_by_their_lifetime() {
+    const LIFETIME_MS: i64 = 3_600_000;
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let s_id = app.started_session(&token, "m-0001", "phone").await;
+    let session_keys = || {
+        testkit::redis::cli(app.redis.port, &["--scan", "--pattern", "*u-basic*"])
+            .lines()
+            .filter(|k| {
+                [":sessions", ":session-info", ":devices"]
+                    .iter()
+                    .any(|s| k.ends_with(s))
+            })
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let keys = session_keys();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    // Fresh, and then as if most of the lifetime had passed since.
+    for remaining_ms in [None, Some(LIFETIME_MS / 2)] {
+        if let Some(ms) = remaining_ms {
+            for key in &keys {
+                testkit::redis::cli(app.redis.port, &["PEXPIRE", key, &ms.to_string()]);
+            }
+        }
+        assert_eq!(app.heartbeat(&token, s_id.as_str(), 1_000).await.status(), 200);
+        for key in &keys {
+            let pttl: i64 = testkit::redis::cli(app.redis.port, &["PTTL", key])
+                .trim()
+                .parse()
+                .unwrap();
+            // A margin for the time between the heartbeat and this read.
+            assert!(
+                pttl >= LIFETIME_MS - 10_000,
+                "{key} lives {pttl} ms after a heartbeat that found {remaining_ms:?} ms left"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn another_users_session_is_not_found() {
     let app = spawn_app().await;

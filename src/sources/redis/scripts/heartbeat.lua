@@ -41,8 +41,10 @@ if not last then
     return refusal(3)
   end
   redis.call('HSET', KEYS[2], sid, ARGV[10] .. ' ' .. ARGV[6])
+  -- Keys Redis lost one by one (evicted under memory pressure) come back here.
+  keep_keys()
 end
 redis.call('ZADD', KEYS[1], now, sid)
-keep_keys()
+keep_keys_if_low()
 record_position(ARGV[5], ARGV[6], ARGV[3], '0', tonumber(ARGV[4]))
 return {1, now}

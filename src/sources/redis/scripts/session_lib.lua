@@ -37,7 +37,7 @@ local key_lifetime
 local function bury(sid, why, keep)
   redis.call('ZADD', KEYS[4], now, why .. ':' .. sid)
   redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(keep + 1))
-  redis.call('PEXPIRE', KEYS[4], key_lifetime)
+  redis.call('PEXPIRE', KEYS[4], 2 * key_lifetime)
 end
 
 -- 'e', 's' or nil (Redis keeps no trace of it).
@@ -69,11 +69,22 @@ local function refusal(code)
   return result
 end
 
--- The session keys live while the user plays, and long enough after that for
--- ended ids to stay ended.
+-- The session keys live while the user plays, and at least key_lifetime
+-- after that, so that ended ids stay ended. They are given twice that, all
+-- four at once, so a heartbeat need renew them only once less than
+-- key_lifetime remains (keep_keys_if_low): one PTTL on nearly every heartbeat
+-- instead of four PEXPIREs, which were ~12 % of the heartbeat's time in
+-- Redis. The other keys never expire before the sessions key: they are
+-- renewed with it, and a key created later gets its lifetime as it is created.
 local function keep_keys()
   for i = 1, 4 do
-    redis.call('PEXPIRE', KEYS[i], key_lifetime)
+    redis.call('PEXPIRE', KEYS[i], 2 * key_lifetime)
+  end
+end
+
+local function keep_keys_if_low()
+  if redis.call('PTTL', KEYS[1]) < key_lifetime then
+    keep_keys()
   end
 end
 
