@@ -18,6 +18,12 @@
 //!     it runs beside, does not deliver these log entries, and its log is
 //!     capped (`MAXLEN ~`) since nothing consumes it.
 //!
+//!     With `BENCH_HEARTBEAT_BATCH=<n>` the heartbeats are group-committed
+//!     instead: heartbeats that arrive while earlier ones are being written
+//!     wait and go together, up to `n` in one `EVALSHA` of a script doing the
+//!     same writes for each, with at most two such calls in flight. Nothing
+//!     waits for a batch to fill: an idle server writes each heartbeat alone.
+//!
 //! Usage: `bench_baseline <listen addr> <body bytes> [<redis url> <users> [<title,title,…>]]`
 //! (titles default to `m-0001`)
 
@@ -47,6 +53,23 @@ redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'i', ARGV[2] .. ' ' .. now .. ' 0 ' .. ARGV[4] .. ' ' .. ARGV[3])
 return {1, now}
 ";
+/// [`HEARTBEAT_LUA`] for many heartbeats: KEYS three per heartbeat, ARGV six
+/// per heartbeat in the same order. Returns `now`.
+const HEARTBEATS_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 0, #KEYS / 3 - 1 do
+  local k, a = i * 3, i * 6
+  redis.call('ZADD', KEYS[k + 1], now, ARGV[a + 1])
+  redis.call('PEXPIRE', KEYS[k + 1], ARGV[a + 5])
+  redis.call('HSET', KEYS[k + 2], ARGV[a + 4], ARGV[a + 2] .. '@' .. now)
+  redis.call('EXPIRE', KEYS[k + 2], ARGV[a + 6])
+  redis.call('XADD', KEYS[k + 3], 'MAXLEN', '~', 10000, '*', 'i', ARGV[a + 2] .. ' ' .. now .. ' 0 ' .. ARGV[a + 4] .. ' ' .. ARGV[a + 3])
+end
+return now
+";
+/// Group-committed batches in flight at once.
+const BATCHES_IN_FLIGHT: usize = 2;
 /// Moneta's defaults (`MONETA_SESSION_TTL_S`, the position's lifetime).
 const SESSION_TTL_MS: i64 = 90_000;
 const POSITION_TTL_S: u64 = 30 * 24 * 3600;
@@ -58,6 +81,54 @@ struct HeartbeatTrip {
     /// `(user, sessions key, positions key, log key)` per user, built once.
     keys: Vec<(String, String, String, String)>,
     next: AtomicUsize,
+    /// Where heartbeats wait for the group-committing writer, when batching.
+    batched: Option<tokio::sync::mpsc::Sender<Pending>>,
+}
+
+/// One heartbeat waiting for its batch: its keys and arguments, and where
+/// the batch's time goes.
+struct Pending {
+    keys: [String; 3],
+    args: [String; 6],
+    done: tokio::sync::oneshot::Sender<Result<i64, redis::RedisError>>,
+}
+
+/// Writes what waits on `queue` in batches of at most `limit`, at most
+/// [`BATCHES_IN_FLIGHT`] at once; a batch takes everything queued when a
+/// call slot frees, so batches grow with the load and never wait to fill.
+async fn group_commit(
+    mut queue: tokio::sync::mpsc::Receiver<Pending>,
+    conn: redis::aio::MultiplexedConnection,
+    hash: String,
+    limit: usize,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    let mut batch = Vec::with_capacity(limit);
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        if queue.recv_many(&mut batch, limit).await == 0 {
+            return;
+        }
+        let call = std::mem::replace(&mut batch, Vec::with_capacity(limit));
+        let mut conn = conn.clone();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&hash).arg(call.len() * 3);
+        for p in &call {
+            cmd.arg(&p.keys[..]);
+        }
+        for p in &call {
+            cmd.arg(&p.args[..]);
+        }
+        tokio::spawn(async move {
+            let result: Result<i64, redis::RedisError> = cmd.query_async(&mut conn).await;
+            for p in call {
+                let _ = p.done.send(result.clone());
+            }
+            drop(slot);
+        });
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -75,21 +146,41 @@ impl HeartbeatTrip {
         let title = id.split('.').nth(1).unwrap_or_default();
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         let (user, sessions, positions, log) = &self.keys[i % self.keys.len()];
-        let mut conn = self.conn.clone();
-        let (_, now): (i64, i64) = redis::cmd("EVALSHA")
-            .arg(&self.hash)
-            .arg(3)
-            .arg(sessions)
-            .arg(positions)
-            .arg(log)
-            .arg(id)
-            .arg(position_ms)
-            .arg(user)
-            .arg(title)
-            .arg(SESSION_TTL_MS)
-            .arg(POSITION_TTL_S)
-            .query_async(&mut conn)
-            .await?;
+        let now = if let Some(queue) = &self.batched {
+            let (done, answer) = tokio::sync::oneshot::channel();
+            let pending = Pending {
+                keys: [sessions.clone(), positions.clone(), log.clone()],
+                args: [
+                    id.to_owned(),
+                    position_ms.to_string(),
+                    user.clone(),
+                    title.to_owned(),
+                    SESSION_TTL_MS.to_string(),
+                    POSITION_TTL_S.to_string(),
+                ],
+                done,
+            };
+            let gone = || redis::RedisError::from((redis::ErrorKind::Io, "the batch writer stopped"));
+            queue.send(pending).await.map_err(|_| gone())?;
+            answer.await.map_err(|_| gone())??
+        } else {
+            let mut conn = self.conn.clone();
+            let (_, now): (i64, i64) = redis::cmd("EVALSHA")
+                .arg(&self.hash)
+                .arg(3)
+                .arg(sessions)
+                .arg(positions)
+                .arg(log)
+                .arg(id)
+                .arg(position_ms)
+                .arg(user)
+                .arg(title)
+                .arg(SESSION_TTL_MS)
+                .arg(POSITION_TTL_S)
+                .query_async(&mut conn)
+                .await?;
+            now
+        };
         let expires_at = Utc
             .timestamp_millis_opt(now + SESSION_TTL_MS)
             .single()
@@ -177,11 +268,27 @@ fn main() -> std::io::Result<()> {
                 .load_async(&mut conn.clone())
                 .await
                 .map_err(std::io::Error::other)?;
+            let batch_limit: usize = std::env::var("BENCH_HEARTBEAT_BATCH")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let batched = if batch_limit > 1 {
+                let batch_hash = Script::new(HEARTBEATS_LUA)
+                    .load_async(&mut conn.clone())
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let (queue, waiting) = tokio::sync::mpsc::channel(4096);
+                tokio::spawn(group_commit(waiting, conn.clone(), batch_hash, batch_limit));
+                Some(queue)
+            } else {
+                None
+            };
             let beat = Arc::new(HeartbeatTrip {
                 conn: conn.clone(),
                 hash,
                 keys: heartbeat_keys(&buckets, users)?,
                 next: AtomicUsize::new(0),
+                batched,
             });
             let trip = Arc::new(OneTrip {
                 conn,

@@ -178,9 +178,21 @@ impl Stack {
     /// the cost) and waits until it reports ready. `wrapper` is a command
     /// Moneta runs under (valgrind), empty for none; `extra` adds settings.
     pub fn moneta(&self, wrapper: &[OsString], extra: &[(&str, String)], patience: Duration) -> Moneta {
+        self.moneta_binary(&self.bins.moneta, wrapper, extra, patience)
+    }
+
+    /// [`Stack::moneta`] from another build of it (`scripts/bench`'s
+    /// reference scenario); `extra` may override the stack's settings.
+    pub fn moneta_binary(
+        &self,
+        binary: &Path,
+        wrapper: &[OsString],
+        extra: &[(&str, String)],
+        patience: Duration,
+    ) -> Moneta {
         let port = free_port();
         let admin_port = free_port();
-        let mut command = wrapped(wrapper, &self.bins.moneta);
+        let mut command = wrapped(wrapper, binary);
         command
             .arg("serve")
             .env("MONETA_LISTEN_ADDR", format!("127.0.0.1:{port}"))
@@ -225,9 +237,22 @@ impl Stack {
         wrapper: &[OsString],
         patience: Duration,
     ) -> Listening {
+        self.baseline_with(kind, body_len, wrapper, &[], patience)
+    }
+
+    /// [`Stack::baseline`] with settings of its own (`BENCH_HEARTBEAT_BATCH`).
+    pub fn baseline_with(
+        &self,
+        kind: Baseline,
+        body_len: usize,
+        wrapper: &[OsString],
+        envs: &[(&str, &str)],
+        patience: Duration,
+    ) -> Listening {
         let port = free_port();
         let mut command = wrapped(wrapper, &self.bins.baseline);
         command.arg(format!("127.0.0.1:{port}")).arg(body_len.to_string());
+        command.envs(envs.iter().copied());
         if kind == Baseline::OneRoundTrip {
             command
                 .arg(&self.redis.url)

@@ -6,8 +6,9 @@
 //!
 //! Settings: BENCH_DURATION_S (10), BENCH_ROUNDS (3), BENCH_CONNECTIONS (64),
 //! BENCH_SOAK_S (60), BENCH_USERS (1000), BENCH_TITLES (200),
-//! BENCH_OVERLOAD_S (20), BENCH_SCENARIOS (`all`, or `overload`, `cluster` or `memory`
-//! for that scenario alone, which rewrites only its section of the report),
+//! BENCH_OVERLOAD_S (20), BENCH_SCENARIOS (`all`, or `overload`, `cluster`, `memory` or
+//! `reference` for that scenario alone, which rewrites only its section of the
+//! report; `reference` runs only when asked, as it builds an older Moneta),
 //! BENCH_SYSCALLS (`1`: also count the serving process's system calls per
 //! request with `perf stat`, in the first round's warm-up runs),
 //! BENCH_SAMPLE (`1`: also sample where the serving process spends its CPU
@@ -276,13 +277,7 @@ fn main() {
     let warm_s = warm_started.elapsed().as_secs_f64();
     let warmed = testkit::memory::breakdown(moneta_pid);
     let before_loads = [("At start", at_start), ("After the warm-up", warmed)];
-    let sessions_file = write(
-        "sessions",
-        sessions
-            .iter()
-            .map(|(token, id)| format!("{token} {id}\n"))
-            .collect(),
-    );
+    let heartbeat_sessions = sessions_file(dir.path(), "sessions", &sessions);
 
     // The overload flood's sessions: one per user, on devices of their own,
     // started right before the flood (they live 90 s without a heartbeat).
@@ -295,13 +290,7 @@ fn main() {
             spread.users,
             "bench-flood",
         ));
-        let file = write(
-            "flood-sessions",
-            started
-                .iter()
-                .map(|(token, id)| format!("{token} {id}\n"))
-                .collect(),
-        );
+        let file = sessions_file(dir.path(), "flood-sessions", &started);
         (file, started.len())
     };
     let wrk = Wrk {
@@ -310,7 +299,7 @@ fn main() {
         envs: vec![
             ("BENCH_TOKENS".into(), tokens_file),
             ("BENCH_TITLE_IDS".into(), titles_file),
-            ("BENCH_SESSIONS".into(), sessions_file),
+            ("BENCH_SESSIONS".into(), heartbeat_sessions),
             ("BENCH_PAIR_TOKEN".into(), pair_token),
         ],
     };
@@ -344,6 +333,21 @@ fn main() {
         println!("\n{section}");
         let old = std::fs::read_to_string(&report_path).unwrap_or_default();
         let _ = std::fs::write(&report_path, with_section(&old, MEMORY_HEADING, &section));
+        return;
+    }
+    if std::env::var("BENCH_SCENARIOS").is_ok_and(|v| v.trim() == "reference") {
+        let section = reference_section(
+            &stack,
+            &wrk,
+            &moneta,
+            &runtime,
+            &tokens,
+            (rounds, duration, body_len),
+            dir.path(),
+        );
+        println!("\n{section}");
+        let old = std::fs::read_to_string(&report_path).unwrap_or_default();
+        let _ = std::fs::write(&report_path, with_section(&old, REFERENCE_HEADING, &section));
         return;
     }
     if std::env::var("BENCH_SCENARIOS").is_ok_and(|v| v.trim() == "cluster") {
@@ -976,14 +980,142 @@ fn measure(
 ) -> Outcome {
     let url = moneta.url();
     let _ = wrk.run_as(&url, script, 3, 2, wrk.connections, envs);
-    reset_peak(moneta.pid());
     let before = (moneta.redis_calls(), moneta.client_cache_hits());
-    let mut outcome = wrk.run_as(&url, script, seconds, 2, wrk.connections, envs);
-    outcome.peak_rss_mib = peak_rss_mib(moneta.pid());
+    let mut outcome = measure_server(wrk, (&url, moneta.pid()), script, (0, seconds), envs);
     let requests = outcome.requests.max(1) as f64;
     outcome.redis_calls = Some((moneta.redis_calls() - before.0) / requests);
     outcome.cache_hits = Some((moneta.client_cache_hits() - before.1) / requests);
     outcome
+}
+
+/// [`measure`] for any server, Moneta's metrics aside: `seconds` of
+/// `script` after `warm_up_s` of it (none for 0), with the server's peak RSS
+/// over the measured seconds.
+fn measure_server(
+    wrk: &Wrk,
+    (url, pid): (&str, u32),
+    script: &str,
+    (warm_up_s, seconds): (u64, u64),
+    envs: &[(&str, &str)],
+) -> Outcome {
+    if warm_up_s > 0 {
+        let _ = wrk.run_as(url, script, warm_up_s, 2, wrk.connections, envs);
+    }
+    reset_peak(pid);
+    let mut outcome = wrk.run_as(url, script, seconds, 2, wrk.connections, envs);
+    outcome.peak_rss_mib = peak_rss_mib(pid);
+    outcome
+}
+
+/// Writes `sessions` for wrk's heartbeat script (`<token> <id>` a line) to
+/// `dir/name`; its path.
+fn sessions_file(dir: &Path, name: &str, sessions: &[(String, String)]) -> String {
+    let path = dir.join(name);
+    let lines: String = sessions
+        .iter()
+        .map(|(token, id)| format!("{token} {id}\n"))
+        .collect();
+    std::fs::write(&path, lines).expect("bench file");
+    path.display().to_string()
+}
+
+/// Warms `newcomer` the way the main Moneta was (every user × title pair
+/// once) and starts heartbeat sessions on it and on `beside`, whose sessions
+/// from the main rounds may have ended by now (90 s without a heartbeat).
+/// The seconds it took, and both sessions with their file, the newcomer's
+/// first.
+fn warm_beside(
+    stack: &Stack,
+    runtime: &tokio::runtime::Runtime,
+    tokens: &Arc<Vec<String>>,
+    (newcomer, beside): (&testkit::bench_stack::Moneta, &testkit::bench_stack::Moneta),
+    name: &str,
+    dir: &Path,
+) -> (f64, [Started; 2]) {
+    let client = testkit::bench_stack::client();
+    let started = Instant::now();
+    let sessions = runtime.block_on(async {
+        let playback_info = playback_info_requests(&newcomer.url(), tokens, &stack.spread);
+        drive(&client, 0..stack.spread.pairs(), WARM_CONCURRENCY, &playback_info).await;
+        let mut sessions = Vec::new();
+        for (moneta, prefix) in [
+            (newcomer, format!("bench-{name}")),
+            (beside, format!("bench-{name}-beside")),
+        ] {
+            let on = &moneta.url();
+            sessions.push(
+                start_sessions_on(&client, on, tokens, &stack.spread, HEARTBEAT_SESSIONS, &prefix).await,
+            );
+        }
+        sessions
+    });
+    let warm_s = started.elapsed().as_secs_f64();
+    let mut sessions = sessions.into_iter();
+    let mut started = |file: String| {
+        let sessions = sessions.next().unwrap_or_default();
+        Started {
+            file: sessions_file(dir, &file, &sessions),
+            sessions,
+        }
+    };
+    (
+        warm_s,
+        [
+            started(format!("{name}-sessions")),
+            started(format!("{name}-beside-sessions")),
+        ],
+    )
+}
+
+/// Heartbeat sessions started on one Moneta, and the file wrk reads them from.
+struct Started {
+    sessions: Vec<(String, String)>,
+    file: String,
+}
+
+/// Per load, per round, one outcome per contender: every round measures each
+/// load on every contender back to back, so that a ratio taken within a round
+/// is not the machine's drift. `measure` gets the load's wrk script and the
+/// contender's index.
+fn alternated<const N: usize>(
+    section: &str,
+    rounds: u64,
+    loads: &[(&str, &str)],
+    contenders: [&str; N],
+    mut measure: impl FnMut(&str, usize) -> Outcome,
+) -> Vec<Vec<[Outcome; N]>> {
+    let mut measured: Vec<Vec<[Outcome; N]>> = vec![Vec::new(); loads.len()];
+    for round in 1..=rounds {
+        for (i, (name, script)) in loads.iter().enumerate() {
+            measured[i].push(std::array::from_fn(|at| {
+                eprintln!("{section} round {round}/{rounds}: {name}, {}", contenders[at]);
+                measure(script, at)
+            }));
+        }
+    }
+    measured
+}
+
+/// Contender `at`'s outcome in its median round by requests/s.
+fn median_round<const N: usize>(per_round: &[[Outcome; N]], at: usize) -> Outcome {
+    let mut by_rps: Vec<&Outcome> = per_round.iter().map(|r| &r[at]).collect();
+    by_rps.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    by_rps[by_rps.len() / 2].clone()
+}
+
+/// Median, min and max over the rounds of contender `at`'s `value` divided
+/// by contender `against`'s in the same round.
+fn ratio_over_rounds<const N: usize>(
+    per_round: &[[Outcome; N]],
+    at: usize,
+    against: usize,
+    value: fn(&Outcome) -> f64,
+) -> (f64, f64, f64) {
+    let ratios: Vec<f64> = per_round
+        .iter()
+        .map(|r| value(&r[at]) / value(&r[against]).max(f64::MIN_POSITIVE))
+        .collect();
+    spread_of(&ratios)
 }
 
 /// The single-node Moneta `single` and a Moneta on a 3-primary Redis Cluster
@@ -1005,62 +1137,27 @@ fn cluster_section(
         &[("MONETA_REDIS_CLUSTER_URLS", cluster.urls())],
         Duration::from_secs(60),
     );
-    let base = moneta.url();
-    let client = testkit::bench_stack::client();
-    let playback_info = playback_info_requests(&base, tokens, &stack.spread);
     // The cluster starts empty; warmed like the single node, it holds the
     // same entitlements and positions when the rounds begin.
-    let warm_started = Instant::now();
-    // Sessions of their own on the single node too: the main rounds' may
-    // have ended by now (90 s without a heartbeat).
-    let (sessions, single_sessions) = runtime.block_on(async {
-        drive(&client, 0..stack.spread.pairs(), WARM_CONCURRENCY, &playback_info).await;
-        (
-            start_sessions(&client, &base, tokens, &stack.spread, HEARTBEAT_SESSIONS).await,
-            start_sessions_on(
-                &client,
-                &single.url(),
-                tokens,
-                &stack.spread,
-                HEARTBEAT_SESSIONS,
-                "bench-cluster-single",
-            )
-            .await,
-        )
-    });
-    let warm_s = warm_started.elapsed().as_secs_f64();
-    let sessions_file = |name: &str, sessions: &[(String, String)]| {
-        let path = dir.join(name);
-        std::fs::write(
-            &path,
-            sessions
-                .iter()
-                .map(|(token, id)| format!("{token} {id}\n"))
-                .collect::<String>(),
-        )
-        .expect("bench file");
-        path.display().to_string()
-    };
-    let cluster_file = sessions_file("cluster-sessions", &sessions);
-    let single_file = sessions_file("single-sessions", &single_sessions);
-    let cluster_envs = [("BENCH_SESSIONS", cluster_file.as_str())];
-    let single_envs = [("BENCH_SESSIONS", single_file.as_str())];
+    let (warm_s, [on_cluster, on_single]) =
+        warm_beside(stack, runtime, tokens, (&moneta, single), "cluster", dir);
+    let cluster_envs = [("BENCH_SESSIONS", on_cluster.file.as_str())];
+    let single_envs = [("BENCH_SESSIONS", on_single.file.as_str())];
 
     let loads = [
         ("playback-info, warm cache", "playback_info.lua"),
         ("heartbeat", "heartbeat.lua"),
     ];
-    // Per load, per round: the single node's outcome, then the cluster's.
-    let mut measured: Vec<Vec<[Outcome; 2]>> = vec![Vec::new(); loads.len()];
-    for round in 1..=rounds {
-        for (i, (name, script)) in loads.iter().enumerate() {
-            eprintln!("cluster round {round}/{rounds}: {name}, single node");
-            let on_single = measure(wrk, single, script, duration, &single_envs);
-            eprintln!("cluster round {round}/{rounds}: {name}, cluster");
-            let on_cluster = measure(wrk, &moneta, script, duration, &cluster_envs);
-            measured[i].push([on_single, on_cluster]);
-        }
-    }
+    let measured = alternated(
+        "cluster",
+        rounds,
+        &loads,
+        ["single node", "cluster"],
+        |script, at| match at {
+            0 => measure(wrk, single, script, duration, &single_envs),
+            _ => measure(wrk, &moneta, script, duration, &cluster_envs),
+        },
+    );
 
     let mut table = String::new();
     let _ = writeln!(
@@ -1072,19 +1169,18 @@ fn cluster_section(
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for ((name, _), per_round) in loads.iter().zip(&measured) {
-        let ratios: Vec<f64> = per_round
-            .iter()
-            .map(|[s, c]| c.rps / s.rps.max(1.0) * 100.0)
-            .collect();
-        let (median, low, high) = spread_of(&ratios);
+        let (median, low, high) = ratio_over_rounds(per_round, 1, 0, |o| o.rps);
         for (at, redis) in [(0, "single node"), (1, "cluster, 3 primaries")] {
-            let mut by_rps: Vec<Outcome> = per_round.iter().map(|r| r[at].clone()).collect();
-            by_rps.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-            let o = &by_rps[by_rps.len() / 2];
+            let o = &median_round(per_round, at);
             let ratio = if at == 0 {
                 "100 %".to_owned()
             } else {
-                format!("{median:.0} % ({low:.0}–{high:.0} %)")
+                format!(
+                    "{:.0} % ({:.0}–{:.0} %)",
+                    median * 100.0,
+                    low * 100.0,
+                    high * 100.0
+                )
             };
             let _ = writeln!(
                 table,
@@ -1110,5 +1206,243 @@ fn cluster_section(
         machine = machine(),
         connections = wrk.connections,
         plural = if rounds == 1 { "" } else { "s" },
+    )
+}
+
+const REFERENCE_HEADING: &str = "## The Go service, through the build it was compared with";
+/// The build of Moneta that the hot path's second round compared with the Go
+/// service of the same contract. The Go service is not in this repository and
+/// does not run here; this build does, so it carries that comparison over.
+const REFERENCE_REV: &str = "60747d7";
+/// What that comparison found, on its own host, per load: Moneta at
+/// [`REFERENCE_REV`] over the Go service, in requests/s and in peak RSS.
+const GO_MEASURED: [(&str, f64, f64); 2] = [("playback-info", 3.96, 1.28), ("heartbeat", 1.91, 1.39)];
+/// The goals set against the Go service: requests/s at least this…
+const GO_THROUGHPUT_GOAL: f64 = 4.0;
+/// …and peak RSS at most this.
+const GO_RSS_GOAL: f64 = 1.0;
+/// The most heartbeats the group-committed ceiling writes in one call.
+const HEARTBEAT_BATCH: &str = "32";
+
+/// Moneta at [`REFERENCE_REV`], built once into `target/reference/` from
+/// this repository's history (`git archive`, then the release build its own
+/// `Cargo.lock` pins).
+fn reference_build(root: &Path) -> PathBuf {
+    let dir = root.join("target/reference");
+    let binary = dir.join(format!("moneta-{REFERENCE_REV}"));
+    if binary.is_file() {
+        return binary;
+    }
+    let src = dir.join(format!("src-{REFERENCE_REV}"));
+    if !src.join("Cargo.toml").is_file() {
+        std::fs::create_dir_all(&src).expect("create target/reference");
+        let archive = Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(["archive", "--format=tar", REFERENCE_REV])
+            .output()
+            .expect("run git archive");
+        assert!(
+            archive.status.success(),
+            "git archive {REFERENCE_REV} failed (a shallow clone lacks it: `git fetch --unshallow`): {}",
+            String::from_utf8_lossy(&archive.stderr)
+        );
+        let tar_file = dir.join(format!("src-{REFERENCE_REV}.tar"));
+        std::fs::write(&tar_file, &archive.stdout).expect("write the archive");
+        let status = Command::new("tar")
+            .arg("-xf")
+            .arg(&tar_file)
+            .arg("-C")
+            .arg(&src)
+            .status()
+            .expect("run tar");
+        assert!(status.success(), "unpacking {REFERENCE_REV} failed");
+        let _ = std::fs::remove_file(&tar_file);
+    }
+    eprintln!(
+        "reference: building Moneta at {REFERENCE_REV} (a release build, several minutes the first time)"
+    );
+    let status = Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "moneta",
+            "--bin",
+            "moneta",
+        ])
+        .current_dir(&src)
+        .env("CARGO_TARGET_DIR", &dir)
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building Moneta at {REFERENCE_REV} failed");
+    std::fs::copy(dir.join("release/moneta"), &binary).expect("keep the reference binary");
+    binary
+}
+
+/// This build, Moneta at [`REFERENCE_REV`] (on a Redis of its own, warmed the
+/// same way) and the one-RTT ceilings under playback-info and heartbeat load,
+/// back to back in every round. The ratios to the reference build, times what
+/// the reference measured against the Go service, say where this build
+/// stands against the Go service.
+fn reference_section(
+    stack: &Stack,
+    wrk: &Wrk,
+    current: &testkit::bench_stack::Moneta,
+    runtime: &tokio::runtime::Runtime,
+    tokens: &Arc<Vec<String>>,
+    (rounds, duration, body_len): (u64, u64, usize),
+    dir: &Path,
+) -> String {
+    let binary = reference_build(&repository_root());
+    eprintln!("reference: starting Moneta at {REFERENCE_REV} on a Redis of its own");
+    let redis = testkit::RedisServer::start();
+    let reference = stack.moneta_binary(
+        &binary,
+        &[],
+        &[("MONETA_REDIS_URL", redis.url.clone())],
+        Duration::from_secs(60),
+    );
+    let ceiling = stack.baseline(Baseline::OneRoundTrip, body_len, &[], Duration::from_secs(60));
+    let batched = stack.baseline_with(
+        Baseline::OneRoundTrip,
+        body_len,
+        &[],
+        &[("BENCH_HEARTBEAT_BATCH", HEARTBEAT_BATCH)],
+        Duration::from_secs(60),
+    );
+    let (warm_s, [on_reference, on_current]) =
+        warm_beside(stack, runtime, tokens, (&reference, current), "reference", dir);
+    let client = testkit::bench_stack::client();
+
+    let loads = [
+        ("playback-info, warm cache", "playback_info.lua"),
+        ("heartbeat", "heartbeat.lua"),
+    ];
+    let contenders = [
+        format!("Moneta at {REFERENCE_REV}"),
+        "this build".to_owned(),
+        "its one-RTT ceiling".to_owned(),
+        format!("the heartbeat ceiling, group-committed (up to {HEARTBEAT_BATCH} a call)"),
+    ];
+    let measured = alternated(
+        "reference",
+        rounds,
+        &loads,
+        contenders.each_ref().map(String::as_str),
+        |script, at| {
+            // A round outlasts the sessions' 90 s of liveness.
+            if script == "heartbeat.lua" && at < 2 {
+                let (moneta, sessions) = match at {
+                    0 => (&reference, &on_reference.sessions),
+                    _ => (current, &on_current.sessions),
+                };
+                runtime.block_on(renew_sessions(&client, &moneta.url(), sessions));
+            }
+            match at {
+                0 => measure(
+                    wrk,
+                    &reference,
+                    script,
+                    duration,
+                    &[("BENCH_SESSIONS", &on_reference.file)],
+                ),
+                1 => measure(
+                    wrk,
+                    current,
+                    script,
+                    duration,
+                    &[("BENCH_SESSIONS", &on_current.file)],
+                ),
+                2 => measure_server(
+                    wrk,
+                    (&ceiling.url, ceiling.process.pid()),
+                    script,
+                    (3, duration),
+                    &[],
+                ),
+                // Batching changes only how heartbeats are written.
+                _ if script != "heartbeat.lua" => Outcome::default(),
+                _ => measure_server(
+                    wrk,
+                    (&batched.url, batched.process.pid()),
+                    script,
+                    (3, duration),
+                    &[],
+                ),
+            }
+        },
+    );
+
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| load | server | requests/s | p50 ms | p99 ms | peak RSS MiB | requests/s vs Moneta at {REFERENCE_REV} (median, min–max) | peak RSS vs Moneta at {REFERENCE_REV} (median) | requests/s vs the Go service (derived) | peak RSS vs the Go service (derived) | non-2xx | socket errors |"
+    );
+    let _ = writeln!(
+        table,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    let mut verdicts = Vec::new();
+    for (((name, _), per_round), (go_load, go_rps, go_rss)) in loads.iter().zip(&measured).zip(GO_MEASURED) {
+        for (at, server) in contenders.iter().enumerate() {
+            let o = median_round(per_round, at);
+            if o.requests == 0 {
+                continue;
+            }
+            let (rps, rps_low, rps_high) = ratio_over_rounds(per_round, at, 0, |o| o.rps);
+            let (rss, _, _) = ratio_over_rounds(per_round, at, 0, |o| o.peak_rss_mib);
+            // The ceilings' memory is a bare handler's: no answer to compare.
+            let rss_vs_go = if at >= 2 {
+                "–".to_owned()
+            } else {
+                format!("{:.2}×", go_rss * rss)
+            };
+            let _ = writeln!(
+                table,
+                "| {name} | {server} | {:.0} | {:.2} | {:.2} | {:.1} | {:.2} ({rps_low:.2}–{rps_high:.2}) | {rss:.2} | {:.2}× | {rss_vs_go} | {} | {} |",
+                o.rps,
+                o.p50_ms,
+                o.p99_ms,
+                o.peak_rss_mib,
+                rps,
+                go_rps * rps,
+                o.non2xx,
+                o.socket_errors
+            );
+            if at == 1 {
+                let met = |ok: bool| if ok { "met" } else { "missed" };
+                verdicts.push(format!(
+                    "{go_load}: requests/s {:.2}× the Go service's (goal ≥ {GO_THROUGHPUT_GOAL}×, {}), peak RSS {:.2}× (goal ≤ {GO_RSS_GOAL}×, {})",
+                    go_rps * rps,
+                    met(go_rps * rps >= GO_THROUGHPUT_GOAL),
+                    go_rss * rss,
+                    met(go_rss * rss <= GO_RSS_GOAL),
+                ));
+            }
+            if at >= 2 {
+                verdicts.push(format!(
+                    "{go_load}, {server}: {:.2}× the Go service's requests/s",
+                    go_rps * rps
+                ));
+            }
+        }
+    }
+    format!(
+        "{REFERENCE_HEADING}\n\n\
+         Measured by `scripts/bench` ({date}; `BENCH_SCENARIOS=reference` runs this alone; wrk with 2 threads and {connections} connections, {rounds} round{plural} of {duration} s per row, each after a 3 s warm-up). Machine: {machine}.\n\n\
+         The Go service of the same contract is not in this repository and does not run here. The comparison with it was made on another host against Moneta at `{REFERENCE_REV}`, which does: it found Moneta's requests/s {pb_rps}× and {hb_rps}× the Go service's (playback-info, heartbeat) and its peak RSS {pb_rss}× and {hb_rss}×. Here this build, Moneta at `{REFERENCE_REV}` (built from this repository's history into `target/reference/`, on a Redis of its own, warmed the same way: every user × title pair, then {HEARTBEAT_SESSIONS} live sessions; {warm_s:.0} s) the one-RTT ceilings of the main table, and the heartbeat's ceiling group-committed (`BENCH_HEARTBEAT_BATCH` in `examples/bench_baseline.rs`: heartbeats that arrive while earlier ones are being written go together, up to {HEARTBEAT_BATCH} in one `EVALSHA`, at most two calls in flight) run the same loads back to back in every round; a ratio to `{REFERENCE_REV}` is taken within its round, each row is the median round, and the derived columns multiply that ratio by what `{REFERENCE_REV}` measured against the Go service. The derivation assumes the Go service would keep its ratio to `{REFERENCE_REV}` on this host.\n\n\
+         {table}\n\
+         {verdicts}.\n",
+        date = report_date(),
+        machine = machine(),
+        connections = wrk.connections,
+        plural = if rounds == 1 { "" } else { "s" },
+        pb_rps = GO_MEASURED[0].1,
+        hb_rps = GO_MEASURED[1].1,
+        pb_rss = GO_MEASURED[0].2,
+        hb_rss = GO_MEASURED[1].2,
+        verdicts = verdicts.join("; "),
     )
 }
