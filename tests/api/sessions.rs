@@ -148,10 +148,7 @@ async fn an_expired_sessions_heartbeat_leaves_no_key_without_a_lifetime() {
     let ended: Vec<&str> = keys.lines().filter(|k| k.ends_with(":ended")).collect();
     assert_eq!(ended.len(), 1, "the burial is remembered: {keys}");
     for key in keys.lines().filter(|k| !k.is_empty()) {
-        let pttl: i64 = testkit::redis::cli(app.redis.port, &["PTTL", key])
-            .trim()
-            .parse()
-            .unwrap();
+        let pttl = pttl_ms(&app, key);
         assert!(pttl > 0, "{key} has no lifetime (PTTL {pttl})");
     }
 }
@@ -165,18 +162,15 @@ async fn session_keys_outlive_the_last_heartbeat_by_their_lifetime() {
     let app = spawn_app().await;
     let token = app.token("u-basic", "basic", 1, "KR");
     let s_id = app.started_session(&token, "m-0001", "phone").await;
-    let session_keys = || {
-        testkit::redis::cli(app.redis.port, &["--scan", "--pattern", "*u-basic*"])
-            .lines()
-            .filter(|k| {
-                [":sessions", ":session-info", ":devices"]
-                    .iter()
-                    .any(|s| k.ends_with(s))
-            })
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
-    let keys = session_keys();
+    let keys: Vec<String> = testkit::redis::cli(app.redis.port, &["--scan", "--pattern", "*u-basic*"])
+        .lines()
+        .filter(|k| {
+            [":sessions", ":session-info", ":devices"]
+                .iter()
+                .any(|s| k.ends_with(s))
+        })
+        .map(str::to_owned)
+        .collect();
     assert_eq!(keys.len(), 3, "{keys:?}");
     // Fresh, and then as if most of the lifetime had passed since.
     for remaining_ms in [None, Some(LIFETIME_MS / 2)] {
@@ -187,10 +181,7 @@ async fn session_keys_outlive_the_last_heartbeat_by_their_lifetime() {
         }
         assert_eq!(app.heartbeat(&token, s_id.as_str(), 1_000).await.status(), 200);
         for key in &keys {
-            let pttl: i64 = testkit::redis::cli(app.redis.port, &["PTTL", key])
-                .trim()
-                .parse()
-                .unwrap();
+            let pttl = pttl_ms(&app, key);
             // A margin for the time between the heartbeat and this read.
             assert!(
                 pttl >= LIFETIME_MS - 10_000,
@@ -198,6 +189,15 @@ async fn session_keys_outlive_the_last_heartbeat_by_their_lifetime() {
             );
         }
     }
+}
+
+/// What is left of `key`'s lifetime in the app's Redis (-1 none, -2 no key).
+fn pttl_ms(app: &TestApp, key: &str) -> i64 {
+    let answer = testkit::redis::cli(app.redis.port, &["PTTL", key]);
+    answer
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("PTTL {key}: {answer:?}"))
 }
 
 #[tokio::test]
