@@ -11,8 +11,8 @@
 //!   - heartbeat (`PUT /v1/playback/sessions/{id}`, Moneta's heartbeat
 //!     request): the position taken from the JSON body, one `EVALSHA` of a
 //!     Lua script doing a heartbeat's writes (`ZADD` to the sessions set,
-//!     `HSET` of the position, `XADD` to the bucket's progress log, with
-//!     their expiries) on keys of Moneta's shape, then an answer of the
+//!     `HSET` of the position, `XADD` to the bucket's progress log, their
+//!     lifetimes renewed when low) on keys of Moneta's shape, then an answer of the
 //!     heartbeat's shape. Heartbeat `i` writes for user `bench-{i % users}`.
 //!     Its keys start `ceiling:` instead of `moneta:` so that Moneta, when
 //!     it runs beside, does not deliver these log entries, and its log is
@@ -40,33 +40,39 @@ use chrono::{SecondsFormat, TimeZone, Utc};
 use redis::Script;
 
 /// A heartbeat's Redis writes, without Moneta's checks (liveness, eviction,
-/// the deadline): KEYS sessions, positions, log; ARGV session id, position,
-/// user, title, session TTL ms, position TTL s. Returns `{1, now}` like
-/// Moneta's script.
+/// the deadline), written the way Moneta's script writes them (`now` cut
+/// from `TIME`'s digits, lifetimes renewed only when the positions hash runs
+/// low; `session_lib.lua`): KEYS sessions, positions, log; ARGV session id,
+/// position, user, title, session TTL ms, position TTL s. Returns `{1, now}`
+/// like Moneta's script.
 const HEARTBEAT_LUA: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('HSET', KEYS[2], ARGV[4], ARGV[2] .. '@' .. now)
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'i', ARGV[2] .. ' ' .. now .. ' 0 ' .. ARGV[4] .. ' ' .. ARGV[3])
-return {1, now}
+local now_s = t[1] .. string.sub('00000' .. t[2], -6, -4)
+redis.call('ZADD', KEYS[1], now_s, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[2] .. '@' .. now_s)
+if redis.call('PTTL', KEYS[2]) < ARGV[6] * 1000 + ARGV[5] then
+  redis.call('PEXPIRE', KEYS[1], 2 * ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6] * 1000 + 2 * ARGV[5])
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'i', ARGV[2] .. ' ' .. now_s .. ' 0 ' .. ARGV[4] .. ' ' .. ARGV[3])
+return {1, tonumber(now_s)}
 ";
 /// [`HEARTBEAT_LUA`] for many heartbeats: KEYS three per heartbeat, ARGV six
 /// per heartbeat in the same order. Returns `now`.
 const HEARTBEATS_LUA: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_s = t[1] .. string.sub('00000' .. t[2], -6, -4)
 for i = 0, #KEYS / 3 - 1 do
   local k, a = i * 3, i * 6
-  redis.call('ZADD', KEYS[k + 1], now, ARGV[a + 1])
-  redis.call('PEXPIRE', KEYS[k + 1], ARGV[a + 5])
-  redis.call('HSET', KEYS[k + 2], ARGV[a + 4], ARGV[a + 2] .. '@' .. now)
-  redis.call('EXPIRE', KEYS[k + 2], ARGV[a + 6])
-  redis.call('XADD', KEYS[k + 3], 'MAXLEN', '~', 10000, '*', 'i', ARGV[a + 2] .. ' ' .. now .. ' 0 ' .. ARGV[a + 4] .. ' ' .. ARGV[a + 3])
+  redis.call('ZADD', KEYS[k + 1], now_s, ARGV[a + 1])
+  redis.call('HSET', KEYS[k + 2], ARGV[a + 4], ARGV[a + 2] .. '@' .. now_s)
+  if redis.call('PTTL', KEYS[k + 2]) < ARGV[a + 6] * 1000 + ARGV[a + 5] then
+    redis.call('PEXPIRE', KEYS[k + 1], 2 * ARGV[a + 5])
+    redis.call('PEXPIRE', KEYS[k + 2], ARGV[a + 6] * 1000 + 2 * ARGV[a + 5])
+  end
+  redis.call('XADD', KEYS[k + 3], 'MAXLEN', '~', 10000, '*', 'i', ARGV[a + 2] .. ' ' .. now_s .. ' 0 ' .. ARGV[a + 4] .. ' ' .. ARGV[a + 3])
 end
-return now
+return tonumber(now_s)
 ";
 /// Group-committed batches in flight at once.
 const BATCHES_IN_FLIGHT: usize = 2;

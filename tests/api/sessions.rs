@@ -157,38 +157,73 @@ async fn an_expired_sessions_heartbeat_leaves_no_key_without_a_lifetime() {
 /// lifetime (an hour at the default TTL), so that ended ids stay ended, even
 /// though a heartbeat renews them only once they run low.
 #[tokio::test]
-async fn session_keys_outlive_the_last_heartbeat_by_their_lifetime() {
+async fn session_keys_and_positions_outlive_the_last_write_by_their_lifetimes() {
     const LIFETIME_MS: i64 = 3_600_000;
+    const POSITIONS_MS: i64 = 30 * 24 * 3_600_000;
+    // A margin for the time between a write and the reading of its lifetimes.
+    const MARGIN_MS: i64 = 10_000;
     let app = spawn_app().await;
     let token = app.token("u-basic", "basic", 1, "KR");
     let s_id = app.started_session(&token, "m-0001", "phone").await;
-    let keys: Vec<String> = testkit::redis::cli(app.redis.port, &["--scan", "--pattern", "*u-basic*"])
-        .lines()
-        .filter(|k| {
-            [":sessions", ":session-info", ":devices"]
-                .iter()
-                .any(|s| k.ends_with(s))
-        })
-        .map(str::to_owned)
-        .collect();
-    assert_eq!(keys.len(), 3, "{keys:?}");
-    // Fresh, and then as if most of the lifetime had passed since.
-    for remaining_ms in [None, Some(LIFETIME_MS / 2)] {
-        if let Some(ms) = remaining_ms {
-            for key in &keys {
-                testkit::redis::cli(app.redis.port, &["PEXPIRE", key, &ms.to_string()]);
-            }
-        }
-        assert_eq!(app.heartbeat(&token, s_id.as_str(), 1_000).await.status(), 200);
-        for key in &keys {
+    let user_keys = |suffixes: &[&str]| -> Vec<String> {
+        testkit::redis::cli(app.redis.port, &["--scan", "--pattern", "*u-basic*"])
+            .lines()
+            .filter(|k| suffixes.iter().any(|s| k.ends_with(s)))
+            .map(str::to_owned)
+            .collect()
+    };
+    let session_keys = user_keys(&[":sessions", ":session-info", ":devices"]);
+    assert_eq!(session_keys.len(), 3, "{session_keys:?}");
+    let set_pttl = |key: &str, ms: i64| {
+        testkit::redis::cli(app.redis.port, &["PEXPIRE", key, &ms.to_string()]);
+    };
+    let assert_lifetimes = |positions: &str, after: &str| {
+        for key in &session_keys {
             let pttl = pttl_ms(&app, key);
-            // A margin for the time between the heartbeat and this read.
             assert!(
-                pttl >= LIFETIME_MS - 10_000,
-                "{key} lives {pttl} ms after a heartbeat that found {remaining_ms:?} ms left"
+                pttl >= LIFETIME_MS - MARGIN_MS,
+                "{key} lives {pttl} ms after {after}"
             );
         }
+        let pttl = pttl_ms(&app, positions);
+        assert!(
+            pttl >= POSITIONS_MS - MARGIN_MS,
+            "{positions} lives {pttl} ms after {after}"
+        );
+    };
+
+    // The first heartbeat creates the positions hash.
+    assert_eq!(app.heartbeat(&token, s_id.as_str(), 1_000).await.status(), 200);
+    let positions = user_keys(&[":positions"]).pop().expect("a positions hash");
+    assert_lifetimes(&positions, "the first heartbeat");
+
+    // As the last renewal leaves them one and a half key lifetimes later:
+    // every clock ran down together.
+    for key in &session_keys {
+        set_pttl(key, LIFETIME_MS / 2);
     }
+    set_pttl(&positions, POSITIONS_MS + LIFETIME_MS / 2);
+    assert_eq!(app.heartbeat(&token, s_id.as_str(), 2_000).await.status(), 200);
+    assert_lifetimes(&positions, "a heartbeat that found half a key lifetime left");
+
+    // As a position read from the internal API and written back half a key
+    // lifetime ago leaves the hash, the session keys renewed since.
+    set_pttl(&positions, POSITIONS_MS - LIFETIME_MS / 2);
+    assert_eq!(app.heartbeat(&token, s_id.as_str(), 3_000).await.status(), 200);
+    assert_lifetimes(&positions, "a heartbeat after a write-back");
+
+    // A stop's final position renews the hash too (the stop empties, and so
+    // deletes, the session's own keys).
+    set_pttl(&positions, LIFETIME_MS);
+    assert_eq!(
+        app.stop_session_at(&token, s_id.as_str(), 4_000).await.status(),
+        204
+    );
+    let pttl = pttl_ms(&app, &positions);
+    assert!(
+        pttl >= POSITIONS_MS - MARGIN_MS,
+        "{positions} lives {pttl} ms after a stop"
+    );
 }
 
 /// What is left of `key`'s lifetime in the app's Redis (-1 none, -2 no key).

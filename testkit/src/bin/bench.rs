@@ -667,7 +667,7 @@ fn main() {
         "# Performance\n\n\
          Measured by `scripts/bench` ({date}; wrk with 2 threads and {connections} connections, {rounds} round{plural} of {duration} s per scenario, each after a 3 s warm-up).\n\n\
          Machine: {machine}.\n\n\
-         Load: {users} users × {titles} titles. playback-info requests walk every user × title pair (users fastest, each wrk thread from a random point of the cycle). The internal API's demo seed has a dozen titles, most limited by country or plan, so the bench adds copies of m-0001 (`m-1001`…) beside it and users `bench-0`…. Before the rounds every pair was asked for once ({warm_s:.0} s), so Redis holds every caller's entitlement and resume position. Both baselines get the same requests and answer a body of playback-info's size ({body_len} bytes): the bare axum handler does nothing else, the one-RTT ceiling (`examples/bench_baseline.rs`) makes one Redis pipeline (GET entitlement + HGET position) per request over the same keys in the same order — the least I/O a warm playback-info needs unless it answers from memory held in the process. The heartbeat has a ceiling of its own in the same process: Moneta's heartbeat requests, answered with one `EVALSHA` of a script doing a heartbeat's writes (`ZADD` to the sessions set, `HSET` of the position, `XADD` to the bucket's progress log, and their expiries, on keys of Moneta's shape under a `ceiling:` prefix) and an answer of the heartbeat's shape, without authentication or the session checks; heartbeat rows are compared with it, every other row with playback-info's.\n\n\
+         Load: {users} users × {titles} titles. playback-info requests walk every user × title pair (users fastest, each wrk thread from a random point of the cycle). The internal API's demo seed has a dozen titles, most limited by country or plan, so the bench adds copies of m-0001 (`m-1001`…) beside it and users `bench-0`…. Before the rounds every pair was asked for once ({warm_s:.0} s), so Redis holds every caller's entitlement and resume position. Both baselines get the same requests and answer a body of playback-info's size ({body_len} bytes): the bare axum handler does nothing else, the one-RTT ceiling (`examples/bench_baseline.rs`) makes one Redis pipeline (GET entitlement + HGET position) per request over the same keys in the same order — the least I/O a warm playback-info needs unless it answers from memory held in the process. The heartbeat has a ceiling of its own in the same process: Moneta's heartbeat requests, answered with one `EVALSHA` of a script doing a heartbeat's writes (`ZADD` to the sessions set, `HSET` of the position, `XADD` to the bucket's progress log, their lifetimes renewed only when low as Moneta's script renews them, on keys of Moneta's shape under a `ceiling:` prefix) and an answer of the heartbeat's shape, without authentication or the session checks; heartbeat rows are compared with it, every other row with playback-info's.\n\n\
          {table}\n\
          {soak_line}\n\n\
          Each row is the median round; a ratio is taken against each baseline of the same round. Session start + stop counts pairs (each pair is two requests). Heartbeats go round {sessions} live sessions. Redis calls per request are Moneta's own count (`moneta_dependency_requests_total{{dependency=\"redis\"}}`: a command, a pipeline or a script is one call; background probes included); a call the client-side cache answered whole is one of them but makes no round trip. Client-cache hits per request count reads the in-process copy of Redis answered (`moneta_redis_client_cache_requests_total{{result=\"hit\"}}`): a playback-info reads two keys, so 2.00 means no round trip at all, 1.00 typically the entitlement from the copy and the position from Redis. Instructions per request and per-function costs: `docs/profiling.md`.\n",
@@ -1075,19 +1075,24 @@ struct Started {
 
 /// Per load, per round, one outcome per contender: every round measures each
 /// load on every contender back to back, so that a ratio taken within a round
-/// is not the machine's drift. `measure` gets the load's wrk script and the
-/// contender's index.
+/// is not the machine's drift. `takes` and `measure` get the load's wrk
+/// script and the contender's index; a contender that does not take a load
+/// gets an empty outcome (no requests), which the tables leave out.
 fn alternated<const N: usize>(
     section: &str,
     rounds: u64,
     loads: &[(&str, &str)],
     contenders: [&str; N],
+    takes: impl Fn(&str, usize) -> bool,
     mut measure: impl FnMut(&str, usize) -> Outcome,
 ) -> Vec<Vec<[Outcome; N]>> {
     let mut measured: Vec<Vec<[Outcome; N]>> = vec![Vec::new(); loads.len()];
     for round in 1..=rounds {
         for (i, (name, script)) in loads.iter().enumerate() {
             measured[i].push(std::array::from_fn(|at| {
+                if !takes(script, at) {
+                    return Outcome::default();
+                }
                 eprintln!("{section} round {round}/{rounds}: {name}, {}", contenders[at]);
                 measure(script, at)
             }));
@@ -1153,6 +1158,7 @@ fn cluster_section(
         rounds,
         &loads,
         ["single node", "cluster"],
+        |_, _| true,
         |script, at| match at {
             0 => measure(wrk, single, script, duration, &single_envs),
             _ => measure(wrk, &moneta, script, duration, &cluster_envs),
@@ -1331,6 +1337,8 @@ fn reference_section(
         rounds,
         &loads,
         contenders.each_ref().map(String::as_str),
+        // Batching changes only how heartbeats are written.
+        |script, at| at < 3 || script == "heartbeat.lua",
         |script, at| {
             // A round outlasts the sessions' 90 s of liveness.
             if script == "heartbeat.lua" && at < 2 {
@@ -1362,8 +1370,6 @@ fn reference_section(
                     (3, duration),
                     &[],
                 ),
-                // Batching changes only how heartbeats are written.
-                _ if script != "heartbeat.lua" => Outcome::default(),
                 _ => measure_server(
                     wrk,
                     (&batched.url, batched.process.pid()),

@@ -44,7 +44,7 @@ if not last then
   -- Keys Redis lost one by one (evicted under memory pressure) come back here.
   keep_keys()
 end
-redis.call('ZADD', KEYS[1], now, sid)
-keep_keys_if_low()
-record_position(ARGV[5], ARGV[6], ARGV[3], '0', tonumber(ARGV[4]))
+redis.call('ZADD', KEYS[1], now_s, sid)
+record_position(ARGV[5], ARGV[6], ARGV[3], '0')
+keep_keys_if_low(tonumber(ARGV[4]))
 return {1, now}

@@ -5,8 +5,14 @@
 -- device id -> its session id), KEYS[4] ended (zset: "e:<id>" evicted or
 -- "s:<id>" stopped, replaced or expired -> when it ended).
 -- Liveness is judged by Redis' own clock, so instances with skewed clocks agree.
+-- `now` in ms, and now_s, the same as the string the writes carry: it is cut
+-- from TIME's own digits (seconds, then the microseconds' thousands), since
+-- Lua turns a number into a string through sprintf, and Redis a number
+-- argument too: two concatenations and a ZADD score were ~10 % of a
+-- heartbeat script's instructions in Redis.
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_s = t[1] .. string.sub('00000' .. t[2], -6, -4)
+local now = tonumber(now_s)
 
 -- Ended sessions remembered per user: this many, and a start keeps its limit
 -- plus this many (a burst of evicting starts must leave every evicted player
@@ -71,20 +77,41 @@ end
 
 -- The session keys live while the user plays, and at least key_lifetime
 -- after that, so that ended ids stay ended. They are given twice that, all
--- four at once, so a heartbeat need renew them only once less than
--- key_lifetime remains (keep_keys_if_low): one PTTL on nearly every heartbeat
--- instead of four PEXPIREs, which were ~12 % of the heartbeat's time in
--- Redis. The other keys never expire before the sessions key: they are
--- renewed with it, and a key created later gets its lifetime as it is created.
+-- four at once; a start or a stop renews them on every call, a heartbeat
+-- when they run low (keep_keys_if_low) or when it records a session again.
+-- The other keys never expire before the sessions key: they are renewed
+-- with it, and a key created later gets its lifetime as it is created.
 local function keep_keys()
   for i = 1, 4 do
     redis.call('PEXPIRE', KEYS[i], 2 * key_lifetime)
   end
 end
 
-local function keep_keys_if_low()
-  if redis.call('PTTL', KEYS[1]) < key_lifetime then
+-- The positions hash (KEYS[5]) lives at least position_ttl_s after its last
+-- write. The session scripts renew it only together with the session keys
+-- (keep_keys in the same call), giving it that plus twice the key lifetime.
+local function keep_positions(position_ttl_s)
+  redis.call('PEXPIRE', KEYS[5], position_ttl_s * 1000 + 2 * key_lifetime)
+end
+
+-- A heartbeat renews the session keys and the positions hash only once the
+-- hash has less than position_ttl_s + key_lifetime left: one PTTL on nearly
+-- every heartbeat instead of four PEXPIREs and an EXPIRE, which were a fifth
+-- of the script's instructions in Redis. That one reading answers for the
+-- session keys too: the hash's time beyond position_ttl_s never exceeds what
+-- the sessions key has left, since only keep_positions gives it more (with
+-- keep_keys, both at once; the clocks then run together), starts renew the
+-- session keys alone, and the hash's other writers (the write-back of a
+-- position read from the internal API, remember.lua) give it position_ttl_s
+-- alone. So with no renewal the session keys keep at least key_lifetime and
+-- the hash at least position_ttl_s (a sessions key emptied by a stop is
+-- created again only by a start or by a heartbeat's recording again, both
+-- of which renew it). Called after the hash is written: a hash the write
+-- created has no lifetime yet (PTTL -1) and gets one here.
+local function keep_keys_if_low(position_ttl_s)
+  if redis.call('PTTL', KEYS[5]) < position_ttl_s * 1000 + key_lifetime then
     keep_keys()
+    keep_positions(position_ttl_s)
   end
 end
 
@@ -94,13 +121,12 @@ end
 -- atomic step. The entry is one field, 'i' = '<position> <now> <completed>
 -- <content> <user>' (the user last: it may hold spaces), because the courier
 -- reads every entry back and each field costs it a reply value to parse.
-local function record_position(user, content, position, completed, position_ttl)
+local function record_position(user, content, position, completed)
   local value = position
   if completed == '1' then
     value = value .. ':c'
   end
-  redis.call('HSET', KEYS[5], content, value .. '@' .. now)
-  redis.call('EXPIRE', KEYS[5], position_ttl)
-  redis.call('XADD', KEYS[6], '*', 'i', position .. ' ' .. now .. ' ' .. completed .. ' ' .. content .. ' ' .. user)
+  redis.call('HSET', KEYS[5], content, value .. '@' .. now_s)
+  redis.call('XADD', KEYS[6], '*', 'i', position .. ' ' .. now_s .. ' ' .. completed .. ' ' .. content .. ' ' .. user)
 end
 

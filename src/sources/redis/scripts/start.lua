@@ -48,7 +48,7 @@ if previous then
   forget(previous)
   bury(previous, 's', keep)
 end
-redis.call('ZADD', KEYS[1], now, id)
+redis.call('ZADD', KEYS[1], now_s, id)
 redis.call('HSET', KEYS[2], id, device .. ' ' .. content)
 redis.call('HSET', KEYS[3], device, id)
 keep_keys()

@@ -41,6 +41,7 @@ if position == '' and ARGV[6] == '1' then
   position = stored and string.match(stored, '^(%d+)') or '0'
 end
 if position ~= '' then
-  record_position(ARGV[4], ARGV[5], position, ARGV[6], tonumber(ARGV[3]))
+  record_position(ARGV[4], ARGV[5], position, ARGV[6])
+  keep_positions(tonumber(ARGV[3]))
 end
 return {outcome, now, position}
