@@ -830,12 +830,7 @@ mod under_fault {
         heartbeat_ok(&app, &token, &during, 20_000).await;
 
         // Back, without its data: the progress log's group is gone too.
-        app.redis = RedisServer::start_on(port);
-        let recovered = eventually(Duration::from_secs(30), async || {
-            fresh_again(&app, &token).await.then_some(())
-        })
-        .await;
-        assert!(recovered.is_some(), "still degraded with Redis answering");
+        back_empty(&mut app, &token, port).await;
         assert_eq!(
             metric(&app, "moneta_circuit_breaker_state{dependency=\"redis\"}").await,
             Some(0.0)
@@ -853,6 +848,76 @@ mod under_fault {
         // The newest position of the pair wins; 20 000, held in memory, may
         // have been superseded before it was sent.
         assert_delivered(&app, "load-restart", "m-0001", 40_000).await;
+    }
+
+    /// Starts Redis again, empty, on `port` (where the killed one ran);
+    /// returns once Moneta answers fresh from it.
+    async fn back_empty(app: &mut TestApp, token: &str, port: u16) {
+        app.redis = RedisServer::start_on(port);
+        let recovered = eventually(Duration::from_secs(30), async || {
+            fresh_again(app, token).await.then_some(())
+        })
+        .await;
+        assert!(recovered.is_some(), "still degraded with Redis answering");
+    }
+
+    /// Failures one after another: Redis back empty, then hung, then killed
+    /// while hung and back empty again. Every heartbeat is acknowledged, the
+    /// newest position reaches the internal API, the limit holds again, and
+    /// the keys recorded again have their lifetimes.
+    #[tokio::test]
+    async fn recoveries_hold_when_failures_follow_one_another() {
+        let mut app = spawn_app().await;
+        let user = "load-chain";
+        let token = app.token(user, "standard", 2, "KR");
+        let session = app.started_session(&token, "m-0001", "tv").await;
+        heartbeat_ok(&app, &token, &session, 10_000).await;
+        let port = app.redis.port;
+
+        app.redis.kill();
+        back_empty(&mut app, &token, port).await;
+        heartbeat_ok(&app, &token, &session, 20_000).await;
+
+        // Hung: heartbeats are answered from memory until the breaker opens.
+        app.redis.pause();
+        let breaker_open = r#"moneta_circuit_breaker_state{dependency="redis"}"#;
+        let mut during = Vec::new();
+        for position in (30_000..90_000).step_by(5_000) {
+            during.push((position, app.heartbeat(&token, &session, position).await.status()));
+            if metric(&app, breaker_open).await == Some(2.0) {
+                break;
+            }
+        }
+        assert!(
+            during.iter().all(|(_, status)| *status == 200),
+            "heartbeats while Redis hangs: {during:?}"
+        );
+        assert_eq!(
+            metric(&app, breaker_open).await,
+            Some(2.0),
+            "the breaker never opened"
+        );
+
+        // Killed while hung: what it had queued never runs.
+        app.redis.kill();
+        back_empty(&mut app, &token, port).await;
+        heartbeat_ok(&app, &token, &session, 90_000).await;
+        assert_eq!(app.start_session(&token, "m-0001", "phone").await.status(), 201);
+        assert_error(
+            app.start_session(&token, "m-0001", "laptop").await,
+            409,
+            "stream_limit_reached",
+        )
+        .await;
+        assert_delivered(&app, user, "m-0001", 90_000).await;
+        for key in ["sessions", "positions"] {
+            let key = user_key(user, key);
+            let pttl = testkit::redis::cli(app.redis.port, &["PTTL", &key]);
+            assert!(
+                pttl.trim().parse::<i64>().is_ok_and(|ms| ms > 0),
+                "{key} after the failures: PTTL {pttl:?}"
+            );
+        }
     }
 
     #[tokio::test]
