@@ -41,44 +41,45 @@ use redis::Script;
 
 /// A heartbeat's Redis writes, without Moneta's checks (liveness, eviction,
 /// the deadline), written the way Moneta's script writes them (`now` cut
-/// from `TIME`'s digits, lifetimes renewed only when the positions hash runs
-/// low; `session_lib.lua`): KEYS sessions, positions, log; ARGV session id,
-/// position, user, title, session TTL ms, position TTL s. Returns `{1, now}`
-/// like Moneta's script.
+/// from `TIME`'s digits, lifetimes written into the script and renewed only
+/// when the positions hash runs low, numbers read by arithmetic;
+/// `session_lib.lua`): KEYS sessions, positions, log; ARGV session id,
+/// position, user, title. Returns `{1, now}` like Moneta's script.
 const HEARTBEAT_LUA: &str = r"
 local t = redis.call('TIME')
 local now_s = t[1] .. string.sub('00000' .. t[2], -6, -4)
+local POSITION_TTL_MS, KEY_LIFETIME_MS = 2592000000, 3600000
 redis.call('ZADD', KEYS[1], now_s, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[2] .. '@' .. now_s)
-if redis.call('PTTL', KEYS[2]) < ARGV[6] * 1000 + ARGV[5] then
-  redis.call('PEXPIRE', KEYS[1], 2 * ARGV[5])
-  redis.call('PEXPIRE', KEYS[2], ARGV[6] * 1000 + 2 * ARGV[5])
+if redis.call('PTTL', KEYS[2]) < POSITION_TTL_MS + KEY_LIFETIME_MS then
+  redis.call('PEXPIRE', KEYS[1], 2 * KEY_LIFETIME_MS)
+  redis.call('PEXPIRE', KEYS[2], POSITION_TTL_MS + 2 * KEY_LIFETIME_MS)
 end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'i', ARGV[2] .. ' ' .. now_s .. ' 0 ' .. ARGV[4] .. ' ' .. ARGV[3])
-return {1, tonumber(now_s)}
+return {1, now_s + 0}
 ";
-/// [`HEARTBEAT_LUA`] for many heartbeats: KEYS three per heartbeat, ARGV six
+/// [`HEARTBEAT_LUA`] for many heartbeats: KEYS three per heartbeat, ARGV four
 /// per heartbeat in the same order. Returns `now`.
 const HEARTBEATS_LUA: &str = r"
 local t = redis.call('TIME')
 local now_s = t[1] .. string.sub('00000' .. t[2], -6, -4)
+local POSITION_TTL_MS, KEY_LIFETIME_MS = 2592000000, 3600000
 for i = 0, #KEYS / 3 - 1 do
-  local k, a = i * 3, i * 6
+  local k, a = i * 3, i * 4
   redis.call('ZADD', KEYS[k + 1], now_s, ARGV[a + 1])
   redis.call('HSET', KEYS[k + 2], ARGV[a + 4], ARGV[a + 2] .. '@' .. now_s)
-  if redis.call('PTTL', KEYS[k + 2]) < ARGV[a + 6] * 1000 + ARGV[a + 5] then
-    redis.call('PEXPIRE', KEYS[k + 1], 2 * ARGV[a + 5])
-    redis.call('PEXPIRE', KEYS[k + 2], ARGV[a + 6] * 1000 + 2 * ARGV[a + 5])
+  if redis.call('PTTL', KEYS[k + 2]) < POSITION_TTL_MS + KEY_LIFETIME_MS then
+    redis.call('PEXPIRE', KEYS[k + 1], 2 * KEY_LIFETIME_MS)
+    redis.call('PEXPIRE', KEYS[k + 2], POSITION_TTL_MS + 2 * KEY_LIFETIME_MS)
   end
   redis.call('XADD', KEYS[k + 3], 'MAXLEN', '~', 10000, '*', 'i', ARGV[a + 2] .. ' ' .. now_s .. ' 0 ' .. ARGV[a + 4] .. ' ' .. ARGV[a + 3])
 end
-return tonumber(now_s)
+return now_s + 0
 ";
 /// Group-committed batches in flight at once.
 const BATCHES_IN_FLIGHT: usize = 2;
-/// Moneta's defaults (`MONETA_SESSION_TTL_S`, the position's lifetime).
+/// Moneta's default `MONETA_SESSION_TTL_S`, for the answer's `expires_at`.
 const SESSION_TTL_MS: i64 = 90_000;
-const POSITION_TTL_S: u64 = 30 * 24 * 3600;
 
 /// The Redis side of the heartbeat's one-round-trip ceiling.
 struct HeartbeatTrip {
@@ -95,7 +96,7 @@ struct HeartbeatTrip {
 /// the batch's time goes.
 struct Pending {
     keys: [String; 3],
-    args: [String; 6],
+    args: [String; 4],
     done: tokio::sync::oneshot::Sender<Result<i64, redis::RedisError>>,
 }
 
@@ -161,8 +162,6 @@ impl HeartbeatTrip {
                     position_ms.to_string(),
                     user.clone(),
                     title.to_owned(),
-                    SESSION_TTL_MS.to_string(),
-                    POSITION_TTL_S.to_string(),
                 ],
                 done,
             };
@@ -181,8 +180,6 @@ impl HeartbeatTrip {
                 .arg(position_ms)
                 .arg(user)
                 .arg(title)
-                .arg(SESSION_TTL_MS)
-                .arg(POSITION_TTL_S)
                 .query_async(&mut conn)
                 .await?;
             now

@@ -238,9 +238,9 @@ impl UserKeys {
     /// one base into a command sized once: formatted one by one, with the
     /// command regrowing, they were ~7 k instructions of a heartbeat.
     pub fn session_script_call(&self, hash: &str) -> redis::Cmd {
-        // `EVALSHA`, hash, key count, 6 keys and up to 10 arguments; room
+        // `EVALSHA`, hash, key count, 6 keys and up to 8 arguments; room
         // for the keys and 256 bytes of everything else.
-        let mut call = redis::Cmd::with_capacity(19, 256 + 6 * (self.base.len() + 16));
+        let mut call = redis::Cmd::with_capacity(17, 256 + 6 * (self.base.len() + 16));
         call.arg("EVALSHA").arg(hash).arg(6);
         let mut key = String::with_capacity(self.base.len() + 16);
         for suffix in [":sessions", ":session-info", ":devices", ":ended", ":positions"] {

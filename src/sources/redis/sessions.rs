@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, Value};
 
-use super::{Conn, POSITION_TTL_S, RedisStore, millis_to_utc};
+use super::{Conn, RedisStore, millis_to_utc};
 use crate::model::{ContentId, DeviceId, LiveSession, PositionMs, SessionId, UserId};
 use crate::resilience::DependencyError;
 
@@ -30,10 +30,6 @@ static HEARTBEAT: LazyLock<Script> = session_script!("heartbeat.lua");
 static STOP: LazyLock<Script> = session_script!("stop.lua");
 static STATE: LazyLock<Script> = session_script!("state.lua");
 static LIST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/list.lua")));
-
-/// How long a user's session keys outlive their last write: ended ids stay
-/// ended (a stray heartbeat is not recorded again) for this long.
-const SESSION_MEMORY: Duration = Duration::from_secs(3600);
 
 /// The device a session recorded again by its heartbeat is listed under:
 /// session ids do not carry the device.
@@ -252,8 +248,7 @@ impl SessionStore {
             .arg(req.session_id.as_str())
             .arg(req.device_id.as_str())
             .arg(req.content_id.as_str())
-            .arg(if req.evict_oldest { "1" } else { "0" })
-            .arg(self.key_lifetime_ms());
+            .arg(if req.evict_oldest { "1" } else { "0" });
         let reply = self.invoke(call).await?;
         let now = millis_to_utc(int(reply.get(1)));
         let rest = reply.get(2..).unwrap_or_default();
@@ -265,10 +260,6 @@ impl SessionStore {
             return Ok(StartOutcome::Started { now, evicted });
         }
         Ok(StartOutcome::Full(holders(rest)))
-    }
-
-    fn key_lifetime_ms(&self) -> u64 {
-        (self.ttl * 2).max(SESSION_MEMORY).as_millis() as u64
     }
 
     /// Runs a session script; its `now` (reply item 1) keeps this instance's
@@ -384,12 +375,10 @@ impl SessionStore {
         call.arg(self.ttl_ms())
             .arg(session_id.as_str())
             .arg(position.get())
-            .arg(POSITION_TTL_S)
             .arg(user.as_str())
             .arg(content)
             .arg(self.deadline())
             .arg(rejoin)
-            .arg(self.key_lifetime_ms())
             .arg(UNKNOWN_DEVICE);
         let (reply, held) = self.invoke_written(&HEARTBEAT, &self.loaded[0], call).await?;
         let now = millis_to_utc(int(reply.get(1)));
@@ -416,9 +405,9 @@ impl SessionStore {
     ) -> Result<EndOutcome, DependencyError> {
         let content = session_id.content_str();
         let mut call = self.writing_call(&STOP, user);
-        call.arg(session_id.as_str())
+        call.arg(self.ttl_ms())
+            .arg(session_id.as_str())
             .arg(position.map(|p| p.get().to_string()).unwrap_or_default())
-            .arg(POSITION_TTL_S)
             .arg(user.as_str())
             .arg(content)
             .arg(if completed { "1" } else { "0" })
@@ -427,8 +416,7 @@ impl SessionStore {
                 "0"
             } else {
                 "1"
-            })
-            .arg(self.key_lifetime_ms());
+            });
         let (reply, held) = self.invoke_written(&STOP, &self.loaded[1], call).await?;
         Ok(match int(reply.first()) {
             1..=3 if !held => EndOutcome::Unreplicated,
@@ -500,5 +488,16 @@ mod tests {
         assert_eq!(wait_ms(Duration::from_millis(2_000)), 1_000);
         // `WAIT n 0` would block until the replicas answer, however long.
         assert_eq!(wait_ms(Duration::from_millis(1)), 1);
+    }
+
+    /// The session scripts carry the positions' lifetime in their text (an
+    /// argument cost Redis a string and a number conversion per heartbeat);
+    /// the hash's other writers pass `POSITION_TTL_S`, and the session
+    /// scripts' renewal-when-low rests on no writer giving the hash more.
+    #[test]
+    fn the_session_scripts_give_positions_the_lifetime_the_other_writers_give() {
+        let lib = include_str!("scripts/session_lib.lua");
+        let line = format!("\nlocal POSITION_TTL_S = {}\n", super::super::POSITION_TTL_S);
+        assert!(lib.contains(&line), "session_lib.lua lacks `{}`", line.trim());
     }
 }

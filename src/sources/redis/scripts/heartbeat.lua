@@ -2,49 +2,49 @@
 -- the position is safe. A heartbeat means the title is being watched again,
 -- so it clears a `completed` mark.
 -- KEYS[5] positions hash, KEYS[6] the progress log of the user's bucket.
--- ARGV: 1 ttl_ms, 2 session_id, 3 position_ms, 4 position_ttl_s, 5 user_id,
--- 6 content_id, 7 deadline (Redis ms after which the caller no longer waits,
--- or ''), 8 max_streams to record a session Redis has no trace of (or '' not
--- to), 9 key lifetime ms, 10 device id for such a session.
+-- ARGV: 1 ttl_ms, 2 session_id, 3 position_ms, 4 user_id, 5 content_id,
+-- 6 deadline (Redis ms after which the caller no longer waits, or ''),
+-- 7 max_streams to record a session Redis has no trace of (or '' not to),
+-- 8 device id for such a session.
 -- Returns {1, now} recorded; {0, now} unknown, stopped or expired; {-1, now}
--- evicted by a newer start; {2, now} no trace (and ARGV[8] was ''); {3, now,
+-- evicted by a newer start; {2, now} no trace (and ARGV[7] was ''); {3, now,
 -- id1, info1, ...} no trace and the limit is reached (nothing changed);
 -- {4, now} too late: the caller gave up waiting and kept the position
 -- itself, so nothing is written (a paused Redis runs queued scripts late,
 -- and a late write would carry a newer time than positions acknowledged
 -- after it).
-key_lifetime = tonumber(ARGV[9])
-if ARGV[7] ~= '' and now > tonumber(ARGV[7]) then
+if ARGV[6] ~= '' and now > ARGV[6] + 0 then
   return {4, now}
 end
-local ttl = tonumber(ARGV[1])
 local sid = ARGV[2]
 local last = redis.call('ZSCORE', KEYS[1], sid)
-if last and tonumber(last) <= now - ttl then
-  forget(sid)
-  bury(sid, 's', ENDED_KEEP)
+if last and last + 0 <= now - ttl then
+  local ending = endings()
+  ending.forget(sid)
+  ending.bury(sid, 's', ENDED_KEEP)
   return {0, now}
 end
 if not last then
-  local why = ended_as(sid)
+  local ending = endings()
+  local why = ending.ended_as(sid)
   if why == 'e' then
     return {-1, now}
   elseif why then
     return {0, now}
-  elseif ARGV[8] == '' then
+  elseif ARGV[7] == '' then
     return {2, now}
   end
   -- Issued by Moneta, unknown to Redis (started while Redis was unreachable,
   -- or Redis lost its data): recorded again if the limit allows it.
-  bury_expired(ttl, ENDED_KEEP)
-  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[8]) then
-    return refusal(3)
+  ending.bury_expired(ttl, ENDED_KEEP)
+  if redis.call('ZCARD', KEYS[1]) >= ARGV[7] + 0 then
+    return ending.refusal(3)
   end
-  redis.call('HSET', KEYS[2], sid, ARGV[10] .. ' ' .. ARGV[6])
+  redis.call('HSET', KEYS[2], sid, ARGV[8] .. ' ' .. ARGV[5])
   -- Keys Redis lost one by one (evicted under memory pressure) come back here.
   keep_keys()
 end
 redis.call('ZADD', KEYS[1], now_s, sid)
-record_position(ARGV[5], ARGV[6], ARGV[3], '0')
-keep_keys_if_low(tonumber(ARGV[4]))
+record_position(ARGV[4], ARGV[5], ARGV[3], '0')
+keep_keys_if_low()
 return {1, now}

@@ -4,6 +4,7 @@
 -- (hash: session id -> "device_id content_id"), KEYS[3] devices (hash:
 -- device id -> its session id), KEYS[4] ended (zset: "e:<id>" evicted or
 -- "s:<id>" stopped, replaced or expired -> when it ended).
+-- Every session script takes the session TTL in ms as ARGV[1].
 -- Liveness is judged by Redis' own clock, so instances with skewed clocks agree.
 -- `now` in ms, and now_s, the same as the string the writes carry: it is cut
 -- from TIME's own digits (seconds, then the microseconds' thousands), since
@@ -12,7 +13,25 @@
 -- heartbeat script's instructions in Redis.
 local t = redis.call('TIME')
 local now_s = t[1] .. string.sub('00000' .. t[2], -6, -4)
-local now = tonumber(now_s)
+-- Numbers are read from strings by arithmetic (`s + 0`): one strtod, where
+-- tonumber makes two. strtod was 7 % of a heartbeat script's instructions in
+-- Redis, and each argument a script takes costs it a string and table room.
+local now = now_s + 0
+
+-- How long a resume position lives after its last write, in s. Moneta's
+-- other writers of the positions hash (remember.lua, the write-back of a
+-- position read from the internal API) pass the same value from Rust
+-- (`POSITION_TTL_S`; a unit test keeps the two equal), since
+-- keep_keys_if_low relies on no writer giving the hash more.
+local POSITION_TTL_S = 2592000
+
+-- Sessions stop counting after this long without a heartbeat.
+local ttl = ARGV[1] + 0
+
+-- How long the user's session keys outlive their last write, in ms: ended
+-- ids stay ended (a stray heartbeat is not recorded again) for at least an
+-- hour, and a session outlives its own TTL.
+local key_lifetime = math.max(2 * ttl, 3600000)
 
 -- Ended sessions remembered per user: this many, and a start keeps its limit
 -- plus this many (a burst of evicting starts must leave every evicted player
@@ -21,58 +40,68 @@ local now = tonumber(now_s)
 -- the limit, so the bound costs no stream.
 local ENDED_KEEP = 16
 
-local function forget(sid)
-  local info = redis.call('HGET', KEYS[2], sid)
-  local dev = info and string.match(info, '^(%S+)')
-  if dev and redis.call('HGET', KEYS[3], dev) == sid then
-    redis.call('HDEL', KEYS[3], dev)
+-- What ends sessions, made only by the paths that end, bury or refuse: a
+-- `local function` statement makes a closure on every run of a script, and
+-- the heartbeat's common path needs none of these (five closures and their
+-- upvalues were 2 % of its instructions in Redis).
+local function endings()
+  local function forget(sid)
+    local info = redis.call('HGET', KEYS[2], sid)
+    local dev = info and string.match(info, '^(%S+)')
+    if dev and redis.call('HGET', KEYS[3], dev) == sid then
+      redis.call('HDEL', KEYS[3], dev)
+    end
+    redis.call('ZREM', KEYS[1], sid)
+    redis.call('HDEL', KEYS[2], sid)
   end
-  redis.call('ZREM', KEYS[1], sid)
-  redis.call('HDEL', KEYS[2], sid)
-end
 
--- How long the user's session keys outlive their last write, in ms. Each
--- script sets it from its arguments before it writes anything.
-local key_lifetime
-
--- Remembers that a session ended ('e' evicted, 's' otherwise) so that its id
--- is never recorded again while remembered. Some paths bury and return
--- without keeping the keys (an expired session's heartbeat, a refusal), and
--- the first burial creates the key: it gets its lifetime here, or it would
--- outlive a user who never comes back.
-local function bury(sid, why, keep)
-  redis.call('ZADD', KEYS[4], now, why .. ':' .. sid)
-  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(keep + 1))
-  redis.call('PEXPIRE', KEYS[4], 2 * key_lifetime)
-end
-
--- 'e', 's' or nil (Redis keeps no trace of it).
-local function ended_as(sid)
-  if redis.call('ZSCORE', KEYS[4], 'e:' .. sid) then
-    return 'e'
+  -- Remembers that a session ended ('e' evicted, 's' otherwise) so that its id
+  -- is never recorded again while remembered. Some paths bury and return
+  -- without keeping the keys (an expired session's heartbeat, a refusal), and
+  -- the first burial creates the key: it gets its lifetime here, or it would
+  -- outlive a user who never comes back.
+  local function bury(sid, why, keep)
+    redis.call('ZADD', KEYS[4], now, why .. ':' .. sid)
+    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(keep + 1))
+    redis.call('PEXPIRE', KEYS[4], 2 * key_lifetime)
   end
-  if redis.call('ZSCORE', KEYS[4], 's:' .. sid) then
-    return 's'
-  end
-  return nil
-end
 
--- Sessions without a heartbeat for ttl stop counting, and stay ended.
-local function bury_expired(ttl, keep)
-  for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)) do
-    forget(sid)
-    bury(sid, 's', keep)
+  -- 'e', 's' or nil (Redis keeps no trace of it).
+  local function ended_as(sid)
+    if redis.call('ZSCORE', KEYS[4], 'e:' .. sid) then
+      return 'e'
+    end
+    if redis.call('ZSCORE', KEYS[4], 's:' .. sid) then
+      return 's'
+    end
+    return nil
   end
-end
 
--- {code, now, id1, info1, ...}: the user's sessions, for a refusal.
-local function refusal(code)
-  local result = {code, now}
-  for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    table.insert(result, sid)
-    table.insert(result, redis.call('HGET', KEYS[2], sid) or '')
+  -- Sessions without a heartbeat for ttl stop counting, and stay ended.
+  local function bury_expired(ttl, keep)
+    for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)) do
+      forget(sid)
+      bury(sid, 's', keep)
+    end
   end
-  return result
+
+  -- {code, now, id1, info1, ...}: the user's sessions, for a refusal.
+  local function refusal(code)
+    local result = {code, now}
+    for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+      table.insert(result, sid)
+      table.insert(result, redis.call('HGET', KEYS[2], sid) or '')
+    end
+    return result
+  end
+
+  return {
+    forget = forget,
+    bury = bury,
+    ended_as = ended_as,
+    bury_expired = bury_expired,
+    refusal = refusal,
+  }
 end
 
 -- The session keys live while the user plays, and at least key_lifetime
@@ -87,31 +116,31 @@ local function keep_keys()
   end
 end
 
--- The positions hash (KEYS[5]) lives at least position_ttl_s after its last
+-- The positions hash (KEYS[5]) lives at least POSITION_TTL_S after its last
 -- write. The session scripts renew it only together with the session keys
 -- (keep_keys in the same call), giving it that plus twice the key lifetime.
-local function keep_positions(position_ttl_s)
-  redis.call('PEXPIRE', KEYS[5], position_ttl_s * 1000 + 2 * key_lifetime)
+local function keep_positions()
+  redis.call('PEXPIRE', KEYS[5], POSITION_TTL_S * 1000 + 2 * key_lifetime)
 end
 
 -- A heartbeat renews the session keys and the positions hash only once the
--- hash has less than position_ttl_s + key_lifetime left: one PTTL on nearly
+-- hash has less than POSITION_TTL_S + key_lifetime left: one PTTL on nearly
 -- every heartbeat instead of four PEXPIREs and an EXPIRE, which were a fifth
 -- of the script's instructions in Redis. That one reading answers for the
--- session keys too: the hash's time beyond position_ttl_s never exceeds what
+-- session keys too: the hash's time beyond POSITION_TTL_S never exceeds what
 -- the sessions key has left, since only keep_positions gives it more (with
 -- keep_keys, both at once; the clocks then run together), starts renew the
 -- session keys alone, and the hash's other writers (the write-back of a
--- position read from the internal API, remember.lua) give it position_ttl_s
+-- position read from the internal API, remember.lua) give it POSITION_TTL_S
 -- alone. So with no renewal the session keys keep at least key_lifetime and
--- the hash at least position_ttl_s (a sessions key emptied by a stop is
+-- the hash at least POSITION_TTL_S (a sessions key emptied by a stop is
 -- created again only by a start or by a heartbeat's recording again, both
 -- of which renew it). Called after the hash is written: a hash the write
 -- created has no lifetime yet (PTTL -1) and gets one here.
-local function keep_keys_if_low(position_ttl_s)
-  if redis.call('PTTL', KEYS[5]) < position_ttl_s * 1000 + key_lifetime then
+local function keep_keys_if_low()
+  if redis.call('PTTL', KEYS[5]) < POSITION_TTL_S * 1000 + key_lifetime then
     keep_keys()
-    keep_positions(position_ttl_s)
+    keep_positions()
   end
 end
 

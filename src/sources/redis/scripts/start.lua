@@ -2,17 +2,16 @@
 -- Atomic: Redis runs the whole script before any other command on these keys,
 -- so simultaneous starts by one user never exceed the limit.
 -- ARGV: 1 ttl_ms, 2 max_streams, 3 session_id, 4 device_id, 5 content_id,
--- 6 evict_oldest ('1' or '0'), 7 key lifetime ms.
+-- 6 evict_oldest ('1' or '0').
 -- Returns {1, now_ms, evicted id, ...} when started (oldest evicted first),
 -- else {0, now_ms, id1, info1, id2, info2, ...} (the live sessions); a refusal
 -- changes nothing but burying sessions that were no longer live.
-key_lifetime = tonumber(ARGV[7])
-local ttl = tonumber(ARGV[1])
-local max = tonumber(ARGV[2])
+local max = ARGV[2] + 0
 local id, device, content = ARGV[3], ARGV[4], ARGV[5]
 local keep = max + ENDED_KEEP
+local ending = endings()
 
-bury_expired(ttl, keep)
+ending.bury_expired(ttl, keep)
 
 -- The same device starting again replaces its old session: it does not count.
 local previous = redis.call('HGET', KEYS[3], device)
@@ -27,7 +26,7 @@ end
 local result = {1, now}
 if live >= max then
   if ARGV[6] ~= '1' or max < 1 then
-    return refusal(0)
+    return ending.refusal(0)
   end
   -- evict_oldest: the sessions with the oldest heartbeats make room, as many
   -- as it takes (several after a plan downgrade).
@@ -36,8 +35,8 @@ if live >= max then
       break
     end
     if sid ~= previous then
-      forget(sid)
-      bury(sid, 'e', keep)
+      ending.forget(sid)
+      ending.bury(sid, 'e', keep)
       table.insert(result, sid)
       live = live - 1
     end
@@ -45,8 +44,8 @@ if live >= max then
 end
 
 if previous then
-  forget(previous)
-  bury(previous, 's', keep)
+  ending.forget(previous)
+  ending.bury(previous, 's', keep)
 end
 redis.call('ZADD', KEYS[1], now_s, id)
 redis.call('HSET', KEYS[2], id, device .. ' ' .. content)
