@@ -36,7 +36,7 @@ if not last then
   end
   -- Issued by Moneta, unknown to Redis (started while Redis was unreachable,
   -- or Redis lost its data): recorded again if the limit allows it.
-  ending.bury_expired(ttl, ENDED_KEEP)
+  ending.bury_expired(ENDED_KEEP)
   if redis.call('ZCARD', KEYS[1]) >= ARGV[7] + 0 then
     return ending.refusal(3)
   end

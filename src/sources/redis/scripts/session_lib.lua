@@ -78,7 +78,7 @@ local function endings()
   end
 
   -- Sessions without a heartbeat for ttl stop counting, and stay ended.
-  local function bury_expired(ttl, keep)
+  local function bury_expired(keep)
     for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)) do
       forget(sid)
       bury(sid, 's', keep)

@@ -11,7 +11,7 @@ local id, device, content = ARGV[3], ARGV[4], ARGV[5]
 local keep = max + ENDED_KEEP
 local ending = endings()
 
-ending.bury_expired(ttl, keep)
+ending.bury_expired(keep)
 
 -- The same device starting again replaces its old session: it does not count.
 local previous = redis.call('HGET', KEYS[3], device)
