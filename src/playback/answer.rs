@@ -48,7 +48,7 @@ pub struct Answers {
     tokens: Option<LicenseTokens>,
     resume: ResumeSettings,
     /// Media parts written once per title version and URL-signing step.
-    media: moka::sync::Cache<(ContentId, u64), Arc<MediaJson>>,
+    media: moka::sync::Cache<(ContentId, u64), Arc<MediaJson>, foldhash::fast::RandomState>,
 }
 
 /// Titles whose media parts are kept as JSON: more than a catalog's
@@ -163,10 +163,12 @@ impl Answers {
             drm,
             tokens,
             resume,
+            // foldhash, as the verified tokens (`auth/verifier.rs`): looked
+            // up on every answer, and only titles that exist are inserted.
             media: moka::sync::Cache::builder()
                 .max_capacity(MEDIA_TITLES)
                 .time_to_idle(Duration::from_secs(600))
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         }
     }
 

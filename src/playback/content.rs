@@ -53,7 +53,7 @@ pub struct Titles {
     /// misses for one title into one load (single flight).
     local: Cache<ContentId, Lookup>,
     /// The last good copy of each title seen, for when Redis and the API both fail.
-    last_good: Cache<ContentId, Arc<ContentPlayback>>,
+    last_good: Cache<ContentId, Arc<ContentPlayback>, foldhash::fast::RandomState>,
 }
 
 impl Titles {
@@ -64,10 +64,14 @@ impl Titles {
                 fresh: settings.content_local_ttl,
             })
             .build();
+        // foldhash, as the verified tokens (`auth/verifier.rs`): asked on
+        // every playback-info ([`Titles::known`]), and only titles that
+        // exist are inserted. `local` keeps SipHash: it also remembers ids
+        // that callers made up.
         let last_good = Cache::builder()
             .max_capacity(LOCAL_CAPACITY)
             .time_to_live(settings.content_stale_ttl)
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Self {
             redis,
             api,

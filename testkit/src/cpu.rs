@@ -97,10 +97,11 @@ impl Perf {
     }
 }
 
-/// Counts a process's system calls by name, and the times its threads were
-/// switched out, while it runs (`perf stat` on the kernel's syscall
-/// tracepoints and the `context-switches` software event, counting in the
-/// kernel, no record per call).
+/// Counts a process's system calls by name, the times its threads were
+/// switched out and the page faults it took, while it runs (`perf stat` on
+/// the kernel's syscall tracepoints and the `context-switches` and
+/// `page-faults` software events, counting in the kernel, no record per
+/// call).
 pub struct Syscalls {
     perf: Perf,
     out: tempfile::NamedTempFile,
@@ -113,6 +114,9 @@ pub struct Counted {
     pub calls: Vec<(String, u64)>,
     /// Voluntary (waiting) and involuntary (preempted) together.
     pub context_switches: u64,
+    /// Minor and major together: memory touched again after the allocator
+    /// gave it back to the kernel, or touched for the first time.
+    pub page_faults: u64,
 }
 
 impl Syscalls {
@@ -125,6 +129,8 @@ impl Syscalls {
             "syscalls:sys_enter_*",
             "-e",
             "context-switches",
+            "-e",
+            "page-faults",
         ];
         let perf = Perf::attach(&events, out.path(), pid);
         Syscalls { perf, out }
@@ -358,6 +364,7 @@ fn parse_perf_stat(text: &str) -> Counted {
         };
         match fields.nth(1) {
             Some("context-switches") => counted.context_switches += count,
+            Some("page-faults") => counted.page_faults += count,
             Some(event) => {
                 if let Some(name) = event.strip_prefix("syscalls:sys_enter_").filter(|_| count > 0) {
                     counted.calls.push((name.to_owned(), count));
@@ -470,12 +477,14 @@ mod tests {
                     87,,syscalls:sys_enter_mmap,13651403,100.00,,\n\
                     0,,syscalls:sys_enter_read,13651403,100.00,,\n\
                     4,,syscalls:sys_enter_clone,13651403,100.00,,\n\
-                    1234,,context-switches,13651403,100.00,,\n";
+                    1234,,context-switches,13651403,100.00,,\n\
+                    56,,page-faults,13651403,100.00,,\n";
         assert_eq!(
             parse_perf_stat(text),
             Counted {
                 calls: vec![("mmap".to_owned(), 87), ("clone".to_owned(), 4)],
                 context_switches: 1234,
+                page_faults: 56,
             }
         );
     }

@@ -43,7 +43,7 @@
 //! which time any entry stored before the taint has expired. Entitlements,
 //! which change rarely, keep the gap, the TTL their bound.
 
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -69,11 +69,13 @@ pub struct ClientCache {
     /// Milliseconds since `born` until which cached values may be served; 0: not trusted.
     trusted_until_ms: AtomicU64,
     /// Positions key → the titles whose positions are kept.
-    admitted: moka::sync::Cache<String, Arc<Admitted>>,
+    admitted: moka::sync::Cache<String, Arc<Admitted>, foldhash::fast::RandomState>,
     /// Invalidations of everything (FLUSHALL) so far: they mark no
     /// admission one by one.
     flushes: AtomicU64,
-    hasher: RandomState,
+    /// Titles are kept as hashes, at most [`TITLES_PER_USER`] a key in a
+    /// list, never in a table, so a cheap hash will do.
+    hasher: foldhash::fast::RandomState,
 }
 
 /// One positions key's share of the cache.
@@ -108,12 +110,15 @@ impl ClientCache {
                 // viewer who browsed a few titles can have a new one kept
                 // later; the crate's older entries for the key live at most
                 // one more TTL, so a key never holds more than twice the bound.
+                // foldhash, as the verified tokens (`auth/verifier.rs`): one
+                // lookup a playback-info, and the keys are callers' own
+                // positions keys, made from verified tokens.
                 admitted: moka::sync::Cache::builder()
                     .max_capacity(settings.max_keys as u64)
                     .time_to_live(settings.ttl)
-                    .build(),
+                    .build_with_hasher(foldhash::fast::RandomState::default()),
                 flushes: AtomicU64::new(0),
-                hasher: RandomState::new(),
+                hasher: foldhash::fast::RandomState::default(),
             })
         })
     }

@@ -9,8 +9,9 @@
 //! BENCH_OVERLOAD_S (20), BENCH_SCENARIOS (`all`, or `overload`, `cluster`, `memory` or
 //! `reference` for that scenario alone, which rewrites only its section of the
 //! report; `reference` runs only when asked, as it builds an older Moneta),
-//! BENCH_SYSCALLS (`1`: also count the serving process's system calls per
-//! request with `perf stat`, in the first round's warm-up runs),
+//! BENCH_SYSCALLS (`1`: also count the serving process's system calls,
+//! context switches and page faults per request with `perf stat`, in the
+//! first round's warm-up runs),
 //! BENCH_SAMPLE (`1`: also sample where the serving process spends its CPU
 //! time with `perf record`, in the first round's warm-up runs, into
 //! `target/bench/samples/`: the data and, beside it, the share by function).
@@ -617,10 +618,13 @@ fn main() {
     if count_syscalls {
         let _ = writeln!(
             table,
-            "\nSystem calls per request of the serving process (`BENCH_SYSCALLS=1`: `perf stat` on the kernel's syscall tracepoints over the first round's 3 s warm-up run), those made at least 0.05 times a request, and the times one of its threads was switched out (`context-switches`: waiting for work or preempted):\n"
+            "\nSystem calls per request of the serving process (`BENCH_SYSCALLS=1`: `perf stat` on the kernel's syscall tracepoints over the first round's 3 s warm-up run), those made at least 0.05 times a request, the times one of its threads was switched out (`context-switches`: waiting for work or preempted), and its page faults (memory the allocator gave back to the kernel and touched again, or touched for the first time):\n"
         );
-        let _ = writeln!(table, "| scenario | all | by call | context switches |");
-        let _ = writeln!(table, "| --- | ---: | --- | ---: |");
+        let _ = writeln!(
+            table,
+            "| scenario | all | by call | context switches | page faults |"
+        );
+        let _ = writeln!(table, "| --- | ---: | --- | ---: | ---: |");
         for (sc, counted) in scenarios.iter().zip(&syscalls) {
             let Some((counted, requests)) = counted else {
                 continue;
@@ -635,11 +639,12 @@ fn main() {
                 .collect();
             let _ = writeln!(
                 table,
-                "| {} | {:.2} | {} | {:.2} |",
+                "| {} | {:.2} | {} | {:.2} | {:.3} |",
                 sc.name,
                 per(all),
                 by_call.join(", "),
-                per(counted.context_switches)
+                per(counted.context_switches),
+                per(counted.page_faults)
             );
         }
     }
