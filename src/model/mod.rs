@@ -8,6 +8,7 @@ mod ids;
 mod progress;
 mod session;
 mod sourced;
+mod timestamp;
 
 pub use answer::{CdnCookies, Drm, LicenseRequestHeaders, Marker, PlaybackInfo, Stream, Subtitle};
 pub use catalog::{ContentPlayback, DrmSource, Entitlement, StreamSource, SubtitleSource};
@@ -18,3 +19,4 @@ pub use ids::{
 pub use progress::{Progress, ProgressItem, ResumePoint};
 pub use session::LiveSession;
 pub use sourced::{Origin, Sourced};
+pub use timestamp::rfc3339;
