@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
@@ -27,6 +27,7 @@ use crate::auth::keys::{JwksFile, KeyError, StaticSecret};
 use crate::auth::secrets_manager::SecretsManagerJwks;
 use crate::auth::{KeySource, KeyStore, Verifier};
 use crate::config::{JwtSettings, Settings, StreamLimitPolicy};
+use crate::http::pacing::{self, ReadPace};
 use crate::licenses::Licenses;
 use crate::playback::cdn::{Cdn, CdnKeyError, CloudFrontSigner};
 use crate::playback::{Answers, Playback, Titles, UserStates};
@@ -509,6 +510,7 @@ fn spawn_connection(
     let io = TokioIo::new(CountedReads {
         stream,
         reads: reads.clone(),
+        pace: ReadPace::default(),
     });
     let mut builder = http1::Builder::new();
     builder
@@ -519,7 +521,8 @@ fn spawn_connection(
         })
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEAD_BUFFER);
-    let connection = watcher.watch(builder.serve_connection(io, TowerToHyperService::new(router)));
+    let connection =
+        pacing::serve(watcher.watch(builder.serve_connection(io, TowerToHyperService::new(router))));
     tokio::spawn(async move {
         let _open = open;
         tokio::select! {
@@ -628,10 +631,12 @@ impl Future for HeadSleep {
 
 impl hyper::rt::Sleep for HeadSleep {}
 
-/// The connection's socket, counting the bytes read from it for `HeadTimer`.
+/// The connection's socket, counting the bytes read from it for `HeadTimer`,
+/// read at the pace of `http/pacing.rs`.
 struct CountedReads {
     stream: TcpStream,
     reads: Arc<AtomicU64>,
+    pace: ReadPace,
 }
 
 impl AsyncRead for CountedReads {
@@ -640,6 +645,8 @@ impl AsyncRead for CountedReads {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        ready!(this.pace.poll_ready(cx, &this.stream))?;
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         let read = buf.filled().len().saturating_sub(before);

@@ -30,6 +30,7 @@ use metrics::Counter;
 use tower::{Layer, Service};
 
 use crate::config::OverloadSettings;
+use crate::http::pacing;
 use crate::resilience::{Limiter, Permit, Priority};
 
 const PLAYBACK_INFO: &str = "/v1/contents/{content_id}/playback-info";
@@ -146,14 +147,16 @@ impl Shared {
             _ => VIEWER_RETRY_AFTER,
         };
         headers.insert(header::RETRY_AFTER, retry_after);
-        // Under overload the open connections are themselves the cost: each
-        // is a task with its buffers, and each with a request waiting is a
-        // turn the scheduler gives before a viewer's request. Closing a
-        // refused one sends its client back through the accept loop, which
-        // takes new connections at its own pace, so those already open (a
-        // viewer's, being served) come round sooner. Envoy's overload
-        // manager disables keep-alive the same way.
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        if priority == Priority::Heartbeat {
+            // Kept open, and a heartbeat sent on it at once is read at a
+            // pace (`http/pacing.rs`).
+            pacing::heartbeat_refused();
+        } else {
+            // A viewer retries on a fresh connection, never behind a pace;
+            // the accept loop takes it with the others. Envoy's overload
+            // manager disables keep-alive the same way.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(origin) = origin.filter(|o| self.cors_origins.contains(o)) {
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
             headers.insert(
@@ -342,6 +345,23 @@ mod tests {
             classify(&Method::GET, None, "/v1/nope"),
             Class::Ranked(R::Unmatched, Heartbeat)
         );
+    }
+
+    /// `http/pacing.rs` tells a heartbeat by its method before reading it.
+    #[test]
+    fn the_heartbeat_is_the_only_put_of_the_api() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&crate::http::openapi::document()).expect("the OpenAPI document");
+        let mut puts = 0;
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("path item").keys() {
+                let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).expect("method");
+                let heartbeat = matches!(classify(&method, Some(path), path), Class::Ranked(_, Heartbeat));
+                assert_eq!(method == Method::PUT, heartbeat, "{method} {path}");
+                puts += usize::from(heartbeat);
+            }
+        }
+        assert_eq!(puts, 1);
     }
 
     #[test]

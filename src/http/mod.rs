@@ -9,6 +9,7 @@ pub mod extract;
 mod json;
 mod middleware;
 pub mod openapi;
+pub mod pacing;
 pub mod routes;
 
 use std::sync::Arc;

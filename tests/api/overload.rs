@@ -106,8 +106,11 @@ async fn in_flight_reaches(app: &TestApp, n: f64) {
     );
 }
 
-/// Asserts `503 overloaded` with a `Retry-After` of whole seconds; returns them.
-async fn assert_overloaded(resp: reqwest::Response) -> u64 {
+/// Asserts `503 overloaded` with a `Retry-After` of whole seconds; returns
+/// them. A refused heartbeat keeps its connection (read again at a pace,
+/// `http/pacing.rs`); any other refusal closes it, so the viewer retries on
+/// a fresh one.
+async fn assert_overloaded(resp: reqwest::Response, connection: Refused) -> u64 {
     let retry_after = resp
         .headers()
         .get("retry-after")
@@ -117,13 +120,23 @@ async fn assert_overloaded(resp: reqwest::Response) -> u64 {
         resp.headers().contains_key("x-request-id"),
         "a refusal has a request id too"
     );
-    assert_eq!(
-        resp.headers().get("connection").and_then(|v| v.to_str().ok()),
-        Some("close"),
-        "a refusal gives its connection back"
-    );
+    let close = resp.headers().get("connection").and_then(|v| v.to_str().ok());
+    match connection {
+        Refused::Kept => assert_eq!(close, None, "a refused heartbeat keeps its connection"),
+        Refused::Closed => assert_eq!(
+            close,
+            Some("close"),
+            "a refused viewer retries on a fresh connection"
+        ),
+    }
     assert_error(resp, 503, "overloaded").await;
     retry_after.expect("503 overloaded without a Retry-After in seconds")
+}
+
+#[derive(Clone, Copy)]
+enum Refused {
+    Kept,
+    Closed,
 }
 
 /// A user of its own with one live session, and its token.
@@ -158,7 +171,7 @@ async fn a_flood_of_heartbeats_is_shed_first_while_playback_info_and_starts_are_
         })
         .collect();
     for heartbeat in flood {
-        let retry_after = assert_overloaded(heartbeat.await.expect("heartbeat")).await;
+        let retry_after = assert_overloaded(heartbeat.await.expect("heartbeat"), Refused::Kept).await;
         assert!(
             (1..=30).contains(&retry_after),
             "a heartbeat comes back within its interval: {retry_after}"
@@ -178,7 +191,7 @@ async fn a_flood_of_heartbeats_is_shed_first_while_playback_info_and_starts_are_
     // A start held too: stops are refused now, playback-info still admitted.
     let held_start = Held::start(&app, &token, "laptop").await;
     in_flight_reaches(&app, 3.0).await;
-    assert_overloaded(app.stop_session(&token, &id).await).await;
+    assert_overloaded(app.stop_session(&token, &id).await, Refused::Closed).await;
     assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
 
     let shed = metric(
@@ -196,6 +209,79 @@ async fn a_flood_of_heartbeats_is_shed_first_while_playback_info_and_starts_are_
     }
     in_flight_reaches(&app, 0.0).await;
     assert_eq!(app.heartbeat(&token, &id, 3_000_000).await.status(), 200);
+}
+
+/// One request on `stream` and its whole answer: the status and the head,
+/// lowercased.
+async fn exchange(stream: &mut TcpStream, request: &str) -> (u16, String) {
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if answer.len() >= end + 4 + length {
+                    return head;
+                }
+            }
+            let n = stream.read(&mut buf).await.expect("read answer");
+            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("an answer");
+    (head[9..12].parse().expect("a status"), head)
+}
+
+/// A client that ignores `Retry-After` and sends its next heartbeat at once
+/// on the same connection is read again only after the pace; a viewer's
+/// request on that connection (behind a proxy that reuses it) is admitted.
+#[tokio::test]
+async fn a_heartbeat_resent_at_once_waits_the_pace_on_its_kept_connection() {
+    let app = spawn_app_with(SMALL_LIMIT).await;
+    let (token, id) = watching(&app, "u-standard").await;
+    let held = hold_the_heartbeats_share(&app).await;
+
+    let port = app.address.rsplit(':').next().expect("a port");
+    let mut stream = TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connect");
+    let body = json!({"position_ms": 2_000_000, "state": "playing"}).to_string();
+    let heartbeat = format!(
+        "PUT /v1/playback/sessions/{id} HTTP/1.1\r\nHost: moneta\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Before the first is sent, so before it is refused: the pace counts
+    // from the refusal, and this bound holds on any machine.
+    let sent = std::time::Instant::now();
+    let (status, head) = exchange(&mut stream, &heartbeat).await;
+    assert_eq!(status, 503, "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    let (status, head) = exchange(&mut stream, &heartbeat).await;
+    assert_eq!(status, 503, "still over the heartbeats' share: {head}");
+    assert!(
+        sent.elapsed() >= moneta::http::pacing::PACE,
+        "the second heartbeat was answered {:?} after the first was sent",
+        sent.elapsed()
+    );
+
+    let info = format!(
+        "GET /v1/contents/m-0001/playback-info HTTP/1.1\r\nHost: moneta\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    let (status, head) = exchange(&mut stream, &info).await;
+    assert_eq!(status, 200, "a viewer's request on the paced connection: {head}");
+
+    for h in held {
+        assert_eq!(h.finish().await, 200);
+    }
 }
 
 #[tokio::test]
@@ -225,7 +311,7 @@ async fn health_openapi_and_preflights_are_never_shed() {
         Some(origin),
         "a browser on an allowed origin can read the refusal and its Retry-After"
     );
-    assert_overloaded(info).await;
+    assert_overloaded(info, Refused::Closed).await;
 
     for path in ["/health/live", "/health/ready", "/openapi.json"] {
         assert_eq!(app.get_anonymously(path).await.status(), 200, "{path}");
@@ -254,7 +340,7 @@ async fn shed_heartbeats_lose_no_position_the_next_accepted_one_carries_it() {
 
     let held = hold_the_heartbeats_share(&app).await;
     for position in [2_000_000, 2_500_000] {
-        assert_overloaded(app.heartbeat(&token, &id, position).await).await;
+        assert_overloaded(app.heartbeat(&token, &id, position).await, Refused::Kept).await;
     }
     for h in held {
         assert_eq!(h.finish().await, 200);
@@ -341,7 +427,7 @@ mod under_fault {
         in_flight_reaches(&app, 2.0).await;
 
         for n in 0..20 {
-            assert_overloaded(app.heartbeat(&token, &id, 2_000_000 + n).await).await;
+            assert_overloaded(app.heartbeat(&token, &id, 2_000_000 + n).await, Refused::Kept).await;
         }
         assert!(
             piled.iter().all(|h| !h.is_finished()),
