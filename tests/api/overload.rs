@@ -26,6 +26,14 @@ const SMALL_LIMIT: &[(&str, &str)] = &[
     ("MONETA_REQUEST_TIMEOUT_MS", "60000"),
 ];
 
+/// A raw connection to the public API.
+async fn connect(app: &TestApp) -> TcpStream {
+    let port = app.address.rsplit(':').next().expect("a port");
+    TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connect")
+}
+
 /// A request whose head and first body byte were sent; the rest waits for
 /// [`Held::finish`]. Moneta has admitted it (or refused it) by then.
 struct Held {
@@ -35,10 +43,7 @@ struct Held {
 
 impl Held {
     async fn send(app: &TestApp, method: &str, path: &str, token: &str, body: &Value) -> Held {
-        let port = app.address.rsplit(':').next().expect("a port");
-        let mut stream = TcpStream::connect(format!("127.0.0.1:{port}"))
-            .await
-            .expect("connect");
+        let mut stream = connect(app).await;
         let body = body.to_string().into_bytes();
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
@@ -249,10 +254,7 @@ async fn a_heartbeat_resent_at_once_waits_the_pace_on_its_kept_connection() {
     let (token, id) = watching(&app, "u-standard").await;
     let held = hold_the_heartbeats_share(&app).await;
 
-    let port = app.address.rsplit(':').next().expect("a port");
-    let mut stream = TcpStream::connect(format!("127.0.0.1:{port}"))
-        .await
-        .expect("connect");
+    let mut stream = connect(&app).await;
     let body = json!({"position_ms": 2_000_000, "state": "playing"}).to_string();
     let heartbeat = format!(
         "PUT /v1/playback/sessions/{id} HTTP/1.1\r\nHost: moneta\r\nAuthorization: Bearer {token}\r\n\
@@ -459,12 +461,9 @@ mod under_fault {
 #[tokio::test]
 async fn at_the_connection_limit_idle_keep_alive_connections_make_room() {
     let app = spawn_app_with(&[("MONETA_MAX_CONNECTIONS", "2")]).await;
-    let port = app.address.rsplit(':').next().expect("a port").to_owned();
     let mut idle = Vec::new();
     for _ in 0..2 {
-        let mut stream = TcpStream::connect(format!("127.0.0.1:{port}"))
-            .await
-            .expect("connect");
+        let mut stream = connect(&app).await;
         stream
             .write_all(b"GET /health/live HTTP/1.1\r\nHost: moneta\r\n\r\n")
             .await
