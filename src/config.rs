@@ -151,6 +151,8 @@ pub struct LicenseProxySettings {
     pub upstream_widevine: Option<String>,
     pub upstream_playready: Option<String>,
     pub upstream_fairplay: Option<String>,
+    /// Without a keys file, ClearKey licences come from here.
+    pub upstream_clearkey: Option<String>,
     /// Sent to every vendor licence server (an API key…); values never print.
     pub upstream_headers: Vec<(String, Secret)>,
     pub upstream_guard: GuardSettings,
@@ -161,13 +163,13 @@ impl LicenseProxySettings {
         &self.license_urls[system as usize]
     }
 
-    /// The vendor's licence server for `system`; ClearKey has none.
+    /// The licence server for `system`.
     pub fn upstream(&self, system: DrmSystem) -> Option<&str> {
         match system {
             DrmSystem::Widevine => self.upstream_widevine.as_deref(),
             DrmSystem::PlayReady => self.upstream_playready.as_deref(),
             DrmSystem::FairPlay => self.upstream_fairplay.as_deref(),
-            DrmSystem::ClearKey => None,
+            DrmSystem::ClearKey => self.upstream_clearkey.as_deref(),
         }
     }
 }
@@ -473,8 +475,12 @@ fn load_toml(path: &str) -> Result<HashMap<String, String>, ConfigError> {
     const KEY: &str = "MONETA_CONFIG_FILE";
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(KEY, format!("cannot read {path}: {e}")))?;
-    let table: toml::Table =
-        toml::from_str(&text).map_err(|e| ConfigError::new(KEY, format!("invalid TOML: {e}")))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        // The parser's message spans lines (the source and a caret); the
+        // start-up error is one line.
+        let why = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        ConfigError::new(KEY, format!("invalid TOML: {why}"))
+    })?;
     let mut values = HashMap::new();
     for (key, value) in table {
         // Accept both `MONETA_LISTEN_ADDR` and the shorter `listen_addr`.
@@ -597,6 +603,7 @@ impl Settings {
         let upstream_widevine = optional_url("MONETA_DRM_UPSTREAM_WIDEVINE")?;
         let upstream_playready = optional_url("MONETA_DRM_UPSTREAM_PLAYREADY")?;
         let upstream_fairplay = optional_url("MONETA_DRM_UPSTREAM_FAIRPLAY")?;
+        let upstream_clearkey = optional_url("MONETA_DRM_UPSTREAM_CLEARKEY")?;
         let upstream_headers = upstream_headers(src)?;
         let upstream_guard = src.guard("MONETA_DRM_UPSTREAM", 2_000, 64)?;
         let clearkey_keys_file = src.opt_string("MONETA_DRM_CLEARKEY_KEYS_FILE").map(PathBuf::from);
@@ -621,6 +628,7 @@ impl Settings {
                     upstream_widevine,
                     upstream_playready,
                     upstream_fairplay,
+                    upstream_clearkey,
                     upstream_headers,
                     upstream_guard,
                 })
@@ -1016,5 +1024,20 @@ mod tests {
         .unwrap();
         assert_eq!(s.server.listen_addr.to_string(), "127.0.0.1:1");
         assert_eq!(s.server.admin_addr.to_string(), "127.0.0.1:3");
+    }
+
+    #[test]
+    fn a_file_that_is_not_toml_is_a_one_line_error_naming_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moneta.toml");
+        std::fs::write(&path, "this is not toml = =\n").unwrap();
+        let err = Settings::from_vars(vars(&[
+            ("MONETA_CONFIG_FILE", path.to_str().unwrap()),
+            ("MONETA_JWT_HS256_SECRET", "x"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.key, "MONETA_CONFIG_FILE");
+        let text = err.to_string();
+        assert!(!text.contains('\n') && text.contains("line 1"), "{text}");
     }
 }

@@ -198,7 +198,20 @@ fn main() -> ExitCode {
                 max_streams,
                 country: country.map(|c| c.to_ascii_uppercase()),
             };
-            match mint_hs256(secret.expose_secret(), &claims) {
+            // The audience this configuration checks, so that its own
+            // tokens pass it (`Claims` keeps only what Moneta reads).
+            #[derive(serde::Serialize)]
+            struct Minted<'a> {
+                #[serde(flatten)]
+                claims: &'a Claims,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                aud: Option<&'a str>,
+            }
+            let minted = Minted {
+                claims: &claims,
+                aud: settings.jwt.audience.as_deref(),
+            };
+            match mint_hs256(secret.expose_secret(), &minted) {
                 Ok(token) => {
                     println!("{token}");
                     ExitCode::SUCCESS

@@ -293,6 +293,7 @@ impl Application {
         let mut courier = tokio::spawn(courier.run(stop.clone(), grace));
         let background = [
             tokio::spawn(refresh_keys(app.clone(), settings.jwt.refresh)),
+            tokio::spawn(end_held_stops(app.clone())),
             tokio::spawn(telemetry::metrics::upkeep(metrics.clone())),
         ];
 
@@ -701,6 +702,18 @@ fn spawn_probes(redis: RedisStore, api: InternalApi, app: Arc<App>) {
             let _ = tokio::join!(redis.ping(), api.probe());
         }
     });
+}
+
+/// How often stops held while Redis was unreachable are tried there.
+const HELD_STOPS_EVERY: Duration = Duration::from_secs(1);
+
+async fn end_held_stops(app: Arc<App>) {
+    let mut tick = tokio::time::interval(HELD_STOPS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        app.sessions.end_held_stops().await;
+    }
 }
 
 async fn refresh_keys(app: Arc<App>, every: Duration) {

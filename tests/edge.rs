@@ -450,7 +450,7 @@ async fn everything_outside_the_allow_list_is_a_json_404_and_never_forwarded() {
         "/%2e%2e/metrics",
     ];
     for path in denied {
-        for method in [Method::GET, Method::POST] {
+        for method in [Method::GET, Method::POST, Method::PATCH] {
             let response = PublicApi::send(edge.request(method.clone(), path, None)).await;
             assert_eq!(request_ids(&response).len(), 1, "{method} {path}");
             assert_error(response, 404, "not_found").await;

@@ -287,6 +287,16 @@ const PLAYBACK_ROUTE: &str = "/v1/contents/{content_id}/playback-info";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_carry_the_contract_series() {
     let stack = Observed::start(&[]).await;
+    // Before any request, every fallback counter is there at 0: dashboards
+    // and alerts read a number, not "no data".
+    let fresh = stack.moneta.metrics().await;
+    assert_type(&fresh, "moneta_fallbacks_total", "counter");
+    for series in [
+        r#"moneta_fallbacks_total{dependency="redis",kind="stream_limit_open"}"#,
+        r#"moneta_fallbacks_total{dependency="internal_api",kind="snapshot"}"#,
+    ] {
+        assert_eq!(support::metric_value(&fresh, series), Some(0.0), "{series}");
+    }
     let token = support::mint_token("u-premium", "premium", 4, "KR");
     assert_eq!(stack.playback(&token, None).await.status(), 200);
     // Served from the cache, for the cache counters' hit side.

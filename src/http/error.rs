@@ -36,7 +36,7 @@ pub enum ApiError {
     SessionNotFound,
     #[error("playback moved to another device")]
     SessionEvicted,
-    #[error("too busy to count streams; try again")]
+    #[error("too busy to take this now; nothing was changed, try again")]
     Busy,
     #[error("the concurrent-stream limit is reached")]
     StreamLimitReached {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
@@ -58,6 +58,44 @@ fn body_error(rejection: JsonRejection) -> ApiError {
     }
 }
 
+/// The one parameter of a route's path, percent-decoded. A segment that
+/// does not decode to UTF-8 (`%FF`) names no title, session or DRM system
+/// there is: it is handed on as the empty string, which no id parses from,
+/// so the route answers as for any id it does not know.
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Ok(PathParam(
+            Path::<String>::from_request_parts(parts, state)
+                .await
+                .map(|Path(value)| value)
+                .unwrap_or_default(),
+        ))
+    }
+}
+
+/// A request body: a JSON object. serde's derive also reads a struct from an
+/// array of its fields in order (`["m-0001","tv"]`), which no client of this
+/// API means; such a body has the wrong type (`400 invalid_body`).
+fn from_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::InvalidBody("the body must be a JSON object".to_owned()));
+    }
+    Json::<T>::from_bytes(bytes).map(|Json(v)| v).map_err(body_error)
+}
+
+async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state)
+        .await
+        .map_err(|r| match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+            _ => ApiError::InvalidBody(r.body_text()),
+        })
+}
+
 /// A required JSON body.
 pub struct JsonBody<T>(pub T);
 
@@ -65,10 +103,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        Json::<T>::from_request(req, state)
-            .await
-            .map(|Json(v)| JsonBody(v))
-            .map_err(body_error)
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        from_object(&body_bytes(req, state).await?).map(JsonBody)
     }
 }
 
@@ -80,21 +118,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJsonBody<T>
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let is_json = is_json(req.headers());
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|r| match r.status() {
-                StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
-                _ => ApiError::InvalidBody(r.body_text()),
-            })?;
+        let bytes = body_bytes(req, state).await?;
         if bytes.is_empty() {
             return Ok(OptionalJsonBody(None));
         }
         if !is_json {
             return Err(ApiError::UnsupportedMediaType);
         }
-        Json::<T>::from_bytes(&bytes)
-            .map(|Json(v)| OptionalJsonBody(Some(v)))
-            .map_err(body_error)
+        from_object(&bytes).map(|v| OptionalJsonBody(Some(v)))
     }
 }
 

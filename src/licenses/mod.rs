@@ -33,6 +33,7 @@ use crate::sessions::{Provenance, SessionKey};
 use crate::sources::CallContext;
 use crate::sources::drm::{DrmUpstreams, LicenseCall, VendorAnswer};
 use crate::sources::redis::{SessionState, SessionStore};
+use crate::telemetry::metrics::Fallback;
 use clearkey::ClearKeyError;
 use limit::RateLimit;
 
@@ -101,6 +102,22 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    const ALL: [Outcome; 13] = [
+        Outcome::Issued,
+        Outcome::Forwarded,
+        Outcome::UpstreamStatus,
+        Outcome::MissingToken,
+        Outcome::InvalidToken,
+        Outcome::Denied,
+        Outcome::Evicted,
+        Outcome::SessionNotFound,
+        Outcome::RateLimited,
+        Outcome::InvalidBody,
+        Outcome::TooLarge,
+        Outcome::NoLicenseServer,
+        Outcome::Unavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Issued => "issued",
@@ -137,18 +154,17 @@ impl Outcome {
     }
 }
 
-/// Counts one licence request; `drm_system` and `outcome` are closed sets.
-pub fn count(system: DrmSystem, outcome: Outcome) {
+fn counter(system: DrmSystem, outcome: Outcome) -> metrics::Counter {
     metrics::counter!(
         "moneta_license_requests_total",
         "drm_system" => system.as_str(),
         "outcome" => outcome.as_str()
     )
-    .increment(1);
 }
 
-fn fallback(kind: &'static str) {
-    metrics::counter!("moneta_fallbacks_total", "dependency" => "redis", "kind" => kind).increment(1);
+/// Counts one licence request; `drm_system` and `outcome` are closed sets.
+pub fn count(system: DrmSystem, outcome: Outcome) {
+    counter(system, outcome).increment(1);
 }
 
 pub struct Licenses {
@@ -169,6 +185,12 @@ impl Licenses {
         clear_keys: Option<HashMap<KeyId, [u8; 16]>>,
         vendors: DrmUpstreams,
     ) -> Self {
+        // Every series from the start, at 0, while the proxy is on.
+        for system in DrmSystem::ALL {
+            for outcome in Outcome::ALL {
+                counter(system, outcome).absolute(0);
+            }
+        }
         Self {
             tokens: LicenseTokens::new(token_secret),
             sessions,
@@ -224,37 +246,36 @@ impl Licenses {
         };
         limited.map_err(|retry_after| LicenseError::RateLimited { retry_after })?;
         self.check_session(&grant).await?;
-        match request.system {
-            DrmSystem::ClearKey => {
-                let kid = clearkey::granted_key(&request.body, grant.key_id).map_err(|e| match e {
-                    ClearKeyError::Malformed => LicenseError::InvalidBody(
-                        "expected a W3C ClearKey licence request: {\"kids\": [\"<base64url key id>\"], \"type\": \"temporary\"}",
-                    ),
-                    ClearKeyError::NotGranted => {
-                        LicenseError::Denied("the licence token does not grant the requested key")
-                    }
-                })?;
-                let keys = self.clear_keys.as_ref().ok_or(LicenseError::NoLicenseServer)?;
+        if request.system == DrmSystem::ClearKey {
+            let kid = clearkey::granted_key(&request.body, grant.key_id).map_err(|e| match e {
+                ClearKeyError::Malformed => LicenseError::InvalidBody(
+                    "expected a W3C ClearKey licence request: {\"kids\": [\"<base64url key id>\"], \"type\": \"temporary\"}",
+                ),
+                ClearKeyError::NotGranted => {
+                    LicenseError::Denied("the licence token does not grant the requested key")
+                }
+            })?;
+            // With a keys file the licence is Moneta's own; without one it
+            // comes from `MONETA_DRM_UPSTREAM_CLEARKEY`, as for every system.
+            if let Some(keys) = &self.clear_keys {
                 let key = keys
                     .get(&kid)
                     .ok_or(LicenseError::Denied("no licence is issued for this key"))?;
-                Ok(License::ClearKey(clearkey::license(kid, key)))
+                return Ok(License::ClearKey(clearkey::license(kid, key)));
             }
-            system => {
-                let call = LicenseCall {
-                    body: request.body,
-                    content_type: request.content_type,
-                    user: &grant.user,
-                    content: &grant.content,
-                    session: grant.session.as_ref(),
-                    ctx: request.ctx,
-                };
-                match self.vendors.request(system, call).await {
-                    None => Err(LicenseError::NoLicenseServer),
-                    Some(Ok(answer)) => Ok(License::Vendor(answer)),
-                    Some(Err(_)) => Err(LicenseError::Unavailable),
-                }
-            }
+        }
+        let call = LicenseCall {
+            body: request.body,
+            content_type: request.content_type,
+            user: &grant.user,
+            content: &grant.content,
+            session: grant.session.as_ref(),
+            ctx: request.ctx,
+        };
+        match self.vendors.request(request.system, call).await {
+            None => Err(LicenseError::NoLicenseServer),
+            Some(Ok(answer)) => Ok(License::Vendor(answer)),
+            Some(Err(_)) => Err(LicenseError::Unavailable),
         }
     }
 
@@ -283,7 +304,7 @@ impl Licenses {
             // ends it with `409 stream_limit_reached`; refusing the licence
             // here would stop a player that did nothing wrong.
             Ok(SessionState::Untraced) if issued => {
-                fallback("license_untraced");
+                Fallback::LicenseUntraced.count();
                 Ok(())
             }
             Ok(SessionState::Untraced) => Err(LicenseError::SessionNotFound),
@@ -292,7 +313,7 @@ impl Licenses {
             // heartbeats keep being answered; only an id this instance can
             // prove ours passes.
             Err(_) if issued => {
-                fallback("license_unchecked");
+                Fallback::LicenseUnchecked.count();
                 Ok(())
             }
             Err(_) => Err(LicenseError::SessionNotFound),

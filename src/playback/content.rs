@@ -9,13 +9,14 @@ use moka::Expiry;
 use moka::future::Cache;
 
 use super::ladder::{self, CacheStep, Lookup, Rung};
-use super::{PlaybackError, cache_metric, fallback_metric};
+use super::{PlaybackError, cache_metric};
 use crate::config::CatalogSettings;
 use crate::model::{ContentId, ContentPlayback, Origin, Sourced};
 use crate::sources::CallContext;
 use crate::sources::internal_api::InternalApi;
 use crate::sources::redis::{CachedContent, RedisStore};
 use crate::sources::snapshot::Snapshot;
+use crate::telemetry::metrics::Fallback;
 
 /// Degraded answers are kept in memory only briefly, so recovery shows quickly.
 const DEGRADED_LOCAL_TTL: Duration = Duration::from_millis(500);
@@ -137,7 +138,7 @@ impl Titles {
         let cached = match self.redis.content(content_id).await {
             Ok(cached) => Some(cached),
             Err(_) => {
-                fallback_metric("redis", "content_skip_cache");
+                Fallback::ContentSkipCache.count();
                 None
             }
         };
@@ -157,25 +158,28 @@ impl Titles {
                     fetched_at_ms: now_ms(),
                     content: found,
                 };
-                let ttl = ladder::redis_ttl(entry.content.is_some(), self.stale_ttl);
-                // Best effort: a failed write only costs a later miss.
-                let _ = self.redis.put_content(content_id, &entry, ttl).await;
+                // Only titles that exist are copied to Redis: an id a caller
+                // made up leaves no key behind (CONTRACT §6), however many
+                // they send; `local` remembers it here for a while. Best
+                // effort: a failed write only costs a later miss.
+                if entry.content.is_some() {
+                    let _ = self.redis.put_content(content_id, &entry, self.stale_ttl).await;
+                }
                 Ok(Sourced::fresh(self.remember(content_id, entry.content).await))
             }
             Err(_) => {
                 let last_good = self.last_good.get(content_id).await;
                 match ladder::after_api_failure(stale, last_good, self.snapshot.get(content_id)) {
                     Ok((lookup, rung)) => {
-                        let kind = if rung == Rung::Snapshot {
-                            "snapshot"
+                        if rung == Rung::Snapshot {
+                            Fallback::Snapshot.count();
                         } else {
-                            "stale_content"
-                        };
-                        fallback_metric("internal_api", kind);
+                            Fallback::StaleContent.count();
+                        }
                         Ok(lookup)
                     }
                     Err(_) => {
-                        fallback_metric("internal_api", "unavailable");
+                        Fallback::Unavailable.count();
                         Err(PlaybackError::Unavailable)
                     }
                 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use crate::model::{ContentPlayback, Origin, Sourced};
 use crate::sources::redis::CachedContent;
 
-/// How long "the internal API does not know this title" counts as fresh.
+/// How long "the internal API does not know this title" counts as fresh, in
+/// Redis entries written by earlier builds (this one writes none).
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(30);
 
 /// A title, or the fact that it does not exist, with where that came from.
@@ -71,12 +72,6 @@ pub fn after_api_failure(
         return Ok((Sourced::new(Some(snap), Origin::Snapshot), Rung::Snapshot));
     }
     Err(Rung::Unavailable)
-}
-
-/// How long the internal API's answer is kept in Redis: titles long (stale
-/// copies serve outages), unknown titles briefly.
-pub fn redis_ttl(found: bool, stale_ttl: Duration) -> Duration {
-    if found { stale_ttl } else { NEGATIVE_TTL }
 }
 
 #[cfg(test)]
@@ -169,11 +164,5 @@ mod tests {
         let (l, _) = after_api_failure(Some(cached(0, None)), None, None).unwrap();
         assert!(l.value.is_none());
         assert_eq!(l.origin, Origin::Stale);
-    }
-
-    #[test]
-    fn unknown_titles_leave_redis_quickly() {
-        assert_eq!(redis_ttl(false, TTL), NEGATIVE_TTL);
-        assert_eq!(redis_ttl(true, TTL), TTL);
     }
 }

@@ -75,10 +75,6 @@ fn cache_metric(cache: &'static str, hit: bool) {
     }
 }
 
-fn fallback_metric(dependency: &'static str, kind: &'static str) {
-    metrics::counter!("moneta_fallbacks_total", "dependency" => dependency, "kind" => kind).increment(1);
-}
-
 pub struct Playback {
     titles: Titles,
     users: UserStates,

@@ -4,12 +4,13 @@
 use std::time::Duration;
 
 use super::rules;
-use super::{PlaybackError, cache_metric, fallback_metric};
+use super::{PlaybackError, cache_metric};
 use crate::auth::Claims;
 use crate::model::{ContentId, Entitlement, Origin, PositionMs, ResumePoint, Sourced};
 use crate::sources::CallContext;
 use crate::sources::internal_api::InternalApi;
 use crate::sources::redis::{LearntPosition, RedisStore, WriteBack};
+use crate::telemetry::metrics::Fallback;
 
 pub struct UserStates {
     redis: RedisStore,
@@ -45,7 +46,7 @@ impl UserStates {
         let view = match self.redis.user_view(user, content_id, known_title).await {
             Ok(view) => Some(view),
             Err(_) => {
-                fallback_metric("redis", "user_state_skip_cache");
+                Fallback::UserStateSkipCache.count();
                 None
             }
         };
@@ -115,7 +116,7 @@ impl UserStates {
                 Err(PlaybackError::NoEntitlement)
             }
             Err(_) => {
-                fallback_metric("internal_api", "claims_entitlement");
+                Fallback::ClaimsEntitlement.count();
                 Ok((
                     Sourced::new(rules::entitlement_from_claims(claims), Origin::Claims),
                     None,
@@ -147,12 +148,12 @@ impl UserStates {
                 } else {
                     // Positions reach Redis first and the internal API later, so
                     // without Redis the API's copy may lag the newest heartbeat.
-                    fallback_metric("redis", "position_from_api");
+                    Fallback::PositionFromApi.count();
                     (Sourced::new(point, Origin::Stale), None)
                 }
             }
             Err(_) => {
-                fallback_metric("internal_api", "default_position");
+                Fallback::DefaultPosition.count();
                 (Sourced::new(ResumePoint::default(), Origin::Default), None)
             }
         }

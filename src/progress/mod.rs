@@ -24,7 +24,8 @@ pub mod replay;
 pub use courier::{Courier, Fate, Report, deliver};
 pub use queue::ProgressQueue;
 
-/// Counts positions given up, by why.
+/// Counts positions given up, by why (one of
+/// [`DROP_REASONS`](crate::telemetry::metrics::DROP_REASONS)).
 fn dropped(reason: &'static str, n: usize) {
     if n > 0 {
         metrics::counter!("moneta_progress_dropped_total", "reason" => reason).increment(n as u64);

@@ -3,12 +3,18 @@
 //! random part under `MONETA_SESSION_SECRET`. A forged id, or one issued to
 //! another caller, fails here — also while Redis is down, when nothing else
 //! could tell.
+//!
+//! The random part is a UUIDv7 stamped with the time of issue on this
+//! instance's estimate of Redis' clock: Redis keeps a bounded number of
+//! ended ids per user one by one, and tells the older ones it no longer
+//! lists by when they were issued (`session_lib.lua`, `bury`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -98,9 +104,17 @@ impl SessionKey {
         mac
     }
 
-    /// A new id for `user` playing `content`.
-    pub fn issue(&self, user: &UserId, content: &ContentId) -> Result<SessionId, InvalidId> {
-        let random = uuid::Uuid::new_v4().simple().to_string();
+    /// A new id for `user` playing `content`, issued at `at` (Redis' clock
+    /// as this instance estimates it).
+    pub fn issue(
+        &self,
+        user: &UserId,
+        content: &ContentId,
+        at: DateTime<Utc>,
+    ) -> Result<SessionId, InvalidId> {
+        let ms = u64::try_from(at.timestamp_millis()).unwrap_or_default();
+        let stamp = uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000);
+        let random = uuid::Uuid::new_v7(stamp).simple().to_string();
         let tag = self.mac(user, content.as_str(), &random).finalize().into_bytes();
         let encoded = URL_SAFE_NO_PAD.encode(tag.get(..MAC_BYTES).unwrap_or_default());
         let id = SessionId::from_parts(&random, content, &encoded)?;
@@ -159,7 +173,7 @@ mod tests {
     fn ids_verify_only_for_their_caller_and_key() {
         let key = SessionKey::new(Some(&Secret::from("k1"))).unwrap();
         let title = ContentId::parse("m-0001").unwrap();
-        let id = key.issue(&user("alice"), &title).unwrap();
+        let id = key.issue(&user("alice"), &title, Utc::now()).unwrap();
         assert_eq!(id.content_id(), title);
         assert!(key.verify(&user("alice"), &id));
         assert!(!key.verify(&user("bob"), &id));
@@ -177,10 +191,23 @@ mod tests {
     }
 
     #[test]
+    fn an_id_carries_when_it_was_issued() {
+        let key = SessionKey::new(Some(&Secret::from("k1"))).unwrap();
+        let at = DateTime::from_timestamp_millis(1_764_800_000_123).unwrap();
+        let id = key
+            .issue(&user("alice"), &ContentId::parse("m-0001").unwrap(), at)
+            .unwrap();
+        let (random, _, _) = id.str_parts();
+        // What `issued` in session_lib.lua reads: the version, then the time.
+        assert_eq!(&random[12..13], "7", "{random}");
+        assert_eq!(u64::from_str_radix(&random[..12], 16).unwrap(), 1_764_800_000_123);
+    }
+
+    #[test]
     fn a_changed_title_or_random_part_breaks_the_mac() {
         let key = SessionKey::new(Some(&Secret::from("k1"))).unwrap();
         let id = key
-            .issue(&user("alice"), &ContentId::parse("m-0001").unwrap())
+            .issue(&user("alice"), &ContentId::parse("m-0001").unwrap(), Utc::now())
             .unwrap();
         let (random, _, mac) = id.parts();
         let other_title = SessionId::from_parts(random, &ContentId::parse("m-0002").unwrap(), mac).unwrap();

@@ -9,7 +9,8 @@
 
 mod ids;
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -17,12 +18,15 @@ use chrono::{DateTime, Utc};
 pub use ids::{Provenance, SessionKey, SessionKeyError};
 
 use crate::auth::Claims;
-use crate::model::{ContentId, DeviceId, LiveSession, PlaybackInfo, PositionMs, ProgressItem, SessionId};
+use crate::model::{
+    ContentId, DeviceId, LiveSession, PlaybackInfo, PositionMs, ProgressItem, SessionId, UserId,
+};
 use crate::playback::{Audience, Playback, PlaybackError};
 use crate::progress::ProgressQueue;
 use crate::resilience::DependencyError;
 use crate::sources::CallContext;
 use crate::sources::redis::{EndOutcome, SessionStore, StartOutcome, StartRequest, TouchOutcome, Untraced};
+use crate::telemetry::metrics::Fallback;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SessionError {
@@ -37,7 +41,7 @@ pub enum SessionError {
     },
     /// Moneta's own Redis bulkhead is full, or (Redis unreachable) the
     /// memory that holds positions is: nothing was changed, try again.
-    #[error("too busy to count streams; try again")]
+    #[error("too busy to take this now; nothing was changed, try again")]
     Busy,
     #[error("internal error")]
     Internal,
@@ -53,19 +57,22 @@ pub struct Started {
     pub evicted: Vec<SessionId>,
 }
 
-fn fallback(kind: &'static str) {
-    metrics::counter!("moneta_fallbacks_total", "dependency" => "redis", "kind" => kind).increment(1);
-}
-
 pub struct Sessions {
     playback: Arc<Playback>,
     store: SessionStore,
     key: SessionKey,
     /// Positions acknowledged while Redis was unreachable.
     unlogged: Arc<ProgressQueue>,
+    /// Sessions stopped while Redis was unreachable, ended there once it
+    /// answers again ([`Sessions::end_held_stops`]).
+    held_stops: Mutex<VecDeque<(UserId, SessionId)>>,
     ttl: Duration,
     evict_oldest: bool,
 }
+
+/// Stops held in memory at most: beyond this the oldest is forgotten, and
+/// its session only ends when its heartbeats stop counting (the TTL).
+const HELD_STOPS: usize = 10_000;
 
 impl Sessions {
     pub fn new(
@@ -81,9 +88,54 @@ impl Sessions {
             store,
             key,
             unlogged,
+            held_stops: Mutex::new(VecDeque::new()),
             ttl,
             evict_oldest,
         }
+    }
+
+    /// Ends in Redis the sessions stopped while it was unreachable: the
+    /// player stopped, and its stream slot must be free (and a stray
+    /// heartbeat must not bring the session back) once Redis answers again.
+    /// Returns at the first call Redis does not answer; what is left waits
+    /// for the next round.
+    pub async fn end_held_stops(&self) {
+        loop {
+            let Some((user, session_id)) = self
+                .held_stops
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front()
+            else {
+                return;
+            };
+            // The position went with the stop, through memory; this only ends
+            // the session (buried even where Redis lost it: the id was proven ours).
+            match self
+                .store
+                .end(&user, &session_id, None, false, Untraced::Report)
+                .await
+            {
+                // Answered, whatever it said: an error about this one call
+                // would only be said again, and must not hold back the rest.
+                Ok(_) | Err(DependencyError::Refused(..)) => {}
+                Err(_) => {
+                    self.held_stops
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push_front((user, session_id));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn hold_stop(&self, user: &UserId, session_id: &SessionId) {
+        let mut held = self.held_stops.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.len() >= HELD_STOPS {
+            held.pop_front();
+        }
+        held.push_back((user.clone(), session_id.clone()));
     }
 
     /// Authorizes the title, then takes a stream slot.
@@ -98,7 +150,7 @@ impl Sessions {
         let max_streams = authorized.entitlement.value.max_streams;
         let session_id = self
             .key
-            .issue(&claims.sub, content_id)
+            .issue(&claims.sub, content_id, self.store.clock_now())
             .map_err(|_| SessionError::Internal)?;
         let outcome = self
             .store
@@ -125,7 +177,7 @@ impl Sessions {
             Err(DependencyError::Saturated(_)) => return Err(SessionError::Busy),
             Err(_) => {
                 // Redis unreachable: the limit cannot be counted; playback goes on.
-                fallback("stream_limit_open");
+                Fallback::StreamLimitOpen.count();
                 playback.degraded = true;
                 (self.store.clock_now(), Vec::new())
             }
@@ -161,7 +213,7 @@ impl Sessions {
         provenance: Provenance,
         position: Option<PositionMs>,
         completed: bool,
-        kind: &'static str,
+        kind: Fallback,
     ) -> Result<(), SessionError> {
         if provenance != Provenance::Issued {
             return Err(SessionError::NotFound);
@@ -179,7 +231,7 @@ impl Sessions {
         session_id: &SessionId,
         position: Option<PositionMs>,
         completed: bool,
-        kind: &'static str,
+        kind: Fallback,
     ) -> Result<(), SessionError> {
         if let Some(position) = position {
             let kept = self.unlogged.record(ProgressItem {
@@ -193,7 +245,7 @@ impl Sessions {
                 return Err(SessionError::Busy);
             }
         }
-        fallback(kind);
+        kind.count();
         Ok(())
     }
 
@@ -246,7 +298,13 @@ impl Sessions {
         match outcome {
             Ok(TouchOutcome::Touched(now)) => Ok(self.store.expiry(now)),
             Ok(TouchOutcome::Unreplicated(now)) => {
-                self.keep(claims, session_id, Some(position), false, "replicas_unacked")?;
+                self.keep(
+                    claims,
+                    session_id,
+                    Some(position),
+                    false,
+                    Fallback::ReplicasUnacked,
+                )?;
                 Ok(self.store.expiry(now))
             }
             Ok(TouchOutcome::Evicted) => Err(SessionError::Evicted),
@@ -259,7 +317,7 @@ impl Sessions {
                     provenance,
                     Some(position),
                     false,
-                    "heartbeat_unchecked",
+                    Fallback::HeartbeatUnchecked,
                 )?;
                 Ok(self.store.clock_now() + self.ttl)
             }
@@ -287,18 +345,22 @@ impl Sessions {
         {
             Ok(EndOutcome::Ended | EndOutcome::WasEvicted | EndOutcome::Untraced) => Ok(()),
             Ok(EndOutcome::Unreplicated) => {
-                self.keep(claims, session_id, position, completed, "replicas_unacked")
+                self.keep(claims, session_id, position, completed, Fallback::ReplicasUnacked)
             }
             Ok(EndOutcome::Unknown) => Err(SessionError::NotFound),
             Err(DependencyError::Saturated(_)) => Err(SessionError::Busy),
-            Err(_) => self.keep_unlogged(
-                claims,
-                session_id,
-                provenance,
-                position,
-                completed,
-                "stop_unchecked",
-            ),
+            Err(_) => {
+                self.keep_unlogged(
+                    claims,
+                    session_id,
+                    provenance,
+                    position,
+                    completed,
+                    Fallback::StopUnchecked,
+                )?;
+                self.hold_stop(&claims.sub, session_id);
+                Ok(())
+            }
         }
     }
 

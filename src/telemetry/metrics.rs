@@ -31,10 +31,103 @@ pub fn install() -> PrometheusHandle {
             // "no data" and `increase()` in alerts sees the first loss.
             metrics::gauge!("moneta_progress_queue_depth").set(0.0);
             metrics::counter!("moneta_progress_delivered_total").absolute(0);
-            metrics::counter!("moneta_progress_dropped_total").absolute(0);
+            for reason in DROP_REASONS {
+                metrics::counter!("moneta_progress_dropped_total", "reason" => reason).absolute(0);
+            }
+            for fallback in Fallback::ALL {
+                fallback.counter().absolute(0);
+            }
             handle
         })
         .clone()
+}
+
+/// Why positions are given up: the closed set of
+/// `moneta_progress_dropped_total{reason}` (counted in `progress`).
+pub const DROP_REASONS: [&str; 5] = ["refused", "poison", "invalid", "queue_full", "unwritten"];
+
+/// Each fallback an answer can come from, by the dependency that failed:
+/// the closed set of `moneta_fallbacks_total{dependency,kind}`, every series
+/// present from the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// Redis: a title read from the internal API, not Redis' copy.
+    ContentSkipCache,
+    /// Redis: a caller's entitlement and position read past Redis.
+    UserStateSkipCache,
+    /// Redis: the resume position from the internal API.
+    PositionFromApi,
+    /// Redis: a session started without counting the stream limit.
+    StreamLimitOpen,
+    /// Redis: a licence for a session Redis has no trace of.
+    LicenseUntraced,
+    /// Redis: a licence granted without checking the session.
+    LicenseUnchecked,
+    /// Redis: a position acknowledged before enough replicas had it.
+    ReplicasUnacked,
+    /// Redis: a heartbeat's position kept in memory.
+    HeartbeatUnchecked,
+    /// Redis: a stop's position kept in memory.
+    StopUnchecked,
+    /// Internal API: a stale copy of a title.
+    StaleContent,
+    /// Internal API: the static snapshot of a title.
+    Snapshot,
+    /// Internal API: no title at all (`503`).
+    Unavailable,
+    /// Internal API: the JWT's claims instead of the entitlement.
+    ClaimsEntitlement,
+    /// Internal API: no resume position (0).
+    DefaultPosition,
+}
+
+impl Fallback {
+    const ALL: [Fallback; 14] = [
+        Fallback::ContentSkipCache,
+        Fallback::UserStateSkipCache,
+        Fallback::PositionFromApi,
+        Fallback::StreamLimitOpen,
+        Fallback::LicenseUntraced,
+        Fallback::LicenseUnchecked,
+        Fallback::ReplicasUnacked,
+        Fallback::HeartbeatUnchecked,
+        Fallback::StopUnchecked,
+        Fallback::StaleContent,
+        Fallback::Snapshot,
+        Fallback::Unavailable,
+        Fallback::ClaimsEntitlement,
+        Fallback::DefaultPosition,
+    ];
+
+    /// `(dependency, kind)`.
+    fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Fallback::ContentSkipCache => ("redis", "content_skip_cache"),
+            Fallback::UserStateSkipCache => ("redis", "user_state_skip_cache"),
+            Fallback::PositionFromApi => ("redis", "position_from_api"),
+            Fallback::StreamLimitOpen => ("redis", "stream_limit_open"),
+            Fallback::LicenseUntraced => ("redis", "license_untraced"),
+            Fallback::LicenseUnchecked => ("redis", "license_unchecked"),
+            Fallback::ReplicasUnacked => ("redis", "replicas_unacked"),
+            Fallback::HeartbeatUnchecked => ("redis", "heartbeat_unchecked"),
+            Fallback::StopUnchecked => ("redis", "stop_unchecked"),
+            Fallback::StaleContent => ("internal_api", "stale_content"),
+            Fallback::Snapshot => ("internal_api", "snapshot"),
+            Fallback::Unavailable => ("internal_api", "unavailable"),
+            Fallback::ClaimsEntitlement => ("internal_api", "claims_entitlement"),
+            Fallback::DefaultPosition => ("internal_api", "default_position"),
+        }
+    }
+
+    fn counter(self) -> metrics::Counter {
+        let (dependency, kind) = self.labels();
+        metrics::counter!("moneta_fallbacks_total", "dependency" => dependency, "kind" => kind)
+    }
+
+    /// One answer came (partly) from this fallback.
+    pub fn count(self) {
+        self.counter().increment(1);
+    }
 }
 
 /// Folds recorded histogram samples into their buckets every second.
@@ -132,7 +225,7 @@ fn describe() {
     );
     describe_counter!(
         "moneta_progress_dropped_total",
-        "Resume positions not queued because the queue was full."
+        "Resume positions given up, by reason: refused (the internal API refused the item), invalid (unreadable in the log), poison (moved to the dead-letter stream), queue_full (not taken while Redis was unreachable: answered 503), unwritten (delivered, but its write-back to Redis gave way for room)."
     );
     describe_counter!(
         "moneta_cache_requests_total",

@@ -114,8 +114,19 @@ pub fn continue_trace(span: &Span, headers: &HeaderMap) {
     }
 }
 
-/// Adds `traceparent` (and `tracestate`) naming `span` to outgoing headers.
+/// Adds `traceparent` (and `tracestate`) naming `span` to outgoing headers;
+/// where the call has no span of its own (spans are not exported), the
+/// operation it is made for: the dependency still joins the caller's trace,
+/// and the caller's sampling decision travels on (CONTRACT §5). Background
+/// work outside any operation sends none.
 pub fn inject(span: &Span, headers: &mut HeaderMap) {
+    let current;
+    let span = if span.is_none() {
+        current = Span::current();
+        &current
+    } else {
+        span
+    };
     if span.is_none() {
         return;
     }

@@ -1,7 +1,7 @@
 use base64::Engine;
 use serde_json::json;
 
-use crate::helpers::{assert_invalid_token, spawn_app};
+use crate::helpers::{assert_invalid_token, spawn_app, spawn_app_with};
 use crate::support::{DEV_SECRET, assert_error};
 
 fn b64(v: &serde_json::Value) -> String {
@@ -101,5 +101,37 @@ async fn expiry_within_leeway_is_accepted() {
         json!({"sub": "u-basic", "exp": now() - 10}),
         DEV_SECRET,
     );
+    assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
+}
+
+/// `moneta token` mints what the same configuration accepts, issuer and
+/// audience included.
+#[tokio::test]
+async fn moneta_token_passes_the_checks_of_its_own_configuration() {
+    let checks = [
+        ("MONETA_JWT_ISSUER", "https://id.example"),
+        ("MONETA_JWT_AUDIENCE", "moneta"),
+    ];
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_moneta"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MONETA_JWT_HS256_SECRET", DEV_SECRET)
+        .envs(checks)
+        .args([
+            "token",
+            "--sub",
+            "u-premium",
+            "--plan",
+            "premium",
+            "--max-streams",
+            "4",
+            "--country",
+            "KR",
+        ])
+        .output()
+        .expect("run moneta token");
+    assert!(output.status.success(), "{output:?}");
+    let token = String::from_utf8(output.stdout).expect("utf-8").trim().to_owned();
+    let app = spawn_app_with(&checks).await;
     assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
 }

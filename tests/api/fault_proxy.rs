@@ -1,15 +1,21 @@
 //! A TCP proxy in front of a dependency that can refuse connections (its
-//! listener closed, live connections cut) and come back on the same port.
+//! listener closed, live connections cut) and come back on the same port, or
+//! silence the connections it carries (open, carrying nothing: a host that
+//! died without a reset, a partition) while new ones pass.
 
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 pub struct FaultProxy {
     pub port: u16,
     target: u16,
     tasks: Arc<Mutex<Vec<AbortHandle>>>,
+    silence: Arc<Notify>,
+    /// Silenced connections, held open.
+    silenced: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
 }
 
 impl FaultProxy {
@@ -20,6 +26,8 @@ impl FaultProxy {
             port,
             target,
             tasks: Arc::default(),
+            silence: Arc::default(),
+            silenced: Arc::default(),
         };
         proxy.serve(listener);
         proxy
@@ -28,11 +36,19 @@ impl FaultProxy {
     fn serve(&self, listener: TcpListener) {
         let target = self.target;
         let tasks = self.tasks.clone();
+        let silence = self.silence.clone();
+        let silenced = self.silenced.clone();
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                // Made before the connection is carried, so no silence is missed.
+                let silence = silence.clone().notified_owned();
+                let silenced = silenced.clone();
                 let conn = tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            () = silence => silenced.lock().unwrap().push((inbound, outbound)),
+                        }
                     }
                 });
                 tasks.lock().unwrap().push(conn.abort_handle());
@@ -46,6 +62,12 @@ impl FaultProxy {
         for task in self.tasks.lock().unwrap().drain(..) {
             task.abort();
         }
+    }
+
+    /// The connections open now carry nothing more and stay open; new
+    /// connections pass.
+    pub fn silence(&self) {
+        self.silence.notify_waiters();
     }
 
     /// Listens again on the same port.

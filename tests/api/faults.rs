@@ -348,3 +348,74 @@ async fn graceful_shutdown_of_the_in_process_app() {
     assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
     app.shutdown().await;
 }
+
+/// The app on a Redis of its own reached through a [`FaultProxy`].
+async fn behind_redis_proxy() -> (TestApp, FaultProxy, RedisServer) {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port);
+    let app = spawn_app_on(spawn_fake_api().await, &[("MONETA_REDIS_URL", &url)]).await;
+    (app, proxy, redis)
+}
+
+/// A connection to Redis that goes silent (open, answering nothing: a host
+/// that died without a reset, a partition) while Redis itself answers new
+/// connections: Moneta connects again, and the stream limit holds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_connection_gone_silent_is_made_again() {
+    let (app, proxy, _redis) = behind_redis_proxy().await;
+    // One stream (the internal API's plan for u-basic).
+    let token = app.token("u-basic", "basic", 1, "KR");
+    app.started_session(&token, "m-0001", "tv").await;
+    assert_eq!(app.start_session(&token, "m-0001", "phone").await.status(), 409);
+
+    proxy.silence();
+    // Calls on the silent connection time out and open the breaker; until a
+    // new connection answers, starts go on uncounted (201, degraded).
+    let enforced = eventually(PATIENCE, async || {
+        (app.start_session(&token, "m-0001", "phone").await.status() == 409).then_some(())
+    })
+    .await;
+    assert!(
+        enforced.is_some(),
+        "the stream limit was still open {PATIENCE:?} after the connection went silent"
+    );
+    let ready: Value = app
+        .get_anonymously("/health/ready")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ready["dependencies"]["redis"], "up", "{ready}");
+    let recovered = recovery_time(&app).await;
+    println!("redis connection silent: fresh answers again after {recovered:?}");
+}
+
+/// A stop acknowledged while Redis was unreachable (it kept its data) ends
+/// the session there once Redis answers again: the slot is free for another
+/// device, and the stopped session's stray heartbeat does not bring it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_made_while_redis_was_unreachable_ends_the_session_when_it_is_back() {
+    let (app, proxy, _redis) = behind_redis_proxy().await;
+    // One stream (the internal API's plan for u-basic).
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let tv = app.started_session(&token, "m-0001", "tv").await;
+
+    proxy.refuse();
+    assert_eq!(app.stop_session_at(&token, &tv, 90_000).await.status(), 204);
+    proxy.restore().await;
+
+    let freed = eventually(PATIENCE, async || {
+        let resp = app.start_session(&token, "m-0001", "phone").await;
+        let body: Value = resp.json().await.ok()?;
+        (body["playback"]["degraded"] == false).then_some(body)
+    })
+    .await;
+    assert!(
+        freed.is_some(),
+        "the stopped session still held the only slot {PATIENCE:?} after Redis came back"
+    );
+    let resp = app.heartbeat(&token, &tv, 91_000).await;
+    assert_eq!(resp.status(), 404, "the stopped session came back");
+    app.api.assert_receives_position("u-basic", 90_000).await;
+}

@@ -511,12 +511,20 @@ async fn an_unknown_drm_system_is_404_and_never_a_label() {
         let resp = licence(&app, system, Some(&token), None, clearkey_body(&[KID])).await;
         assert_error(resp, 404, "not_found").await;
     }
+    // Every series is there from the start, each of the four systems', and
+    // none of these requests counted in any of them.
     let metrics = app.metrics().await;
-    let labels: Vec<&str> = metrics
+    let series: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("moneta_license_requests_total{"))
         .collect();
-    assert!(labels.is_empty(), "{labels:?}");
+    assert!(!series.is_empty());
+    for line in series {
+        let known = SYSTEMS
+            .iter()
+            .any(|system| line.contains(&format!(r#"drm_system="{system}""#)));
+        assert!(known && line.ends_with(" 0"), "{line}");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1423,4 +1431,37 @@ mod under_fault {
         );
         assert_eq!(dependency_count(&app, "drm_widevine", "rejected_open").await, 1.0);
     }
+}
+
+/// Without a keys file, ClearKey licences come from
+/// `MONETA_DRM_UPSTREAM_CLEARKEY` like any system's, after the key id check.
+#[tokio::test]
+async fn clearkey_without_a_keys_file_goes_to_its_upstream() {
+    let vendor = Vendor::start().await;
+    let upstream = format!("{}/clearkey", vendor.url);
+    let app = proxy_to(
+        &vendor,
+        &[
+            ("MONETA_DRM_UPSTREAM_CLEARKEY", &upstream),
+            ("MONETA_DRM_CLEARKEY_KEYS_FILE", ""),
+        ],
+    )
+    .await;
+    let user = app.token("u-premium", "premium", 4, "KR");
+    let token = token_for(&app.playback_info_json(TITLE, &user).await, "clearkey");
+    let other_kid = "AAAAAAAAAAAAAAAAAAAAAA";
+    let resp = licence(&app, "clearkey", Some(&token), None, clearkey_body(&[other_kid])).await;
+    assert_error(resp, 403, "license_denied").await;
+    assert!(
+        vendor.received().is_empty(),
+        "a key the token does not grant is not asked for"
+    );
+
+    let resp = clearkey(&app, &token).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), LICENCE);
+    let received = vendor.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].uri, "/clearkey");
+    assert_eq!(received[0].body.as_ref(), clearkey_body(&[KID]).as_bytes());
 }

@@ -20,6 +20,7 @@ mod overload;
 mod playback_info;
 mod player;
 mod progress;
+mod redis_tls;
 mod reliability;
 mod replicas;
 mod round_trips;

@@ -186,3 +186,37 @@ async fn unknown_route_and_wrong_method_are_json() {
     let resp = PublicApi::send(post).await;
     assert_error(resp, 405, "method_not_allowed").await;
 }
+
+/// The internal API joins the caller's trace whether or not spans are
+/// exported (none are here): `traceparent` carries the caller's trace id and
+/// sampling decision on (CONTRACT §5).
+#[tokio::test]
+async fn the_internal_api_gets_the_callers_trace() {
+    let app = spawn_app().await;
+    let token = app.token("u-premium", "premium", 4, "KR");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let resp = app
+        .get_with(
+            "/v1/contents/m-0001/playback-info",
+            Some(&token),
+            &[("traceparent", &traceparent)],
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let seen = app.api.traceparents();
+    assert!(
+        !seen.is_empty(),
+        "the internal API was asked without a traceparent"
+    );
+    for sent in &seen {
+        let parts: Vec<&str> = sent.split('-').collect();
+        assert_eq!(parts.len(), 4, "{sent}");
+        assert_eq!(parts[1], trace_id, "{sent}");
+        assert_ne!(
+            parts[2], "00f067aa0ba902b7",
+            "Moneta's own span is the parent: {sent}"
+        );
+        assert_eq!(parts[3], "01", "the caller's sampling decision: {sent}");
+    }
+}

@@ -860,10 +860,48 @@ async fn cors_answers_name_the_origin_and_expose_request_id_and_retry_after() {
     assert_eq!(resp.status(), 204);
     assert_cors_answer(&resp, "stop");
 
-    // A page must be able to read errors too.
+    // A page must be able to read errors too, a wrong method's among them.
     let resp = app.get_with(info, None, &[("origin", ORIGIN)]).await;
     assert_cors_answer(&resp, "missing token");
     assert_error(resp, 401, "missing_token").await;
+    for (method, path) in [
+        (Method::PATCH, "/v1/playback/sessions"),
+        (Method::POST, info),
+        (Method::GET, path.as_str()),
+    ] {
+        let case = format!("{method} {path}");
+        let resp = PublicApi::send(from_origin(&app, method, path, Some(&token), ORIGIN)).await;
+        assert_cors_answer(&resp, &case);
+        assert!(resp.headers().contains_key("allow"), "{case}");
+        assert_error(resp, 405, "method_not_allowed").await;
+    }
+}
+
+/// An `OPTIONS` without `Access-Control-Request-Method` is no preflight, and
+/// no route has `OPTIONS`: `405` as for any other method, from any origin.
+#[tokio::test]
+async fn an_options_that_is_no_preflight_is_a_wrong_method() {
+    let app = cors_app().await;
+    let token = premium_token(&app);
+    for (path, methods) in v1_routes(&app, &token).await {
+        for origin in [Some(ORIGIN), Some("https://evil.example.net"), None] {
+            let mut request = app.request(Method::OPTIONS, &path, Some(&token));
+            if let Some(origin) = origin {
+                request = request.header("origin", origin);
+            }
+            let resp = PublicApi::send(request).await;
+            let case = format!("OPTIONS {path} from {origin:?}");
+            let allow = header_items(&resp, "allow");
+            for m in methods {
+                assert!(
+                    allow.contains(&m.to_ascii_lowercase()),
+                    "{case}: {m} not in {allow:?}"
+                );
+            }
+            assert!(!allow.contains("options"), "{case}: {allow:?}");
+            assert_error(resp, 405, "method_not_allowed").await;
+        }
+    }
 }
 
 #[tokio::test]

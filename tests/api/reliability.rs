@@ -253,6 +253,16 @@ async fn sizes(redis: &mut RedisProbe, user: &str) -> BTreeMap<String, (String, 
         .collect()
 }
 
+/// Fields the user's session keys hold (entitlement and positions aside).
+async fn session_fields(redis: &mut RedisProbe, user: &str) -> usize {
+    sizes(redis, user)
+        .await
+        .iter()
+        .filter(|(key, _)| !key.ends_with(":entitlement") && !key.ends_with(":positions"))
+        .map(|(_, (_, size))| size)
+        .sum()
+}
+
 #[tokio::test]
 async fn titles_a_caller_may_not_play_leave_no_state_that_grows() {
     // The cached entitlement outlives the test however slow the machine: its
@@ -282,6 +292,9 @@ async fn titles_a_caller_may_not_play_leave_no_state_that_grows() {
     }
     assert!(!after_first.is_empty(), "the played title left no state to watch");
     assert_eq!(sizes(&mut redis, "u-basic").await, after_first);
+    // Nor anything of the titles that do not exist, under any key.
+    let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("*made-up*")).await;
+    assert_eq!(keys, Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -431,19 +444,60 @@ async fn evict_oldest_state_stays_bounded_and_a_downgrade_ends_every_extra_sessi
         let resp = app.start_session(&token, "m-0001", &format!("device-{i}")).await;
         assert_eq!(resp.status(), 201, "start {i}");
     }
-    let fields: usize = sizes(&mut redis, user)
-        .await
-        .iter()
-        .filter(|(key, _)| !key.ends_with(":entitlement") && !key.ends_with(":positions"))
-        .map(|(_, (_, size))| size)
-        .sum();
-    // Per live session: its score, info and device (3); ended ids kept: the limit + 16.
+    let fields = session_fields(&mut redis, user).await;
+    // Per live session: its score, info and device (3); ended ids kept: the
+    // limit + 16, and a mark for the evicted ones forgotten one by one.
     assert!(
-        fields <= 3 + 1 + 16,
+        fields <= 3 + 1 + 16 + 1,
         "{fields} fields after 150 evicting starts: {:?}",
         sizes(&mut redis, user).await
     );
     assert_eq!(app.live_session_ids(&token).await.len(), 1);
+    // Redis no longer lists the first of them one by one, and still knows
+    // that every one was evicted: none comes back.
+    for id in &live {
+        assert_error(app.heartbeat(&token, id, 2_000).await, 409, "session_evicted").await;
+    }
+    assert_eq!(app.live_session_ids(&token).await.len(), 1);
+}
+
+#[tokio::test]
+async fn ended_sessions_stay_ended_after_many_more_end() {
+    let app = spawn_app_with(&[WITHOUT_CLIENT_CACHE]).await;
+    let mut redis = redis_of(&app).await;
+    let user = "u-many-ends";
+    let token = app.token(user, "standard", 2, "KR");
+    entitle(&mut redis, user, 2).await;
+    // Stopped, and replaced by a start from the same device, each many times
+    // over what Redis lists one by one.
+    let mut stopped = Vec::new();
+    for _ in 0..25 {
+        let id = app.started_session(&token, "m-0001", "tv").await;
+        assert_eq!(app.stop_session(&token, &id).await.status(), 204);
+        stopped.push(id);
+    }
+    let mut replaced = Vec::new();
+    for _ in 0..25 {
+        replaced.push(app.started_session(&token, "m-0001", "phone").await);
+    }
+    let playing = replaced.pop().expect("the last start plays");
+    for id in stopped.iter().chain(&replaced) {
+        assert_error(app.heartbeat(&token, id, 1_000).await, 404, "session_not_found").await;
+    }
+    assert_eq!(
+        app.live_session_ids(&token).await,
+        BTreeSet::from([playing.clone()]),
+        "no ended session was recorded again"
+    );
+    heartbeat_ok(&app, &token, &playing, 2_000).await;
+    // What fifty endings leave: the live session (3), the ended ids listed
+    // (the limit + 16) and the mark of the stopped ones forgotten.
+    let fields = session_fields(&mut redis, user).await;
+    assert!(
+        fields <= 3 + 2 + 16 + 1,
+        "{fields} fields after 50 endings: {:?}",
+        sizes(&mut redis, user).await
+    );
 }
 
 #[tokio::test]

@@ -277,6 +277,9 @@ async fn bad_bodies_are_rejected_and_nothing_is_written() {
             "invalid_body",
         ),
         (r#"{"device_id": "tv"}"#, "application/json", 400, "invalid_body"),
+        // The fields in order, as an array: the wrong type, not a start.
+        (r#"["m-0001", "tv"]"#, "application/json", 400, "invalid_body"),
+        ("", "application/json", 400, "invalid_body"),
         (
             r#"{"content_id": "m-0001", "device_id": "bad/device"}"#,
             "application/json",
@@ -319,16 +322,62 @@ async fn bad_bodies_are_rejected_and_nothing_is_written() {
         r#"{"position_ms": 1, "state": "dancing"}"#,
         r#"{"position_ms": -1, "state": "playing"}"#,
         r#"{"state": "paused"}"#,
+        r#"[4000000, "playing"]"#,
     ] {
         let resp = send(Method::PUT, &session, json, body.to_owned()).await;
         assert_eq!(resp.status(), 400, "{body}");
         assert_error(resp, 400, "invalid_body").await;
     }
-    let resp = send(Method::DELETE, &session, json, "{oops".to_owned()).await;
-    assert_eq!(resp.status(), 400);
+    for body in ["{oops", "[5000000, false]", "[1]"] {
+        let resp = send(Method::DELETE, &session, json, body.to_owned()).await;
+        assert_eq!(resp.status(), 400, "{body}");
+        assert_error(resp, 400, "invalid_body").await;
+    }
     assert_eq!(
         app.heartbeat(&token, s_id.as_str(), 1).await.status(),
         200,
         "the bad stop did nothing"
     );
+}
+
+/// A path segment that is not UTF-8 once decoded names nothing there is: each
+/// route answers as for an id it does not know, in the contract's shape.
+#[tokio::test]
+async fn path_ids_that_do_not_decode_are_ids_nobody_knows() {
+    let app = spawn_app().await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let json = "application/json";
+    let beat = r#"{"position_ms": 1, "state": "playing"}"#;
+    let resp = app
+        .send_raw(
+            Method::PUT,
+            "/v1/playback/sessions/%FF%FE",
+            Some(&token),
+            json,
+            beat,
+        )
+        .await;
+    assert_error(resp, 404, "session_not_found").await;
+    let resp = app
+        .send_raw(
+            Method::DELETE,
+            "/v1/playback/sessions/%FF",
+            Some(&token),
+            json,
+            "",
+        )
+        .await;
+    assert_error(resp, 404, "session_not_found").await;
+    let resp = app.get("/v1/contents/%FF%FE/playback-info", &token).await;
+    assert_error(resp, 400, "invalid_content_id").await;
+    let resp = app
+        .send_raw(
+            Method::POST,
+            "/v1/licenses/%FF",
+            Some(&token),
+            "application/octet-stream",
+            "x",
+        )
+        .await;
+    assert_error(resp, 404, "not_found").await;
 }

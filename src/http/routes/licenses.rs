@@ -3,8 +3,8 @@
 //! to `licenses`.
 
 use axum::body::{Body, Bytes};
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 
 use crate::http::AppState;
 use crate::http::error::{ApiError, ErrorBody};
+use crate::http::extract::PathParam;
 use crate::licenses::{self, License, LicenseRequest, Outcome};
 use crate::model::DrmSystem;
 use crate::sources::CallContext;
@@ -104,7 +105,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 )]
 pub async fn request(
     State(app): State<AppState>,
-    Path(raw_system): Path<String>,
+    PathParam(raw_system): PathParam,
     ctx: CallContext,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,

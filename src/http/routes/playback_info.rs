@@ -1,9 +1,9 @@
-use axum::extract::{Path, State};
+use axum::extract::State;
 
 use crate::http::AppState;
 use crate::http::cookies::CdnCookieHeaders;
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::extract::Caller;
+use crate::http::extract::{Caller, PathParam};
 use crate::model::{ContentId, PlaybackInfo};
 use crate::playback::{Audience, PlaybackAnswer};
 use crate::sources::CallContext;
@@ -28,7 +28,7 @@ pub async fn playback_info(
     State(app): State<AppState>,
     Caller(claims): Caller,
     ctx: CallContext,
-    Path(content_id): Path<String>,
+    PathParam(content_id): PathParam,
 ) -> Result<(CdnCookieHeaders, PlaybackAnswer), ApiError> {
     let content_id = ContentId::parse(content_id).map_err(|_| ApiError::InvalidContentId)?;
     let authorized = app.playback.authorize(&claims, &content_id, &ctx).await?;

@@ -1,6 +1,6 @@
 use std::sync::OnceLock;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -10,7 +10,7 @@ use crate::http::AppState;
 use crate::http::JsonAnswer;
 use crate::http::cookies::CdnCookieHeaders;
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::extract::{Caller, JsonBody, OptionalJsonBody};
+use crate::http::extract::{Caller, JsonBody, OptionalJsonBody, PathParam};
 use crate::model::{ContentId, DeviceId, LiveSession, PlaybackInfo, PositionMs, SessionId};
 use crate::sources::CallContext;
 
@@ -197,7 +197,7 @@ pub async fn heartbeat(
     State(app): State<AppState>,
     Caller(claims): Caller,
     ctx: CallContext,
-    Path(raw_id): Path<String>,
+    PathParam(raw_id): PathParam,
     JsonBody(body): JsonBody<Heartbeat>,
 ) -> Result<JsonAnswer<HeartbeatAck>, ApiError> {
     body.state.count();
@@ -233,7 +233,7 @@ pub async fn heartbeat(
 pub async fn stop(
     State(app): State<AppState>,
     Caller(claims): Caller,
-    Path(raw_id): Path<String>,
+    PathParam(raw_id): PathParam,
     OptionalJsonBody(body): OptionalJsonBody<StopSession>,
 ) -> Result<StatusCode, ApiError> {
     let body = body.unwrap_or_default();

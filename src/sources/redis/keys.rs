@@ -217,9 +217,10 @@ impl UserKeys {
         self.with(":devices")
     }
     /// Sorted set of recently ended sessions (`e:<id>` evicted, `s:<id>`
-    /// stopped, replaced or expired) → when: their ids stay ended, and an
-    /// evicted player's next heartbeat can say why. Bounded per user by the
-    /// scripts.
+    /// stopped, replaced or expired) → when each was issued, and per kind a
+    /// mark of the latest issued among those no longer listed: their ids
+    /// stay ended, and an evicted player's next heartbeat can say why.
+    /// Bounded per user by the scripts (`session_lib.lua`, `bury`).
     pub fn ended(&self) -> String {
         self.with(":ended")
     }

@@ -135,10 +135,94 @@ impl ConnectionLike for Conn {
 }
 
 enum Connector {
-    Single(ConnectionManager),
+    Single(Arc<SingleLink>),
     /// Cluster connections discover the topology when they connect, so the
     /// first successful call establishes it (Redis may be down at start).
     Cluster(Arc<ClusterLink>),
+}
+
+/// Calls fail this long after a connection was made before it is made again.
+const REMAKE_AFTER: Duration = Duration::from_secs(2);
+
+/// When a link's connection was last made, so that calls failing as an
+/// outage make a new one at most every [`REMAKE_AFTER`].
+struct Remakes {
+    /// Milliseconds after `born` of the last time one was made (0: never).
+    made_ms: AtomicU64,
+    born: std::time::Instant,
+}
+
+impl Remakes {
+    fn new() -> Self {
+        Self {
+            made_ms: AtomicU64::new(0),
+            born: std::time::Instant::now(),
+        }
+    }
+
+    fn since_born_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64 + 1
+    }
+
+    fn made_now(&self) {
+        self.made_ms.store(self.since_born_ms(), Ordering::Relaxed);
+    }
+
+    /// True for the one caller that makes the connection again, now.
+    fn claim(&self) -> bool {
+        let now = self.since_born_ms();
+        let made = self.made_ms.load(Ordering::Relaxed);
+        now.saturating_sub(made) >= REMAKE_AFTER.as_millis() as u64
+            && self
+                .made_ms
+                .compare_exchange(made, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// The single-node connection, made again while calls keep failing as an
+/// outage. redis-rs makes a `ConnectionManager`'s connection again only once
+/// it is known to be dropped (a reset, an end of stream). One that went
+/// silent (a host that died without a reset, a partition, a NAT that forgot
+/// it) only times out, every call queued on it too, for as long as the
+/// kernel keeps the socket: the instance stayed degraded, with the stream
+/// limit open, against a Redis that answered every new connection. A new
+/// manager opens a new connection; the old one closes with its last clone.
+pub(crate) struct SingleLink {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    current: arc_swap::ArcSwap<ConnectionManager>,
+    remakes: Remakes,
+}
+
+impl SingleLink {
+    fn new(client: redis::Client, config: ConnectionManagerConfig) -> RedisResult<Self> {
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        let remakes = Remakes::new();
+        remakes.made_now();
+        Ok(Self {
+            client,
+            config,
+            current: arc_swap::ArcSwap::from_pointee(manager),
+            remakes,
+        })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        (**self.current.load()).clone()
+    }
+
+    /// A call failed as Redis being unreachable: unless a connection was
+    /// made within [`REMAKE_AFTER`], the next calls go on a new one.
+    fn suspect(&self) {
+        if !self.remakes.claim() {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(manager) => self.current.store(Arc::new(manager)),
+            Err(e) => tracing::warn!(error = %e, "could not connect to Redis again"),
+        }
+    }
 }
 
 /// The cluster connection, made again from the seed nodes while calls keep
@@ -152,13 +236,8 @@ pub(crate) struct ClusterLink {
     current: arc_swap::ArcSwapOption<ClusterConnection>,
     /// One connection is made at a time.
     making: tokio::sync::Mutex<()>,
-    /// Milliseconds after `born` of the last time one was made (0: never).
-    made_ms: AtomicU64,
-    born: std::time::Instant,
+    remakes: Remakes,
 }
-
-/// Calls fail this long after a connection was made before it is made again.
-const CLUSTER_REMAKE_AFTER: Duration = Duration::from_secs(2);
 
 impl ClusterLink {
     fn new(client: ClusterClient) -> Self {
@@ -166,13 +245,8 @@ impl ClusterLink {
             client,
             current: arc_swap::ArcSwapOption::empty(),
             making: tokio::sync::Mutex::new(()),
-            made_ms: AtomicU64::new(0),
-            born: std::time::Instant::now(),
+            remakes: Remakes::new(),
         }
-    }
-
-    fn since_born_ms(&self) -> u64 {
-        self.born.elapsed().as_millis() as u64 + 1
     }
 
     async fn conn(&self) -> RedisResult<ClusterConnection> {
@@ -189,22 +263,15 @@ impl ClusterLink {
     async fn make(&self) -> RedisResult<ClusterConnection> {
         let conn = self.client.get_async_connection().await?;
         self.current.store(Some(Arc::new(conn.clone())));
-        self.made_ms.store(self.since_born_ms(), Ordering::Relaxed);
+        self.remakes.made_now();
         Ok(conn)
     }
 
     /// A call failed as Redis being unreachable: unless a connection was
-    /// made within [`CLUSTER_REMAKE_AFTER`], make one in the background
-    /// (calls go on with the current one meanwhile).
+    /// made within [`REMAKE_AFTER`], make one in the background (calls go
+    /// on with the current one meanwhile).
     fn suspect(self: &Arc<Self>) {
-        let now = self.since_born_ms();
-        let made = self.made_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(made) < CLUSTER_REMAKE_AFTER.as_millis() as u64
-            || self
-                .made_ms
-                .compare_exchange(made, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        if !self.remakes.claim() {
             return;
         }
         let link = self.clone();
@@ -308,7 +375,7 @@ fn connector(settings: &RedisSettings, cache: Option<&Arc<ClientCache>>) -> Redi
                     .set_cache_config(cache.config())
                     .set_push_sender(cache.push_handler());
             }
-            Connector::Single(ConnectionManager::new_lazy_with_config(client, config)?)
+            Connector::Single(Arc::new(SingleLink::new(client, config)?))
         }
     })
 }
@@ -458,7 +525,7 @@ impl RedisStore {
 /// primary, all of which must answer.
 async fn prove_alive(connector: &Connector) -> RedisResult<()> {
     match connector {
-        Connector::Single(manager) => redis::cmd("PING").query_async(&mut manager.clone()).await,
+        Connector::Single(link) => redis::cmd("PING").query_async(&mut link.conn()).await,
         Connector::Cluster(link) => {
             use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
             let every_primary = RoutingInfo::MultiNode((
@@ -476,25 +543,31 @@ async fn prove_alive(connector: &Connector) -> RedisResult<()> {
 
 fn cache_statistics(connector: &Connector) -> Option<redis::caching::CacheStatistics> {
     match connector {
-        Connector::Single(manager) => manager.get_cache_statistics(),
+        Connector::Single(link) => link.current.load().get_cache_statistics(),
         Connector::Cluster(link) => link.current.load().as_ref()?.get_cache_statistics(),
     }
 }
 
 async fn connect(connector: &Connector) -> RedisResult<Conn> {
     match connector {
-        Connector::Single(manager) => Ok(Conn::Single(manager.clone())),
+        Connector::Single(link) => Ok(Conn::Single(link.conn())),
         Connector::Cluster(link) => Ok(Conn::Cluster(link.conn().await?)),
     }
 }
 
-/// After a call on `connector`: an outage in cluster mode may be a topology
-/// the connection has not followed (see [`ClusterLink`]).
+/// After a call on `connector`: an outage may be a connection gone silent
+/// (see [`SingleLink`]) or, in cluster mode, a topology the connection has
+/// not followed (see [`ClusterLink`]).
 fn after_call<T>(connector: &Connector, result: &Result<T, DependencyError>) {
-    if let (Connector::Cluster(link), Err(DependencyError::Failed(..) | DependencyError::Timeout(_))) =
-        (connector, result)
-    {
-        link.suspect();
+    if !matches!(
+        result,
+        Err(DependencyError::Failed(..) | DependencyError::Timeout(_))
+    ) {
+        return;
+    }
+    match connector {
+        Connector::Single(link) => link.suspect(),
+        Connector::Cluster(link) => link.suspect(),
     }
 }
 

@@ -3,7 +3,8 @@
 -- heartbeat ms, live or expired and not yet buried), KEYS[2] session info
 -- (hash: session id -> "device_id content_id"), KEYS[3] devices (hash:
 -- device id -> its session id), KEYS[4] ended (zset: "e:<id>" evicted or
--- "s:<id>" stopped, replaced or expired -> when it ended).
+-- "s:<id>" stopped, replaced or expired -> when it was issued; and the marks
+-- "~e", "~s" -> minus the latest issue time of such ids forgotten).
 -- Every session script takes the session TTL in ms as ARGV[1].
 -- Liveness is judged by Redis' own clock, so instances with skewed clocks agree.
 -- `now` in ms, and now_s, the same as the string the writes carry: it is cut
@@ -33,12 +34,20 @@ local ttl = ARGV[1] + 0
 -- hour, and a session outlives its own TTL.
 local key_lifetime = math.max(2 * ttl, 3600000)
 
--- Ended sessions remembered per user: this many, and a start keeps its limit
--- plus this many (a burst of evicting starts must leave every evicted player
--- able to learn why at its next heartbeat). An id forgotten here is one Redis
--- "has no trace of": its next heartbeat may record it again, but only within
--- the limit, so the bound costs no stream.
+-- Ended sessions remembered one by one per user: this many, and a start
+-- keeps its limit plus this many. Beyond that the earliest issued are
+-- forgotten one by one but not as a whole: see `bury`.
 local ENDED_KEEP = 16
+
+-- When Moneta issued a session, on its estimate of Redis' clock, in ms: the
+-- id's random part is a UUIDv7 (`sessions/ids.rs`), whose first 48 bits are
+-- that time. nil for ids issued before ids carried it (version 4).
+local function issued(sid)
+  if string.sub(sid, 13, 13) ~= '7' then
+    return nil
+  end
+  return tonumber(string.sub(sid, 1, 12), 16)
+end
 
 -- What ends sessions, made only by the paths that end, bury or refuse: a
 -- `local function` statement makes a closure on every run of a script, and
@@ -56,23 +65,49 @@ local function endings()
   end
 
   -- Remembers that a session ended ('e' evicted, 's' otherwise) so that its id
-  -- is never recorded again while remembered. Some paths bury and return
-  -- without keeping the keys (an expired session's heartbeat, a refusal), and
-  -- the first burial creates the key: it gets its lifetime here, or it would
-  -- outlive a user who never comes back.
+  -- is never recorded again. The last `keep` ids are kept one by one, by when
+  -- they were issued (never later than now: an instance's clock can run
+  -- ahead); the earliest issued beyond them are forgotten, and the mark of
+  -- their kind ("~e", "~s") keeps the latest issue time among them, negated
+  -- so that the marks rank below every id. An id issued no later than its
+  -- kind's mark and unknown to the sessions key has ended: a session issued
+  -- earlier and still playing is in the sessions key. So what a user's
+  -- endings leave is bounded, and every ended session stays ended. Some
+  -- paths bury and return without keeping the keys (an expired session's
+  -- heartbeat, a refusal), and the first burial creates the key: it gets its
+  -- lifetime here, or it would outlive a user who never comes back.
   local function bury(sid, why, keep)
-    redis.call('ZADD', KEYS[4], now, why .. ':' .. sid)
-    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(keep + 1))
+    redis.call('ZADD', KEYS[4], math.min(issued(sid) or now, now), why .. ':' .. sid)
+    local marks = redis.call('ZCOUNT', KEYS[4], '-inf', '(0')
+    local forgotten = redis.call('ZRANGE', KEYS[4], marks, -(keep + 1), 'WITHSCORES')
+    for i = 1, #forgotten, 2 do
+      local member = forgotten[i]
+      if issued(string.sub(member, 3)) then
+        redis.call('ZADD', KEYS[4], 'LT', -forgotten[i + 1], '~' .. string.sub(member, 1, 1))
+      end
+      redis.call('ZREM', KEYS[4], member)
+    end
     redis.call('PEXPIRE', KEYS[4], 2 * key_lifetime)
   end
 
-  -- 'e', 's' or nil (Redis keeps no trace of it).
+  -- 'e', 's' or nil (Redis keeps no trace of it). Past both marks, evicted
+  -- is the answer that tells a player most.
   local function ended_as(sid)
     if redis.call('ZSCORE', KEYS[4], 'e:' .. sid) then
       return 'e'
     end
     if redis.call('ZSCORE', KEYS[4], 's:' .. sid) then
       return 's'
+    end
+    local at = issued(sid)
+    if not at then
+      return nil
+    end
+    for _, why in ipairs({'e', 's'}) do
+      local mark = redis.call('ZSCORE', KEYS[4], '~' .. why)
+      if mark and at <= -mark then
+        return why
+      end
     end
     return nil
   end
