@@ -384,6 +384,32 @@ impl Source {
     }
 }
 
+/// One entry of `MONETA_CORS_ALLOWED_ORIGINS`, as browsers write an `Origin`
+/// header (`scheme://host[:port]`: the host lower-case, no default port), so
+/// that comparing the two is comparing origins. A path, query or user is no
+/// part of an origin, and never matches one: refused.
+fn origin(value: &str) -> Result<String, ConfigError> {
+    let bad = |why: &str| {
+        ConfigError::new(
+            "MONETA_CORS_ALLOWED_ORIGINS",
+            format!("{value:?} is not an origin (scheme://host[:port]): {why}"),
+        )
+    };
+    let url = reqwest::Url::parse(value).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("the scheme is not http or https"));
+    }
+    if url.path() != "/"
+        || url.query().is_some()
+        || url.fragment().is_some()
+        || !url.username().is_empty()
+        || url.password().is_some()
+    {
+        return Err(bad("it has more than a scheme, a host and a port"));
+    }
+    Ok(url.origin().ascii_serialization())
+}
+
 /// `MONETA_DRM_UPSTREAM_HEADERS`: a JSON object of header names to string
 /// values. The value is a secret: no error quotes it, only header names.
 fn upstream_headers(src: &Source) -> Result<Vec<(String, Secret)>, ConfigError> {
@@ -644,24 +670,17 @@ impl Settings {
                 "must be at most 100 and not below MONETA_RESUME_MIN_PCT",
             ));
         }
-        let cors_allowed_origins: Vec<String> = src
+        let cors_allowed_origins = src
             .opt_string("MONETA_CORS_ALLOWED_ORIGINS")
             .map(|list| {
                 list.split(',')
-                    .map(|o| o.trim().trim_end_matches('/').to_owned())
+                    .map(str::trim)
                     .filter(|o| !o.is_empty())
-                    .collect()
+                    .map(origin)
+                    .collect::<Result<Vec<String>, ConfigError>>()
             })
+            .transpose()?
             .unwrap_or_default();
-        if let Some(bad) = cors_allowed_origins.iter().find(|o| {
-            !(o.starts_with("http://") || o.starts_with("https://"))
-                || o.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-        }) {
-            return Err(ConfigError::new(
-                "MONETA_CORS_ALLOWED_ORIGINS",
-                format!("{bad:?} is not an origin (scheme://host[:port])"),
-            ));
-        }
         let settings = Settings {
             server: ServerSettings {
                 cors_allowed_origins,
@@ -1024,6 +1043,33 @@ mod tests {
         .unwrap();
         assert_eq!(s.server.listen_addr.to_string(), "127.0.0.1:1");
         assert_eq!(s.server.admin_addr.to_string(), "127.0.0.1:3");
+    }
+
+    #[test]
+    fn cors_origins_are_origins_as_browsers_write_them() {
+        let origins = |list: &str| {
+            Settings::from_vars(vars(&[
+                ("MONETA_JWT_HS256_SECRET", "x"),
+                ("MONETA_CORS_ALLOWED_ORIGINS", list),
+            ]))
+            .map(|s| s.server.cors_allowed_origins)
+        };
+        assert_eq!(
+            origins("https://Player.Example.com:443/, http://localhost:8080").unwrap(),
+            ["https://player.example.com", "http://localhost:8080"]
+        );
+        for bad in [
+            "not-an-origin",
+            "ftp://files.example.com",
+            "http://a.com/path",
+            "https://a.com?x=1",
+            "https://user@a.com",
+            "https://a.com#top",
+            "https://exa mple.com",
+        ] {
+            let err = origins(bad).unwrap_err();
+            assert_eq!(err.key, "MONETA_CORS_ALLOWED_ORIGINS", "{bad}");
+        }
     }
 
     #[test]
