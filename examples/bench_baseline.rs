@@ -149,7 +149,7 @@ impl HeartbeatTrip {
         let Ok(HeartbeatBody { position_ms }) = serde_json::from_slice(body) else {
             return Ok(None);
         };
-        // `<random>.<title>.<mac>`
+        // `<random>.<title>.<device>.<mac>`
         let title = id.split('.').nth(1).unwrap_or_default();
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         let (user, sessions, positions, log) = &self.keys[i % self.keys.len()];

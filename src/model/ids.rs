@@ -92,9 +92,10 @@ id_type!(
 );
 
 id_type!(
-    /// A session id as Moneta issues it: `<random>.<content_id>.<mac>`. Only
-    /// the shape is checked here; whether Moneta issued it to this caller is
-    /// the MAC's business (`sessions::ids`).
+    /// A session id as Moneta issues it: `<random>.<content_id>.<device_id>.<mac>`
+    /// (ids issued before they carried the device, `<random>.<content_id>.<mac>`,
+    /// stay valid). Only the shape is checked here; whether Moneta issued it to
+    /// this caller is the MAC's business (`sessions::ids`).
     SessionId,
     "not a session id",
     |s| SessionId::split_str(s).is_some()
@@ -105,58 +106,93 @@ pub const SESSION_RANDOM_LEN: usize = 32;
 /// URL-safe base64 characters of a session id's MAC (128 bits).
 pub const SESSION_MAC_LEN: usize = 22;
 
+/// The parts of a session id, borrowed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionParts<'a> {
+    pub random: &'a str,
+    pub content: &'a str,
+    /// The device the session started on; `None` in ids issued before ids
+    /// carried it.
+    pub device: Option<&'a str>,
+    pub mac: &'a str,
+}
+
 impl SessionId {
-    /// The random part and the MAC have fixed lengths and no `.`, so the
-    /// title is what lies between them.
-    fn split_str(s: &str) -> Option<(&str, &str, &str)> {
+    /// The random part and the MAC have fixed lengths and no `.`, and a title
+    /// has no `.` either, so the title runs to the first `.` of what lies
+    /// between them and the device (which may hold `.`) is the rest.
+    fn split_str(s: &str) -> Option<SessionParts<'_>> {
         let (random, rest) = s.split_at_checked(SESSION_RANDOM_LEN)?;
-        let (content, mac) = rest.split_at_checked(rest.len().checked_sub(SESSION_MAC_LEN)?)?;
-        let content = content.strip_prefix('.')?.strip_suffix('.')?;
+        let (middle, mac) = rest.split_at_checked(rest.len().checked_sub(SESSION_MAC_LEN)?)?;
+        let middle = middle.strip_prefix('.')?.strip_suffix('.')?;
+        let (content, device) = match middle.split_once('.') {
+            Some((content, device)) => (content, Some(device)),
+            None => (middle, None),
+        };
         let ok = random.bytes().all(|b| b.is_ascii_hexdigit())
             && plain(content, 64, b"_-")
+            && device.is_none_or(|d| plain(d, 128, b"_.:-"))
             && mac
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        ok.then_some((random, content, mac))
+        ok.then_some(SessionParts {
+            random,
+            content,
+            device,
+            mac,
+        })
     }
 
     /// The parts of an id whose shape was checked when it was built, without
-    /// checking it again (a heartbeat asks for them three times).
-    fn known_parts(&self) -> (&str, &str, &str) {
+    /// checking it again (a heartbeat asks for them several times).
+    pub fn parts(&self) -> SessionParts<'_> {
         let s = self.0.as_str();
         let random = s.get(..SESSION_RANDOM_LEN).unwrap_or_default();
         let mac_at = s.len().saturating_sub(SESSION_MAC_LEN);
         let mac = s.get(mac_at..).unwrap_or_default();
-        let content = s
+        let middle = s
             .get(SESSION_RANDOM_LEN + 1..mac_at.saturating_sub(1))
             .unwrap_or_default();
-        (random, content, mac)
-    }
-
-    /// `(random, title, mac)`.
-    pub fn parts(&self) -> (&str, ContentId, &str) {
-        let (random, content, mac) = self.known_parts();
-        (random, ContentId(content.to_owned()), mac)
-    }
-
-    /// The random part, the title and the MAC, borrowed.
-    pub fn str_parts(&self) -> (&str, &str, &str) {
-        self.known_parts()
+        let (content, device) = match middle.split_once('.') {
+            Some((content, device)) => (content, Some(device)),
+            None => (middle, None),
+        };
+        SessionParts {
+            random,
+            content,
+            device,
+            mac,
+        }
     }
 
     /// The title a session plays, so positions route while Redis is down.
     pub fn content_id(&self) -> ContentId {
-        self.parts().1
+        ContentId(self.content_str().to_owned())
     }
 
     /// [`SessionId::content_id`], borrowed.
     pub fn content_str(&self) -> &str {
-        self.known_parts().1
+        self.parts().content
+    }
+
+    /// The device the session started on, so that Redis can record the
+    /// session again under it after losing it; `None` for ids issued before
+    /// ids carried it.
+    pub fn device_str(&self) -> Option<&str> {
+        self.parts().device
     }
 
     /// Assembles an id from its parts (the MAC is computed by the caller).
-    pub fn from_parts(random: &str, content: &ContentId, mac: &str) -> Result<Self, InvalidId> {
-        Self::parse(format!("{random}.{content}.{mac}"))
+    pub fn from_parts(
+        random: &str,
+        content: &ContentId,
+        device: Option<&DeviceId>,
+        mac: &str,
+    ) -> Result<Self, InvalidId> {
+        Self::parse(match device {
+            Some(device) => format!("{random}.{content}.{device}.{mac}"),
+            None => format!("{random}.{content}.{mac}"),
+        })
     }
 }
 
@@ -247,27 +283,48 @@ mod tests {
     }
 
     #[test]
-    fn session_ids_have_three_parts() {
+    fn session_ids_have_a_title_a_device_and_a_mac() {
         let random = "a".repeat(SESSION_RANDOM_LEN);
         let mac = "b".repeat(SESSION_MAC_LEN);
-        let id = SessionId::parse(format!("{random}.m-0001.{mac}")).unwrap();
+        let id = SessionId::parse(format!("{random}.m-0001.tv.living:room-1.{mac}")).unwrap();
+        let parts = SessionParts {
+            random: &random,
+            content: "m-0001",
+            device: Some("tv.living:room-1"),
+            mac: &mac,
+        };
+        assert_eq!(id.parts(), parts);
+        assert_eq!(SessionId::split_str(id.as_str()), Some(parts));
         assert_eq!(id.content_id().as_str(), "m-0001");
-        assert!(SessionId::parse(format!("{random}.m-0001")).is_err());
-        assert!(SessionId::parse(format!("{random}.m/1.{mac}")).is_err());
-        assert!(SessionId::parse(format!("{random}.m-1.{mac}.x")).is_err());
-        assert!(SessionId::parse("nope").is_err());
-        assert_eq!(id.str_parts(), (random.as_str(), "m-0001", mac.as_str()));
-        assert_eq!(id.content_str(), "m-0001");
+        assert_eq!(id.device_str(), Some("tv.living:room-1"));
+        // Issued before ids carried the device.
+        let old = SessionId::parse(format!("{random}.m-0001.{mac}")).unwrap();
+        assert_eq!(old.parts().device, None);
+        assert_eq!(old.content_str(), "m-0001");
+        let device = DeviceId::parse("d".repeat(128)).unwrap();
+        let longest = SessionId::from_parts(
+            &random,
+            &ContentId::parse("c".repeat(64)).unwrap(),
+            Some(&device),
+            &mac,
+        );
+        assert_eq!(longest.unwrap().device_str(), Some(device.as_str()));
         let dotted_mac = format!("{}.{}", "b".repeat(10), "b".repeat(SESSION_MAC_LEN - 11));
         for bad in [
-            format!("{random}.m.1.{mac}"),
+            format!("{random}.m-0001"),
+            format!("{random}.m/1.{mac}"),
+            "nope".to_owned(),
             format!("{random}..{mac}"),
+            format!("{random}.m-1..{mac}"),
+            format!("{random}..tv.{mac}"),
             format!("{random}.{mac}"),
             format!("{random}.m-1.{dotted_mac}"),
             format!("{random}xm-1.{mac}"),
             format!("{random}.m-1x{mac}"),
             format!("{}.m-1.{mac}", "g".repeat(SESSION_RANDOM_LEN)),
             format!("{random}.m-é.{mac}"),
+            format!("{random}.m-1.t/v.{mac}"),
+            format!("{random}.m-1.{}.{mac}", "d".repeat(129)),
             format!("{random}.{}.{mac}", "a".repeat(65)),
         ] {
             assert!(SessionId::parse(bad.clone()).is_err(), "{bad}");

@@ -14,7 +14,8 @@ pub use answer::{CdnCookies, Drm, LicenseRequestHeaders, Marker, PlaybackInfo, S
 pub use catalog::{ContentPlayback, DrmSource, Entitlement, StreamSource, SubtitleSource};
 pub use drm::{DrmSystem, KeyId};
 pub use ids::{
-    ContentId, DeviceId, InvalidId, PositionMs, SESSION_MAC_LEN, SESSION_RANDOM_LEN, SessionId, UserId,
+    ContentId, DeviceId, InvalidId, PositionMs, SESSION_MAC_LEN, SESSION_RANDOM_LEN, SessionId, SessionParts,
+    UserId,
 };
 pub use progress::{Progress, ProgressItem, ResumePoint};
 pub use session::LiveSession;

@@ -1,6 +1,7 @@
-//! Session ids Moneta can recognise as its own: `<random>.<content_id>.<mac>`,
-//! the MAC (HMAC-SHA256, 128 bits) over the caller's `sub`, the title and the
-//! random part under `MONETA_SESSION_SECRET`. A forged id, or one issued to
+//! Session ids Moneta can recognise as its own:
+//! `<random>.<content_id>.<device_id>.<mac>`, the MAC (HMAC-SHA256, 128 bits)
+//! over the caller's `sub`, the title, the random part and the device under
+//! `MONETA_SESSION_SECRET`. A forged id, or one issued to
 //! another caller, fails here — also while Redis is down, when nothing else
 //! could tell.
 //!
@@ -8,6 +9,11 @@
 //! instance's estimate of Redis' clock: Redis keeps a bounded number of
 //! ended ids per user one by one, and tells the older ones it no longer
 //! lists by when they were issued (`session_lib.lua`, `bury`).
+//!
+//! The device is in the id because a heartbeat is all Redis sees of a
+//! session it lost (it started while Redis was unreachable, or Redis lost its
+//! data): recorded again under its real device, the session is replaced, not
+//! counted, when the same device starts again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +25,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::config::{ExposeSecret, Secret};
-use crate::model::{ContentId, InvalidId, SessionId, UserId};
+use crate::model::{ContentId, DeviceId, InvalidId, SessionId, SessionParts, UserId};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -94,30 +100,41 @@ impl SessionKey {
         })
     }
 
-    fn mac(&self, user: &UserId, content: &str, random: &str) -> HmacSha256 {
+    fn mac(&self, user: &UserId, parts: &SessionParts<'_>) -> HmacSha256 {
         let mut mac = self.keyed.clone();
-        // NUL cannot occur in any of the three parts, so the message is unambiguous.
-        for part in [user.as_str(), content, random] {
+        // NUL cannot occur in any part, so the message is unambiguous; an id
+        // without a device (issued before ids carried it) has one part fewer.
+        for part in [user.as_str(), parts.content, parts.random]
+            .into_iter()
+            .chain(parts.device)
+        {
             mac.update(part.as_bytes());
             mac.update(&[0]);
         }
         mac
     }
 
-    /// A new id for `user` playing `content`, issued at `at` (Redis' clock
-    /// as this instance estimates it).
+    /// A new id for `user` playing `content` on `device`, issued at `at`
+    /// (Redis' clock as this instance estimates it).
     pub fn issue(
         &self,
         user: &UserId,
         content: &ContentId,
+        device: &DeviceId,
         at: DateTime<Utc>,
     ) -> Result<SessionId, InvalidId> {
         let ms = u64::try_from(at.timestamp_millis()).unwrap_or_default();
         let stamp = uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000);
         let random = uuid::Uuid::new_v7(stamp).simple().to_string();
-        let tag = self.mac(user, content.as_str(), &random).finalize().into_bytes();
+        let parts = SessionParts {
+            random: &random,
+            content: content.as_str(),
+            device: Some(device.as_str()),
+            mac: "",
+        };
+        let tag = self.mac(user, &parts).finalize().into_bytes();
         let encoded = URL_SAFE_NO_PAD.encode(tag.get(..MAC_BYTES).unwrap_or_default());
-        let id = SessionId::from_parts(&random, content, &encoded)?;
+        let id = SessionId::from_parts(&random, content, Some(device), &encoded)?;
         // Its first heartbeat then finds it verified.
         self.remember(user, &id);
         Ok(id)
@@ -141,14 +158,11 @@ impl SessionKey {
         {
             return true;
         }
-        let (random, content, encoded) = id.str_parts();
-        let Ok(tag) = URL_SAFE_NO_PAD.decode(encoded) else {
+        let parts = id.parts();
+        let Ok(tag) = URL_SAFE_NO_PAD.decode(parts.mac) else {
             return false;
         };
-        let issued = self
-            .mac(user, content, random)
-            .verify_truncated_left(&tag)
-            .is_ok();
+        let issued = self.mac(user, &parts).verify_truncated_left(&tag).is_ok();
         if issued {
             self.remember(user, id);
         }
@@ -169,12 +183,27 @@ mod tests {
         UserId::parse(s).unwrap()
     }
 
+    fn title(s: &str) -> ContentId {
+        ContentId::parse(s).unwrap()
+    }
+
+    fn device(s: &str) -> DeviceId {
+        DeviceId::parse(s).unwrap()
+    }
+
     #[test]
     fn ids_verify_only_for_their_caller_and_key() {
         let key = SessionKey::new(Some(&Secret::from("k1"))).unwrap();
-        let title = ContentId::parse("m-0001").unwrap();
-        let id = key.issue(&user("alice"), &title, Utc::now()).unwrap();
-        assert_eq!(id.content_id(), title);
+        let id = key
+            .issue(
+                &user("alice"),
+                &title("m-0001"),
+                &device("tv.living:room"),
+                Utc::now(),
+            )
+            .unwrap();
+        assert_eq!(id.content_id(), title("m-0001"));
+        assert_eq!(id.device_str(), Some("tv.living:room"));
         assert!(key.verify(&user("alice"), &id));
         assert!(!key.verify(&user("bob"), &id));
         // Verified once (and kept), still only for its caller.
@@ -195,25 +224,50 @@ mod tests {
         let key = SessionKey::new(Some(&Secret::from("k1"))).unwrap();
         let at = DateTime::from_timestamp_millis(1_764_800_000_123).unwrap();
         let id = key
-            .issue(&user("alice"), &ContentId::parse("m-0001").unwrap(), at)
+            .issue(&user("alice"), &title("m-0001"), &device("tv"), at)
             .unwrap();
-        let (random, _, _) = id.str_parts();
+        let random = id.parts().random;
         // What `issued` in session_lib.lua reads: the version, then the time.
         assert_eq!(&random[12..13], "7", "{random}");
         assert_eq!(u64::from_str_radix(&random[..12], 16).unwrap(), 1_764_800_000_123);
     }
 
     #[test]
-    fn a_changed_title_or_random_part_breaks_the_mac() {
+    fn a_changed_title_device_or_random_part_breaks_the_mac() {
         let key = SessionKey::new(Some(&Secret::from("k1"))).unwrap();
+        let tv = device("tv");
         let id = key
-            .issue(&user("alice"), &ContentId::parse("m-0001").unwrap(), Utc::now())
+            .issue(&user("alice"), &title("m-0001"), &tv, Utc::now())
             .unwrap();
-        let (random, _, mac) = id.parts();
-        let other_title = SessionId::from_parts(random, &ContentId::parse("m-0002").unwrap(), mac).unwrap();
-        assert!(!key.verify(&user("alice"), &other_title));
-        let other_random =
-            SessionId::from_parts(&"0".repeat(32), &ContentId::parse("m-0001").unwrap(), mac).unwrap();
-        assert!(!key.verify(&user("alice"), &other_random));
+        let SessionParts { random, mac, .. } = id.parts();
+        let changed = [
+            SessionId::from_parts(random, &title("m-0002"), Some(&tv), mac),
+            SessionId::from_parts(&"0".repeat(32), &title("m-0001"), Some(&tv), mac),
+            SessionId::from_parts(random, &title("m-0001"), Some(&device("phone")), mac),
+            SessionId::from_parts(random, &title("m-0001"), None, mac),
+        ];
+        for other in changed {
+            let other = other.unwrap();
+            assert!(!key.verify(&user("alice"), &other), "{other}");
+        }
+    }
+
+    #[test]
+    fn ids_issued_before_they_carried_the_device_still_verify() {
+        let key = SessionKey::new(Some(&Secret::from("k1"))).unwrap();
+        let random = uuid::Uuid::now_v7().simple().to_string();
+        let parts = SessionParts {
+            random: &random,
+            content: "m-0001",
+            device: None,
+            mac: "",
+        };
+        let tag = key.mac(&user("alice"), &parts).finalize().into_bytes();
+        let mac = URL_SAFE_NO_PAD.encode(&tag[..MAC_BYTES]);
+        let id = SessionId::parse(format!("{random}.m-0001.{mac}")).unwrap();
+        assert_eq!(id.device_str(), None);
+        assert_eq!(id.content_str(), "m-0001");
+        assert!(key.verify(&user("alice"), &id));
+        assert!(!key.verify(&user("bob"), &id));
     }
 }

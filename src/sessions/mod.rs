@@ -150,7 +150,7 @@ impl Sessions {
         let max_streams = authorized.entitlement.value.max_streams;
         let session_id = self
             .key
-            .issue(&claims.sub, content_id, self.store.clock_now())
+            .issue(&claims.sub, content_id, device_id, self.store.clock_now())
             .map_err(|_| SessionError::Internal)?;
         let outcome = self
             .store

@@ -570,6 +570,44 @@ async fn a_stop_of_a_session_redis_lost_records_its_final_position() {
     assert_eq!(info["resume_position_ms"], 900_000);
 }
 
+/// A session Redis lost comes back under the device it started on, so a
+/// new start on that device replaces it instead of counting against it.
+#[tokio::test]
+async fn a_session_redis_lost_is_replaced_by_a_start_on_its_device() {
+    let app = spawn_app().await;
+    let mut redis = redis_of(&app).await;
+    // load- users have two streams at the internal API.
+    let token = app.token("load-device", "standard", 2, "KR");
+    let tv = app.started_session(&token, "m-0001", "tv.living:room").await;
+    let phone = app.started_session(&token, "m-0001", "phone").await;
+    redis.query::<()>(&redis::cmd("FLUSHALL")).await;
+    heartbeat_ok(&app, &token, &tv, 10_000).await;
+    heartbeat_ok(&app, &token, &phone, 11_000).await;
+    let devices = |listed: Value| -> BTreeMap<String, String> {
+        listed["sessions"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no sessions in {listed}"))
+            .iter()
+            .map(|s| (s["session_id"].to_string(), s["device_id"].to_string()))
+            .collect()
+    };
+    assert_eq!(
+        devices(app.sessions(&token).await),
+        BTreeMap::from([
+            (json!(tv).to_string(), json!("tv.living:room").to_string()),
+            (json!(phone).to_string(), json!("phone").to_string())
+        ])
+    );
+    // The television restarts its player: same device, so not a third stream.
+    let again = app.started_session(&token, "m-0001", "tv.living:room").await;
+    assert_eq!(
+        app.live_session_ids(&token).await,
+        BTreeSet::from([again, phone.clone()])
+    );
+    assert_error(app.heartbeat(&token, &tv, 12_000).await, 404, "session_not_found").await;
+    heartbeat_ok(&app, &token, &phone, 13_000).await;
+}
+
 mod under_fault {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};

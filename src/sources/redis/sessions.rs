@@ -31,10 +31,6 @@ static STOP: LazyLock<Script> = session_script!("stop.lua");
 static STATE: LazyLock<Script> = session_script!("state.lua");
 static LIST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/list.lua")));
 
-/// The device a session recorded again by its heartbeat is listed under:
-/// session ids do not carry the device.
-pub const UNKNOWN_DEVICE: &str = "unknown";
-
 /// A start the stream limit has to admit.
 pub struct StartRequest<'a> {
     pub user: &'a UserId,
@@ -379,7 +375,7 @@ impl SessionStore {
             .arg(content)
             .arg(self.deadline())
             .arg(rejoin)
-            .arg(UNKNOWN_DEVICE);
+            .arg(session_id.device_str().unwrap_or_default());
         let (reply, held) = self.invoke_written(&HEARTBEAT, &self.loaded[0], call).await?;
         let now = millis_to_utc(int(reply.get(1)));
         Ok(match int(reply.first()) {

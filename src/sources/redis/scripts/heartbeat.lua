@@ -5,7 +5,8 @@
 -- ARGV: 1 ttl_ms, 2 session_id, 3 position_ms, 4 user_id, 5 content_id,
 -- 6 deadline (Redis ms after which the caller no longer waits, or ''),
 -- 7 max_streams to record a session Redis has no trace of (or '' not to),
--- 8 device id for such a session.
+-- 8 device id for such a session (the one its id carries, or '' for ids
+-- issued before ids carried it).
 -- Returns {1, now} recorded; {0, now} unknown, stopped or expired; {-1, now}
 -- evicted by a newer start; {2, now} no trace (and ARGV[7] was ''); {3, now,
 -- id1, info1, ...} no trace and the limit is reached (nothing changed);
@@ -40,7 +41,18 @@ if not last then
   if redis.call('ZCARD', KEYS[1]) >= ARGV[7] + 0 then
     return ending.refusal(3)
   end
-  redis.call('HSET', KEYS[2], sid, ARGV[8] .. ' ' .. ARGV[5])
+  local device = ARGV[8]
+  if device == '' then
+    device = 'unknown'
+  else
+    -- Under its device, so that device starting again replaces it rather
+    -- than counting it; unless the device already plays another live one.
+    local current = redis.call('HGET', KEYS[3], device)
+    if not current or not redis.call('ZSCORE', KEYS[1], current) then
+      redis.call('HSET', KEYS[3], device, sid)
+    end
+  end
+  redis.call('HSET', KEYS[2], sid, device .. ' ' .. ARGV[5])
   -- Keys Redis lost one by one (evicted under memory pressure) come back here.
   keep_keys()
 end
