@@ -68,10 +68,12 @@ impl Verifier {
             .iter()
             .map(|&alg| {
                 let mut v = Validation::new(alg);
-                v.leeway = LEEWAY_S;
-                v.validate_exp = true;
-                v.validate_nbf = true;
-                let mut required = vec!["exp", "sub"];
+                // `exp` and `nbf` are checked by `within_time`: jsonwebtoken
+                // refuses fractional NumericDates, which RFC 7519 allows.
+                // `exp` is required by `Claims` itself.
+                v.validate_exp = false;
+                v.validate_nbf = false;
+                let mut required = vec!["sub"];
                 if let Some(iss) = issuer {
                     v.set_issuer(&[iss]);
                     required.push("iss");
@@ -150,7 +152,9 @@ impl Verifier {
             .take(MAX_KEYS_TRIED);
         for key in candidates {
             if let Ok(data) = decode::<Claims>(token, &key.key, validation) {
-                return Ok(data.claims);
+                return within_time(&data.claims)
+                    .then_some(data.claims)
+                    .ok_or(AuthError::Invalid);
             }
         }
         Err(AuthError::Invalid)
@@ -161,7 +165,7 @@ impl Verifier {
 fn within_time(claims: &Claims) -> bool {
     let now = jsonwebtoken::get_current_timestamp() as i64;
     let leeway = LEEWAY_S as i64;
-    claims.exp + leeway >= now && claims.nbf.is_none_or(|nbf| nbf - leeway <= now)
+    claims.exp.saturating_add(leeway) >= now && claims.nbf.is_none_or(|nbf| nbf.saturating_sub(leeway) <= now)
 }
 
 /// Signs a development token with an HS256 secret (`moneta token`, tests, benches).
@@ -352,6 +356,25 @@ LQIDAQAB
         assert!(v.verify(&mint_hs256("s3cret", &c).unwrap()).is_ok());
         c.nbf = Some(chrono::Utc::now().timestamp() + 45);
         assert!(v.verify(&mint_hs256("s3cret", &c).unwrap()).is_err());
+    }
+
+    #[tokio::test]
+    async fn fractional_numeric_dates_are_dates() {
+        let v = verifier(None, None).await;
+        let now = chrono::Utc::now().timestamp() as f64 + 0.25;
+        let token = |exp: f64, nbf: f64| {
+            let claims = serde_json::json!({"sub": "u1", "exp": exp, "iat": now, "nbf": nbf});
+            mint_hs256("s3cret", &claims).unwrap()
+        };
+        assert!(v.verify(&token(now + 3600.5, now - 0.5)).is_ok());
+        assert!(v.verify(&token(now - 20.5, now)).is_ok());
+        assert!(v.verify(&token(now - 45.5, now - 60.0)).is_err());
+        assert!(v.verify(&token(now + 3600.0, now + 45.5)).is_err());
+        // Never expiring, and not a reason to overflow.
+        let far = serde_json::json!({"sub": "u1", "exp": u64::MAX, "nbf": i64::MIN});
+        assert!(v.verify(&mint_hs256("s3cret", &far).unwrap()).is_ok());
+        let missing = serde_json::json!({"sub": "u1"});
+        assert!(v.verify(&mint_hs256("s3cret", &missing).unwrap()).is_err());
     }
 
     /// xorshift64: reproducible, and enough to stir bytes around.

@@ -104,6 +104,22 @@ async fn expiry_within_leeway_is_accepted() {
     assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
 }
 
+/// RFC 7519 NumericDates may be fractional: what `time.time() + 3600` mints.
+#[tokio::test]
+async fn fractional_times_are_times() {
+    let app = spawn_app().await;
+    let at = now() as f64 + 0.5;
+    let token = |exp: f64| {
+        let claims = json!({"sub": "u-basic", "iat": at, "nbf": at - 1.25, "exp": exp});
+        forge(json!({}), claims, DEV_SECRET)
+    };
+    assert_eq!(
+        app.playback_info("m-0001", &token(at + 3600.5)).await.status(),
+        200
+    );
+    assert_invalid_token(app.playback_info("m-0001", &token(at - 120.5)).await, "expired").await;
+}
+
 /// `moneta token` mints what the same configuration accepts, issuer and
 /// audience included.
 #[tokio::test]
