@@ -461,6 +461,84 @@ async fn evict_oldest_state_stays_bounded_and_a_downgrade_ends_every_extra_sessi
     assert_eq!(app.live_session_ids(&token).await.len(), 1);
 }
 
+/// Past what Redis lists one by one, an ended session still answers as it
+/// ended: a stopped one `404`, an evicted one `409`, however many endings
+/// of the other kind came before or after it.
+#[tokio::test]
+async fn forgotten_endings_keep_their_kind() {
+    let app = spawn_app_with(&[
+        ("MONETA_STREAM_LIMIT_POLICY", "evict_oldest"),
+        WITHOUT_CLIENT_CACHE,
+    ])
+    .await;
+    let mut redis = redis_of(&app).await;
+    let user = "u-kinds";
+    let token = app.token(user, "premium", 1, "KR");
+    entitle(&mut redis, user, 1).await;
+    // Ids carry the millisecond they were issued in; kinds are told apart by it.
+    let tick = || tokio::time::sleep(Duration::from_millis(2));
+    let mut stopped = Vec::new();
+    let mut evicted = Vec::new();
+    for round in 0..3 {
+        let id = app.started_session(&token, "m-0001", "tv").await;
+        assert_eq!(app.stop_session(&token, &id).await.status(), 204);
+        stopped.push(id);
+        tick().await;
+        for i in 0..20 {
+            evicted.push(
+                app.started_session(&token, "m-0001", &format!("d-{round}-{i}"))
+                    .await,
+            );
+        }
+        tick().await;
+        // The last start still plays; it is stopped next round.
+        let playing = evicted.pop().expect("started");
+        assert_eq!(app.stop_session(&token, &playing).await.status(), 204);
+        stopped.push(playing);
+        tick().await;
+    }
+    for id in &stopped {
+        assert_error(app.heartbeat(&token, id, 1_000).await, 404, "session_not_found").await;
+    }
+    for id in &evicted {
+        assert_error(app.heartbeat(&token, id, 1_000).await, 409, "session_evicted").await;
+    }
+    let fields = session_fields(&mut redis, user).await;
+    // No live session; ended ids listed (the limit + 16) and at most 8 runs.
+    assert!(
+        fields <= 1 + 16 + 8,
+        "{fields} fields after {} endings: {:?}",
+        stopped.len() + evicted.len(),
+        sizes(&mut redis, user).await
+    );
+
+    // A long session, issued before sessions evicted and forgotten, and
+    // stopped after them: forgotten at once, inside their span.
+    let user = "u-long";
+    let token = app.token(user, "premium", 2, "KR");
+    entitle(&mut redis, user, 2).await;
+    let long = app.started_session(&token, "m-0001", "tv").await;
+    tick().await;
+    let mut evicted = Vec::new();
+    for i in 0..20 {
+        // Its heartbeats keep it the newest: each start evicts the other one.
+        heartbeat_ok(&app, &token, &long, 1_000).await;
+        evicted.push(app.started_session(&token, "m-0001", &format!("d-{i}")).await);
+    }
+    let playing = evicted.pop().expect("started");
+    assert_eq!(app.stop_session(&token, &long).await.status(), 204);
+    assert_error(
+        app.heartbeat(&token, &long, 2_000).await,
+        404,
+        "session_not_found",
+    )
+    .await;
+    for id in &evicted {
+        assert_error(app.heartbeat(&token, id, 2_000).await, 409, "session_evicted").await;
+    }
+    heartbeat_ok(&app, &token, &playing, 2_000).await;
+}
+
 #[tokio::test]
 async fn ended_sessions_stay_ended_after_many_more_end() {
     let app = spawn_app_with(&[WITHOUT_CLIENT_CACHE]).await;

@@ -3,8 +3,9 @@
 -- heartbeat ms, live or expired and not yet buried), KEYS[2] session info
 -- (hash: session id -> "device_id content_id"), KEYS[3] devices (hash:
 -- device id -> its session id), KEYS[4] ended (zset: "e:<id>" evicted or
--- "s:<id>" stopped, replaced or expired -> when it was issued; and the marks
--- "~e", "~s" -> minus the latest issue time of such ids forgotten).
+-- "s:<id>" stopped, replaced or expired -> when it was issued; and runs of
+-- such ids forgotten, "~e<ms>" / "~s<ms>" -> minus the latest issue time
+-- each covers; see `bury`).
 -- Every session script takes the session TTL in ms as ARGV[1].
 -- Liveness is judged by Redis' own clock, so instances with skewed clocks agree.
 -- `now` in ms, and now_s, the same as the string the writes carry: it is cut
@@ -38,6 +39,8 @@ local key_lifetime = math.max(2 * ttl, 3600000)
 -- keeps its limit plus this many. Beyond that the earliest issued are
 -- forgotten one by one but not as a whole: see `bury`.
 local ENDED_KEEP = 16
+-- Runs of forgotten ended ids of one kind kept per user (see `bury`).
+local MAX_RUNS = 8
 
 -- When Moneta issued a session, on its estimate of Redis' clock, in ms: the
 -- id's random part is a UUIDv7 (`sessions/ids.rs`), whose first 48 bits are
@@ -64,34 +67,72 @@ local function endings()
     redis.call('HDEL', KEYS[2], sid)
   end
 
+  -- The run of forgotten ids that covers issue time `at`: its member and
+  -- kind, or nil past every run. Runs rank below every id (negative scores),
+  -- the latest first.
+  local function run_at(at)
+    local run = redis.call('ZREVRANGEBYSCORE', KEYS[4], -at, '-inf', 'LIMIT', 0, 1)[1]
+    if run then
+      return run, string.sub(run, 2, 2)
+    end
+    return nil
+  end
+
+  -- Records that the id of kind `why` issued at `at` is forgotten. Ids are
+  -- forgotten mostly in the order they were issued, so the latest run grows;
+  -- one that ended late (a long session) and lands inside a run of the
+  -- other kind splits it. Beyond MAX_RUNS the earliest run joins the next:
+  -- ids forgotten that long ago stay ended, only their kind may be lost.
+  local function cover(why, at)
+    local run, kind = run_at(at)
+    if run then
+      if kind ~= why then
+        redis.call('ZADD', KEYS[4], -(at - 1), '~' .. kind .. (at - 1))
+        redis.call('ZADD', KEYS[4], -at, '~' .. why .. at)
+      end
+    else
+      local latest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+      if latest[2] and latest[2] + 0 < 0 and string.sub(latest[1], 2, 2) == why then
+        redis.call('ZREM', KEYS[4], latest[1])
+      end
+      redis.call('ZADD', KEYS[4], -at, '~' .. why .. at)
+    end
+    local runs = redis.call('ZCOUNT', KEYS[4], '-inf', '(0')
+    if runs > MAX_RUNS then
+      redis.call('ZREMRANGEBYRANK', KEYS[4], MAX_RUNS, runs - 1)
+    end
+  end
+
   -- Remembers that a session ended ('e' evicted, 's' otherwise) so that its id
   -- is never recorded again. The last `keep` ids are kept one by one, by when
   -- they were issued (never later than now: an instance's clock can run
-  -- ahead); the earliest issued beyond them are forgotten, and the mark of
-  -- their kind ("~e", "~s") keeps the latest issue time among them, negated
-  -- so that the marks rank below every id. An id issued no later than its
-  -- kind's mark and unknown to the sessions key has ended: a session issued
-  -- earlier and still playing is in the sessions key. So what a user's
-  -- endings leave is bounded, and every ended session stays ended. Some
-  -- paths bury and return without keeping the keys (an expired session's
-  -- heartbeat, a refusal), and the first burial creates the key: it gets its
-  -- lifetime here, or it would outlive a user who never comes back.
+  -- ahead); the earliest issued beyond them are forgotten into runs: members
+  -- '~<kind><latest issue time>' scored minus that time, each covering the
+  -- forgotten ids issued after the previous run's time and up to its own,
+  -- all of its kind. An id issued no later than the latest run and unknown
+  -- to the sessions key has ended (a session issued earlier and still
+  -- playing is in the sessions key), and the run covering it tells how: a
+  -- stopped session stays `404` after many evictions, an evicted one `409`.
+  -- So what a user's endings leave is bounded, and every ended session
+  -- stays ended. Some paths bury and return without keeping the keys (an
+  -- expired session's heartbeat, a refusal), and the first burial creates
+  -- the key: it gets its lifetime here, or it would outlive a user who never
+  -- comes back.
   local function bury(sid, why, keep)
     redis.call('ZADD', KEYS[4], math.min(issued(sid) or now, now), why .. ':' .. sid)
-    local marks = redis.call('ZCOUNT', KEYS[4], '-inf', '(0')
-    local forgotten = redis.call('ZRANGE', KEYS[4], marks, -(keep + 1), 'WITHSCORES')
+    local runs = redis.call('ZCOUNT', KEYS[4], '-inf', '(0')
+    local forgotten = redis.call('ZRANGE', KEYS[4], runs, -(keep + 1), 'WITHSCORES')
     for i = 1, #forgotten, 2 do
       local member = forgotten[i]
       if issued(string.sub(member, 3)) then
-        redis.call('ZADD', KEYS[4], 'LT', -forgotten[i + 1], '~' .. string.sub(member, 1, 1))
+        cover(string.sub(member, 1, 1), forgotten[i + 1] + 0)
       end
       redis.call('ZREM', KEYS[4], member)
     end
     redis.call('PEXPIRE', KEYS[4], 2 * key_lifetime)
   end
 
-  -- 'e', 's' or nil (Redis keeps no trace of it). Past both marks, evicted
-  -- is the answer that tells a player most.
+  -- 'e', 's' or nil (Redis keeps no trace of it).
   local function ended_as(sid)
     if redis.call('ZSCORE', KEYS[4], 'e:' .. sid) then
       return 'e'
@@ -103,13 +144,8 @@ local function endings()
     if not at then
       return nil
     end
-    for _, why in ipairs({'e', 's'}) do
-      local mark = redis.call('ZSCORE', KEYS[4], '~' .. why)
-      if mark and at <= -mark then
-        return why
-      end
-    end
-    return nil
+    local _, kind = run_at(at)
+    return kind
   end
 
   -- Sessions without a heartbeat for ttl stop counting, and stay ended.
