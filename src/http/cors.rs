@@ -35,7 +35,12 @@ impl Cors {
         let layer = CorsLayer::new()
             .allow_origin(AllowOrigin::list(self.origins.clone()))
             .allow_methods(methods.to_vec())
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            // SOAPAction: a PlayReady CDM asks for it beside its challenge.
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("soapaction"),
+            ])
             .expose_headers([HeaderName::from_static("x-request-id"), header::RETRY_AFTER]);
         route
             .fallback(|| async { ApiError::MethodNotAllowed })

@@ -45,6 +45,9 @@ pub struct LicenseRequest<'a> {
     /// The CDM's licence request (challenge), as received.
     pub body: Bytes,
     pub content_type: Option<&'a HeaderValue>,
+    /// PlayReady's `SOAPAction`, one of the headers the CDM hands the player
+    /// with its challenge; licence servers that speak SOAP dispatch on it.
+    pub soap_action: Option<&'a HeaderValue>,
     pub ctx: &'a CallContext,
 }
 
@@ -267,6 +270,7 @@ impl Licenses {
         let call = LicenseCall {
             body: request.body,
             content_type: request.content_type,
+            soap_action: request.soap_action,
             user: &grant.user,
             content: &grant.content,
             session: grant.session.as_ref(),

@@ -42,6 +42,7 @@ pub struct LicenseCall<'a> {
     /// The CDM's challenge, as received.
     pub body: Bytes,
     pub content_type: Option<&'a HeaderValue>,
+    pub soap_action: Option<&'a HeaderValue>,
     pub user: &'a UserId,
     pub content: &'a ContentId,
     pub session: Option<&'a SessionId>,
@@ -153,8 +154,13 @@ impl DrmUpstreams {
         // are no business of theirs. `X-Request-Id` (below) is what a support
         // case with the vendor quotes.
         let mut headers = self.headers.clone();
+        // What the CDM asked the player to send with its challenge; nothing
+        // else of the player's request goes on (its licence token least).
         if let Some(content_type) = call.content_type {
             headers.insert(CONTENT_TYPE, content_type.clone());
+        }
+        if let Some(soap_action) = call.soap_action {
+            headers.insert(HeaderName::from_static("soapaction"), soap_action.clone());
         }
         let ids = [
             ("x-moneta-user", Some(call.user.as_str())),

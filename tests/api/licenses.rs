@@ -844,6 +844,30 @@ async fn without_a_licence_source_a_system_is_404() {
 // ---------------------------------------------------------------------------
 // Vendors
 
+/// A PlayReady CDM hands the player `SOAPAction` with its challenge; SOAP
+/// licence servers dispatch on it.
+#[tokio::test]
+async fn a_playready_challenge_reaches_the_vendor_with_its_soap_action() {
+    let vendor = Vendor::start().await;
+    let app = proxy_to(&vendor, &[]).await;
+    let user = app.token("u-premium", "premium", 4, "KR");
+    let (_, playback) = start(&app, &user, "tv").await;
+    let token = token_for(&playback, "playready");
+    let action = "\"http://schemas.microsoft.com/DRM/2007/03/protocols/AcquireLicense\"";
+    let request = app
+        .request(Method::POST, "/v1/licenses/playready", Some(&token))
+        .header("content-type", "text/xml; charset=utf-8")
+        .header("soapaction", action)
+        .header("x-other", "not forwarded");
+    let resp = PublicApi::send(request.body("<soap:Envelope/>")).await;
+    assert_eq!(resp.status(), 200);
+    let received = vendor.received();
+    let got = received.last().expect("the vendor was asked");
+    assert_eq!(got.header("soapaction"), Some(action));
+    assert_eq!(got.header("content-type"), Some("text/xml; charset=utf-8"));
+    assert_eq!(got.header("x-other"), None);
+}
+
 #[tokio::test]
 async fn vendor_licences_pass_through_unchanged_and_the_token_stays_home() {
     let vendor = Vendor::start().await;

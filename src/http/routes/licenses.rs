@@ -125,6 +125,7 @@ pub async fn request(
             token: bearer(&headers),
             body,
             content_type: headers.get(header::CONTENT_TYPE),
+            soap_action: headers.get("soapaction"),
             ctx: &ctx,
         })
         .await?;
