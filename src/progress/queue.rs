@@ -6,8 +6,9 @@
 //!
 //! A position the internal API took while Redis was still unreachable stays
 //! (as delivered) until it also updated the resume position Redis holds, so
-//! that playback-info answers it after the outage. Those are the first to
-//! make room when the queue is full: the internal API has them already.
+//! that playback-info answers it after the outage. It keeps its room until
+//! then: giving it up for a new pair would leave Redis answering an older
+//! position once it is back, so a full queue refuses the new pair instead.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -98,15 +99,9 @@ impl ProgressQueue {
         let key = (item.user_id.clone(), item.content_id.clone());
         let known = pending.undelivered.contains_key(&key) || pending.unwritten.contains_key(&key);
         if !known && pending.len() + pending.in_flight >= self.capacity {
-            // The internal API has a delivered one; only the resume position
-            // Redis holds after the outage is at stake.
-            let Some(evict) = pending.unwritten.keys().next().cloned() else {
-                drop(pending);
-                super::dropped("queue_full", 1);
-                return false;
-            };
-            pending.unwritten.remove(&evict);
-            super::dropped("unwritten", 1);
+            drop(pending);
+            super::dropped("queue_full", 1);
+            return false;
         }
         pending.merge(item, true);
         let depth = pending.len();
@@ -281,12 +276,13 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_makes_room_from_delivered_positions_first() {
+    fn a_delivered_position_keeps_its_room_until_redis_has_it() {
         let q = ProgressQueue::new(1);
         let t0 = Utc::now();
         q.restore_delivered(vec![item("a", 1, t0)]);
-        assert!(q.record(item("b", 2, t0)));
-        assert!(!q.record(item("c", 3, t0)));
-        assert_eq!(positions(&q.take(10)), [(2, false)]);
+        assert!(!q.record(item("b", 2, t0)), "no room for a new pair");
+        // The same pair still takes a newer position.
+        assert!(q.record(item("a", 3, t0 + chrono::Duration::milliseconds(1))));
+        assert_eq!(positions(&q.take(10)), [(3, false)]);
     }
 }

@@ -269,10 +269,25 @@ impl Guard {
         E: Display,
         F: Future<Output = Result<T, E>>,
     {
+        self.call_judged_timing_out(call, judge, Verdict::Outage).await
+    }
+
+    /// [`Guard::call_judged`] for a call whose timing out may be about the
+    /// call rather than the dependency (`timed_out`: what a timeout says).
+    pub async fn call_judged_timing_out<T, E, F>(
+        &self,
+        call: F,
+        judge: impl Fn(&E) -> Verdict,
+        timed_out: Verdict,
+    ) -> Result<T, DependencyError>
+    where
+        E: Display,
+        F: Future<Output = Result<T, E>>,
+    {
         // +1: zero means "no real call yet".
         let since_born = self.inner.born.elapsed().as_millis() as u64 + 1;
         self.inner.last_call_ms.store(since_born, Ordering::Relaxed);
-        self.guarded(call, judge).await
+        self.guarded(call, judge, timed_out).await
     }
 
     /// A background reachability check, made only while no real call has
@@ -288,10 +303,17 @@ impl Guard {
         if last > 0 && now.saturating_sub(last) < PROBE_QUIET.as_millis() as u64 {
             return Ok(());
         }
-        self.guarded(call, |_| Verdict::Outage).await.map(drop)
+        self.guarded(call, |_| Verdict::Outage, Verdict::Outage)
+            .await
+            .map(drop)
     }
 
-    async fn guarded<T, E, F>(&self, call: F, judge: impl Fn(&E) -> Verdict) -> Result<T, DependencyError>
+    async fn guarded<T, E, F>(
+        &self,
+        call: F,
+        judge: impl Fn(&E) -> Verdict,
+        timed_out: Verdict,
+    ) -> Result<T, DependencyError>
     where
         E: Display,
         F: Future<Output = Result<T, E>>,
@@ -332,7 +354,7 @@ impl Guard {
                     Err(DependencyError::Refused(dep, e.to_string())),
                 ),
             },
-            Err(_) => ("timeout", Verdict::Outage, Err(DependencyError::Timeout(dep))),
+            Err(_) => ("timeout", timed_out, Err(DependencyError::Timeout(dep))),
         };
         match verdict {
             Verdict::Answered => {

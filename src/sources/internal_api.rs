@@ -268,8 +268,10 @@ impl InternalApi {
     }
 
     /// Posts a batch (an empty one answers whether the API takes batches at
-    /// all). A status for a batch with items never opens the breaker: one
-    /// user's bad item must not open it for everybody.
+    /// all). A failure of a batch with items (a status, a transport error, a
+    /// timeout) never opens the breaker: it may be one user's bad item, and
+    /// must not open it for everybody. The courier then sends the empty
+    /// batch, whose failure is an outage and counts.
     pub async fn post_progress(&self, items: &[ProgressItem]) -> Result<BatchOutcome, DependencyError> {
         let url = self.url(&["internal", "v1", "progress:batch"]);
         let span = self.span(&reqwest::Method::POST, "/internal/v1/progress:batch", &url);
@@ -292,13 +294,17 @@ impl InternalApi {
             Err(CallError::Status(status))
         };
         let control = items.is_empty();
-        let guarded = self.guard.call_judged(call, |e: &CallError| match e {
-            CallError::Transport(_) => Verdict::Outage,
-            // Holds no item that could be at fault.
-            CallError::Status(_) if control => Verdict::Outage,
-            CallError::Status(status) if refuses_content(*status) => Verdict::Answered,
-            CallError::Status(_) => Verdict::Unclear,
-        });
+        // Holds no item that could be at fault.
+        let unclear = if control {
+            Verdict::Outage
+        } else {
+            Verdict::Unclear
+        };
+        let judge = |e: &CallError| match e {
+            CallError::Status(status) if !control && refuses_content(*status) => Verdict::Answered,
+            CallError::Transport(_) | CallError::Status(_) => unclear,
+        };
+        let guarded = self.guard.call_judged_timing_out(call, judge, unclear);
         let result = if span.is_none() {
             guarded.await
         } else {

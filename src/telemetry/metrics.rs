@@ -44,7 +44,7 @@ pub fn install() -> PrometheusHandle {
 
 /// Why positions are given up: the closed set of
 /// `moneta_progress_dropped_total{reason}` (counted in `progress`).
-pub const DROP_REASONS: [&str; 5] = ["refused", "poison", "invalid", "queue_full", "unwritten"];
+pub const DROP_REASONS: [&str; 4] = ["refused", "poison", "invalid", "queue_full"];
 
 /// Each fallback an answer can come from, by the dependency that failed:
 /// the closed set of `moneta_fallbacks_total{dependency,kind}`, every series
@@ -225,7 +225,7 @@ fn describe() {
     );
     describe_counter!(
         "moneta_progress_dropped_total",
-        "Resume positions given up, by reason: refused (the internal API refused the item), invalid (unreadable in the log), poison (moved to the dead-letter stream), queue_full (not taken while Redis was unreachable: answered 503), unwritten (delivered, but its write-back to Redis gave way for room)."
+        "Resume positions given up, by reason: refused (the internal API refused the item), invalid (unreadable in the log), poison (moved to the dead-letter stream), queue_full (not taken while Redis was unreachable: answered 503)."
     );
     describe_counter!(
         "moneta_cache_requests_total",

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, spawn_app, spawn_app_with};
 use crate::support::redis_probe::{
     LEGACY_DEAD, LEGACY_LOG, LEGACY_PARKED, PROGRESS_GROUP, Progress, bucket, progress_dead, progress_parked,
     user_key,
@@ -126,15 +126,37 @@ pub(crate) async fn moneta_progress_on(redis: (&str, &str), api_url: &str, comma
     }
 }
 
-/// One user's items answered `status` by the internal API while the
-/// others' are taken.
-async fn an_item_failing_alone_ends_in_the_dead_letters(status: u16) {
-    let app = spawn_app().await;
+/// How the internal API fails one user's items while it takes the others'.
+#[derive(Clone, Copy)]
+enum ItemFault {
+    Status(u16),
+    /// Never answered: the delivery times out.
+    Hang,
+}
+
+impl ItemFault {
+    /// What the dead letter records.
+    fn error(self) -> String {
+        match self {
+            ItemFault::Status(status) => format!("status {status}"),
+            ItemFault::Hang => "timeout".to_owned(),
+        }
+    }
+}
+
+/// One user's items failed by the internal API while the others' are taken.
+async fn an_item_failing_alone_ends_in_the_dead_letters(fault: ItemFault) {
+    // A breaker that opens at the first failure it counts: one item's
+    // failures must never be counted.
+    let app = spawn_app_with(&[("MONETA_INTERNAL_API_BREAKER_FAILURES", "1")]).await;
     let users: Vec<String> = ["load-d1", "load-d2", "load-poison", "load-d3"]
         .map(String::from)
         .into();
     let sessions = app.watching(&users).await;
-    app.api.fail_user("load-poison", status);
+    match fault {
+        ItemFault::Status(status) => app.api.fail_user("load-poison", status),
+        ItemFault::Hang => app.api.hang_user("load-poison"),
+    }
     for (n, (token, id)) in sessions.iter().enumerate() {
         heartbeat_ok(&app, token, id, 50_000 + n as u64).await;
     }
@@ -152,7 +174,7 @@ async fn an_item_failing_alone_ends_in_the_dead_letters(status: u16) {
     assert_eq!(letter["c"], "m-0001", "{letters:?}");
     assert_eq!(letter["p"], "50002", "{letters:?}");
     assert_eq!(letter["a"], "5", "MONETA_PROGRESS_MAX_ATTEMPTS: {letters:?}");
-    assert_eq!(letter["e"], format!("status {status}"), "{letters:?}");
+    assert_eq!(letter["e"], fault.error(), "{letters:?}");
     // Nothing of it is left behind to be offered again.
     wait_for_total(&mut redis, Progress::Parked, 0).await;
     wait_for_total(&mut redis, Progress::Log, 0).await;
@@ -189,7 +211,7 @@ async fn an_item_failing_alone_ends_in_the_dead_letters(status: u16) {
     assert_eq!(line["content_id"], "m-0001", "{line}");
     assert_eq!(line["position_ms"], 50_002, "{line}");
     assert_eq!(line["attempts"], 5, "{line}");
-    assert_eq!(line["last_error"], format!("status {status}"), "{line}");
+    assert_eq!(line["last_error"], fault.error(), "{line}");
     assert_eq!(line["stream"], progress_dead(bucket("load-poison")), "{line}");
     assert!(
         line["entry_id"].as_str().is_some_and(|id| !id.is_empty()),
@@ -218,12 +240,19 @@ async fn an_item_failing_alone_ends_in_the_dead_letters(status: u16) {
 
 #[tokio::test]
 async fn an_item_answered_404_alone_ends_in_the_dead_letters_and_replays() {
-    an_item_failing_alone_ends_in_the_dead_letters(404).await;
+    an_item_failing_alone_ends_in_the_dead_letters(ItemFault::Status(404)).await;
 }
 
 #[tokio::test]
 async fn an_item_answered_500_alone_ends_in_the_dead_letters_and_replays() {
-    an_item_failing_alone_ends_in_the_dead_letters(500).await;
+    an_item_failing_alone_ends_in_the_dead_letters(ItemFault::Status(500)).await;
+}
+
+/// A transport failure alone (the item's batch times out) is the item's
+/// fault as much as a status is: split out, never the breaker's business.
+#[tokio::test]
+async fn an_item_timing_out_alone_ends_in_the_dead_letters_and_replays() {
+    an_item_failing_alone_ends_in_the_dead_letters(ItemFault::Hang).await;
 }
 
 /// Every delivery fails, the empty batch too: an outage, whatever the status.

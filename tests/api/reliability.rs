@@ -1090,6 +1090,62 @@ mod under_fault {
         }
     }
 
+    /// Redis hangs while the internal API takes every position: what the
+    /// memory holds was delivered and still has to reach Redis, so it keeps
+    /// its room until then, and once Redis answers again playback-info
+    /// answers the last acknowledged position of every pair, not the one
+    /// Redis held before the outage.
+    #[tokio::test]
+    async fn positions_delivered_during_a_redis_hang_reach_playback_info() {
+        let app = spawn_app_with(&[("MONETA_PROGRESS_QUEUE_CAPACITY", "3"), WITHOUT_CLIENT_CACHE]).await;
+        let mut viewers = Vec::new();
+        for i in 0..6 {
+            let user = format!("load-hang-{i}");
+            let token = app.token(&user, "standard", 2, "KR");
+            let session = app.started_session(&token, "m-0001", "tv").await;
+            // 1 000 s of 7920: past the 5 % under which there is no resume point.
+            heartbeat_ok(&app, &token, &session, 1_000_000).await;
+            viewers.push((user, token, session));
+        }
+        app.redis.pause();
+        let mut last = BTreeMap::new();
+        // Three pairs fill the memory; the internal API takes them.
+        for (i, (user, token, session)) in viewers.iter().take(3).enumerate() {
+            let position = 2_000_000 + i as u64;
+            heartbeat_ok(&app, token, session, position).await;
+            assert_delivered(&app, user, "m-0001", position).await;
+            last.insert(user.clone(), position);
+        }
+        // They still wait for Redis: no room for another pair (the new
+        // pairs first, while those three are still only waiting for Redis).
+        for (i, (user, token, session)) in viewers.iter().enumerate().rev() {
+            let position = 2_100_000 + i as u64;
+            let resp = app.heartbeat(token, session, position).await;
+            match resp.status().as_u16() {
+                200 => {
+                    last.insert(user.clone(), position);
+                }
+                503 => {
+                    assert_error(resp, 503, "dependency_unavailable").await;
+                }
+                other => panic!("heartbeat of {user}: {other}"),
+            }
+        }
+        assert_eq!(last.len(), 3, "the memory holds three pairs: {last:?}");
+        app.redis.resume();
+        for (user, token, _) in &viewers {
+            let expected = last.get(user).copied().unwrap_or(1_000_000);
+            let answered = eventually(PATIENCE, async || {
+                let info = app.playback_info_json("m-0001", token).await;
+                (info["degraded"] == false && info["resume_position_ms"] == expected).then_some(())
+            })
+            .await;
+            let info = app.playback_info_json("m-0001", token).await;
+            assert!(answered.is_some(), "{user}: {info} instead of {expected}");
+            assert_delivered(&app, user, "m-0001", expected).await;
+        }
+    }
+
     #[tokio::test]
     async fn a_full_memory_queue_answers_503_and_drops_nothing_it_acknowledged() {
         let mut app = spawn_app_with(&[("MONETA_PROGRESS_QUEUE_CAPACITY", "4")]).await;

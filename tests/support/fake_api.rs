@@ -28,6 +28,9 @@ pub enum Fault {
     NotFound,
 }
 
+/// The "status" of a user whose batches hang ([`FakeApi::hang_user`]).
+const HANGS: u16 = 0;
+
 #[derive(Default)]
 pub struct FakeState {
     pub contents: Mutex<HashMap<String, Value>>,
@@ -113,6 +116,11 @@ impl FakeApi {
             .lock()
             .unwrap()
             .insert(user.to_owned(), status);
+    }
+    /// Batches holding `user`'s positions are never answered (the caller
+    /// times out), while batches without them are taken.
+    pub fn hang_user(&self, user: &str) {
+        self.fail_user(user, HANGS);
     }
     /// Ends [`FakeApi::fail_user`] for `user`.
     pub fn heal_user(&self, user: &str) {
@@ -265,6 +273,9 @@ async fn batch(State(s): State<Arc<FakeState>>, headers: HeaderMap, Json(body): 
     };
     if let Some(status) = failing {
         s.failed_batches.lock().unwrap().push(body);
+        if status == HANGS {
+            std::future::pending::<()>().await;
+        }
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return status.into_response();
     }
