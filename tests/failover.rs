@@ -317,3 +317,71 @@ async fn without_waiting_for_replicas_a_failover_keeps_answering_and_reports_its
         report.statuses
     );
 }
+
+/// The only seed node Moneta was given dies, and its replica takes over:
+/// Moneta connects again through the nodes of the topology it last saw, so
+/// answers are fresh and the limit counts again without that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_seed_node_is_not_needed_to_connect_again() {
+    let mut cluster = RedisCluster::start_with_replicas(3, 1);
+    let api = spawn_fake_api().await;
+    let asked = cluster.nodes[0].port;
+    let victim = cluster
+        .primary_of_slot(asked, slot_of("load-fo-seed-0"))
+        .expect("a primary serves every slot");
+    let replica = *cluster
+        .replicas_of(victim)
+        .first()
+        .expect("the victim has a replica");
+    let seed = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port == victim)
+        .map(|n| n.url.clone())
+        .expect("the victim's URL");
+    let moneta = MonetaProcess::start(&[
+        ("MONETA_REDIS_CLUSTER_URLS", seed),
+        ("MONETA_INTERNAL_API_URL", api.url()),
+        ("RUST_LOG", "warn".to_owned()),
+    ]);
+    let public = moneta.public_api();
+    let fresh = async |user: &str| {
+        let token = mint_token(user, "standard", 2, "KR");
+        let info = public.playback_info_json(TITLE, &token).await;
+        info["degraded"] == false
+    };
+    let before = eventually(PATIENCE, async || fresh("load-fo-seed-0").await.then_some(())).await;
+    assert!(before.is_some(), "never fresh with the seed alive");
+
+    cluster.kill(victim);
+    let asked = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|p| *p != victim && *p != replica)
+        .expect("another node");
+    let promoted = eventually_blocking(PATIENCE, || {
+        (cli(replica, &["INFO", "replication"]).contains("role:master")
+            && cli(asked, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        .then_some(())
+    });
+    assert!(promoted.is_some(), "the replica {replica} never took over");
+
+    // Users on the promoted replica's slots and on the others'.
+    let on_replica = users(&cluster, asked, replica, true, "seed-after", 1);
+    let elsewhere = users(&cluster, asked, replica, false, "seed-other", 1);
+    for user in on_replica.iter().chain(&elsewhere) {
+        let again = eventually(PATIENCE, async || fresh(user).await.then_some(())).await;
+        if again.is_none() {
+            let output = moneta.output();
+            let tail = &output[output.len().saturating_sub(3_000)..];
+            panic!("never fresh again for {user} without the seed:\n{tail}");
+        }
+        let token = mint_token(user, "standard", 2, "KR");
+        for device in ["tv", "phone"] {
+            assert_eq!(public.start_session(&token, TITLE, device).await.status(), 201);
+        }
+        let third = public.start_session(&token, TITLE, "laptop").await;
+        assert_eq!(third.status(), 409, "the limit counts again for {user}");
+    }
+}

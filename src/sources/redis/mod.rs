@@ -17,8 +17,8 @@ pub use sessions::{
     EndOutcome, LiveList, SessionState, SessionStore, StartOutcome, StartRequest, TouchOutcome, Untraced,
 };
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -225,14 +225,26 @@ impl SingleLink {
     }
 }
 
-/// The cluster connection, made again from the seed nodes while calls keep
-/// failing. redis-rs 1.8 refreshes its slot map on `MOVED` or when a slot has
-/// no connection; after a primary was SIGKILLed and its replica promoted,
-/// calls to those slots went on timing out against the dead address for
-/// minutes (tests/failover.rs). A new connection asks the seeds for the
-/// topology afresh.
+/// Builds a cluster client on these node URLs, with a link's settings.
+type BuildCluster = Box<dyn Fn(Vec<String>) -> RedisResult<ClusterClient> + Send + Sync>;
+
+/// Nodes of the topology kept to connect through, at most.
+const LEARNED_NODES: usize = 64;
+
+/// The cluster connection, made again while calls keep failing. redis-rs 1.8
+/// refreshes its slot map on `MOVED` or when a slot has no connection; after
+/// a primary was SIGKILLed and its replica promoted, calls to those slots
+/// went on timing out against the dead address for minutes
+/// (tests/failover.rs). A new connection asks for the topology afresh: from
+/// the seed nodes and from every node of the topology last seen, since the
+/// seeds may be the very nodes that died (one seed listed, or every listed
+/// node replaced over time).
 pub(crate) struct ClusterLink {
-    client: ClusterClient,
+    build: BuildCluster,
+    seeds: Vec<String>,
+    /// The nodes of the topology as last seen, as URLs of the first seed's
+    /// shape (scheme, credentials, parameters).
+    learned: std::sync::Mutex<Vec<String>>,
     current: arc_swap::ArcSwapOption<ClusterConnection>,
     /// One connection is made at a time.
     making: tokio::sync::Mutex<()>,
@@ -240,12 +252,48 @@ pub(crate) struct ClusterLink {
 }
 
 impl ClusterLink {
-    fn new(client: ClusterClient) -> Self {
+    fn new(seeds: Vec<String>, build: BuildCluster) -> Self {
         Self {
-            client,
+            build,
+            seeds,
+            learned: std::sync::Mutex::new(Vec::new()),
             current: arc_swap::ArcSwapOption::empty(),
             making: tokio::sync::Mutex::new(()),
             remakes: Remakes::new(),
+        }
+    }
+
+    /// The seeds, then the nodes last seen that are not seeds.
+    fn nodes(&self) -> Vec<String> {
+        let learned = self.learned.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut nodes = self.seeds.clone();
+        nodes.extend(learned.iter().filter(|n| !self.seeds.contains(n)).cloned());
+        nodes
+    }
+
+    /// Keeps the nodes of the topology `conn` sees (`CLUSTER NODES`).
+    async fn learn(&self, conn: &mut ClusterConnection) {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let (Some(seed), Ok(reply)) = (
+            self.seeds.first(),
+            conn.route_command(
+                redis::cmd("CLUSTER").arg("NODES").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await,
+        ) else {
+            return;
+        };
+        let Ok(text) = redis::from_redis_value::<String>(reply) else {
+            return;
+        };
+        let nodes: Vec<String> = text
+            .lines()
+            .filter_map(|line| node_url(seed, line))
+            .take(LEARNED_NODES)
+            .collect();
+        if !nodes.is_empty() {
+            *self.learned.lock().unwrap_or_else(PoisonError::into_inner) = nodes;
         }
     }
 
@@ -261,7 +309,8 @@ impl ClusterLink {
     }
 
     async fn make(&self) -> RedisResult<ClusterConnection> {
-        let conn = self.client.get_async_connection().await?;
+        let mut conn = (self.build)(self.nodes())?.get_async_connection().await?;
+        self.learn(&mut conn).await;
         self.current.store(Some(Arc::new(conn.clone())));
         self.remakes.made_now();
         Ok(conn)
@@ -284,6 +333,36 @@ impl ClusterLink {
             }
         });
     }
+}
+
+/// The URL, of `seed`'s shape, of a node as `CLUSTER NODES` lists it
+/// (`<id> <ip>:<port>@<bus port>[,<hostname>] <flags> …`); `None` for one
+/// without an address or known to have failed.
+fn node_url(seed: &str, line: &str) -> Option<String> {
+    let mut fields = line.split_whitespace();
+    let address = fields.nth(1)?;
+    let flags = fields.next()?;
+    if flags
+        .split(',')
+        .any(|flag| matches!(flag, "noaddr" | "fail" | "handshake"))
+    {
+        return None;
+    }
+    let endpoint = address.split(['@', ',']).next()?;
+    let (host, port) = endpoint.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    if host.is_empty() {
+        return None;
+    }
+    let mut url = reqwest::Url::parse(seed).ok()?;
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    url.set_host(Some(&host)).ok()?;
+    url.set_port(Some(port)).ok()?;
+    Some(url.into())
 }
 
 /// Typed Redis operations, each behind the Redis guard.
@@ -340,22 +419,28 @@ fn connector(settings: &RedisSettings, cache: Option<&Arc<ClientCache>>) -> Redi
     let timeout = settings.guard.timeout;
     Ok(match &settings.cluster_urls {
         Some(urls) => {
-            let mut builder = ClusterClient::builder(urls.clone())
-                .connection_timeout(timeout)
-                .response_timeout(timeout)
-                .retries(1);
-            if let Some(cache) = cache {
-                // The crate gives every node connection its own tracking and
-                // its own cache epoch: an invalidation arrives on the
-                // connection that read the key, and a node reconnected (or a
-                // new primary after a failover) never serves what an older
-                // connection read.
-                builder = builder
-                    .use_protocol(ProtocolVersion::RESP3)
-                    .cache_config(cache.config())
-                    .push_sender(cache.push_handler());
-            }
-            Connector::Cluster(Arc::new(ClusterLink::new(builder.build()?)))
+            let cache = cache.cloned();
+            let build = move |nodes: Vec<String>| {
+                let mut builder = ClusterClient::builder(nodes)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(1);
+                if let Some(cache) = &cache {
+                    // The crate gives every node connection its own tracking
+                    // and its own cache epoch: an invalidation arrives on the
+                    // connection that read the key, and a node reconnected (or
+                    // a new primary after a failover) never serves what an
+                    // older connection read.
+                    builder = builder
+                        .use_protocol(ProtocolVersion::RESP3)
+                        .cache_config(cache.config())
+                        .push_sender(cache.push_handler());
+                }
+                builder.build()
+            };
+            // Built once here so that unusable URLs stop the start.
+            build(urls.clone())?;
+            Connector::Cluster(Arc::new(ClusterLink::new(urls.clone(), Box::new(build))))
         }
         None => {
             let mut client = redis::Client::open(settings.url.as_str())?;
@@ -631,5 +716,40 @@ mod tests {
         assert!(is_outage(&answered(b"*2\r\n-BUSY script running\r\n+OK\r\n")));
         let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(is_outage(&io));
+    }
+
+    #[test]
+    fn cluster_nodes_become_urls_of_the_seeds_shape() {
+        let seed = "rediss://moneta:s3cret@redis-0.example:7000/?insecure";
+        let line = |address: &str, flags: &str| {
+            format!(
+                "07c37dfeb235213a872192d90877d0cd55635b91 {address} {flags} - 0 1426238317239 4 connected"
+            )
+        };
+        assert_eq!(
+            node_url(seed, &line("10.0.0.7:7002@17002", "master")).as_deref(),
+            Some("rediss://moneta:s3cret@10.0.0.7:7002/?insecure")
+        );
+        assert_eq!(
+            node_url(
+                "redis://127.0.0.1:7000",
+                &line("127.0.0.1:7004@17004,node-4", "myself,slave")
+            )
+            .as_deref(),
+            Some("redis://127.0.0.1:7004")
+        );
+        assert_eq!(
+            node_url("redis://127.0.0.1:7000", &line("::1:7001@17001", "master")).as_deref(),
+            Some("redis://[::1]:7001")
+        );
+        for (address, flags) in [
+            (":0@0", "master,noaddr"),
+            ("127.0.0.1:7005@17005", "master,fail"),
+            ("127.0.0.1:7006@17006", "handshake"),
+            (":7007@17007", "master"),
+        ] {
+            assert_eq!(node_url(seed, &line(address, flags)), None, "{address} {flags}");
+        }
+        assert_eq!(node_url(seed, ""), None);
     }
 }
