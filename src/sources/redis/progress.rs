@@ -1070,7 +1070,12 @@ impl ProgressLog {
                     .iter()
                     .filter_map(|&i| reads.get(i).map(|r| r.shard))
                     .collect();
-                tracing::warn!(shards = gone.len(), "progress log groups missing; creating them");
+                // The log of the layout before buckets has no group once
+                // nothing of it is left: no news, and nothing to create.
+                let lost = gone.iter().filter(|s| !s.is_legacy()).count();
+                if lost > 0 {
+                    tracing::warn!(shards = lost, "progress log groups missing; creating them");
+                }
                 let _ = self.create_groups(&gone).await;
             }
             // What is left of each kind, shared by the shards that had more
