@@ -156,6 +156,9 @@ pub struct LicenseProxySettings {
     /// Sent to every vendor licence server (an API key…); values never print.
     pub upstream_headers: Vec<(String, Secret)>,
     pub upstream_guard: GuardSettings,
+    /// `MONETA_DRM_REQUIRE_SESSION`: licences only for tokens of a session
+    /// start, so that no licence escapes the stream limit.
+    pub require_session: bool,
 }
 
 impl LicenseProxySettings {
@@ -633,6 +636,7 @@ impl Settings {
         let upstream_headers = upstream_headers(src)?;
         let upstream_guard = src.guard("MONETA_DRM_UPSTREAM", 2_000, 64)?;
         let clearkey_keys_file = src.opt_string("MONETA_DRM_CLEARKEY_KEYS_FILE").map(PathBuf::from);
+        let require_session = src.parse("MONETA_DRM_REQUIRE_SESSION", false)?;
         let proxy = match src.parse("MONETA_DRM_PROXY", false)? {
             false => None,
             true => {
@@ -657,6 +661,7 @@ impl Settings {
                     upstream_clearkey,
                     upstream_headers,
                     upstream_guard,
+                    require_session,
                 })
             }
         };
@@ -982,6 +987,11 @@ mod tests {
         assert_eq!(
             Settings::from_vars(no_base).unwrap_err().key,
             "MONETA_PUBLIC_BASE_URL"
+        );
+        let not_bool = proxy_vars(&[("MONETA_DRM_REQUIRE_SESSION", "always")]);
+        assert_eq!(
+            Settings::from_vars(not_bool).unwrap_err().key,
+            "MONETA_DRM_REQUIRE_SESSION"
         );
         let no_secret = proxy_vars(&[("MONETA_DRM_TOKEN_SECRET", "")]);
         assert_eq!(

@@ -178,6 +178,9 @@ pub struct Licenses {
     /// Set: ClearKey licences are Moneta's own.
     clear_keys: Option<HashMap<KeyId, [u8; 16]>>,
     vendors: DrmUpstreams,
+    /// Licences only for tokens of a session start: a token from
+    /// playback-info alone names no session, so no stream slot holds it.
+    require_session: bool,
 }
 
 impl Licenses {
@@ -187,6 +190,7 @@ impl Licenses {
         session_key: SessionKey,
         clear_keys: Option<HashMap<KeyId, [u8; 16]>>,
         vendors: DrmUpstreams,
+        require_session: bool,
     ) -> Self {
         // Every series from the start, at 0, while the proxy is on.
         for system in DrmSystem::ALL {
@@ -201,6 +205,7 @@ impl Licenses {
             limit: RateLimit::default(),
             clear_keys,
             vendors,
+            require_session,
         }
     }
 
@@ -219,6 +224,7 @@ impl Licenses {
             session_key,
             clear_keys,
             vendors,
+            proxy.require_session,
         ))
     }
 
@@ -238,6 +244,11 @@ impl Licenses {
         if request.system != DrmSystem::ClearKey && grant.drm_system != request.system.as_str() {
             return Err(LicenseError::Denied(
                 "the licence token is for another DRM system",
+            ));
+        }
+        if self.require_session && grant.session.is_none() {
+            return Err(LicenseError::Denied(
+                "licences are issued to playback sessions: start one (POST /v1/playback/sessions) and use its licence token",
             ));
         }
         let limited = match &grant.session {

@@ -650,6 +650,27 @@ async fn a_licence_only_while_the_session_is_live() {
     assert_eq!(licence_count(&app, "clearkey", "issued").await, 2.0);
 }
 
+/// By default a token from playback-info alone (no session) gets licences,
+/// as CONTRACT §8 has it; `MONETA_DRM_REQUIRE_SESSION=true` closes that door.
+#[tokio::test]
+async fn licences_can_be_kept_for_sessions_alone() {
+    for (required, expected) in [("false", 200), ("true", 403)] {
+        let app = proxy_with(&[("MONETA_DRM_REQUIRE_SESSION", required)]).await;
+        let user = app.token("u-premium", "premium", 4, "KR");
+        let playback = app.playback_info_json(TITLE, &user).await;
+        let sessionless = token_for(&playback, "clearkey");
+        let resp = clearkey(&app, &sessionless).await;
+        if expected == 200 {
+            assert_clearkey_licence(resp).await;
+        } else {
+            assert_error(resp, 403, "license_denied").await;
+            assert_eq!(licence_count(&app, "clearkey", "denied").await, 1.0);
+        }
+        let (_, token) = session_token(&app, "tv").await;
+        assert_clearkey_licence(clearkey(&app, &token).await).await;
+    }
+}
+
 #[tokio::test]
 async fn an_expired_session_gets_no_licence() {
     let app = proxy_with(&[
