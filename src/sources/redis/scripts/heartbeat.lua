@@ -36,21 +36,38 @@ if not last then
     return {2, now}
   end
   -- Issued by Moneta, unknown to Redis (started while Redis was unreachable,
-  -- or Redis lost its data): recorded again if the limit allows it.
+  -- or Redis lost its data): recorded again if the limit allows it, under the
+  -- device its id carries, where the rule of a start holds: one session per
+  -- device. Of two on one device, the later issued plays; the other was
+  -- replaced.
   ending.bury_expired(ENDED_KEEP)
-  if redis.call('ZCARD', KEYS[1]) >= ARGV[7] + 0 then
+  local device = ARGV[8]
+  local previous = device ~= '' and redis.call('HGET', KEYS[3], device)
+  if previous and not redis.call('ZSCORE', KEYS[1], previous) then
+    previous = nil
+  end
+  if previous then
+    local mine, theirs = issued(sid), issued(previous)
+    if mine and theirs and mine < theirs then
+      ending.bury(sid, 's', ENDED_KEEP)
+      return {0, now}
+    end
+  end
+  local live = redis.call('ZCARD', KEYS[1])
+  if previous then
+    live = live - 1
+  end
+  if live >= ARGV[7] + 0 then
     return ending.refusal(3)
   end
-  local device = ARGV[8]
+  if previous then
+    ending.forget(previous)
+    ending.bury(previous, 's', ENDED_KEEP)
+  end
   if device == '' then
     device = 'unknown'
   else
-    -- Under its device, so that device starting again replaces it rather
-    -- than counting it; unless the device already plays another live one.
-    local current = redis.call('HGET', KEYS[3], device)
-    if not current or not redis.call('ZSCORE', KEYS[1], current) then
-      redis.call('HSET', KEYS[3], device, sid)
-    end
+    redis.call('HSET', KEYS[3], device, sid)
   end
   redis.call('HSET', KEYS[2], sid, device .. ' ' .. ARGV[5])
   -- Keys Redis lost one by one (evicted under memory pressure) come back here.

@@ -40,7 +40,7 @@ local key_lifetime = math.max(2 * ttl, 3600000)
 -- forgotten one by one but not as a whole: see `bury`.
 local ENDED_KEEP = 16
 -- Runs of forgotten ended ids of one kind kept per user (see `bury`).
-local MAX_RUNS = 8
+local MAX_RUNS = 32
 
 -- When Moneta issued a session, on its estimate of Redis' clock, in ms: the
 -- id's random part is a UUIDv7 (`sessions/ids.rs`), whose first 48 bits are
