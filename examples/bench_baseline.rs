@@ -190,7 +190,7 @@ impl HeartbeatTrip {
             .unwrap_or_default()
             .to_rfc3339_opts(SecondsFormat::Millis, true);
         Ok(Some(format!(
-            "{{\"session_id\":\"{id}\",\"expires_at\":\"{expires_at}\"}}"
+            "{{\"session_id\":\"{id}\",\"expires_at\":\"{expires_at}\",\"degraded\":false}}"
         )))
     }
 }

@@ -57,6 +57,15 @@ pub struct Started {
     pub evicted: Vec<SessionId>,
 }
 
+/// A heartbeat taken: until when the session counts, and whether a fallback
+/// took it (Redis unreachable, or its replicas did not acknowledge the write:
+/// the position waits in this instance's memory).
+#[derive(Debug, Clone, Copy)]
+pub struct Beat {
+    pub expires_at: DateTime<Utc>,
+    pub degraded: bool,
+}
+
 pub struct Sessions {
     playback: Arc<Playback>,
     store: SessionStore,
@@ -258,7 +267,7 @@ impl Sessions {
         session_id: &SessionId,
         position: PositionMs,
         ctx: &CallContext,
-    ) -> Result<DateTime<Utc>, SessionError> {
+    ) -> Result<Beat, SessionError> {
         let provenance = self.provenance(claims, session_id)?;
         let untraced = match provenance {
             Provenance::Issued => Untraced::Report,
@@ -296,7 +305,10 @@ impl Sessions {
             }
         }
         match outcome {
-            Ok(TouchOutcome::Touched(now)) => Ok(self.store.expiry(now)),
+            Ok(TouchOutcome::Touched(now)) => Ok(Beat {
+                expires_at: self.store.expiry(now),
+                degraded: false,
+            }),
             Ok(TouchOutcome::Unreplicated(now)) => {
                 self.keep(
                     claims,
@@ -305,7 +317,10 @@ impl Sessions {
                     false,
                     Fallback::ReplicasUnacked,
                 )?;
-                Ok(self.store.expiry(now))
+                Ok(Beat {
+                    expires_at: self.store.expiry(now),
+                    degraded: true,
+                })
             }
             Ok(TouchOutcome::Evicted) => Err(SessionError::Evicted),
             Ok(_) => Err(SessionError::NotFound),
@@ -319,7 +334,10 @@ impl Sessions {
                     false,
                     Fallback::HeartbeatUnchecked,
                 )?;
-                Ok(self.store.clock_now() + self.ttl)
+                Ok(Beat {
+                    expires_at: self.store.clock_now() + self.ttl,
+                    degraded: true,
+                })
             }
         }
     }

@@ -1201,7 +1201,11 @@ mod under_fault {
         for (user, token, session) in &viewers {
             let resp = app.heartbeat(token, session, 77_000).await;
             match resp.status().as_u16() {
-                200 => acknowledged.push(user.clone()),
+                200 => {
+                    let ack: Value = resp.json().await.expect("json");
+                    assert_eq!(ack["degraded"], true, "taken while Redis is down: {ack}");
+                    acknowledged.push(user.clone());
+                }
                 503 => {
                     assert!(
                         resp.headers().contains_key("retry-after"),

@@ -24,6 +24,7 @@ async fn start_heartbeat_list_stop() {
     let ack: Value = resp.json().await.unwrap();
     assert_eq!(ack["session_id"], id.as_str());
     assert!(chrono::DateTime::parse_from_rfc3339(ack["expires_at"].as_str().unwrap()).is_ok());
+    assert_eq!(ack["degraded"], false);
 
     let list = app.sessions(&token).await;
     assert_eq!(list["sessions"].as_array().unwrap().len(), 1);

@@ -81,6 +81,9 @@ pub struct HeartbeatAck {
     pub session_id: String,
     #[serde(serialize_with = "crate::model::rfc3339")]
     pub expires_at: DateTime<Utc>,
+    /// Taken by a fallback: Redis unreachable (the session unchecked, the
+    /// position kept in this instance's memory until Redis is back).
+    pub degraded: bool,
 }
 
 #[derive(Deserialize, ToSchema, Default)]
@@ -202,13 +205,14 @@ pub async fn heartbeat(
 ) -> Result<JsonAnswer<HeartbeatAck>, ApiError> {
     body.state.count();
     let session_id = session_id(raw_id)?;
-    let expires_at = app
+    let beat = app
         .sessions
         .heartbeat(&claims, &session_id, body.position_ms, &ctx)
         .await?;
     Ok(JsonAnswer(HeartbeatAck {
         session_id: session_id.into(),
-        expires_at,
+        expires_at: beat.expires_at,
+        degraded: beat.degraded,
     }))
 }
 
