@@ -77,6 +77,37 @@ fn received(api: &FakeApi, user: &str, position: u64) -> bool {
     api.received_position(user, position)
 }
 
+/// The nodes a failover test gives parts to.
+struct Roles {
+    /// The primary of `user`'s bucket, which dies.
+    victim: u16,
+    /// Its replica, which takes over.
+    replica: u16,
+    /// Another node, asked about the topology while they change.
+    survivor: u16,
+}
+
+fn roles(cluster: &RedisCluster, user: &str) -> Roles {
+    let victim = cluster
+        .primary_of_slot(cluster.nodes[0].port, slot_of(user))
+        .expect("a primary serves every slot");
+    let replica = *cluster
+        .replicas_of(victim)
+        .first()
+        .expect("the victim has a replica");
+    let survivor = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|p| *p != victim && *p != replica)
+        .expect("another node");
+    Roles {
+        victim,
+        replica,
+        survivor,
+    }
+}
+
 /// What one run saw.
 struct Report {
     acknowledged: usize,
@@ -142,21 +173,11 @@ async fn failover_with(min_replicas_acked: &str) -> Report {
     let b = MonetaProcess::start(&env);
     let instances = [a.public_api(), b.public_api()];
 
-    let asked = cluster.nodes[0].port;
-    let victim = cluster
-        .primary_of_slot(asked, slot_of("load-fo-pick-0"))
-        .expect("a primary serves every slot");
-    let replica = *cluster
-        .replicas_of(victim)
-        .first()
-        .expect("the victim has a replica");
-    // Asked of a node that survives.
-    let asked = cluster
-        .nodes
-        .iter()
-        .map(|n| n.port)
-        .find(|p| *p != victim && *p != replica)
-        .expect("another node");
+    let Roles {
+        victim,
+        replica,
+        survivor: asked,
+    } = roles(&cluster, "load-fo-pick-0");
     let frozen = start_viewers(
         &instances,
         &users(&cluster, asked, victim, true, "frozen", FROZEN),
@@ -325,14 +346,11 @@ async fn without_waiting_for_replicas_a_failover_keeps_answering_and_reports_its
 async fn a_dead_seed_node_is_not_needed_to_connect_again() {
     let mut cluster = RedisCluster::start_with_replicas(3, 1);
     let api = spawn_fake_api().await;
-    let asked = cluster.nodes[0].port;
-    let victim = cluster
-        .primary_of_slot(asked, slot_of("load-fo-seed-0"))
-        .expect("a primary serves every slot");
-    let replica = *cluster
-        .replicas_of(victim)
-        .first()
-        .expect("the victim has a replica");
+    let Roles {
+        victim,
+        replica,
+        survivor: asked,
+    } = roles(&cluster, "load-fo-seed-0");
     let seed = cluster
         .nodes
         .iter()
@@ -354,12 +372,6 @@ async fn a_dead_seed_node_is_not_needed_to_connect_again() {
     assert!(before.is_some(), "never fresh with the seed alive");
 
     cluster.kill(victim);
-    let asked = cluster
-        .nodes
-        .iter()
-        .map(|n| n.port)
-        .find(|p| *p != victim && *p != replica)
-        .expect("another node");
     let promoted = eventually_blocking(PATIENCE, || {
         (cli(replica, &["INFO", "replication"]).contains("role:master")
             && cli(asked, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
