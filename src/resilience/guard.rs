@@ -9,7 +9,9 @@ use failsafe::failure_policy::{
     success_rate_over_time_window,
 };
 use failsafe::{Instrument, StateMachine};
-use tokio::sync::Semaphore;
+use futures::FutureExt;
+use futures::future::Either;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::GuardSettings;
 
@@ -134,6 +136,13 @@ type Breaker = StateMachine<Policy, Observer>;
 /// the breaker current, and a probe's success must not close a half-open
 /// breaker while real calls still fail.
 const PROBE_QUIET: Duration = Duration::from_secs(2);
+
+/// The room an admitted call holds until it ends.
+struct Admission<'a> {
+    _probe: Option<SemaphorePermit<'a>>,
+    _slot: SemaphorePermit<'a>,
+    started: Instant,
+}
 
 struct Inner {
     dependency: &'static str,
@@ -315,16 +324,33 @@ impl Guard {
             .map(drop)
     }
 
-    async fn guarded<T, E, F>(
+    /// Admits a call, then runs it under the timeout. Admission (breaker,
+    /// probes, bulkhead) happens when the call is made, as callers await it
+    /// at once. The rest is a `Map` around the timed call, not an `async fn`:
+    /// an `async fn` keeps its argument beside the future it awaits, so a
+    /// Redis call's future sat twice in every request's (3 KB each, copied
+    /// by every layer of the router).
+    fn guarded<T, E, F>(
         &self,
         call: F,
         judge: impl Fn(&E) -> Verdict,
         timed_out: Verdict,
-    ) -> Result<T, DependencyError>
+    ) -> impl Future<Output = Result<T, DependencyError>>
     where
         E: Display,
         F: Future<Output = Result<T, E>>,
     {
+        let admission = match self.admit() {
+            Ok(admission) => admission,
+            Err(rejected) => return Either::Left(std::future::ready(Err(rejected))),
+        };
+        Either::Right(
+            tokio::time::timeout(self.inner.settings.timeout, call)
+                .map(move |result| self.settle(admission, result, judge, timed_out)),
+        )
+    }
+
+    fn admit(&self) -> Result<Admission<'_>, DependencyError> {
         let inner = &*self.inner;
         let dep = inner.dependency;
         if !inner.breaker.is_call_permitted() {
@@ -334,7 +360,7 @@ impl Guard {
         // observer after releasing its lock, so the state read here can still
         // say open (and under a loaded CPU, for a whole batch of calls): a
         // call the breaker lets through while not known closed is a probe.
-        let _probe = if self.state() != BreakerState::Closed {
+        let probe = if self.state() != BreakerState::Closed {
             match inner.probes.try_acquire() {
                 Ok(permit) => Some(permit),
                 Err(_) => return Err(self.reject(DependencyError::Open(dep), "rejected_open")),
@@ -342,11 +368,26 @@ impl Guard {
         } else {
             None
         };
-        let Ok(_slot) = inner.bulkhead.try_acquire() else {
+        let Ok(slot) = inner.bulkhead.try_acquire() else {
             return Err(self.reject(DependencyError::Saturated(dep), "rejected_full"));
         };
-        let started = Instant::now();
-        let result = tokio::time::timeout(inner.settings.timeout, call).await;
+        Ok(Admission {
+            _probe: probe,
+            _slot: slot,
+            started: Instant::now(),
+        })
+    }
+
+    /// Tells the breaker and the metrics how an admitted call ended.
+    fn settle<T, E: Display>(
+        &self,
+        admission: Admission<'_>,
+        result: Result<Result<T, E>, tokio::time::error::Elapsed>,
+        judge: impl Fn(&E) -> Verdict,
+        timed_out: Verdict,
+    ) -> Result<T, DependencyError> {
+        let inner = &*self.inner;
+        let dep = inner.dependency;
         let (outcome, verdict, result) = match result {
             Ok(Ok(value)) => ("success", Verdict::Answered, Ok(value)),
             Ok(Err(e)) => match judge(&e) {
@@ -377,7 +418,10 @@ impl Guard {
             }
             Verdict::Unclear => {}
         }
-        inner.metrics.duration.record(started.elapsed().as_secs_f64());
+        inner
+            .metrics
+            .duration
+            .record(admission.started.elapsed().as_secs_f64());
         inner.metrics.count(outcome);
         result
     }

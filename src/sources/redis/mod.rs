@@ -297,13 +297,18 @@ impl ClusterLink {
         }
     }
 
+    /// The connection, when one is made.
+    fn made(&self) -> Option<ClusterConnection> {
+        self.current.load().as_deref().cloned()
+    }
+
     async fn conn(&self) -> RedisResult<ClusterConnection> {
-        if let Some(conn) = self.current.load_full() {
-            return Ok((*conn).clone());
+        if let Some(conn) = self.made() {
+            return Ok(conn);
         }
         let _making = self.making.lock().await;
-        if let Some(conn) = self.current.load_full() {
-            return Ok((*conn).clone());
+        if let Some(conn) = self.made() {
+            return Ok(conn);
         }
         self.make().await
     }
@@ -633,10 +638,16 @@ fn cache_statistics(connector: &Connector) -> Option<redis::caching::CacheStatis
     }
 }
 
+/// The making of a cluster connection is boxed: its future is ~3 KB, and
+/// every call's future (so every request's) would carry it while calls
+/// almost always find the connection made.
 async fn connect(connector: &Connector) -> RedisResult<Conn> {
     match connector {
         Connector::Single(link) => Ok(Conn::Single(link.conn())),
-        Connector::Cluster(link) => Ok(Conn::Cluster(link.conn().await?)),
+        Connector::Cluster(link) => match link.made() {
+            Some(conn) => Ok(Conn::Cluster(conn)),
+            None => Ok(Conn::Cluster(Box::pin(link.conn()).await?)),
+        },
     }
 }
 
