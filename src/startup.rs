@@ -189,7 +189,7 @@ impl Application {
         };
         let redis = RedisStore::new(&settings.redis)?;
         let internal_api = InternalApi::new(&settings.internal_api).map_err(StartupError::InternalApi)?;
-        let unlogged = ProgressQueue::new(settings.progress.queue_capacity);
+        let unlogged = ProgressQueue::new(settings.progress.queue_capacity, redis.clock_handle());
         let playback = Arc::new(Playback::new(
             Titles::new(redis.clone(), internal_api.clone(), snapshot, &settings.catalog),
             UserStates::new(
@@ -216,6 +216,7 @@ impl Application {
         );
         let consumer = format!("moneta-{}", uuid::Uuid::new_v4().simple());
         let courier = Courier {
+            items_taken: Default::default(),
             api: internal_api.clone(),
             log: redis.progress_log_as(consumer),
             unlogged: unlogged.clone(),

@@ -706,6 +706,63 @@ async fn skewed_instances_during_a_redis_hang_keep_the_last_position() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_that_never_reached_redis_settle_their_stamps_on_its_clock() {
+    const AHEAD: u64 = 3_000_000;
+    const BEHIND: u64 = 3_100_000;
+    const APART: Duration = Duration::from_secs(1);
+    let fleet = Deployment::start().await;
+    let (redis, api) = (&fleet.redis, &fleet.api);
+    let honest_process = fleet.member(&[]);
+    let honest = honest_process.public_api();
+    let viewer = start_viewers(&honest, "skew-unmeasured", 1).await.remove(0);
+    assert_eq!(heartbeat_status(&honest, &viewer, 1_000_000).await, 200);
+
+    // Both skewed instances start while Redis hangs: neither has ever read
+    // its clock. The internal API is down too, so that what they hold meets
+    // the other positions only once Redis is back.
+    api.set_fault(Fault::Status500);
+    redis.pause();
+    let ahead_process = fleet.member(&faketime::skewed_clock("+300s"));
+    let behind_process = fleet.member(&faketime::skewed_clock("-300s"));
+    let (ahead, behind) = (ahead_process.public_api(), behind_process.public_api());
+    for (name, public, leads) in [("ahead", &ahead, 270..=330), ("behind", &behind, -330..=-270)] {
+        let lead = clock_lead_s(public).await;
+        assert!(
+            leads.contains(&lead),
+            "the {name} instance's clock leads by {lead} s"
+        );
+    }
+    let ahead_status = heartbeat_status(&ahead, &viewer, AHEAD).await;
+    tokio::time::sleep(APART).await;
+    let behind_status = heartbeat_status(&behind, &viewer, BEHIND).await;
+    let held = [
+        answered_from_memory(&ahead_process.metrics().await, "heartbeat_unchecked"),
+        answered_from_memory(&behind_process.metrics().await, "heartbeat_unchecked"),
+    ];
+    redis.resume();
+    api.set_fault(Fault::None);
+    assert_eq!(
+        (ahead_status, behind_status),
+        (200, 200),
+        "heartbeats while Redis hangs"
+    );
+    assert_eq!(held, [1.0, 1.0], "both were answered from memory");
+
+    let ending = Ending {
+        user: &viewer.user,
+        token: &viewer.token,
+        position: BEHIND,
+    };
+    assert_ends_with(
+        api,
+        &[honest.clone(), ahead.clone(), behind.clone()],
+        &[ending],
+        "the heartbeat acknowledged last, by the instance behind",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_without_a_shared_secret_accept_each_others_sessions_while_redis_knows_them() {
     let fleet = Deployment::start().await;
     let redis = &fleet.redis;

@@ -23,6 +23,10 @@ pub struct ProgressItem {
     /// `completed: true`); sent only when true.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub completed: bool,
+    /// Stamped with this instance's own clock, Redis' never measured (see
+    /// `progress::queue`); only positions held in memory are.
+    #[serde(skip)]
+    pub provisional: bool,
 }
 
 /// A stored position as Redis keeps it: the raw position, and whether the

@@ -52,6 +52,8 @@ pub struct Report {
     /// The internal API took nothing, not even an empty batch: an outage
     /// (down, or misconfigured), so nothing was judged.
     pub outage: bool,
+    /// The internal API took a batch that held items.
+    pub took_items: bool,
 }
 
 /// Why one batch was not taken.
@@ -76,12 +78,20 @@ pub(super) async fn takes_batches(api: &InternalApi) -> bool {
 /// judged. So an outage costs two calls, a failure in the middle of a round
 /// three, and a misconfigured URL never turns everybody's positions into
 /// poison.
-pub async fn deliver(api: &InternalApi, items: &[ProgressItem]) -> Report {
+///
+/// A refusal is final, so it needs more proof than an empty batch taken: a
+/// gateway in the way or a schema change may take that and refuse every
+/// item. An item refused alone is dropped only when the internal API took
+/// items in this delivery or lately (`others_taken`); otherwise it stays as
+/// it is, as in an outage, until items get through again.
+pub async fn deliver(api: &InternalApi, items: &[ProgressItem], others_taken: bool) -> Report {
     let mut report = Report {
         fates: vec![Fate::Failed; items.len()],
         outage: false,
+        took_items: false,
     };
     let mut proven = false;
+    let mut alone = Vec::new();
     let mut todo = Vec::with_capacity(8);
     todo.push(0..items.len());
     while let Some(range) = todo.pop() {
@@ -92,6 +102,7 @@ pub async fn deliver(api: &InternalApi, items: &[ProgressItem]) -> Report {
             Ok(BatchOutcome::Accepted) => {
                 report.fates[range].fill(Fate::Delivered);
                 proven = true;
+                report.took_items = true;
                 continue;
             }
             Ok(BatchOutcome::Refused(_)) => Failure::Refused,
@@ -114,24 +125,35 @@ pub async fn deliver(api: &InternalApi, items: &[ProgressItem]) -> Report {
         }
         proven = false;
         if batch.len() == 1 {
-            report.fates[range.start] = match failure {
-                Failure::Refused => {
-                    tracing::warn!("the internal API refused a position; dropped");
-                    Fate::Refused
-                }
-                Failure::Other(error) => {
-                    tracing::warn!(error = %error, "the internal API failed a position alone; will retry");
-                    Fate::FailedAlone(error)
-                }
-            };
+            alone.push((range.start, failure));
         } else {
             let mid = range.start + batch.len() / 2;
             todo.push(mid..range.end);
             todo.push(range.start..mid);
         }
     }
+    let refusals_count = others_taken || report.took_items;
+    for (at, failure) in alone {
+        report.fates[at] = match failure {
+            Failure::Refused if refusals_count => {
+                tracing::warn!("the internal API refused a position; dropped");
+                Fate::Refused
+            }
+            Failure::Refused => {
+                tracing::warn!("the internal API refused a position and has taken none lately; will retry");
+                Fate::Failed
+            }
+            Failure::Other(error) => {
+                tracing::warn!(error = %error, "the internal API failed a position alone; will retry");
+                Fate::FailedAlone(error)
+            }
+        };
+    }
     report
 }
+
+/// How long items the internal API took make its refusals credible.
+const TAKEN_VOUCHES_FOR: Duration = Duration::from_secs(60);
 
 type Pair = (UserId, ContentId);
 
@@ -410,6 +432,8 @@ impl Conclusion {
 
 /// One instance's delivery worker.
 pub struct Courier {
+    /// When the internal API last took a batch that held items.
+    pub items_taken: std::sync::Mutex<Option<std::time::Instant>>,
     pub api: InternalApi,
     pub log: ProgressLog,
     pub unlogged: Arc<ProgressQueue>,
@@ -460,6 +484,11 @@ impl Courier {
     }
 
     async fn round(&self, sweep: bool) -> Moved {
+        // Stamps of an instance that never measured Redis' clock are its own
+        // clock's; measured first, they are settled before they meet Redis'.
+        if self.unlogged.is_provisional() {
+            let _ = self.log.measure_clock().await;
+        }
         let memory = self.unlogged.take(self.batch_size);
         let taken = memory.len();
         let moved = self.round_with(memory, sweep).await;
@@ -477,7 +506,13 @@ impl Courier {
         let report = if items.is_empty() {
             Report::default()
         } else {
-            deliver(&self.api, &items).await
+            let taken = || (self.items_taken.lock()).unwrap_or_else(std::sync::PoisonError::into_inner);
+            let others_taken = taken().is_some_and(|at| at.elapsed() < TAKEN_VOUCHES_FOR);
+            let report = deliver(&self.api, &items, others_taken).await;
+            if report.took_items {
+                *taken() = Some(std::time::Instant::now());
+            }
+            report
         };
         let fates: HashMap<usize, Fate> = send.into_iter().zip(report.fates).collect();
         let end = round.conclude(&fates, self.max_attempts);
@@ -490,7 +525,9 @@ impl Courier {
         if settled {
             dropped("poison", end.poison);
         }
-        let homecomings: Vec<Homecoming> = end
+        // Provisional stamps never reach Redis: they wait in memory until
+        // this instance has measured Redis' clock.
+        let (unsettled, homecomings): (Vec<Homecoming>, Vec<Homecoming>) = end
             .homecomings
             .into_iter()
             .map(|(mut h, buried)| {
@@ -499,7 +536,8 @@ impl Courier {
                 }
                 h
             })
-            .collect();
+            .partition(|h| h.item.provisional);
+        self.put_back(unsettled);
         let positions: Vec<&ProgressItem> = homecomings
             .iter()
             .filter(|h| h.position)
@@ -512,17 +550,7 @@ impl Courier {
         let home = (positions.is_empty() && logged.is_empty())
             || self.log.bring_back(&positions, &logged).await.is_ok();
         if !home {
-            let (to_deliver, to_write): (Vec<Homecoming>, Vec<Homecoming>) =
-                homecomings.into_iter().partition(|h| h.log.is_some());
-            self.unlogged
-                .restore(to_deliver.into_iter().map(|h| h.item).collect());
-            self.unlogged.restore_delivered(
-                to_write
-                    .into_iter()
-                    .filter(|h| h.position)
-                    .map(|h| h.item)
-                    .collect(),
-            );
+            self.put_back(homecomings);
         }
         Moved {
             fresh,
@@ -531,6 +559,24 @@ impl Courier {
             delivered: end.delivered,
             home,
         }
+    }
+
+    /// Keeps in memory what could not reach Redis.
+    fn put_back(&self, homecomings: Vec<Homecoming>) {
+        if homecomings.is_empty() {
+            return;
+        }
+        let (to_deliver, to_write): (Vec<Homecoming>, Vec<Homecoming>) =
+            homecomings.into_iter().partition(|h| h.log.is_some());
+        self.unlogged
+            .restore(to_deliver.into_iter().map(|h| h.item).collect());
+        self.unlogged.restore_delivered(
+            to_write
+                .into_iter()
+                .filter(|h| h.position)
+                .map(|h| h.item)
+                .collect(),
+        );
     }
 
     /// One tick: rounds until one comes back short (or fails), the first
@@ -634,6 +680,7 @@ mod tests {
             position_ms: PositionMs::new(position).unwrap(),
             updated_at: at(ms),
             completed: false,
+            provisional: false,
         }
     }
 

@@ -9,11 +9,20 @@
 //! that playback-info answers it after the outage. It keeps its room until
 //! then: giving it up for a new pair would leave Redis answering an older
 //! position once it is back, so a full queue refuses the new pair instead.
+//!
+//! Positions are stamped with Redis' clock as this instance estimates it.
+//! An instance that has never reached Redis (it started during the outage)
+//! has no estimate: its stamps are its own clock's, provisional, and are
+//! moved by the offset it measures once it reaches Redis, before they meet
+//! positions stamped by Redis or by other instances there. A provisional
+//! position the internal API already took is sent again with its corrected
+//! stamp: one dated early would otherwise lose to older positions there.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::model::{ContentId, ProgressItem, UserId};
+use crate::sources::redis::RedisClock;
 
 type Key = (UserId, ContentId);
 
@@ -34,6 +43,8 @@ struct Pending {
     /// or a full queue would accept positions while a round is out and hold
     /// more than its capacity once the round puts back what it could not place.
     in_flight: usize,
+    /// Whether provisional positions may be here (or out with a round).
+    provisional: bool,
 }
 
 impl Pending {
@@ -52,6 +63,7 @@ impl Pending {
         if self.undelivered.get(&key).is_some_and(newer) || self.unwritten.get(&key).is_some_and(newer) {
             return;
         }
+        self.provisional |= item.provisional;
         self.unwritten.remove(&key);
         self.undelivered.insert(key, item);
     }
@@ -65,27 +77,69 @@ impl Pending {
         if self.undelivered.get(&key).is_some_and(as_new) || self.unwritten.get(&key).is_some_and(as_new) {
             return;
         }
+        self.provisional |= item.provisional;
         self.undelivered.remove(&key);
         self.unwritten.insert(key, item);
     }
+
+    /// Moves provisional stamps onto Redis' clock once it was measured.
+    fn settle(&mut self, clock: &RedisClock) {
+        if !self.provisional {
+            return;
+        }
+        let Some(offset) = clock.offset() else {
+            return;
+        };
+        for item in self.undelivered.values_mut().filter(|item| item.provisional) {
+            settle(item, offset);
+        }
+        let delivered: Vec<Key> = (self.unwritten.iter())
+            .filter(|(_, item)| item.provisional)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in delivered {
+            if let Some(mut item) = self.unwritten.remove(&key) {
+                settle(&mut item, offset);
+                self.undelivered.insert(key, item);
+            }
+        }
+        // Positions out with a round are settled as they come back.
+        self.provisional = false;
+    }
+}
+
+fn settle(item: &mut ProgressItem, offset: chrono::Duration) {
+    item.updated_at += offset;
+    item.provisional = false;
 }
 
 pub struct ProgressQueue {
     pending: Mutex<Pending>,
     capacity: usize,
+    clock: Arc<RedisClock>,
 }
 
 impl ProgressQueue {
-    pub fn new(capacity: usize) -> Arc<Self> {
+    /// `clock`: the estimate of Redis' clock positions are stamped with.
+    pub fn new(capacity: usize, clock: Arc<RedisClock>) -> Arc<Self> {
         Arc::new(Self {
             pending: Mutex::new(Pending::default()),
             capacity,
+            clock,
         })
     }
 
+    /// The queue, its stamps settled if they can be.
     fn lock(&self) -> MutexGuard<'_, Pending> {
         // A poisoned lock only means another thread panicked mid-insert of plain data.
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.settle(&self.clock);
+        pending
+    }
+
+    /// Whether positions here may carry stamps of this instance's own clock.
+    pub fn is_provisional(&self) -> bool {
+        self.lock().provisional
     }
 
     fn gauge(depth: usize) {
@@ -94,8 +148,12 @@ impl ProgressQueue {
 
     /// Queues a position; the newer of two positions for the same pair wins.
     /// Returns false when the queue is full and the position was not queued.
-    pub fn record(&self, item: ProgressItem) -> bool {
+    pub fn record(&self, mut item: ProgressItem) -> bool {
         let mut pending = self.lock();
+        let offset = self.clock.offset();
+        if let (true, Some(offset)) = (item.provisional, offset) {
+            settle(&mut item, offset);
+        }
         let key = (item.user_id.clone(), item.content_id.clone());
         let known = pending.undelivered.contains_key(&key) || pending.unwritten.contains_key(&key);
         if !known && pending.len() + pending.in_flight >= self.capacity {
@@ -161,7 +219,11 @@ impl ProgressQueue {
     /// Puts back positions not delivered, unless newer ones arrived meanwhile.
     pub fn restore(&self, items: Vec<ProgressItem>) {
         let mut pending = self.lock();
-        for item in items {
+        let offset = self.clock.offset();
+        for mut item in items {
+            if let (true, Some(offset)) = (item.provisional, offset) {
+                settle(&mut item, offset);
+            }
             pending.merge(item, false);
         }
         Self::gauge(pending.len());
@@ -171,8 +233,16 @@ impl ProgressQueue {
     /// written to Redis yet, unless newer ones arrived meanwhile.
     pub fn restore_delivered(&self, items: Vec<ProgressItem>) {
         let mut pending = self.lock();
-        for item in items {
-            pending.merge_delivered(item);
+        let offset = self.clock.offset();
+        for mut item in items {
+            match (item.provisional, offset) {
+                // Delivered with this instance's own clock: sent again.
+                (true, Some(offset)) => {
+                    settle(&mut item, offset);
+                    pending.merge(item, false);
+                }
+                _ => pending.merge_delivered(item),
+            }
         }
         Self::gauge(pending.len());
     }
@@ -191,6 +261,7 @@ mod tests {
             position_ms: PositionMs::new(position).unwrap(),
             updated_at: at,
             completed: false,
+            provisional: false,
         }
     }
 
@@ -202,7 +273,7 @@ mod tests {
 
     #[test]
     fn newest_position_wins_and_capacity_bounds() {
-        let q = ProgressQueue::new(1);
+        let q = ProgressQueue::new(1, Arc::default());
         let t0 = Utc::now();
         let t1 = t0 + chrono::Duration::seconds(1);
         assert!(q.record(item("c", 10, t1)));
@@ -213,7 +284,7 @@ mod tests {
 
     #[test]
     fn positions_out_for_delivery_still_take_room() {
-        let q = ProgressQueue::new(1);
+        let q = ProgressQueue::new(1, Arc::default());
         let t0 = Utc::now();
         assert!(q.record(item("c", 1, t0)));
         let taken = q.take(10);
@@ -229,7 +300,7 @@ mod tests {
 
     #[test]
     fn restore_keeps_newer_entries() {
-        let q = ProgressQueue::new(10);
+        let q = ProgressQueue::new(10, Arc::default());
         let t0 = Utc::now();
         q.record(item("c", 1, t0));
         let items = q.take(10);
@@ -240,7 +311,7 @@ mod tests {
 
     #[test]
     fn a_tie_goes_to_the_position_acknowledged_last_not_to_one_put_back() {
-        let q = ProgressQueue::new(10);
+        let q = ProgressQueue::new(10, Arc::default());
         let t0 = Utc::now();
         q.record(item("c", 1, t0));
         let taken = q.take(10);
@@ -251,7 +322,7 @@ mod tests {
 
     #[test]
     fn delivered_positions_wait_for_redis_behind_undelivered_ones() {
-        let q = ProgressQueue::new(10);
+        let q = ProgressQueue::new(10, Arc::default());
         let t0 = Utc::now();
         q.restore_delivered(vec![item("a", 1, t0)]);
         q.record(item("b", 2, t0));
@@ -264,7 +335,7 @@ mod tests {
 
     #[test]
     fn a_newer_position_replaces_a_delivered_one_and_the_reverse() {
-        let q = ProgressQueue::new(10);
+        let q = ProgressQueue::new(10, Arc::default());
         let t0 = Utc::now();
         let t1 = t0 + chrono::Duration::seconds(1);
         q.restore_delivered(vec![item("c", 1, t0)]);
@@ -277,7 +348,7 @@ mod tests {
 
     #[test]
     fn a_delivered_position_keeps_its_room_until_redis_has_it() {
-        let q = ProgressQueue::new(1);
+        let q = ProgressQueue::new(1, Arc::default());
         let t0 = Utc::now();
         q.restore_delivered(vec![item("a", 1, t0)]);
         assert!(!q.record(item("b", 2, t0)), "no room for a new pair");

@@ -57,6 +57,21 @@ pub struct SessionKey {
     verified: moka::sync::Cache<String, Arc<str>, foldhash::fast::RandomState>,
 }
 
+/// When an id is issued, on Redis' clock.
+#[derive(Debug, Clone, Copy)]
+pub enum IssuedAt {
+    /// This instance has measured Redis' clock and Redis recorded the start.
+    Known(DateTime<Utc>),
+    /// Redis did not record the start (unreachable), or this instance has
+    /// never measured Redis' clock: the id carries no time (a UUIDv4), so
+    /// Redis never judges it by the runs of ended ids, which cover every
+    /// time up to theirs. Otherwise a session started during an outage, or
+    /// on an instance whose own clock runs behind, would be taken for ended
+    /// once its user has ended enough others before its first heartbeat
+    /// after the outage. It ends only by being listed as ended, one by one.
+    Unknown,
+}
+
 /// What an id's MAC proves about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provenance {
@@ -115,17 +130,25 @@ impl SessionKey {
     }
 
     /// A new id for `user` playing `content` on `device`, issued at `at`
-    /// (Redis' clock as this instance estimates it).
+    /// (Redis' clock as this instance estimates it), or with no time of
+    /// issue: see [`IssuedAt`].
     pub fn issue(
         &self,
         user: &UserId,
         content: &ContentId,
         device: &DeviceId,
-        at: DateTime<Utc>,
+        at: IssuedAt,
     ) -> Result<SessionId, InvalidId> {
-        let ms = u64::try_from(at.timestamp_millis()).unwrap_or_default();
-        let stamp = uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000);
-        let random = uuid::Uuid::new_v7(stamp).simple().to_string();
+        let uuid = match at {
+            IssuedAt::Known(at) => {
+                let ms = u64::try_from(at.timestamp_millis()).unwrap_or_default();
+                let stamp =
+                    uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000);
+                uuid::Uuid::new_v7(stamp)
+            }
+            IssuedAt::Unknown => uuid::Uuid::new_v4(),
+        };
+        let random = uuid.simple().to_string();
         let parts = SessionParts {
             random: &random,
             content: content.as_str(),
@@ -199,7 +222,7 @@ mod tests {
                 &user("alice"),
                 &title("m-0001"),
                 &device("tv.living:room"),
-                Utc::now(),
+                IssuedAt::Known(Utc::now()),
             )
             .unwrap();
         assert_eq!(id.content_id(), title("m-0001"));
@@ -224,7 +247,12 @@ mod tests {
         let key = SessionKey::new(Some(&Secret::from("k1"))).unwrap();
         let at = DateTime::from_timestamp_millis(1_764_800_000_123).unwrap();
         let id = key
-            .issue(&user("alice"), &title("m-0001"), &device("tv"), at)
+            .issue(
+                &user("alice"),
+                &title("m-0001"),
+                &device("tv"),
+                IssuedAt::Known(at),
+            )
             .unwrap();
         let random = id.parts().random;
         // What `issued` in session_lib.lua reads: the version, then the time.
@@ -237,7 +265,7 @@ mod tests {
         let key = SessionKey::new(Some(&Secret::from("k1"))).unwrap();
         let tv = device("tv");
         let id = key
-            .issue(&user("alice"), &title("m-0001"), &tv, Utc::now())
+            .issue(&user("alice"), &title("m-0001"), &tv, IssuedAt::Known(Utc::now()))
             .unwrap();
         let SessionParts { random, mac, .. } = id.parts();
         let changed = [

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-pub use ids::{Provenance, SessionKey, SessionKeyError};
+pub use ids::{IssuedAt, Provenance, SessionKey, SessionKeyError};
 
 use crate::auth::Claims;
 use crate::model::{
@@ -157,10 +157,21 @@ impl Sessions {
     ) -> Result<Started, SessionError> {
         let authorized = self.playback.authorize(claims, content_id, ctx).await?;
         let max_streams = authorized.entitlement.value.max_streams;
-        let session_id = self
-            .key
-            .issue(&claims.sub, content_id, device_id, self.store.clock_now())
-            .map_err(|_| SessionError::Internal)?;
+        if self.store.measured_now().is_none() {
+            // Only until the first measurement; boxed, as this rare call
+            // would otherwise size every start's future.
+            let _ = Box::pin(self.store.measure_clock()).await;
+        }
+        let issued_at = match self.store.measured_now() {
+            Some(now) => IssuedAt::Known(now),
+            None => IssuedAt::Unknown,
+        };
+        let issue = |at| {
+            self.key
+                .issue(&claims.sub, content_id, device_id, at)
+                .map_err(|_| SessionError::Internal)
+        };
+        let mut session_id = issue(issued_at)?;
         let outcome = self
             .store
             .start(StartRequest {
@@ -172,13 +183,8 @@ impl Sessions {
                 evict_oldest: self.evict_oldest,
             })
             .await;
-        let audience = Audience {
-            claims,
-            session_id: Some(&session_id),
-        };
-        let mut playback = self.playback.assemble(&authorized, &audience);
-        let (now, evicted) = match outcome {
-            Ok(StartOutcome::Started { now, evicted }) => (now, evicted),
+        let (now, evicted, degraded) = match outcome {
+            Ok(StartOutcome::Started { now, evicted }) => (now, evicted, false),
             Ok(StartOutcome::Full(active)) => {
                 metrics::counter!("moneta_stream_limit_rejections_total").increment(1);
                 return Err(SessionError::LimitReached { max_streams, active });
@@ -187,10 +193,20 @@ impl Sessions {
             Err(_) => {
                 // Redis unreachable: the limit cannot be counted; playback goes on.
                 Fallback::StreamLimitOpen.count();
-                playback.degraded = true;
-                (self.store.clock_now(), Vec::new())
+                if matches!(issued_at, IssuedAt::Known(_)) {
+                    // Redis skips a start that arrives after its deadline
+                    // (start.lua), so it never records the first id.
+                    session_id = issue(IssuedAt::Unknown)?;
+                }
+                (self.store.clock_now(), Vec::new(), true)
             }
         };
+        let audience = Audience {
+            claims,
+            session_id: Some(&session_id),
+        };
+        let mut playback = self.playback.assemble(&authorized, &audience);
+        playback.degraded |= degraded;
         if !evicted.is_empty() {
             metrics::counter!("moneta_stream_limit_evictions_total").increment(evicted.len() as u64);
         }
@@ -243,12 +259,14 @@ impl Sessions {
         kind: Fallback,
     ) -> Result<(), SessionError> {
         if let Some(position) = position {
+            let stamp = self.store.stamp();
             let kept = self.unlogged.record(ProgressItem {
                 user_id: claims.sub.clone(),
                 content_id: session_id.content_id(),
                 position_ms: position,
-                updated_at: self.store.clock_now(),
+                updated_at: stamp.at,
                 completed,
+                provisional: !stamp.measured,
             });
             if !kept {
                 return Err(SessionError::Busy);

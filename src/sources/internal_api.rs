@@ -366,6 +366,7 @@ mod tests {
             position_ms: PositionMs::new(position).unwrap(),
             updated_at: at,
             completed,
+            provisional: false,
         }
     }
 

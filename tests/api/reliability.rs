@@ -446,9 +446,10 @@ async fn evict_oldest_state_stays_bounded_and_a_downgrade_ends_every_extra_sessi
     }
     let fields = session_fields(&mut redis, user).await;
     // Per live session: its score, info and device (3); ended ids kept: the
-    // limit + 16, and a mark for the evicted ones forgotten one by one.
+    // limit + 16, a mark for the evicted ones forgotten one by one and one
+    // for the time before the first ending.
     assert!(
-        fields <= 3 + 1 + 16 + 1,
+        fields <= 3 + 1 + 16 + 1 + 1,
         "{fields} fields after 150 evicting starts: {:?}",
         sizes(&mut redis, user).await
     );
@@ -569,10 +570,11 @@ async fn ended_sessions_stay_ended_after_many_more_end() {
     );
     heartbeat_ok(&app, &token, &playing, 2_000).await;
     // What fifty endings leave: the live session (3), the ended ids listed
-    // (the limit + 16) and the mark of the stopped ones forgotten.
+    // (the limit + 16), the mark of the stopped ones forgotten and the one
+    // for the time before the first ending.
     let fields = session_fields(&mut redis, user).await;
     assert!(
-        fields <= 3 + 2 + 16 + 1,
+        fields <= 3 + 2 + 16 + 1 + 1,
         "{fields} fields after 50 endings: {:?}",
         sizes(&mut redis, user).await
     );
@@ -646,6 +648,78 @@ async fn a_stop_of_a_session_redis_lost_records_its_final_position() {
     .await;
     let info = app.playback_info_json("m-0001", &token).await;
     assert_eq!(info["resume_position_ms"], 900_000);
+}
+
+/// Sessions started while Redis hangs are recorded by their first heartbeat
+/// after the outage, however many sessions their user ended meanwhile:
+/// Redis judges forgotten ids by when they were issued, and these were
+/// issued without it. One start waits for Redis in vain (Redis runs it late,
+/// too late to count), one finds the breaker open.
+#[tokio::test]
+async fn sessions_started_while_redis_hangs_outlive_endings_before_their_first_heartbeat() {
+    let app = spawn_app().await;
+    // load- users have two streams at the internal API.
+    let token = app.token("load-outage-start", "standard", 2, "KR");
+    let phone = app.started_session(&token, "m-0001", "phone").await;
+    heartbeat_ok(&app, &token, &phone, 1_000).await;
+
+    app.redis.pause();
+    let waited = app.start_session(&token, "m-0001", "tv").await;
+    let breaker_open = r#"moneta_circuit_breaker_state{dependency="redis"}"#;
+    let open = eventually(PATIENCE, async || {
+        heartbeat_ok(&app, &token, &phone, 2_000).await;
+        (metric(&app, breaker_open).await == Some(2.0)).then_some(())
+    })
+    .await;
+    let turned_away = app.start_session(&token, "m-0001", "tablet").await;
+    app.redis.resume();
+    assert!(open.is_some(), "the Redis breaker never opened");
+    let mut outage_started = Vec::new();
+    for resp in [waited, turned_away] {
+        assert_eq!(resp.status(), 201, "a start while Redis hangs");
+        let started: Value = resp.json().await.expect("JSON");
+        assert_eq!(started["playback"]["degraded"], true, "{started}");
+        outage_started.push(started["session_id"].as_str().expect("session_id").to_owned());
+    }
+
+    // More endings than Redis lists one by one, by starts it counted.
+    let fresh = eventually(PATIENCE, async || {
+        let resp = app.start_session(&token, "m-0001", "phone").await;
+        let body: Value = resp.json().await.ok()?;
+        (body["playback"]["degraded"] == false).then_some(())
+    })
+    .await;
+    assert!(fresh.is_some(), "starts never counted by Redis again");
+    for _ in 0..25 {
+        let id = app.started_session(&token, "m-0001", "phone").await;
+        assert_eq!(app.stop_session(&token, &id).await.status(), 204);
+    }
+    for id in &outage_started {
+        heartbeat_ok(&app, &token, id, 3_000).await;
+    }
+    assert_eq!(
+        app.live_session_ids(&token).await,
+        outage_started.iter().cloned().collect::<BTreeSet<_>>()
+    );
+}
+
+/// A session Redis lost is recorded again by its heartbeat however many
+/// sessions its user ends first: Redis judges forgotten ids by when they
+/// were issued, and knows of no ending from before it lost its data.
+#[tokio::test]
+async fn a_session_redis_lost_outlives_endings_before_its_first_heartbeat() {
+    let app = spawn_app().await;
+    let mut redis = redis_of(&app).await;
+    // load- users have two streams at the internal API.
+    let token = app.token("load-lost-then-ends", "standard", 2, "KR");
+    let tv = app.started_session(&token, "m-0001", "tv").await;
+    redis.query::<()>(&redis::cmd("FLUSHALL")).await;
+    for _ in 0..25 {
+        let id = app.started_session(&token, "m-0001", "phone").await;
+        assert_eq!(app.stop_session(&token, &id).await.status(), 204);
+    }
+    heartbeat_ok(&app, &token, &tv, 2_000).await;
+    assert_eq!(app.live_session_ids(&token).await, BTreeSet::from([tv]));
 }
 
 /// A session Redis lost comes back under the device it started on, so a
@@ -906,6 +980,39 @@ mod under_fault {
             "the refused item is offered again"
         );
         assert_eq!(metric(&app, dropped).await, Some(1.0));
+    }
+
+    /// An internal API that takes an empty batch but refuses every item (a
+    /// gateway in the way, a schema change) is misconfigured, not shown
+    /// invalid items: nothing is dropped, everything waits.
+    #[tokio::test]
+    async fn items_refused_when_none_gets_through_wait_instead_of_being_dropped() {
+        let app = spawn_app().await;
+        let users: Vec<String> = (1..=3).map(|i| format!("load-all-refused-{i}")).collect();
+        let sessions = app.watching(&users).await;
+        for user in &users {
+            app.api.refuse_user(user);
+        }
+        for (n, (token, id)) in sessions.iter().enumerate() {
+            heartbeat_ok(&app, token, id, 8_000 + n as u64).await;
+        }
+        let refused_alone = eventually(PATIENCE, async || {
+            let batches = app.api.refused_batches();
+            let alone = batches
+                .iter()
+                .filter(|b| b["items"].as_array().is_some_and(|i| i.len() == 1));
+            (alone.count() >= users.len()).then_some(())
+        })
+        .await;
+        assert!(refused_alone.is_some(), "{:?}", app.api.refused_batches());
+        for user in &users {
+            app.api.accept_user(user);
+        }
+        for (n, user) in users.iter().enumerate() {
+            assert_delivered(&app, user, "m-0001", 8_000 + n as u64).await;
+        }
+        let dropped = r#"moneta_progress_dropped_total{reason="refused"}"#;
+        assert_eq!(metric(&app, dropped).await.unwrap_or(0.0), 0.0);
     }
 
     #[tokio::test]

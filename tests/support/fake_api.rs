@@ -107,6 +107,10 @@ impl FakeApi {
     pub fn refuse_user(&self, user: &str) {
         self.state.refused_users.lock().unwrap().insert(user.to_owned());
     }
+    /// Ends [`FakeApi::refuse_user`] for `user`.
+    pub fn accept_user(&self, user: &str) {
+        self.state.refused_users.lock().unwrap().remove(user);
+    }
     /// From now on a progress batch holding an item of `user` is answered
     /// `status` whole (a `404` for a user the API does not know, a `500` for
     /// one whose rows break it), while batches without them are taken.

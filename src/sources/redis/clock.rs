@@ -4,18 +4,38 @@
 //! scripts), whatever the instances' own clocks say. While Redis is
 //! unreachable a position is stamped with the instance's clock corrected by
 //! the offset last measured against Redis, so an instance minutes ahead does
-//! not bury the positions other instances acknowledge after it.
+//! not bury the positions other instances acknowledge after it. Until the
+//! first measurement a stamp is the instance's own clock, and says so.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-#[derive(Default)]
+/// The offset before any measurement. One atomic holds both the offset and
+/// whether there is one, so a stamp never mixes a measured offset with the
+/// claim that there was none.
+const UNMEASURED: i64 = i64::MIN;
+
 pub struct RedisClock {
     /// Redis' time minus ours, in ms, as last measured.
     offset_ms: AtomicI64,
-    measured: AtomicBool,
+}
+
+impl Default for RedisClock {
+    fn default() -> Self {
+        Self {
+            offset_ms: AtomicI64::new(UNMEASURED),
+        }
+    }
+}
+
+/// A time on Redis' clock as this instance estimates it.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    pub at: DateTime<Utc>,
+    /// False: no offset was measured yet; `at` is this instance's own clock.
+    pub measured: bool,
 }
 
 impl RedisClock {
@@ -27,24 +47,51 @@ impl RedisClock {
             return;
         }
         let offset = redis_now_ms - Utc::now().timestamp_millis();
-        self.offset_ms.store(offset, Ordering::Relaxed);
-        self.measured.store(true, Ordering::Relaxed);
+        self.offset_ms
+            .store(offset.max(UNMEASURED + 1), Ordering::Relaxed);
+    }
+
+    fn offset_ms(&self) -> Option<i64> {
+        let offset = self.offset_ms.load(Ordering::Relaxed);
+        (offset != UNMEASURED).then_some(offset)
+    }
+
+    pub fn stamp(&self) -> Stamp {
+        let offset = self.offset_ms();
+        let ms = Utc::now().timestamp_millis().saturating_add(offset.unwrap_or(0));
+        Stamp {
+            at: DateTime::from_timestamp_millis(ms).unwrap_or_else(Utc::now),
+            measured: offset.is_some(),
+        }
     }
 
     /// Redis' time as this instance estimates it (its own clock until the
     /// first measurement).
     pub fn now(&self) -> DateTime<Utc> {
-        let ms = Utc::now().timestamp_millis() + self.offset_ms.load(Ordering::Relaxed);
-        DateTime::from_timestamp_millis(ms).unwrap_or_else(Utc::now)
+        self.stamp().at
+    }
+
+    /// [`RedisClock::now`] once the offset was measured.
+    pub fn measured_now(&self) -> Option<DateTime<Utc>> {
+        let stamp = self.stamp();
+        stamp.measured.then_some(stamp.at)
+    }
+
+    pub fn is_measured(&self) -> bool {
+        self.offset_ms().is_some()
+    }
+
+    /// Redis' time minus this instance's, as last measured.
+    pub fn offset(&self) -> Option<chrono::Duration> {
+        self.offset_ms().map(chrono::Duration::milliseconds)
     }
 
     /// The instant on Redis' clock after which a call sent now is no longer
     /// awaited (its caller timed out and answered from memory); `None` until
     /// the offset was measured once.
     pub fn deadline(&self, timeout: Duration) -> Option<i64> {
-        self.measured
-            .load(Ordering::Relaxed)
-            .then(|| self.now().timestamp_millis() + timeout.as_millis() as i64)
+        self.measured_now()
+            .map(|now| now.timestamp_millis() + timeout.as_millis() as i64)
     }
 }
 
@@ -56,11 +103,16 @@ mod tests {
     fn estimates_follow_the_measured_offset() {
         let clock = RedisClock::default();
         assert_eq!(clock.deadline(Duration::from_millis(250)), None);
+        assert!(!clock.stamp().measured);
         let ahead = Utc::now().timestamp_millis() + 300_000;
         clock.observe(ahead);
-        let estimate = clock.now().timestamp_millis();
+        let stamp = clock.stamp();
+        assert!(stamp.measured);
+        let estimate = stamp.at.timestamp_millis();
         assert!((estimate - ahead).abs() < 5_000, "{estimate} vs {ahead}");
         let deadline = clock.deadline(Duration::from_millis(250)).unwrap();
         assert!(deadline >= estimate + 250);
+        let offset = clock.offset().unwrap().num_milliseconds();
+        assert!((offset - 300_000).abs() < 5_000, "{offset}");
     }
 }

@@ -11,7 +11,7 @@ mod progress;
 mod sessions;
 
 pub use catalog::{CachedContent, LearntPosition, UserView, WriteBack};
-pub use clock::RedisClock;
+pub use clock::{RedisClock, Stamp};
 pub use progress::{DeadLetter, Delivery, EntryId, PROGRESS_GROUP, ParkedField, ProgressLog, Settlement};
 pub use sessions::{
     EndOutcome, LiveList, SessionState, SessionStore, StartOutcome, StartRequest, TouchOutcome, Untraced,
@@ -525,6 +525,20 @@ impl RedisStore {
     /// Redis' clock as this instance estimates it.
     pub fn clock(&self) -> &RedisClock {
         &self.clock
+    }
+
+    /// The same, to keep.
+    pub fn clock_handle(&self) -> Arc<RedisClock> {
+        self.clock.clone()
+    }
+
+    /// Measures Redis' clock now (`TIME`), as a call under the guard.
+    pub async fn measure_clock(&self) -> Result<(), DependencyError> {
+        let (secs, micros): (i64, i64) = self
+            .run(|mut conn| async move { redis::cmd("TIME").query_async(&mut conn).await })
+            .await?;
+        self.clock.observe(secs * 1000 + micros / 1000);
+        Ok(())
     }
 
     /// In cluster mode a pipeline may only touch keys of one slot.

@@ -372,6 +372,7 @@ fn item_of(
         position_ms: PositionMs::new(position.parse().ok()?).ok()?,
         updated_at: millis_to_utc(at.parse().ok()?),
         completed: completed == Some("1"),
+        provisional: false,
     })
 }
 
@@ -834,6 +835,11 @@ impl ProgressLog {
 
     /// Creates every shard's consumer group (and stream) unless it exists.
     /// Needed again after Redis lost its data.
+    /// See [`RedisStore::measure_clock`].
+    pub async fn measure_clock(&self) -> Result<(), DependencyError> {
+        self.redis.measure_clock().await
+    }
+
     pub async fn ensure_group(&self) -> Result<(), DependencyError> {
         self.create_groups(&self.redis.buckets.shards()).await
     }
@@ -1320,6 +1326,7 @@ mod tests {
             position_ms: PositionMs::new(42).unwrap(),
             updated_at: millis_to_utc(1_700_000_000_123),
             completed: true,
+            provisional: false,
         }
     }
 

@@ -227,6 +227,21 @@ impl SessionStore {
         self.redis.clock().now()
     }
 
+    /// What a position acknowledged now is stamped with.
+    pub fn stamp(&self) -> super::Stamp {
+        self.redis.clock().stamp()
+    }
+
+    /// See [`RedisStore::measure_clock`].
+    pub async fn measure_clock(&self) -> Result<(), DependencyError> {
+        self.redis.measure_clock().await
+    }
+
+    /// Redis' clock as this instance estimates it, once it has measured it.
+    pub fn measured_now(&self) -> Option<DateTime<Utc>> {
+        self.redis.clock().measured_now()
+    }
+
     /// When a session seen at `last_ms` stops counting.
     pub fn expiry(&self, last: DateTime<Utc>) -> DateTime<Utc> {
         last + self.ttl
@@ -244,10 +259,19 @@ impl SessionStore {
             .arg(req.session_id.as_str())
             .arg(req.device_id.as_str())
             .arg(req.content_id.as_str())
-            .arg(if req.evict_oldest { "1" } else { "0" });
+            .arg(if req.evict_oldest { "1" } else { "0" })
+            .arg(
+                (self.redis.clock())
+                    .deadline(self.redis.guard().timeout())
+                    .map(|ms| ms.to_string())
+                    .unwrap_or_default(),
+            );
         let reply = self.invoke(call).await?;
         let now = millis_to_utc(int(reply.get(1)));
         let rest = reply.get(2..).unwrap_or_default();
+        if int(reply.first()) == 4 {
+            return Err(Self::too_late());
+        }
         if int(reply.first()) == 1 {
             let evicted = rest
                 .iter()

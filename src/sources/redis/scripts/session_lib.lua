@@ -85,7 +85,13 @@ local function endings()
   -- ids forgotten that long ago stay ended, only their kind may be lost.
   local function cover(why, at)
     local run, kind = run_at(at)
-    if run then
+    if kind == 'x' then
+      -- Issued before Redis knew of any ending, and ended since: the time
+      -- Redis knows nothing of ends before this id.
+      redis.call('ZREM', KEYS[4], run)
+      redis.call('ZADD', KEYS[4], -(at - 1), '~x' .. (at - 1))
+      redis.call('ZADD', KEYS[4], -at, '~' .. why .. at)
+    elseif run then
       if kind ~= why then
         redis.call('ZADD', KEYS[4], -(at - 1), '~' .. kind .. (at - 1))
         redis.call('ZADD', KEYS[4], -at, '~' .. why .. at)
@@ -119,6 +125,13 @@ local function endings()
   -- the key: it gets its lifetime here, or it would outlive a user who never
   -- comes back.
   local function bury(sid, why, keep)
+    if redis.call('EXISTS', KEYS[4]) == 0 then
+      -- Redis knows of no ending before now (a new user, or Redis lost its
+      -- data): the earliest run, of kind 'x', says that ids issued before
+      -- now are not judged by the runs that follow. A session Redis lost is
+      -- then recorded again by its heartbeat, however many end first.
+      redis.call('ZADD', KEYS[4], -now, '~x' .. now)
+    end
     redis.call('ZADD', KEYS[4], math.min(issued(sid) or now, now), why .. ':' .. sid)
     local runs = redis.call('ZCOUNT', KEYS[4], '-inf', '(0')
     local forgotten = redis.call('ZRANGE', KEYS[4], runs, -(keep + 1), 'WITHSCORES')
@@ -132,7 +145,8 @@ local function endings()
     redis.call('PEXPIRE', KEYS[4], 2 * key_lifetime)
   end
 
-  -- 'e', 's' or nil (Redis keeps no trace of it).
+  -- 'e', 's' or nil (Redis keeps no trace of it, or none from before it
+  -- was issued).
   local function ended_as(sid)
     if redis.call('ZSCORE', KEYS[4], 'e:' .. sid) then
       return 'e'
@@ -145,6 +159,9 @@ local function endings()
       return nil
     end
     local _, kind = run_at(at)
+    if kind == 'x' then
+      return nil
+    end
     return kind
   end
 

@@ -2,10 +2,17 @@
 -- Atomic: Redis runs the whole script before any other command on these keys,
 -- so simultaneous starts by one user never exceed the limit.
 -- ARGV: 1 ttl_ms, 2 max_streams, 3 session_id, 4 device_id, 5 content_id,
--- 6 evict_oldest ('1' or '0').
+-- 6 evict_oldest ('1' or '0'), 7 deadline (Redis ms after which the caller
+-- no longer waits, or '').
 -- Returns {1, now_ms, evicted id, ...} when started (oldest evicted first),
 -- else {0, now_ms, id1, info1, id2, info2, ...} (the live sessions); a refusal
--- changes nothing but burying sessions that were no longer live.
+-- changes nothing but burying sessions that were no longer live. {4, now_ms}:
+-- too late, nothing changed. The caller answered without Redis and gave the
+-- player an id of its own (a paused Redis runs queued scripts late); the
+-- player's heartbeat records it.
+if ARGV[7] ~= '' and now > ARGV[7] + 0 then
+  return {4, now}
+end
 local max = ARGV[2] + 0
 local id, device, content = ARGV[3], ARGV[4], ARGV[5]
 local keep = max + ENDED_KEEP
