@@ -3,6 +3,7 @@
 //! here so the rest of the code never re-parses a string.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -504,44 +505,107 @@ fn load_toml(path: &str) -> Result<HashMap<String, String>, ConfigError> {
     const KEY: &str = "MONETA_CONFIG_FILE";
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(KEY, format!("cannot read {path}: {e}")))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| {
-        // The parser's message spans lines (the source and a caret); the
-        // start-up error is one line.
-        let why = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
-        ConfigError::new(KEY, format!("invalid TOML: {why}"))
-    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| toml_error(&text, &e))?;
     let mut values = HashMap::new();
     for (key, value) in table {
         // Accept both `MONETA_LISTEN_ADDR` and the shorter `listen_addr`.
         let upper = key.to_ascii_uppercase();
-        let name = match upper.starts_with("MONETA_") || upper.starts_with("OTEL_") || upper == "RUST_LOG" {
+        let name = match is_setting_name(&upper) {
             true => upper,
             false => format!("MONETA_{upper}"),
         };
-        let text = match value {
-            toml::Value::Array(items) => items.iter().map(scalar).collect::<Vec<_>>().join(","),
-            other => scalar(&other),
+        let text = match &value {
+            toml::Value::Array(items) => items
+                .iter()
+                .map(scalar)
+                .collect::<Option<Vec<_>>>()
+                .map(|v| v.join(",")),
+            other => scalar(other),
+        };
+        // A table has no meaning as a setting; its text (possibly a
+        // secret's) is never quoted.
+        let Some(text) = text else {
+            return Err(ConfigError::new(
+                &name,
+                "must be a string, a number, a boolean or an array of them in MONETA_CONFIG_FILE",
+            ));
         };
         values.insert(name, text);
     }
     Ok(values)
 }
 
+/// The names Moneta reads its settings from, in the environment or the file.
+fn is_setting_name(name: &str) -> bool {
+    name.starts_with("MONETA_") || name.starts_with("OTEL_") || name == "RUST_LOG"
+}
+
+/// A TOML error as one line: where and what, never the text itself. The
+/// parser's own rendering quotes the offending line, which may hold a secret.
+fn toml_error(text: &str, error: &toml::de::Error) -> ConfigError {
+    let what = error.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    let at = match error.span() {
+        Some(span) => {
+            let mut start = span.start.min(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            let before = &text[..start];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!(" at line {line}, column {column}")
+        }
+        None => String::new(),
+    };
+    ConfigError::new("MONETA_CONFIG_FILE", format!("invalid TOML{at}: {what}"))
+}
+
 /// A TOML scalar as the string an environment variable would hold.
-fn scalar(value: &toml::Value) -> String {
+fn scalar(value: &toml::Value) -> Option<String> {
     match value {
-        toml::Value::String(s) => s.clone(),
-        toml::Value::Integer(i) => i.to_string(),
-        toml::Value::Float(f) => f.to_string(),
-        toml::Value::Boolean(b) => b.to_string(),
-        other => format!("{other:?}"),
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        toml::Value::Datetime(d) => Some(d.to_string()),
+        toml::Value::Array(_) | toml::Value::Table(_) => None,
     }
 }
 
 impl Settings {
     /// Reads the process environment (and the TOML file it may name).
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_vars(std::env::vars())
+        Self::from_vars_os(std::env::vars_os())
+    }
+
+    /// As [`Settings::from_vars`], from variables that may not be UTF-8
+    /// (`std::env::vars` would panic on any, whoever it belongs to). One of
+    /// Moneta's is an error naming it, never quoting it; others are ignored.
+    pub fn from_vars_os(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Result<Self, ConfigError> {
+        let mut utf8 = Vec::new();
+        for (name, value) in vars {
+            let name = match name.into_string() {
+                Ok(name) => name,
+                Err(name) => {
+                    let name = name.to_string_lossy();
+                    if is_setting_name(&name) {
+                        return Err(ConfigError::new(
+                            &name.escape_debug().to_string(),
+                            "the variable's name is not valid UTF-8",
+                        ));
+                    }
+                    continue;
+                }
+            };
+            match value.into_string() {
+                Ok(value) => utf8.push((name, value)),
+                Err(_) if is_setting_name(&name) => {
+                    return Err(ConfigError::new(&name, "the value is not valid UTF-8"));
+                }
+                Err(_) => {}
+            }
+        }
+        Self::from_vars(utf8)
     }
 
     /// Builds settings from explicit variables; the environment-free entry point tests use.
@@ -582,6 +646,14 @@ impl Settings {
                 ));
             }
         };
+        let log_filter = src.string("RUST_LOG", "info");
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
+            let why = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            return Err(ConfigError::new(
+                "RUST_LOG",
+                format!("not a log filter ({why}): {log_filter:?}"),
+            ));
+        }
         let otel_protocol = match src
             .string("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
             .as_str()
@@ -798,7 +870,7 @@ impl Settings {
                 protocol: otel_protocol,
             },
             log: LogSettings {
-                filter: src.string("RUST_LOG", "info"),
+                filter: log_filter,
                 format: log_format,
             },
         };
@@ -1095,5 +1167,137 @@ mod tests {
         assert_eq!(err.key, "MONETA_CONFIG_FILE");
         let text = err.to_string();
         assert!(!text.contains('\n') && text.contains("line 1"), "{text}");
+    }
+
+    fn toml_error_for(text: &str) -> ConfigError {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moneta.toml");
+        std::fs::write(&path, text).unwrap();
+        Settings::from_vars(vars(&[
+            ("MONETA_CONFIG_FILE", path.to_str().unwrap()),
+            ("MONETA_JWT_HS256_SECRET", "x"),
+        ]))
+        .unwrap_err()
+    }
+
+    #[test]
+    fn toml_errors_give_the_position_never_the_text() {
+        let err = toml_error_for("session_secret = \"Hunter2\\Secret\"\n");
+        assert_eq!(err.key, "MONETA_CONFIG_FILE");
+        let text = err.to_string();
+        assert!(text.contains("line 1, column 27"), "{text}");
+        assert!(!text.contains("Hunter2"), "{text}");
+        for (file, at) in [
+            (
+                "listen_addr = \"127.0.0.1:1\"\nsession_secret = \"Hunter2Secret",
+                "line 2",
+            ),
+            (
+                "session_secret = \"Hunter2Secret\"\nsession_secret = \"Hunter2Secret\"\n",
+                "line 2",
+            ),
+            ("session_secret = Hunter2Secret\n", "line 1"),
+            ("session_secret = \"Hunter2Secret\" x\n", "line 1"),
+            ("[a]\nb = \"Hunter2Secret\"\n[a]\n", "line 3"),
+            (
+                "# ünïcode\nsession_secret = \"Hunter2Secret\" \"Hunter2Secret\"\n",
+                "line 2",
+            ),
+        ] {
+            let err = toml_error_for(file);
+            let text = err.to_string();
+            assert_eq!(err.key, "MONETA_CONFIG_FILE", "{file}");
+            assert!(text.contains(at) && !text.contains('\n'), "{file}: {text}");
+            assert!(!text.contains("Hunter2"), "{file}: {text}");
+        }
+    }
+
+    #[test]
+    fn a_toml_value_that_is_no_setting_names_the_key_never_the_value() {
+        for file in [
+            "session_secret = { value = \"Hunter2Secret\" }\n",
+            "listen_addr = { host = \"Hunter2Secret\" }\n",
+            "cors_allowed_origins = [[\"Hunter2Secret\"]]\n",
+            "[session_secret]\nvalue = \"Hunter2Secret\"\n",
+        ] {
+            let err = toml_error_for(file);
+            assert!(err.key.starts_with("MONETA_"), "{file}: {err}");
+            assert!(!err.to_string().contains("Hunter2"), "{file}: {err}");
+        }
+        assert_eq!(
+            toml_error_for("session_secret = { value = \"Hunter2Secret\" }\n").key,
+            "MONETA_SESSION_SECRET"
+        );
+    }
+
+    #[cfg(unix)]
+    fn os_vars(pairs: &[(&[u8], &[u8])]) -> Vec<(OsString, OsString)> {
+        use std::os::unix::ffi::OsStringExt;
+        pairs
+            .iter()
+            .map(|(k, v)| (OsString::from_vec(k.to_vec()), OsString::from_vec(v.to_vec())))
+            .collect()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_setting_that_is_not_utf8_is_named_never_quoted() {
+        for name in [
+            "MONETA_SESSION_SECRET",
+            "MONETA_JWT_HS256_SECRET",
+            "MONETA_CONFIG_FILE",
+            "OTEL_SERVICE_NAME",
+            "RUST_LOG",
+        ] {
+            let err = Settings::from_vars_os(os_vars(&[
+                (b"MONETA_JWT_HS256_SECRET", b"x"),
+                (name.as_bytes(), b"\xffTopSecret"),
+            ]))
+            .unwrap_err();
+            assert_eq!(err.key, name);
+            assert!(!err.to_string().contains("TopSecret"), "{err}");
+        }
+        let err = Settings::from_vars_os(os_vars(&[
+            (b"MONETA_JWT_HS256_SECRET", b"x"),
+            (b"MONETA_SESSION_SECRE\xff", b"TopSecret"),
+        ]))
+        .unwrap_err();
+        assert!(err.key.starts_with("MONETA_SESSION_SECRE"), "{err}");
+        assert!(!err.to_string().contains("TopSecret"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn other_variables_that_are_not_utf8_are_ignored() {
+        let s = Settings::from_vars_os(os_vars(&[
+            (b"MONETA_JWT_HS256_SECRET", b"x"),
+            (b"MONETA_LISTEN_ADDR", b"127.0.0.1:1"),
+            (b"UNRELATED_VAR", b"caf\xe9"),
+            (b"LC_\xff", b"x"),
+        ]))
+        .unwrap();
+        assert_eq!(s.server.listen_addr.to_string(), "127.0.0.1:1");
+    }
+
+    #[test]
+    fn an_unparsable_log_filter_names_rust_log() {
+        let with =
+            |key: &str, v: &str| Settings::from_vars(vars(&[("MONETA_JWT_HS256_SECRET", "x"), (key, v)]));
+        for good in ["info", "warn,moneta=debug", "moneta::access=off,info", "debug"] {
+            assert_eq!(with("RUST_LOG", good).unwrap().log.filter, good);
+        }
+        assert_eq!(with("RUST_LOG", "").unwrap().log.filter, "info");
+        for bad in ["warn,[[[bad", "info,moneta=loud", "="] {
+            let err = with("RUST_LOG", bad).unwrap_err();
+            assert_eq!(err.key, "RUST_LOG", "{bad}");
+            assert!(!err.to_string().contains('\n'), "{err}");
+        }
+        let err = toml_error_for("rust_log = \"info,moneta=loud\"\n");
+        assert_eq!(err.key, "RUST_LOG");
+        // The format next to it was already refused the same way.
+        assert_eq!(
+            with("MONETA_LOG_FORMAT", "xml").unwrap_err().key,
+            "MONETA_LOG_FORMAT"
+        );
     }
 }

@@ -415,6 +415,8 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> tfmt::MakeWriter<'w> + Clone + Send + Sync + 'static,
 {
+    // Settings refuse a filter that does not parse (exit 2); the fallback
+    // only serves other callers.
     let filter = EnvFilter::try_new(filter)
         .unwrap_or_else(|_| EnvFilter::new("info"))
         .and(filter_fn(|meta| meta.is_event()));

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use crate::support::{
     DEV_SECRET, FakeApi, MonetaProcess, PATIENCE, RedisServer, mint_token, run_moneta_until_exit,
-    spawn_fake_api,
+    run_moneta_until_exit_os, spawn_fake_api,
 };
 
 /// A connection whose request announced 1000 body bytes and sent 10.
@@ -82,6 +82,61 @@ fn bad_configuration_exits_2_naming_the_setting() {
 
     let (code, stderr) = run_moneta_until_exit(&[]);
     assert_eq!(code, Some(2), "no key source at all: {stderr}");
+
+    for filter in ["warn,[[[bad", "info,moneta=loud", "="] {
+        let (code, stderr) = run_moneta_until_exit(&[
+            ("MONETA_JWT_HS256_SECRET", "x".into()),
+            ("RUST_LOG", filter.into()),
+        ]);
+        assert_eq!(code, Some(2), "RUST_LOG={filter}: {stderr}");
+        assert!(stderr.contains("RUST_LOG"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+}
+
+#[test]
+fn a_toml_syntax_error_gives_its_position_never_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("moneta.toml");
+    std::fs::write(&file, "session_secret = \"Hunter2\\Secret\"\n").unwrap();
+    let (code, stderr) = run_moneta_until_exit(&[
+        ("MONETA_JWT_HS256_SECRET", "x".into()),
+        ("MONETA_CONFIG_FILE", file.to_str().unwrap().into()),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("MONETA_CONFIG_FILE") && stderr.contains("line 1, column 27"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Hunter2"), "the line was quoted: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}
+
+/// `std::env::vars` panics on any variable that is not UTF-8: a setting that
+/// is not must stop the start as any bad setting does, anything else is no
+/// concern of Moneta's.
+#[test]
+fn variables_that_are_not_utf8_stop_the_start_only_when_they_are_settings() {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = |b: &[u8]| std::ffi::OsString::from_vec(b.to_vec());
+    let (code, stderr) = run_moneta_until_exit_os(&[
+        ("MONETA_JWT_HS256_SECRET", "x".into()),
+        ("MONETA_SESSION_SECRET", bytes(b"\xffTopSecret")),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("MONETA_SESSION_SECRET"), "{stderr}");
+    assert!(!stderr.contains("TopSecret"), "the value was printed: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_moneta"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("MONETA_JWT_HS256_SECRET", DEV_SECRET)
+        .env("UNRELATED_VAR", bytes(b"caf\xe9"))
+        .args(["token", "--sub", "u-basic"])
+        .output()
+        .expect("run moneta token");
+    assert!(output.status.success(), "{output:?}");
 }
 
 /// CONTRACT §6: a client has 10 s to finish its request headers.

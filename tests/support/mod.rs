@@ -8,6 +8,7 @@ pub mod fake_api;
 pub mod faketime;
 pub mod redis_probe;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -110,8 +111,14 @@ impl MonetaProcess {
 /// Runs moneta with `envs` on free ports until it exits, as a start that must
 /// fail does; returns its exit code and stderr.
 pub fn run_moneta_until_exit(envs: &[(&str, String)]) -> (Option<i32>, String) {
+    let envs: Vec<(&str, OsString)> = envs.iter().map(|(k, v)| (*k, v.into())).collect();
+    run_moneta_until_exit_os(&envs)
+}
+
+/// As [`run_moneta_until_exit`], with values that need not be UTF-8.
+pub fn run_moneta_until_exit_os(envs: &[(&str, OsString)]) -> (Option<i32>, String) {
     let mut command = moneta_command(free_port(), free_port());
-    command.envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
+    command.envs(envs.iter().map(|(k, v)| (*k, v)));
     let mut process = Process::logged(&mut command, "moneta");
     let status = process.wait_for_exit(PATIENCE).unwrap_or_else(|| {
         panic!(
