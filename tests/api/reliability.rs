@@ -650,6 +650,15 @@ async fn a_stop_of_a_session_redis_lost_records_its_final_position() {
     assert_eq!(info["resume_position_ms"], 900_000);
 }
 
+/// Starts and stops more sessions on one device than Redis lists ended ids
+/// one by one, so that the earliest are judged by runs.
+async fn end_more_than_listed(app: &TestApp, token: &str) {
+    for _ in 0..25 {
+        let id = app.started_session(token, "m-0001", "phone").await;
+        assert_eq!(app.stop_session(token, &id).await.status(), 204);
+    }
+}
+
 /// Sessions started while Redis hangs are recorded by their first heartbeat
 /// after the outage, however many sessions their user ended meanwhile:
 /// Redis judges forgotten ids by when they were issued, and these were
@@ -690,10 +699,7 @@ async fn sessions_started_while_redis_hangs_outlive_endings_before_their_first_h
     })
     .await;
     assert!(fresh.is_some(), "starts never counted by Redis again");
-    for _ in 0..25 {
-        let id = app.started_session(&token, "m-0001", "phone").await;
-        assert_eq!(app.stop_session(&token, &id).await.status(), 204);
-    }
+    end_more_than_listed(&app, &token).await;
     for id in &outage_started {
         heartbeat_ok(&app, &token, id, 3_000).await;
     }
@@ -714,10 +720,7 @@ async fn a_session_redis_lost_outlives_endings_before_its_first_heartbeat() {
     let token = app.token("load-lost-then-ends", "standard", 2, "KR");
     let tv = app.started_session(&token, "m-0001", "tv").await;
     redis.query::<()>(&redis::cmd("FLUSHALL")).await;
-    for _ in 0..25 {
-        let id = app.started_session(&token, "m-0001", "phone").await;
-        assert_eq!(app.stop_session(&token, &id).await.status(), 204);
-    }
+    end_more_than_listed(&app, &token).await;
     heartbeat_ok(&app, &token, &tv, 2_000).await;
     assert_eq!(app.live_session_ids(&token).await, BTreeSet::from([tv]));
 }
