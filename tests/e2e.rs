@@ -127,6 +127,59 @@ async fn watch_stop_and_resume_reaches_postgres() {
     assert_eq!(info["degraded"], false);
 }
 
+/// The completed mark is kept by PostgreSQL too: a Moneta with an empty Redis
+/// still answers a title stopped as completed as watched, until a later
+/// heartbeat (watching again) clears the mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_stop_stays_watched_through_postgres() {
+    let database_url = seeded_database().await;
+    let (_api, api_url) = serve_internal_api(&database_url);
+    let db = PgPool::connect(&database_url).await.unwrap();
+    let token = mint_token("demo-standard", "standard", 2, "KR");
+    let flush = [("MONETA_PROGRESS_FLUSH_MS", "200".to_owned())];
+    let stored = async |position_ms: i64, completed: bool| {
+        let row = eventually(Duration::from_secs(30), async || {
+            sqlx::query_as::<_, (i64, bool)>(
+                "SELECT position_ms, completed FROM watch_progress \
+                 WHERE user_id = 'demo-standard' AND content_id = 'm-0001'",
+            )
+            .fetch_optional(&db)
+            .await
+            .unwrap()
+            .filter(|row| *row == (position_ms, completed))
+        })
+        .await;
+        assert_eq!(row, Some((position_ms, completed)), "PostgreSQL's row");
+    };
+    // With a fresh Redis, the position can only come from the internal API.
+    let resume_from_postgres = async || {
+        let redis = RedisServer::start();
+        let info = moneta(&redis, &api_url, &[])
+            .public_api()
+            .playback_info_json("m-0001", &token)
+            .await;
+        assert_eq!(info["degraded"], false, "{info}");
+        (info["resume_position_ms"].clone(), info["watched"].clone())
+    };
+
+    let redis = RedisServer::start();
+    let moneta_process = moneta(&redis, &api_url, &flush);
+    let public = moneta_process.public_api();
+    // Well past 5 % of the title: without the mark it would resume here.
+    let id = public.started_session(&token, "m-0001", "tv").await;
+    assert_eq!(public.heartbeat(&token, &id, 1_000_000).await.status(), 200);
+    let stop = serde_json::json!({"position_ms": 1_000_000, "completed": true});
+    assert_eq!(public.stop_session_with(&token, &id, &stop).await.status(), 204);
+    stored(1_000_000, true).await;
+    assert_eq!(resume_from_postgres().await, (0.into(), true.into()));
+
+    // Watching again clears the mark.
+    let id = public.started_session(&token, "m-0001", "tv").await;
+    assert_eq!(public.heartbeat(&token, &id, 1_200_000).await.status(), 200);
+    stored(1_200_000, false).await;
+    assert_eq!(resume_from_postgres().await, (1_200_000.into(), false.into()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exported_snapshot_serves_as_the_fallback_catalog() {
     let database_url = seeded_database().await;

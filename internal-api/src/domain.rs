@@ -77,6 +77,8 @@ pub struct Entitlement {
 pub struct Progress {
     pub position_ms: i64,
     pub updated_at: DateTime<Utc>,
+    /// The player stopped the title as completed: watched whatever the position.
+    pub completed: bool,
 }
 
 /// Unknown fields are ignored on purpose: Moneta may send more than this
@@ -94,6 +96,9 @@ pub struct ProgressItem {
     pub content_id: ContentId,
     pub position_ms: PositionMs,
     pub updated_at: UpdatedAt,
+    /// Moneta sends it only when true.
+    #[serde(default)]
+    pub completed: bool,
 }
 
 /// Why a value was refused. The message states the rule but never the value,
@@ -253,6 +258,23 @@ mod tests {
         assert!(err.to_string().contains("user_id must be"), "{err}");
         let err = item("u1", 1, "1969-12-31T23:59:59Z").expect_err("before 1970");
         assert!(err.to_string().contains("updated_at must be"), "{err}");
+    }
+
+    #[test]
+    fn completed_is_false_unless_sent() {
+        let item = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({
+                "user_id": "u1", "content_id": "m-0001",
+                "position_ms": 1, "updated_at": "2026-01-01T00:00:00Z",
+            });
+            if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            serde_json::from_value::<ProgressItem>(v).expect("valid")
+        };
+        assert!(!item(serde_json::json!({})).completed);
+        assert!(item(serde_json::json!({"completed": true})).completed);
+        assert!(!item(serde_json::json!({"completed": false})).completed);
     }
 
     #[test]

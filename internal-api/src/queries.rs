@@ -185,7 +185,7 @@ pub async fn progress(
     content_id: &ContentId,
 ) -> Result<Option<Progress>, sqlx::Error> {
     sqlx::query_as::<_, Progress>(
-        "SELECT position_ms, updated_at FROM watch_progress \
+        "SELECT position_ms, updated_at, completed FROM watch_progress \
          WHERE user_id = $1 AND content_id = $2",
     )
     .bind(user_id.as_str())
@@ -197,11 +197,13 @@ pub async fn progress(
 /// Stores a batch of positions in one statement, so a batch is applied
 /// wholly or not at all.
 ///
-/// The newest write wins, ordered by `(updated_at, position_ms)`: comparing
-/// the position too makes equal timestamps resolve the same way whatever
-/// order the writes arrive in, which keeps retries and concurrent batches
-/// idempotent. `DISTINCT ON` keeps one item per key, because `ON CONFLICT`
-/// cannot touch the same row twice in one statement. Rows are inserted in key
+/// The newest write wins, ordered by `(updated_at, position_ms, completed)`:
+/// comparing the rest too makes equal timestamps resolve the same way
+/// whatever order the writes arrive in, which keeps retries and concurrent
+/// batches idempotent. `completed` belongs to the winning write, so a later
+/// write without it clears it (the title is being watched again).
+/// `DISTINCT ON` keeps one item per key, because `ON CONFLICT` cannot touch
+/// the same row twice in one statement. Rows are inserted in key
 /// order, so concurrent batches lock rows in the same order and cannot
 /// deadlock.
 pub async fn upsert_progress(pool: &PgPool, items: &[ProgressItem]) -> Result<u64, sqlx::Error> {
@@ -212,27 +214,31 @@ pub async fn upsert_progress(pool: &PgPool, items: &[ProgressItem]) -> Result<u6
     let mut content_ids = Vec::with_capacity(items.len());
     let mut positions = Vec::with_capacity(items.len());
     let mut stamps: Vec<DateTime<Utc>> = Vec::with_capacity(items.len());
+    let mut completed = Vec::with_capacity(items.len());
     for item in items {
         user_ids.push(item.user_id.as_str());
         content_ids.push(item.content_id.as_str());
         positions.push(*item.position_ms);
         stamps.push(*item.updated_at);
+        completed.push(item.completed);
     }
     let result = sqlx::query(
-        "INSERT INTO watch_progress (user_id, content_id, position_ms, updated_at)
-         SELECT DISTINCT ON (user_id, content_id) user_id, content_id, position_ms, updated_at
-         FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::timestamptz[])
-              AS batch (user_id, content_id, position_ms, updated_at)
-         ORDER BY user_id, content_id, updated_at DESC, position_ms DESC
+        "INSERT INTO watch_progress (user_id, content_id, position_ms, updated_at, completed)
+         SELECT DISTINCT ON (user_id, content_id) user_id, content_id, position_ms, updated_at, completed
+         FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::timestamptz[], $5::bool[])
+              AS batch (user_id, content_id, position_ms, updated_at, completed)
+         ORDER BY user_id, content_id, updated_at DESC, position_ms DESC, completed DESC
          ON CONFLICT (user_id, content_id) DO UPDATE
-         SET position_ms = EXCLUDED.position_ms, updated_at = EXCLUDED.updated_at
-         WHERE (watch_progress.updated_at, watch_progress.position_ms)
-             < (EXCLUDED.updated_at, EXCLUDED.position_ms)",
+         SET position_ms = EXCLUDED.position_ms, updated_at = EXCLUDED.updated_at,
+             completed = EXCLUDED.completed
+         WHERE (watch_progress.updated_at, watch_progress.position_ms, watch_progress.completed)
+             < (EXCLUDED.updated_at, EXCLUDED.position_ms, EXCLUDED.completed)",
     )
     .bind(&user_ids)
     .bind(&content_ids)
     .bind(&positions)
     .bind(&stamps)
+    .bind(&completed)
     .execute(pool)
     .await?;
     Ok(result.rows_affected())

@@ -10,6 +10,9 @@ use super::{ContentId, PositionMs, UserId};
 pub struct Progress {
     pub position_ms: u64,
     pub updated_at: DateTime<Utc>,
+    /// Stopped as completed; absent from internal APIs that do not keep it.
+    #[serde(default)]
+    pub completed: bool,
 }
 
 /// One position for `POST /internal/v1/progress:batch`.
@@ -83,6 +86,20 @@ impl ResumePoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_progress_answer_without_completed_is_not_completed() {
+        let read = |body: &str| serde_json::from_str::<Progress>(body).map(|p| (p.position_ms, p.completed));
+        let at = r#""updated_at":"2026-01-01T00:00:00Z""#;
+        assert_eq!(
+            read(&format!(r#"{{"position_ms":5,{at}}}"#)).ok(),
+            Some((5, false))
+        );
+        assert_eq!(
+            read(&format!(r#"{{"position_ms":5,{at},"completed":true}}"#)).ok(),
+            Some((5, true))
+        );
+    }
 
     #[test]
     fn resume_points_round_trip() {

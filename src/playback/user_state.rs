@@ -134,16 +134,18 @@ impl UserStates {
     ) -> (Sourced<ResumePoint>, Option<LearntPosition>) {
         match self.api.progress(&claims.sub, content_id, ctx).await {
             Ok(found) => {
-                let p = found.as_ref().map_or(0, |p| p.position_ms);
-                let point = ResumePoint {
-                    position_ms: p,
-                    completed: false,
-                };
+                let point = found.as_ref().map_or(ResumePoint::default(), |f| ResumePoint {
+                    position_ms: f.position_ms,
+                    completed: f.completed,
+                });
                 if redis_up {
-                    let learnt = PositionMs::new(p).ok().map(|position_ms| LearntPosition {
-                        position_ms,
-                        at_ms: found.map(|f| f.updated_at.timestamp_millis()),
-                    });
+                    let learnt = PositionMs::new(point.position_ms)
+                        .ok()
+                        .map(|position_ms| LearntPosition {
+                            position_ms,
+                            at_ms: found.map(|f| f.updated_at.timestamp_millis()),
+                            completed: point.completed,
+                        });
                     (Sourced::fresh(point), learnt)
                 } else {
                     // Positions reach Redis first and the internal API later, so

@@ -13,7 +13,10 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app, spawn_app_on, spawn_app_with};
-use crate::support::{CdnKeyPair, PublicApi, assert_error, require_binary, sample_content, spawn_fake_api};
+use crate::support::redis_probe::{RedisProbe, user_key};
+use crate::support::{
+    CdnKeyPair, PATIENCE, PublicApi, assert_error, eventually, require_binary, sample_content, spawn_fake_api,
+};
 
 /// Enough streams for every test's user: none of them is about the limit.
 const USER: &str = "u-premium";
@@ -205,6 +208,65 @@ async fn a_completed_stop_is_watched_whatever_the_position() {
         .find(|i| i["content_id"] == "m-completed")
         .expect("the completed stop was delivered");
     assert_eq!(completed["position_ms"], 1_000, "{delivered:?}");
+}
+
+/// The completed mark reaches the internal API with the position, so a title
+/// stopped as completed stays watched once Redis lost its position; a later
+/// heartbeat (watching again) clears the mark there as it does in Redis.
+#[tokio::test]
+async fn a_completed_stop_stays_watched_when_redis_loses_the_position() {
+    let app = app_serving(&[title("m-completed-lost", DURATION_MS)], &[]).await;
+    let mut redis = RedisProbe::connect(&app.redis.url).await;
+    let token = premium_token(&app);
+    let positions = user_key(USER, "positions");
+
+    // Redis forgets the position; the answer must come from the internal API
+    // (the in-process copy may still hold Redis' value for a moment).
+    async fn from_the_api(app: &TestApp, redis: &mut RedisProbe, positions: &str, token: &str) -> Value {
+        let _: () = redis.query(redis::cmd("DEL").arg(positions)).await;
+        let asked = app.api.progress_calls();
+        let mut last = Value::Null;
+        let answered = eventually(PATIENCE, async || {
+            last = json(app.playback_info("m-completed-lost", token).await).await;
+            (app.api.progress_calls() > asked).then(|| last.clone())
+        })
+        .await;
+        answered.unwrap_or_else(|| panic!("the internal API was never asked: {last}"))
+    }
+
+    // 40 % of the title, stopped as completed.
+    let id = app.started_session(&token, "m-completed-lost", "tv").await;
+    let resp = app
+        .stop_session_with(&token, &id, &json!({"position_ms": 40_000, "completed": true}))
+        .await;
+    assert_eq!(resp.status(), 204);
+    let delivered = eventually(PATIENCE, async || {
+        app.api
+            .delivered()
+            .into_iter()
+            .find(|i| i["content_id"] == "m-completed-lost" && i["completed"] == true)
+    })
+    .await;
+    assert!(delivered.is_some(), "the completed stop was never delivered");
+
+    let info = from_the_api(&app, &mut redis, &positions, &token).await;
+    assert_eq!(resume_of(&info), (0, true), "{info}");
+    // Written back to Redis with its mark.
+    let back: Option<String> = redis
+        .query(redis::cmd("HGET").arg(&positions).arg("m-completed-lost"))
+        .await;
+    assert!(
+        back.as_deref().is_some_and(|v| v.starts_with("40000:c@")),
+        "{back:?}"
+    );
+
+    // Watched again: the heartbeat carries no mark, and the API's copy loses it.
+    let id = app.started_session(&token, "m-completed-lost", "phone").await;
+    assert_eq!(app.heartbeat(&token, &id, 60_000).await.status(), 200);
+    assert_eq!(app.stop_session(&token, &id).await.status(), 204);
+    app.api.assert_receives_position(USER, 60_000).await;
+    let info = from_the_api(&app, &mut redis, &positions, &token).await;
+    assert_eq!(resume_of(&info), (60_000, false), "{info}");
 }
 
 // ---------------------------------------------------------------- markers

@@ -302,7 +302,11 @@ async fn batch(State(s): State<Arc<FakeState>>, headers: HeaderMap, Json(body): 
         );
         s.progress.lock().unwrap().insert(
             key,
-            json!({"position_ms": item["position_ms"], "updated_at": item["updated_at"]}),
+            json!({
+                "position_ms": item["position_ms"],
+                "updated_at": item["updated_at"],
+                "completed": item["completed"].as_bool().unwrap_or(false),
+            }),
         );
     }
     s.batches.lock().unwrap().push(body);

@@ -30,20 +30,48 @@ async fn send_items(app: &TestApp, items: Vec<Value>) {
     assert_eq!(response.status().as_u16(), 204);
 }
 
-async fn all_rows(app: &TestApp) -> Vec<(String, String, i64, DateTime<Utc>)> {
-    sqlx::query_as("SELECT user_id, content_id, position_ms, updated_at FROM watch_progress ORDER BY 1, 2")
-        .fetch_all(&app.db)
-        .await
-        .expect("rows")
+async fn all_rows(app: &TestApp) -> Vec<(String, String, i64, DateTime<Utc>, bool)> {
+    sqlx::query_as(
+        "SELECT user_id, content_id, position_ms, updated_at, completed FROM watch_progress ORDER BY 1, 2",
+    )
+    .fetch_all(&app.db)
+    .await
+    .expect("rows")
 }
 
-async fn stored(app: &TestApp, user: &str, content: &str) -> Option<(i64, DateTime<Utc>)> {
+/// The GET answer, `None` for `404`.
+async fn answer(app: &TestApp, user: &str, content: &str) -> Option<Value> {
     let response = app.get(&progress_path(user, content)).await;
     if response.status().as_u16() == 404 {
         return None;
     }
     let body = assert_json(response, 200).await;
-    assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{body}");
+    let mut fields: Vec<&str> = body
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    fields.sort_unstable();
+    assert_eq!(fields, ["completed", "position_ms", "updated_at"], "{body}");
+    assert!(body["completed"].is_boolean(), "{body}");
+    Some(body)
+}
+
+/// The stored position and whether it was stopped as completed.
+async fn stored_completed(app: &TestApp, user: &str, content: &str) -> Option<(i64, bool)> {
+    let body = answer(app, user, content).await?;
+    Some((
+        body["position_ms"].as_i64().expect("position_ms"),
+        body["completed"] == true,
+    ))
+}
+
+fn completed(mut item: Value) -> Value {
+    item["completed"] = json!(true);
+    item
+}
+
+async fn stored(app: &TestApp, user: &str, content: &str) -> Option<(i64, DateTime<Utc>)> {
+    let body = answer(app, user, content).await?;
     let updated_at = body["updated_at"]
         .as_str()
         .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
@@ -97,6 +125,72 @@ async fn equal_timestamps_resolve_the_same_way_in_any_order() {
     send_items(&app, vec![item("u2", "a", 300, at(5))]).await;
     assert_eq!(stored(&app, "u1", "a").await, Some((300, at(5))));
     assert_eq!(stored(&app, "u2", "a").await, Some((300, at(5))));
+}
+
+#[tokio::test]
+async fn completed_is_stored_and_read_back() {
+    let app = spawn_app().await;
+    send_items(
+        &app,
+        vec![
+            completed(item("u1", "m-0001", 4_000, at(1))),
+            item("u1", "m-0002", 5_000, at(1)),
+        ],
+    )
+    .await;
+    assert_eq!(stored_completed(&app, "u1", "m-0001").await, Some((4_000, true)));
+    assert_eq!(stored_completed(&app, "u1", "m-0002").await, Some((5_000, false)));
+    // Sent as false, it is as absent.
+    let mut explicit = item("u1", "m-0003", 6_000, at(1));
+    explicit["completed"] = json!(false);
+    send_items(&app, vec![explicit]).await;
+    assert_eq!(stored_completed(&app, "u1", "m-0003").await, Some((6_000, false)));
+}
+
+#[tokio::test]
+async fn a_later_write_without_completed_clears_it() {
+    let app = spawn_app().await;
+    send_items(&app, vec![completed(item("u1", "m-0001", 4_000, at(1)))]).await;
+    // Watched again: a later heartbeat carries no mark.
+    send_items(&app, vec![item("u1", "m-0001", 1_000, at(2))]).await;
+    assert_eq!(stored_completed(&app, "u1", "m-0001").await, Some((1_000, false)));
+    // Completed again later, at the same position.
+    send_items(&app, vec![completed(item("u1", "m-0001", 1_000, at(3)))]).await;
+    assert_eq!(stored_completed(&app, "u1", "m-0001").await, Some((1_000, true)));
+}
+
+#[tokio::test]
+async fn an_older_write_with_completed_does_not_set_it() {
+    let app = spawn_app().await;
+    send_items(&app, vec![item("u1", "m-0001", 2_000, at(5))]).await;
+    send_items(&app, vec![completed(item("u1", "m-0001", 9_000, at(4)))]).await;
+    assert_eq!(stored_completed(&app, "u1", "m-0001").await, Some((2_000, false)));
+    assert_eq!(stored(&app, "u1", "m-0001").await, Some((2_000, at(5))));
+    // Within one batch too: the newest item decides.
+    send_items(
+        &app,
+        vec![
+            completed(item("u1", "m-0002", 9_000, at(4))),
+            item("u1", "m-0002", 2_000, at(5)),
+        ],
+    )
+    .await;
+    assert_eq!(stored_completed(&app, "u1", "m-0002").await, Some((2_000, false)));
+}
+
+#[tokio::test]
+async fn equal_writes_but_completed_resolve_to_completed_in_any_order() {
+    let app = spawn_app().await;
+    send_items(&app, vec![item("u1", "a", 300, at(5))]).await;
+    send_items(&app, vec![completed(item("u1", "a", 300, at(5)))]).await;
+    send_items(&app, vec![completed(item("u2", "a", 300, at(5)))]).await;
+    send_items(&app, vec![item("u2", "a", 300, at(5))]).await;
+    assert_eq!(stored_completed(&app, "u1", "a").await, Some((300, true)));
+    assert_eq!(stored_completed(&app, "u2", "a").await, Some((300, true)));
+    // Resent, a completed batch changes nothing.
+    let before = all_rows(&app).await;
+    send_items(&app, vec![completed(item("u1", "a", 300, at(5)))]).await;
+    assert_eq!(all_rows(&app).await, before);
 }
 
 #[tokio::test]

@@ -40,13 +40,14 @@ pub struct WriteBack {
 pub struct LearntPosition {
     pub position_ms: PositionMs,
     pub at_ms: Option<i64>,
+    pub completed: bool,
 }
 
 impl LearntPosition {
     fn encode(self) -> String {
         let point = ResumePoint {
             position_ms: self.position_ms.get(),
-            completed: false,
+            completed: self.completed,
         };
         match self.at_ms {
             Some(at) => point.encode_at(at),
