@@ -84,7 +84,17 @@ fn from_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::InvalidBody("the body must be a JSON object".to_owned()));
     }
+    utf8(bytes)?;
     Json::<T>::from_bytes(bytes).map(|Json(v)| v).map_err(body_error)
+}
+
+/// JSON is UTF-8 (RFC 8259). serde_json checks the strings it keeps, but
+/// skips an unknown field's string without looking inside, so a body with
+/// bytes that are no text there would otherwise be taken.
+fn utf8(bytes: &[u8]) -> Result<(), ApiError> {
+    std::str::from_utf8(bytes)
+        .map(drop)
+        .map_err(|e| ApiError::InvalidBody(format!("the body is not UTF-8 (byte {})", e.valid_up_to())))
 }
 
 async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {

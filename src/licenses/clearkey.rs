@@ -24,7 +24,10 @@ struct Request {
 /// The key a request may have: every kid it names must be the token's key
 /// id (a token is for one title's key), and it must name one at least.
 pub fn granted_key(body: &[u8], granted: Option<KeyId>) -> Result<KeyId, ClearKeyError> {
-    let request: Request = serde_json::from_slice(body).map_err(|_| ClearKeyError::Malformed)?;
+    // From text, not bytes: serde_json does not look inside the strings of
+    // fields it skips, and a body that is no UTF-8 is no JSON (RFC 8259).
+    let text = std::str::from_utf8(body).map_err(|_| ClearKeyError::Malformed)?;
+    let request: Request = serde_json::from_str(text).map_err(|_| ClearKeyError::Malformed)?;
     if request.kids.is_empty() {
         return Err(ClearKeyError::Malformed);
     }
@@ -107,6 +110,13 @@ mod tests {
         }
         let kids = format!(r#"{{"kids": ["{KID}"]}}"#);
         assert_eq!(granted_key(kids.as_bytes(), None), Err(ClearKeyError::NotGranted));
+        // Bytes that are no UTF-8 in a field the request does not read.
+        let mut not_text = format!(r#"{{"kids": ["{KID}"], "x": ""#).into_bytes();
+        not_text.extend_from_slice(b"\xff\xfe\"}");
+        assert_eq!(
+            granted_key(&not_text, Some(key_id())),
+            Err(ClearKeyError::Malformed)
+        );
         for body in [
             "",
             "null",

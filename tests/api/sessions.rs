@@ -334,6 +334,30 @@ async fn bad_bodies_are_rejected_and_nothing_is_written() {
         assert_eq!(resp.status(), 400, "{body}");
         assert_error(resp, 400, "invalid_body").await;
     }
+    // JSON is UTF-8: bytes that are no text are refused also where they sit
+    // in a field the API does not read.
+    let not_text = |json: &str| -> Vec<u8> {
+        let mut body = json.as_bytes().to_vec();
+        body.extend_from_slice(b", \"x\": \"\xff\xfe\xc3\x28\"}");
+        body
+    };
+    for (method, path, body) in [
+        (
+            Method::POST,
+            start,
+            not_text(r#"{"content_id": "m-0001", "device_id": "tv2""#),
+        ),
+        (
+            Method::PUT,
+            session.as_str(),
+            not_text(r#"{"position_ms": 7, "state": "playing""#),
+        ),
+        (Method::DELETE, session.as_str(), not_text(r#"{"position_ms": 7"#)),
+    ] {
+        let resp = app.send_raw(method.clone(), path, Some(&token), json, body).await;
+        assert_eq!(resp.status(), 400, "{method}");
+        assert_error(resp, 400, "invalid_body").await;
+    }
     assert_eq!(
         app.heartbeat(&token, s_id.as_str(), 1).await.status(),
         200,
