@@ -289,9 +289,9 @@ impl Application {
             terminated,
         } = self;
         let grace = settings.server.shutdown_grace;
-        let stop = Arc::new(Notify::new());
+        let (stop, stopped) = oneshot::channel();
         let unlogged = courier.unlogged.clone();
-        let mut courier = tokio::spawn(courier.run(stop.clone(), grace));
+        let mut courier = tokio::spawn(courier.run(stopped));
         let background = [
             tokio::spawn(refresh_keys(app.clone(), settings.jwt.refresh)),
             tokio::spawn(end_held_stops(app.clone())),
@@ -341,8 +341,8 @@ impl Application {
         )
         .await;
 
-        // Kept as a permit if the courier is not waiting at this instant.
-        stop.notify_one();
+        // Its last tick ends before the grace does, so it is not cut off mid-way.
+        let _ = stop.send(closed_at + grace.saturating_sub(COURIER_LAST_TICK));
         let _ = admin_stop.send(());
         for task in background {
             task.abort();
@@ -362,6 +362,9 @@ impl Application {
         Ok(())
     }
 }
+
+/// Room left at the end of the shutdown grace for the courier's last tick.
+const COURIER_LAST_TICK: Duration = Duration::from_millis(1_500);
 
 /// How many connections a listener holds open at once.
 struct ConnectionLimit {

@@ -546,36 +546,33 @@ async fn a_position_acknowledged_while_redis_was_down_is_delivered_before_the_ex
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stop_acknowledged_during_a_redis_hang_is_the_last_word() {
-    let fleet = Deployment::start().await;
-    let (redis, api) = (&fleet.redis, &fleet.api);
-    let moneta = fleet.member(&[]);
+/// Pauses Redis, sends heartbeats through `moneta` until its Redis breaker
+/// opens, then a stop at `stop_at`: every one acknowledged from memory, none
+/// run by Redis in time. A frozen Redis keeps the calls it was sent and runs
+/// them at SIGCONT, after their callers gave up; the heartbeats go on until
+/// the breaker opens so that the stop never reaches Redis (a heartbeat Redis
+/// ran late would then be the last write Redis saw). Redis stays paused.
+async fn acknowledged_during_a_hang(
+    redis: &RedisServer,
+    moneta: &MonetaProcess,
+    viewer: &Viewer,
+    stop_at: u64,
+) {
     let public = moneta.public_api();
-    let viewer = start_viewers(&public, "hang-stop", 1).await.remove(0);
-    // Through Redis: the instance learns Redis' clock, which both stamps what
-    // it acknowledges from memory and dates the calls Redis may run too late.
-    assert_eq!(heartbeat_status(&public, &viewer, 600_000).await, 200);
-
-    // A frozen Redis keeps the calls it was sent and runs them at SIGCONT,
-    // after their callers gave up. The heartbeats go on until the breaker
-    // opens, so that the stop never reaches Redis: a heartbeat Redis ran
-    // late would then be the last write Redis saw.
     redis.pause();
     let mut heartbeats = Vec::new();
     let breaker_open = r#"moneta_circuit_breaker_state{dependency="redis"}"#;
-    for position in (2_400_000..2_460_000).step_by(5_000) {
-        heartbeats.push((position, heartbeat_status(&public, &viewer, position).await));
+    for position in (2_400_000..stop_at).step_by(5_000) {
+        heartbeats.push((position, heartbeat_status(&public, viewer, position).await));
         if metric_value(&moneta.metrics().await, breaker_open) == Some(2.0) {
             break;
         }
     }
     let stop = public
-        .stop_session_at(&viewer.token, &viewer.session, 2_460_000)
+        .stop_session_at(&viewer.token, &viewer.session, stop_at)
         .await
         .status();
     let metrics = moneta.metrics().await;
-    redis.resume();
     assert!(
         heartbeats.iter().all(|(_, status)| *status == 200),
         "heartbeats while Redis hangs: {heartbeats:?}"
@@ -593,6 +590,27 @@ async fn a_stop_acknowledged_during_a_redis_hang_is_the_last_word() {
         "every heartbeat was answered from memory, none by Redis in time"
     );
     assert_eq!(answered_from_memory(&metrics, "stop_unchecked"), 1.0);
+}
+
+/// The resume position Redis holds for `user` and `TITLE`, `<ms>[:c]@<time>`.
+async fn position_in_redis(redis: &RedisServer, user: &str) -> Option<String> {
+    let mut probe = RedisProbe::connect(&redis.url).await;
+    let key = support::redis_probe::user_key(user, "positions");
+    probe.query(redis::cmd("HGET").arg(key).arg(TITLE)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_acknowledged_during_a_redis_hang_is_the_last_word() {
+    let fleet = Deployment::start().await;
+    let (redis, api) = (&fleet.redis, &fleet.api);
+    let moneta = fleet.member(&[]);
+    let public = moneta.public_api();
+    let viewer = start_viewers(&public, "hang-stop", 1).await.remove(0);
+    // Through Redis: the instance learns Redis' clock, which both stamps what
+    // it acknowledges from memory and dates the calls Redis may run too late.
+    assert_eq!(heartbeat_status(&public, &viewer, 600_000).await, 200);
+    acknowledged_during_a_hang(redis, &moneta, &viewer, 2_460_000).await;
+    redis.resume();
 
     let ending = Ending {
         user: &viewer.user,
@@ -606,6 +624,94 @@ async fn a_stop_acknowledged_during_a_redis_hang_is_the_last_word() {
         "the stop acknowledged last",
     )
     .await;
+}
+
+/// The internal API hangs too, and its calls give up only after a minute:
+/// the stop held in memory goes to Redis once Redis answers, not once the
+/// internal API does, so the instance may die right after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_held_in_memory_reaches_redis_while_the_internal_api_hangs() {
+    let fleet = Deployment::start().await;
+    let (redis, api) = (&fleet.redis, &fleet.api);
+    let moneta = fleet.member(&[("MONETA_INTERNAL_API_TIMEOUT_MS", "60000".into())]);
+    let public = moneta.public_api();
+    let viewer = start_viewers(&public, "hang-both", 1).await.remove(0);
+    assert_eq!(heartbeat_status(&public, &viewer, 600_000).await, 200);
+    api.set_fault(Fault::Hang);
+    acknowledged_during_a_hang(redis, &moneta, &viewer, 2_460_000).await;
+    redis.resume();
+
+    let home = eventually(Duration::from_secs(20), async || {
+        let position = position_in_redis(redis, &viewer.user).await?;
+        position.starts_with("2460000@").then_some(())
+    })
+    .await;
+    assert!(
+        home.is_some(),
+        "the stop's position never reached Redis: {:?}\n{}",
+        position_in_redis(redis, &viewer.user).await,
+        moneta.output()
+    );
+    kill(moneta);
+    api.set_fault(Fault::None);
+    let other = fleet.member(&[]);
+    let ending = Ending {
+        user: &viewer.user,
+        token: &viewer.token,
+        position: 2_460_000,
+    };
+    assert_ends_with(
+        api,
+        &[other.public_api()],
+        &[ending],
+        "the stop held in memory, after its instance was killed",
+    )
+    .await;
+}
+
+/// SIGTERM while Redis hangs: the instance delivers the stop to the internal
+/// API, then waits out its grace for Redis, whose resume position would
+/// otherwise stay the older one for as long as Redis keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_held_in_memory_at_sigterm_reaches_redis_when_it_answers_within_the_grace() {
+    let fleet = Deployment::start().await;
+    let (redis, api) = (&fleet.redis, &fleet.api);
+    // A short drain, and a breaker that opens for half a second at most, so
+    // that Redis answers again well within the grace.
+    let mut moneta = fleet.member(&[
+        ("MONETA_SHUTDOWN_DRAIN_MS", "300".into()),
+        ("MONETA_REDIS_BREAKER_OPEN_MAX_MS", "500".into()),
+    ]);
+    let public = moneta.public_api();
+    let viewer = start_viewers(&public, "hang-term", 1).await.remove(0);
+    assert_eq!(heartbeat_status(&public, &viewer, 600_000).await, 200);
+    acknowledged_during_a_hang(redis, &moneta, &viewer, 2_460_000).await;
+    // Delivered while Redis still hangs: what is left is Redis' resume position.
+    api.assert_receives_position(&viewer.user, 2_460_000).await;
+
+    signal(moneta.pid(), "TERM");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.resume();
+    let (status, output) =
+        tokio::task::spawn_blocking(move || (moneta.wait_for_exit(PATIENCE), moneta.output()))
+            .await
+            .unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}\n{output}"
+    );
+    let position = position_in_redis(redis, &viewer.user).await;
+    assert!(
+        position.as_deref().is_some_and(|p| p.starts_with("2460000@")),
+        "Redis' resume position after the exit: {position:?}\n{output}"
+    );
+    let other = fleet.member(&[]);
+    let ending = Ending {
+        user: &viewer.user,
+        token: &viewer.token,
+        position: 2_460_000,
+    };
+    assert_ends_with(api, &[other.public_api()], &[ending], "the stop held at SIGTERM").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -758,6 +864,63 @@ async fn instances_that_never_reached_redis_settle_their_stamps_on_its_clock() {
         &[honest.clone(), ahead.clone(), behind.clone()],
         &[ending],
         "the heartbeat acknowledged last, by the instance behind",
+    )
+    .await;
+}
+
+/// An instance minutes ahead that never reached Redis delivers what it holds
+/// while Redis hangs and the internal API answers: dated by its own clock,
+/// that position would win at the internal API over every one acknowledged
+/// in the next five minutes, and no later correction could undo it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_never_reached_redis_does_not_outdate_later_positions_at_the_internal_api() {
+    const AHEAD: u64 = 3_000_000;
+    const LAST: u64 = 3_100_000;
+    let fleet = Deployment::start().await;
+    let (redis, api) = (&fleet.redis, &fleet.api);
+    let honest_process = fleet.member(&[]);
+    let honest = honest_process.public_api();
+    let viewer = start_viewers(&honest, "skew-delivered", 1).await.remove(0);
+    assert_eq!(heartbeat_status(&honest, &viewer, 1_000_000).await, 200);
+
+    redis.pause();
+    let ahead_process = fleet.member(&faketime::skewed_clock("+300s"));
+    let ahead = ahead_process.public_api();
+    let lead = clock_lead_s(&ahead).await;
+    assert!(
+        (270..=330).contains(&lead),
+        "the instance's clock leads by {lead} s"
+    );
+    assert_eq!(heartbeat_status(&ahead, &viewer, AHEAD).await, 200);
+    api.assert_receives_position(&viewer.user, AHEAD).await;
+    // Well past what the estimate from `Date` may err by (half a second and
+    // a round trip), and five minutes short of the instance's own clock.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stop = honest
+        .stop_session_at(&viewer.token, &viewer.session, LAST)
+        .await
+        .status();
+    assert_eq!(stop, 204, "a stop while Redis hangs");
+    api.assert_receives_position(&viewer.user, LAST).await;
+    let ends = latest_delivered(api, &viewer.user);
+    redis.resume();
+    assert_eq!(
+        ends,
+        Some(LAST),
+        "while Redis hangs, the internal API ends with: {:?}",
+        delivered_for(api, &viewer.user)
+    );
+
+    let ending = Ending {
+        user: &viewer.user,
+        token: &viewer.token,
+        position: LAST,
+    };
+    assert_ends_with(
+        api,
+        &[honest.clone(), ahead.clone()],
+        &[ending],
+        "the stop acknowledged last, after the instance ahead",
     )
     .await;
 }

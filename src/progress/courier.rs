@@ -6,7 +6,8 @@ use std::time::Duration;
 // foldhash, seeded per process, for the round's maps: one lookup or more
 // per entry, where SipHash was ~1 k instructions a heartbeat.
 use foldhash::HashMap;
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::queue::Held;
 use super::{ProgressQueue, dropped};
@@ -15,6 +16,8 @@ use crate::resilience::DependencyError;
 use crate::sources::internal_api::{BatchOutcome, InternalApi};
 use crate::sources::redis::{Delivery, EntryId, ParkedField, ProgressLog, Settlement};
 
+/// How often a delivery from memory looks whether Redis answers again.
+const REDIS_BACK_POLL: Duration = Duration::from_millis(100);
 /// Rounds per tick at most, so a large backlog drains in bounded bites.
 const MAX_ROUNDS_PER_TICK: usize = 50;
 /// Consumers of instances gone this long (holding nothing) leave the group.
@@ -443,14 +446,6 @@ pub struct Courier {
     pub max_attempts: u32,
 }
 
-/// What a tick did.
-struct Ticked {
-    /// Whether what memory held could reach Redis.
-    home: bool,
-    /// Whether it read, swept or delivered anything.
-    busy: bool,
-}
-
 /// How much a round moved; the loop goes on while rounds come back full.
 struct Moved {
     /// Fresh entries read from the log.
@@ -459,8 +454,6 @@ struct Moved {
     /// Read by the round's sweep (taken over, parked).
     swept: usize,
     delivered: usize,
-    /// Whether what the round took from memory reached Redis (or needed not).
-    home: bool,
 }
 
 impl Courier {
@@ -491,24 +484,92 @@ impl Courier {
         }
         let memory = self.unlogged.take(self.batch_size);
         let taken = memory.len();
-        let moved = self.round_with(memory, sweep).await;
+        let (memory, redis_down) = self.home_first(memory).await;
+        let moved = self.round_with(memory, sweep, redis_down).await;
         self.unlogged.release(taken);
         moved
     }
 
-    async fn round_with(&self, memory: Vec<Held>, sweep: bool) -> Moved {
+    /// Positions held in memory go to Redis (the log, and the resume
+    /// position unless Redis holds a newer one) as soon as it answers,
+    /// before anything else: once there, any instance delivers them and this
+    /// one may die. Delivered from memory first, they would stay only here
+    /// for as long as the internal API takes to answer, or to time out when
+    /// it is down too. Returns what stays for the round (provisional stamps,
+    /// or everything when Redis did not take it), and whether Redis failed.
+    async fn home_first(&self, memory: Vec<Held>) -> (Vec<Held>, bool) {
+        let (stay, home): (Vec<Held>, Vec<Held>) = memory.into_iter().partition(|h| h.item.provisional);
+        if home.is_empty() {
+            // Still provisional: the clock was just asked for, and did not answer.
+            let redis_down = !stay.is_empty();
+            return (stay, redis_down);
+        }
+        let positions: Vec<&ProgressItem> = home.iter().map(|h| &h.item).collect();
+        let logged: Vec<(&ProgressItem, u32)> = (home.iter())
+            .filter(|h| !h.delivered)
+            .map(|h| (&h.item, 0))
+            .collect();
+        match self.log.bring_back(&positions, &logged).await {
+            Ok(()) => (stay, false),
+            Err(_) => (stay.into_iter().chain(home).collect(), true),
+        }
+    }
+
+    /// Delivers `items`, read from memory only because Redis failed. If
+    /// Redis answers again before the internal API does, the delivery is
+    /// given up (nothing judged, nothing lost: the round writes the items to
+    /// Redis instead), so that a slow or hung internal API does not keep
+    /// them only in this process for its timeout.
+    async fn deliver_unless_redis_returns(&self, items: &[ProgressItem], others_taken: bool) -> Report {
+        let guard = self.log.guard();
+        if guard.is_up() {
+            return deliver(&self.api, items, others_taken).await;
+        }
+        let redis_back = async {
+            let mut every = tokio::time::interval(REDIS_BACK_POLL);
+            while !guard.is_up() {
+                every.tick().await;
+            }
+        };
+        tokio::select! {
+            report = deliver(&self.api, items, others_taken) => report,
+            () = redis_back => Report::default(),
+        }
+    }
+
+    async fn round_with(&self, memory: Vec<Held>, sweep: bool, redis_down: bool) -> Moved {
         let delivery = self.read_log(sweep).await;
         let swept = delivery.swept;
         let round = Round::new(memory, delivery);
         let (fresh, read) = (round.fresh, round.read());
-        let send = round.to_send();
-        let items: Vec<ProgressItem> = send.iter().map(|&i| round.offers[i].item.clone()).collect();
+        // A stamp of this instance's own clock (it never reached Redis) goes
+        // to the internal API only moved onto the API's clock, as its `Date`
+        // tells it: minutes ahead, it would win there over positions
+        // acknowledged after it, and Redis would never see the correction
+        // (the newest stamp wins). Kept as it is in memory, it is settled on
+        // Redis' clock once Redis answers, and sent again.
+        let api_offset = self.api.clock_offset();
+        let send: Vec<usize> = (round.to_send().into_iter())
+            .filter(|&i| !round.offers[i].item.provisional || api_offset.is_some())
+            .collect();
+        let items: Vec<ProgressItem> = (send.iter())
+            .map(|&i| {
+                let mut item = round.offers[i].item.clone();
+                if let (true, Some(offset)) = (item.provisional, api_offset) {
+                    item.updated_at += offset;
+                }
+                item
+            })
+            .collect();
         let report = if items.is_empty() {
             Report::default()
         } else {
             let taken = || (self.items_taken.lock()).unwrap_or_else(std::sync::PoisonError::into_inner);
             let others_taken = taken().is_some_and(|at| at.elapsed() < TAKEN_VOUCHES_FOR);
-            let report = deliver(&self.api, &items, others_taken).await;
+            let report = match redis_down {
+                true => self.deliver_unless_redis_returns(&items, others_taken).await,
+                false => deliver(&self.api, &items, others_taken).await,
+            };
             if report.took_items {
                 *taken() = Some(std::time::Instant::now());
             }
@@ -557,7 +618,6 @@ impl Courier {
             read,
             swept,
             delivered: end.delivered,
-            home,
         }
     }
 
@@ -580,16 +640,14 @@ impl Courier {
     }
 
     /// One tick: rounds until one comes back short (or fails), the first
-    /// one sweeping when `sweep`. Returns whether what memory held could
-    /// reach Redis, and whether the tick found anything to move.
-    async fn tick(&self, sweep: bool) -> Ticked {
-        let mut home = true;
+    /// one sweeping when `sweep`. Returns whether the tick found anything
+    /// to move.
+    async fn tick(&self, sweep: bool) -> bool {
         let mut busy = false;
         let swept_first = sweep;
         let mut sweep = sweep;
         for _ in 0..MAX_ROUNDS_PER_TICK {
             let moved = self.round(sweep).await;
-            home = moved.home;
             busy |= moved.read > 0 || moved.swept > 0 || moved.delivered > 0;
             sweep = moved.swept > 0;
             metrics::gauge!("moneta_progress_queue_depth").set(self.unlogged.len() as f64);
@@ -608,36 +666,33 @@ impl Courier {
             metrics::gauge!("moneta_progress_backlog", "kind" => "log").set(log as f64);
             metrics::gauge!("moneta_progress_backlog", "kind" => "parked").set(parked as f64);
         }
-        Ticked { home, busy }
+        busy
     }
 
-    /// Runs until `stop` is notified, then delivers what this process holds
-    /// in memory within `grace` (what is in Redis is left for any instance).
-    pub async fn run(self, stop: Arc<Notify>, grace: Duration) {
+    /// Runs until `stop` sends a deadline (or is dropped: the deadline is
+    /// then now), then until that deadline delivers what this process holds
+    /// in memory (what is in Redis is left for any instance).
+    pub async fn run(self, mut stop: oneshot::Receiver<Instant>) {
         let _ = self.log.ensure_group().await;
         let mut ticks: u64 = 0;
         let mut busy = true;
-        loop {
+        let deadline = loop {
             tokio::select! {
-                _ = stop.notified() => break,
+                deadline = &mut stop => break deadline.unwrap_or_else(|_| Instant::now()),
                 _ = tokio::time::sleep(self.interval) => {}
             }
-            busy = self
-                .tick(busy || ticks.is_multiple_of(IDLE_SWEEP_TICKS))
-                .await
-                .busy;
+            busy = self.tick(busy || ticks.is_multiple_of(IDLE_SWEEP_TICKS)).await;
             ticks += 1;
             if ticks.is_multiple_of(CONSUMER_SWEEP_TICKS) {
                 let _ = self.log.forget_idle_consumers(CONSUMER_IDLE).await;
             }
-        }
-        let deadline = tokio::time::Instant::now() + grace;
+        };
+        // Also what the internal API has already is worth the wait: Redis may
+        // answer again before the deadline, and until it has these positions
+        // it answers an older resume position for as long as it keeps one.
         loop {
-            let home = self.tick(true).await.home;
-            // Positions the internal API has are worth the grace only while
-            // Redis answers (they update the resume position it holds).
-            let done = self.unlogged.is_empty() || (self.unlogged.undelivered() == 0 && !home);
-            if done || tokio::time::Instant::now() >= deadline {
+            self.tick(true).await;
+            if self.unlogged.is_empty() || Instant::now() >= deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,6 +1,7 @@
 //! Client of the company's private internal API (CONTRACT §5).
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU16, Ordering};
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
@@ -104,6 +105,34 @@ pub struct InternalApi {
     base: Url,
     token: Option<Secret>,
     guard: Guard,
+    clock: Arc<DateClock>,
+}
+
+/// The internal API's clock as the `Date` of its answers tells it: the one
+/// estimate of the platform's time an instance has before it first reaches
+/// Redis (an instance that started during a Redis outage), so that what it
+/// stamps with its own clock, possibly minutes off, is corrected before the
+/// internal API compares it with other instances' positions. `Date` counts
+/// whole seconds: the estimate errs by half a second and a round trip.
+struct DateClock {
+    /// The API's time minus ours, in ms; `UNMEASURED` until an answer came.
+    offset_ms: AtomicI64,
+}
+
+const UNMEASURED: i64 = i64::MIN;
+
+impl DateClock {
+    fn observe(&self, headers: &reqwest::header::HeaderMap) {
+        let Some(date) = headers.get(reqwest::header::DATE).and_then(|v| v.to_str().ok()) else {
+            return;
+        };
+        let Ok(date) = chrono::DateTime::parse_from_rfc2822(date) else {
+            return;
+        };
+        // The middle of the second the answer was dated in.
+        let offset = date.timestamp_millis() + 500 - chrono::Utc::now().timestamp_millis();
+        self.offset_ms.store(offset, Ordering::Relaxed);
+    }
 }
 
 impl InternalApi {
@@ -124,11 +153,23 @@ impl InternalApi {
             base,
             token: settings.token.clone(),
             guard: Guard::new("internal_api", &settings.guard),
+            clock: Arc::new(DateClock {
+                offset_ms: AtomicI64::new(UNMEASURED),
+            }),
         })
     }
 
     pub fn guard(&self) -> &Guard {
         &self.guard
+    }
+
+    /// The internal API's time minus this instance's, from the `Date` of its
+    /// last answer; `None` before any.
+    pub fn clock_offset(&self) -> Option<chrono::Duration> {
+        match self.clock.offset_ms.load(Ordering::Relaxed) {
+            UNMEASURED => None,
+            ms => Some(chrono::Duration::milliseconds(ms)),
+        }
     }
 
     /// `base` + percent-encoded path segments (user ids are arbitrary strings).
@@ -208,8 +249,10 @@ impl InternalApi {
         let span = self.span(&reqwest::Method::GET, template, &url);
         let req = self.request(reqwest::Method::GET, url, ctx, &span);
         let status_span = span.clone();
+        let clock = &self.clock;
         self.traced(span, async move {
             let resp = req.send().await?;
+            clock.observe(resp.headers());
             status_span.record("http.response.status_code", resp.status().as_u16());
             match resp.status() {
                 StatusCode::OK => Ok(Some(resp.json::<T>().await?)),
@@ -285,6 +328,7 @@ impl InternalApi {
         let answered = AtomicU16::new(0);
         let call = async {
             let resp = req.send().await?;
+            self.clock.observe(resp.headers());
             let status = resp.status();
             status_span.record("http.response.status_code", status.as_u16());
             if status.is_success() {
@@ -334,9 +378,11 @@ impl InternalApi {
             &CallContext::default(),
             &Span::none(),
         );
+        let clock = &self.clock;
         self.guard
             .probe(async move {
                 let resp = req.send().await?;
+                clock.observe(resp.headers());
                 match resp.status() {
                     s if s.is_server_error() => Err(CallError::Status(s)),
                     _ => Ok(()),
@@ -392,5 +438,33 @@ mod tests {
                 serde_json::to_string(&batch).unwrap()
             );
         }
+    }
+
+    #[test]
+    fn the_date_of_an_answer_tells_the_apis_clock() {
+        let clock = DateClock {
+            offset_ms: AtomicI64::new(UNMEASURED),
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
+        clock.observe(&headers);
+        assert_eq!(
+            clock.offset_ms.load(Ordering::Relaxed),
+            UNMEASURED,
+            "no Date, no estimate"
+        );
+        headers.insert(reqwest::header::DATE, "yesterday".parse().unwrap());
+        clock.observe(&headers);
+        assert_eq!(
+            clock.offset_ms.load(Ordering::Relaxed),
+            UNMEASURED,
+            "no estimate from junk"
+        );
+        let ahead = Utc::now() + chrono::Duration::seconds(300);
+        let date = ahead.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+        headers.insert(reqwest::header::DATE, date.parse().unwrap());
+        clock.observe(&headers);
+        let offset = clock.offset_ms.load(Ordering::Relaxed);
+        // Whole seconds, read as the middle of theirs: within a second of 300 s.
+        assert!((299_000..=301_000).contains(&offset), "{offset} ms");
     }
 }

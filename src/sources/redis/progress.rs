@@ -793,6 +793,11 @@ impl RedisStore {
 }
 
 impl ProgressLog {
+    /// Redis' guard: whether Redis answers, as calls and probes found.
+    pub fn guard(&self) -> &crate::resilience::Guard {
+        self.redis.guard()
+    }
+
     /// Brings positions held in memory (while Redis was unreachable) back:
     /// `positions` update their users' resume positions unless Redis holds
     /// newer ones, and `logged` (with the times each failed alone) join the
