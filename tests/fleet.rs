@@ -72,6 +72,17 @@ struct Viewer {
     session: String,
 }
 
+impl Viewer {
+    /// This viewer ending with `position`.
+    fn ending(&self, position: u64) -> Ending<'_> {
+        Ending {
+            user: &self.user,
+            token: &self.token,
+            position,
+        }
+    }
+}
+
 /// `n` users (the fake internal API entitles every `load-…` user to two
 /// streams), each with a session started through `public`.
 async fn start_viewers(public: &PublicApi, prefix: &str, n: usize) -> Vec<Viewer> {
@@ -592,6 +603,19 @@ async fn acknowledged_during_a_hang(
     assert_eq!(answered_from_memory(&metrics, "stop_unchecked"), 1.0);
 }
 
+/// The stop `acknowledged_during_a_hang` sends.
+const STOPPED_AT: u64 = 2_460_000;
+
+/// One viewer playing through `moneta`, with a heartbeat that went through
+/// Redis: the instance learns Redis' clock, which both stamps what it
+/// acknowledges from memory and dates the calls Redis may run too late.
+async fn playing_through_redis(moneta: &MonetaProcess, prefix: &str) -> Viewer {
+    let public = moneta.public_api();
+    let viewer = start_viewers(&public, prefix, 1).await.remove(0);
+    assert_eq!(heartbeat_status(&public, &viewer, 600_000).await, 200);
+    viewer
+}
+
 /// The resume position Redis holds for `user` and `TITLE`, `<ms>[:c]@<time>`.
 async fn position_in_redis(redis: &RedisServer, user: &str) -> Option<String> {
     let mut probe = RedisProbe::connect(&redis.url).await;
@@ -604,22 +628,13 @@ async fn a_stop_acknowledged_during_a_redis_hang_is_the_last_word() {
     let fleet = Deployment::start().await;
     let (redis, api) = (&fleet.redis, &fleet.api);
     let moneta = fleet.member(&[]);
-    let public = moneta.public_api();
-    let viewer = start_viewers(&public, "hang-stop", 1).await.remove(0);
-    // Through Redis: the instance learns Redis' clock, which both stamps what
-    // it acknowledges from memory and dates the calls Redis may run too late.
-    assert_eq!(heartbeat_status(&public, &viewer, 600_000).await, 200);
-    acknowledged_during_a_hang(redis, &moneta, &viewer, 2_460_000).await;
+    let viewer = playing_through_redis(&moneta, "hang-stop").await;
+    acknowledged_during_a_hang(redis, &moneta, &viewer, STOPPED_AT).await;
     redis.resume();
-
-    let ending = Ending {
-        user: &viewer.user,
-        token: &viewer.token,
-        position: 2_460_000,
-    };
+    let ending = viewer.ending(STOPPED_AT);
     assert_ends_with(
         api,
-        std::slice::from_ref(&public),
+        &[moneta.public_api()],
         &[ending],
         "the stop acknowledged last",
     )
@@ -634,16 +649,14 @@ async fn a_stop_held_in_memory_reaches_redis_while_the_internal_api_hangs() {
     let fleet = Deployment::start().await;
     let (redis, api) = (&fleet.redis, &fleet.api);
     let moneta = fleet.member(&[("MONETA_INTERNAL_API_TIMEOUT_MS", "60000".into())]);
-    let public = moneta.public_api();
-    let viewer = start_viewers(&public, "hang-both", 1).await.remove(0);
-    assert_eq!(heartbeat_status(&public, &viewer, 600_000).await, 200);
+    let viewer = playing_through_redis(&moneta, "hang-both").await;
     api.set_fault(Fault::Hang);
-    acknowledged_during_a_hang(redis, &moneta, &viewer, 2_460_000).await;
+    acknowledged_during_a_hang(redis, &moneta, &viewer, STOPPED_AT).await;
     redis.resume();
 
     let home = eventually(Duration::from_secs(20), async || {
         let position = position_in_redis(redis, &viewer.user).await?;
-        position.starts_with("2460000@").then_some(())
+        position.starts_with(&format!("{STOPPED_AT}@")).then_some(())
     })
     .await;
     assert!(
@@ -655,18 +668,9 @@ async fn a_stop_held_in_memory_reaches_redis_while_the_internal_api_hangs() {
     kill(moneta);
     api.set_fault(Fault::None);
     let other = fleet.member(&[]);
-    let ending = Ending {
-        user: &viewer.user,
-        token: &viewer.token,
-        position: 2_460_000,
-    };
-    assert_ends_with(
-        api,
-        &[other.public_api()],
-        &[ending],
-        "the stop held in memory, after its instance was killed",
-    )
-    .await;
+    let ending = viewer.ending(STOPPED_AT);
+    let context = "the stop held in memory, after its instance was killed";
+    assert_ends_with(api, &[other.public_api()], &[ending], context).await;
 }
 
 /// SIGTERM while Redis hangs: the instance delivers the stop to the internal
@@ -682,12 +686,10 @@ async fn a_stop_held_in_memory_at_sigterm_reaches_redis_when_it_answers_within_t
         ("MONETA_SHUTDOWN_DRAIN_MS", "300".into()),
         ("MONETA_REDIS_BREAKER_OPEN_MAX_MS", "500".into()),
     ]);
-    let public = moneta.public_api();
-    let viewer = start_viewers(&public, "hang-term", 1).await.remove(0);
-    assert_eq!(heartbeat_status(&public, &viewer, 600_000).await, 200);
-    acknowledged_during_a_hang(redis, &moneta, &viewer, 2_460_000).await;
+    let viewer = playing_through_redis(&moneta, "hang-term").await;
+    acknowledged_during_a_hang(redis, &moneta, &viewer, STOPPED_AT).await;
     // Delivered while Redis still hangs: what is left is Redis' resume position.
-    api.assert_receives_position(&viewer.user, 2_460_000).await;
+    api.assert_receives_position(&viewer.user, STOPPED_AT).await;
 
     signal(moneta.pid(), "TERM");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -702,15 +704,13 @@ async fn a_stop_held_in_memory_at_sigterm_reaches_redis_when_it_answers_within_t
     );
     let position = position_in_redis(redis, &viewer.user).await;
     assert!(
-        position.as_deref().is_some_and(|p| p.starts_with("2460000@")),
+        position
+            .as_deref()
+            .is_some_and(|p| p.starts_with(&format!("{STOPPED_AT}@"))),
         "Redis' resume position after the exit: {position:?}\n{output}"
     );
     let other = fleet.member(&[]);
-    let ending = Ending {
-        user: &viewer.user,
-        token: &viewer.token,
-        position: 2_460_000,
-    };
+    let ending = viewer.ending(STOPPED_AT);
     assert_ends_with(api, &[other.public_api()], &[ending], "the stop held at SIGTERM").await;
 }
 
