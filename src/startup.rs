@@ -364,7 +364,7 @@ impl Application {
 }
 
 /// Room left at the end of the shutdown grace for the courier's last tick.
-const COURIER_LAST_TICK: Duration = Duration::from_millis(1_500);
+const COURIER_LAST_TICK: Duration = Duration::from_millis(1_000);
 
 /// How many connections a listener holds open at once.
 struct ConnectionLimit {

@@ -623,6 +623,22 @@ async fn position_in_redis(redis: &RedisServer, user: &str) -> Option<String> {
     probe.query(redis::cmd("HGET").arg(key).arg(TITLE)).await
 }
 
+/// Waits for the stop `acknowledged_during_a_hang` sent to be Redis' resume
+/// position, from where any instance delivers it.
+async fn assert_stop_reaches_redis(redis: &RedisServer, moneta: &MonetaProcess, viewer: &Viewer) {
+    let home = eventually(Duration::from_secs(20), async || {
+        let position = position_in_redis(redis, &viewer.user).await?;
+        position.starts_with(&format!("{STOPPED_AT}@")).then_some(())
+    })
+    .await;
+    assert!(
+        home.is_some(),
+        "the stop's position never reached Redis: {:?}\n{}",
+        position_in_redis(redis, &viewer.user).await,
+        moneta.output()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_acknowledged_during_a_redis_hang_is_the_last_word() {
     let fleet = Deployment::start().await;
@@ -654,23 +670,26 @@ async fn a_stop_held_in_memory_reaches_redis_while_the_internal_api_hangs() {
     acknowledged_during_a_hang(redis, &moneta, &viewer, STOPPED_AT).await;
     redis.resume();
 
-    let home = eventually(Duration::from_secs(20), async || {
-        let position = position_in_redis(redis, &viewer.user).await?;
-        position.starts_with(&format!("{STOPPED_AT}@")).then_some(())
-    })
-    .await;
-    assert!(
-        home.is_some(),
-        "the stop's position never reached Redis: {:?}\n{}",
-        position_in_redis(redis, &viewer.user).await,
-        moneta.output()
-    );
+    assert_stop_reaches_redis(redis, &moneta, &viewer).await;
     kill(moneta);
     api.set_fault(Fault::None);
     let other = fleet.member(&[]);
     let ending = viewer.ending(STOPPED_AT);
     let context = "the stop held in memory, after its instance was killed";
     assert_ends_with(api, &[other.public_api()], &[ending], context).await;
+}
+
+/// Deliveries run every ten minutes here: the stop held in memory goes to
+/// Redis when Redis answers again, not at the courier's next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_held_in_memory_goes_to_redis_when_it_answers_not_at_the_next_delivery() {
+    let fleet = Deployment::start().await;
+    let redis = &fleet.redis;
+    let moneta = fleet.member(&[("MONETA_PROGRESS_FLUSH_MS", "600000".into())]);
+    let viewer = playing_through_redis(&moneta, "hang-tick").await;
+    acknowledged_during_a_hang(redis, &moneta, &viewer, STOPPED_AT).await;
+    redis.resume();
+    assert_stop_reaches_redis(redis, &moneta, &viewer).await;
 }
 
 /// SIGTERM while Redis hangs: the instance delivers the stop to the internal

@@ -16,8 +16,8 @@ use crate::resilience::DependencyError;
 use crate::sources::internal_api::{BatchOutcome, InternalApi};
 use crate::sources::redis::{Delivery, EntryId, ParkedField, ProgressLog, Settlement};
 
-/// How often a delivery from memory looks whether Redis answers again.
-const REDIS_BACK_POLL: Duration = Duration::from_millis(100);
+/// How often positions waiting in memory look whether Redis answers again.
+const REDIS_BACK_POLL: Duration = Duration::from_millis(200);
 /// Rounds per tick at most, so a large backlog drains in bounded bites.
 const MAX_ROUNDS_PER_TICK: usize = 50;
 /// Consumers of instances gone this long (holding nothing) leave the group.
@@ -521,19 +521,37 @@ impl Courier {
     /// Redis instead), so that a slow or hung internal API does not keep
     /// them only in this process for its timeout.
     async fn deliver_unless_redis_returns(&self, items: &[ProgressItem], others_taken: bool) -> Report {
-        let guard = self.log.guard();
-        if guard.is_up() {
+        if self.log.guard().is_up() {
             return deliver(&self.api, items, others_taken).await;
         }
-        let redis_back = async {
-            let mut every = tokio::time::interval(REDIS_BACK_POLL);
-            while !guard.is_up() {
-                every.tick().await;
-            }
-        };
         tokio::select! {
             report = deliver(&self.api, items, others_taken) => report,
-            () = redis_back => Report::default(),
+            () = self.redis_answers() => Report::default(),
+        }
+    }
+
+    /// Returns once Redis answers a call (`TIME`, under its guard: while the
+    /// breaker is open the call is refused at once). Asked here rather than
+    /// read from the breaker's state: while this instance waits, nothing
+    /// else may call Redis, and the background probe keeps quiet while calls
+    /// were made lately.
+    async fn redis_answers(&self) {
+        while self.log.measure_clock().await.is_err() {
+            tokio::time::sleep(REDIS_BACK_POLL).await;
+        }
+    }
+
+    /// Returns once positions wait in memory for Redis and Redis answers
+    /// again: they go there then, not at the next tick. Looks every
+    /// [`REDIS_BACK_POLL`]; calls Redis only while positions wait and its
+    /// guard does not report it up.
+    async fn memory_may_go_home(&self) {
+        loop {
+            tokio::time::sleep(REDIS_BACK_POLL).await;
+            let waiting = !self.unlogged.is_empty() && !self.log.guard().is_up();
+            if waiting && self.log.measure_clock().await.is_ok() {
+                return;
+            }
         }
     }
 
@@ -680,6 +698,7 @@ impl Courier {
             tokio::select! {
                 deadline = &mut stop => break deadline.unwrap_or_else(|_| Instant::now()),
                 _ = tokio::time::sleep(self.interval) => {}
+                () = self.memory_may_go_home() => {}
             }
             busy = self.tick(busy || ticks.is_multiple_of(IDLE_SWEEP_TICKS)).await;
             ticks += 1;
