@@ -541,15 +541,17 @@ impl Courier {
         }
     }
 
-    /// Returns once positions wait in memory for Redis and Redis answers
-    /// again: they go there then, not at the next tick. Looks every
-    /// [`REDIS_BACK_POLL`]; calls Redis only while positions wait and its
-    /// guard does not report it up.
+    /// Returns once positions wait in memory and Redis answers: they go
+    /// there then, not at the next tick. Looks every [`REDIS_BACK_POLL`];
+    /// calls Redis only while positions wait and its guard does not report
+    /// it up (another call may have found it back first).
     async fn memory_may_go_home(&self) {
         loop {
             tokio::time::sleep(REDIS_BACK_POLL).await;
-            let waiting = !self.unlogged.is_empty() && !self.log.guard().is_up();
-            if waiting && self.log.measure_clock().await.is_ok() {
+            if self.unlogged.is_empty() {
+                continue;
+            }
+            if self.log.guard().is_up() || self.log.measure_clock().await.is_ok() {
                 return;
             }
         }
@@ -694,11 +696,21 @@ impl Courier {
         let _ = self.log.ensure_group().await;
         let mut ticks: u64 = 0;
         let mut busy = true;
+        // After a tick that memory woke, the next waits its full interval:
+        // positions Redis keeps refusing while it answers other calls must
+        // not turn the loop into one tick per poll.
+        let mut woke_early = false;
         let deadline = loop {
+            let early = async {
+                match woke_early {
+                    true => std::future::pending().await,
+                    false => self.memory_may_go_home().await,
+                }
+            };
             tokio::select! {
                 deadline = &mut stop => break deadline.unwrap_or_else(|_| Instant::now()),
-                _ = tokio::time::sleep(self.interval) => {}
-                () = self.memory_may_go_home() => {}
+                _ = tokio::time::sleep(self.interval) => woke_early = false,
+                () = early => woke_early = true,
             }
             busy = self.tick(busy || ticks.is_multiple_of(IDLE_SWEEP_TICKS)).await;
             ticks += 1;
