@@ -455,6 +455,77 @@ async fn positions_a_killed_instance_was_delivering_are_taken_over() {
     );
 }
 
+const POISON: &str = r#"moneta_progress_dropped_total{reason="poison"}"#;
+
+/// One user's batches hang at the internal API while another's are taken,
+/// on two instances with `env`: the poison item reaches the dead letters
+/// once, and the instances count it once between them, however many of
+/// them judged it.
+async fn a_poison_item_is_dead_lettered_once(prefix: &str, env: &[(&'static str, String)], judged: Duration) {
+    let fleet = Deployment::start().await;
+    let members = [fleet.member(env), fleet.member(env)];
+    let public = members[0].public_api();
+    let viewers = start_viewers(&public, prefix, 2).await;
+    let (poison, fine) = (&viewers[0], &viewers[1]);
+    fleet.api.hang_user(&poison.user);
+    // The internal API takes items: the poison item's failures are its own.
+    assert_eq!(heartbeat_status(&public, fine, 40_001).await, 200);
+    assert_all_delivered(&fleet.api, &BTreeMap::from([(fine.user.clone(), 40_001)]), prefix).await;
+    assert_eq!(heartbeat_status(&public, poison, 40_000).await, 200);
+
+    let mut redis = RedisProbe::connect(&fleet.redis.url).await;
+    let buried = eventually(judged, async || {
+        (redis.total(support::redis_probe::Progress::Dead).await > 0).then_some(())
+    })
+    .await;
+    assert!(buried.is_some(), "the poison item never reached the dead letters");
+    // Every instance that held it has judged it by now (its timeout since);
+    // a slow machine only makes this check weaker.
+    tokio::time::sleep(judged / 2).await;
+    let mut counted = 0.0;
+    for member in &members {
+        counted += metric_value(&member.metrics().await, POISON).unwrap_or(0.0);
+    }
+    assert_eq!(
+        redis.total(support::redis_probe::Progress::Dead).await,
+        1,
+        "dead letters"
+    );
+    assert_eq!(counted, 1.0, "{POISON} summed over the instances");
+    assert_eq!(
+        (
+            redis.total(support::redis_probe::Progress::Parked).await,
+            redis.total(support::redis_probe::Progress::Log).await
+        ),
+        (0, 0),
+        "(parked, logged) after the burial"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_poison_item_both_instances_judge_is_dead_lettered_and_counted_once() {
+    // Parked after its first failure, then sampled by both instances' sweeps
+    // within the same hang: both judge it for the last time.
+    let env = [
+        ("MONETA_INTERNAL_API_TIMEOUT_MS", "2000".into()),
+        ("MONETA_PROGRESS_MAX_ATTEMPTS", "2".into()),
+        ("MONETA_PROGRESS_FLUSH_MS", "200".into()),
+    ];
+    a_poison_item_is_dead_lettered_once("poison-parked", &env, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_entry_another_instance_took_over_is_dead_lettered_and_counted_once() {
+    // The entry's first reader hangs past the 15 s after which the other
+    // instance takes it over: both judge it, the first while the other holds it.
+    let env = [
+        ("MONETA_INTERNAL_API_TIMEOUT_MS", "18000".into()),
+        ("MONETA_PROGRESS_MAX_ATTEMPTS", "1".into()),
+        ("MONETA_PROGRESS_FLUSH_MS", "200".into()),
+    ];
+    a_poison_item_is_dead_lettered_once("poison-taken", &env, Duration::from_secs(45)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_closes_the_listener_and_exits_0() {
     const DRAIN: Duration = Duration::from_millis(3_000);

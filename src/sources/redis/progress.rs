@@ -1122,9 +1122,11 @@ impl ProgressLog {
     /// all in one round trip (one round-trip time in cluster mode). `Err`
     /// when any shard's script did not run: those entries stay with this
     /// consumer and are taken over later (delivering twice is fine).
-    pub async fn settle(&self, s: &Settlement) -> Result<(), DependencyError> {
+    /// Returns how many positions it moved to the dead letters: fewer than
+    /// the settlement buries when another instance settled some first.
+    pub async fn settle(&self, s: &Settlement) -> Result<usize, DependencyError> {
         if s.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut from_memory: BTreeMap<Shard, Vec<&Buried>> = BTreeMap::new();
         for buried in &s.buried_from_memory {
@@ -1146,7 +1148,13 @@ impl ProgressLog {
             })
             .collect();
         let replies = self.redis.run_grouped(groups, Some(&SETTLE)).await?;
-        all_answered(replies).map(drop)
+        let buried = all_answered(replies)?
+            .iter()
+            .flatten()
+            .filter_map(|reply| redis::from_redis_value_ref::<(u64, u64)>(reply).ok())
+            .map(|(_, buried)| buried as usize)
+            .sum();
+        Ok(buried)
     }
 
     /// Up to `count` dead letters after `after` (from the first when

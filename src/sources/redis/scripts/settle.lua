@@ -12,7 +12,8 @@
 --           alone too often, moved to the dead letters unless it changed
 --           meanwhile (then whoever changed it decides);
 --   dead    (entry id or '', u, c, p, t, w, a, e): a log entry (or, with '',
---           a position held in memory) that failed alone too often;
+--           a position held in memory) that failed alone too often, unless
+--           another instance that took the entry over settled it first;
 --   park    (entry id, field, value): entries not delivered, folded into the
 --           parked hash, one field per (user, title), the newest winning;
 --   done    (entry id): entries delivered, refused for good or unparseable.
@@ -20,6 +21,9 @@
 -- an older position of the same pair parked in the same round, which must
 -- not be lost with it.
 -- A parked value is '<updated_at_ms> <json>'.
+-- Returns {entries acknowledged, positions moved to the dead letters}: two
+-- instances may settle the same parked field or entry, and only what this
+-- call really moved counts as poison.
 local i = 3
 local function count()
   local n = tonumber(ARGV[i])
@@ -53,21 +57,40 @@ local function dead_letter(at)
     'w', ARGV[at + 4], 'a', ARGV[at + 5], 'e', ARGV[at + 6])
 end
 
+local buried = 0
+
 local bury = count()
 for _ = 1, bury do
   local field, value = ARGV[i], ARGV[i + 1]
   if redis.call('HGET', KEYS[2], field) == value then
     redis.call('HDEL', KEYS[2], field)
     dead_letter(i + 2)
+    buried = buried + 1
   end
   i = i + 9
+end
+
+-- Whether another instance settled the entry first: it took the entry over
+-- while this one's delivery hung, and judged it too. The log is never
+-- trimmed, so an entry gone from it was settled, unless Redis lost its data
+-- (the group is gone with it): then the position is kept here.
+local function settled_elsewhere(id)
+  if #redis.call('XRANGE', KEYS[1], id, id) > 0 then
+    return false
+  end
+  local group = redis.pcall('XPENDING', KEYS[1], ARGV[1], '-', '+', 1)
+  return type(group) == 'table' and not group.err
 end
 
 local dead = count()
 for _ = 1, dead do
   local id = ARGV[i]
-  dead_letter(i + 1)
-  if id ~= '' then
+  if id == '' then
+    dead_letter(i + 1)
+    buried = buried + 1
+  elseif not settled_elsewhere(id) then
+    dead_letter(i + 1)
+    buried = buried + 1
     table.insert(acked, id)
   end
   i = i + 8
@@ -100,4 +123,4 @@ if #acked > 0 then
   redis.pcall('XACK', KEYS[1], ARGV[1], unpack(acked))
   redis.call('XDEL', KEYS[1], unpack(acked))
 end
-return #acked
+return {#acked, buried}
