@@ -533,7 +533,18 @@ impl Courier {
     /// were made lately.
     async fn redis_answers(&self) {
         while self.log.measure_clock().await.is_err() {
-            tokio::time::sleep(REDIS_BACK_POLL).await;
+            self.redis_back_poll().await;
+        }
+    }
+
+    /// The wait between two looks at Redis while positions wait in memory:
+    /// [`REDIS_BACK_POLL`], or less when a request finds Redis back first
+    /// and closes its breaker (every millisecond they stay only here, a
+    /// SIGKILL loses them).
+    async fn redis_back_poll(&self) {
+        tokio::select! {
+            () = tokio::time::sleep(REDIS_BACK_POLL) => {}
+            () = self.log.guard().closes() => {}
         }
     }
 
@@ -543,7 +554,7 @@ impl Courier {
     /// it up (another call may have found it back first).
     async fn memory_may_go_home(&self) {
         loop {
-            tokio::time::sleep(REDIS_BACK_POLL).await;
+            self.redis_back_poll().await;
             if self.unlogged.is_empty() {
                 continue;
             }

@@ -11,7 +11,7 @@ use failsafe::failure_policy::{
 use failsafe::{Instrument, StateMachine};
 use futures::FutureExt;
 use futures::future::Either;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::config::GuardSettings;
 
@@ -82,10 +82,12 @@ impl BreakerState {
 }
 
 /// Feeds failsafe's state transitions into an atomic (for the half-open probe
-/// limit and readiness) and into the exported gauge.
+/// limit and readiness), into the exported gauge, and to whoever waits for
+/// the breaker to close.
 struct Observer {
     dependency: &'static str,
     state: Arc<AtomicU8>,
+    closed: Arc<Notify>,
 }
 
 impl Observer {
@@ -107,6 +109,7 @@ impl Instrument for Observer {
     }
     fn on_closed(&self) {
         self.set(BreakerState::Closed);
+        self.closed.notify_waiters();
     }
 }
 
@@ -149,6 +152,7 @@ struct Inner {
     settings: GuardSettings,
     breaker: Breaker,
     state: Arc<AtomicU8>,
+    closed: Arc<Notify>,
     bulkhead: Semaphore,
     /// failsafe lets every call through while half-open; this bounds the probes.
     probes: Semaphore,
@@ -200,6 +204,7 @@ pub struct Guard {
 impl Guard {
     pub fn new(dependency: &'static str, settings: &GuardSettings) -> Self {
         let state = Arc::new(AtomicU8::new(BreakerState::Closed as u8));
+        let closed = Arc::new(Notify::new());
         // Exported from the start: an absent series would read as "no data",
         // not "closed", on dashboards and in alerts.
         metrics::gauge!("moneta_circuit_breaker_state", "dependency" => dependency)
@@ -221,6 +226,7 @@ impl Guard {
             .instrument(Observer {
                 dependency,
                 state: state.clone(),
+                closed: closed.clone(),
             })
             .build();
         Self {
@@ -229,6 +235,7 @@ impl Guard {
                 settings: settings.clone(),
                 breaker,
                 state,
+                closed,
                 bulkhead: Semaphore::new(settings.max_concurrency),
                 probes: Semaphore::new(settings.half_open_probes),
                 last_ok: AtomicBool::new(true),
@@ -250,6 +257,12 @@ impl Guard {
 
     pub fn state(&self) -> BreakerState {
         BreakerState::from_u8(self.inner.state.load(Ordering::Acquire))
+    }
+
+    /// Returns when the breaker next closes (a call found the dependency
+    /// back), for work that waits for it and must not wait a poll longer.
+    pub async fn closes(&self) {
+        self.inner.closed.notified().await;
     }
 
     /// Up when the breaker is closed and the last call succeeded.
@@ -466,6 +479,21 @@ mod tests {
         assert!(g.call(async { Ok::<_, String>(1) }).await.is_ok());
         assert_eq!(g.state(), BreakerState::Closed);
         assert!(g.is_up());
+    }
+
+    #[tokio::test]
+    async fn waiters_learn_when_the_breaker_closes() {
+        let g = Guard::new("test", &settings());
+        for _ in 0..3 {
+            let _ = fail(&g).await;
+        }
+        let waiter = g.clone();
+        let closes = tokio::spawn(async move { waiter.closes().await });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!closes.is_finished(), "woke while the breaker was open");
+        assert!(g.call(async { Ok::<_, String>(()) }).await.is_ok());
+        let woke = tokio::time::timeout(Duration::from_secs(10), closes).await;
+        assert!(woke.is_ok(), "a waiter slept through the breaker closing");
     }
 
     #[tokio::test]
