@@ -221,6 +221,7 @@ fn assemble(c: &mut Criterion) {
     let audience = Audience {
         claims: &claims,
         session_id: None,
+        max_streams: None,
     };
     let mut group = c.benchmark_group("assemble");
     for (name, answers) in answers() {
@@ -255,6 +256,7 @@ fn serialize(c: &mut Criterion) {
     let audience = Audience {
         claims: &claims,
         session_id: None,
+        max_streams: None,
     };
     let [_, (_, answers), _] = answers();
     let info = answers.playback_info(&authorized(), &audience);

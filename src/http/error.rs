@@ -91,6 +91,9 @@ impl From<LicenseError> for ApiError {
             LicenseError::Denied(why) => ApiError::LicenseDenied(why),
             LicenseError::SessionNotFound => ApiError::SessionNotFound,
             LicenseError::SessionEvicted => ApiError::SessionEvicted,
+            LicenseError::LimitReached { max_streams, active } => {
+                ApiError::StreamLimitReached { max_streams, active }
+            }
             LicenseError::RateLimited { retry_after } => ApiError::RateLimited {
                 // Whole seconds, rounded up: retrying at the announced time succeeds.
                 retry_after_s: retry_after.as_millis().div_ceil(1000).max(1) as u64,

@@ -27,12 +27,12 @@ use reqwest::header::HeaderValue;
 pub use token::{LicenseGrant, LicenseTokens, TokenError};
 
 use crate::config::{LicenseProxySettings, Secret};
-use crate::model::{DrmSystem, KeyId};
+use crate::model::{DrmSystem, KeyId, LiveSession, SessionId};
 use crate::resilience::DependencyError;
 use crate::sessions::{Provenance, SessionKey};
 use crate::sources::CallContext;
 use crate::sources::drm::{DrmUpstreams, LicenseCall, VendorAnswer};
-use crate::sources::redis::{SessionState, SessionStore};
+use crate::sources::redis::{SessionState, SessionStore, TouchOutcome, Untraced};
 use crate::telemetry::metrics::Fallback;
 use clearkey::ClearKeyError;
 use limit::RateLimit;
@@ -68,6 +68,12 @@ pub enum LicenseError {
     SessionNotFound,
     #[error("playback moved to another device")]
     SessionEvicted,
+    /// A session Redis lost could not be recorded again within the limit.
+    #[error("the concurrent-stream limit is reached")]
+    LimitReached {
+        max_streams: u32,
+        active: Vec<LiveSession>,
+    },
     #[error("too many licence requests")]
     RateLimited { retry_after: Duration },
     #[error("{0}")]
@@ -97,6 +103,7 @@ pub enum Outcome {
     Denied,
     Evicted,
     SessionNotFound,
+    StreamLimit,
     RateLimited,
     InvalidBody,
     TooLarge,
@@ -105,7 +112,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    const ALL: [Outcome; 13] = [
+    const ALL: [Outcome; 14] = [
         Outcome::Issued,
         Outcome::Forwarded,
         Outcome::UpstreamStatus,
@@ -114,6 +121,7 @@ impl Outcome {
         Outcome::Denied,
         Outcome::Evicted,
         Outcome::SessionNotFound,
+        Outcome::StreamLimit,
         Outcome::RateLimited,
         Outcome::InvalidBody,
         Outcome::TooLarge,
@@ -131,6 +139,7 @@ impl Outcome {
             Outcome::Denied => "denied",
             Outcome::Evicted => "evicted",
             Outcome::SessionNotFound => "session_not_found",
+            Outcome::StreamLimit => "stream_limit_reached",
             Outcome::RateLimited => "rate_limited",
             Outcome::InvalidBody => "invalid_body",
             Outcome::TooLarge => "too_large",
@@ -149,6 +158,7 @@ impl Outcome {
             Err(LicenseError::Denied(_)) => Outcome::Denied,
             Err(LicenseError::SessionNotFound) => Outcome::SessionNotFound,
             Err(LicenseError::SessionEvicted) => Outcome::Evicted,
+            Err(LicenseError::LimitReached { .. }) => Outcome::StreamLimit,
             Err(LicenseError::RateLimited { .. }) => Outcome::RateLimited,
             Err(LicenseError::InvalidBody(_)) => Outcome::InvalidBody,
             Err(LicenseError::NoLicenseServer) => Outcome::NoLicenseServer,
@@ -294,6 +304,40 @@ impl Licenses {
         }
     }
 
+    /// Records a session Redis has no trace of again, within `max_streams`
+    /// (`heartbeat.lua`, without a position). Boxed by its caller: this rare
+    /// branch would otherwise size every licence request's future.
+    async fn record_again(
+        &self,
+        grant: &LicenseGrant,
+        session: &SessionId,
+        max_streams: u32,
+    ) -> Result<(), LicenseError> {
+        let recorded = self
+            .sessions
+            .touch(&grant.user, session, None, Untraced::Record { max_streams })
+            .await;
+        match recorded {
+            Ok(TouchOutcome::Touched(_) | TouchOutcome::Unreplicated(_)) => {
+                metrics::counter!("moneta_sessions_recorded_again_total").increment(1);
+                Ok(())
+            }
+            Ok(TouchOutcome::Full(active)) => {
+                metrics::counter!("moneta_stream_limit_rejections_total").increment(1);
+                Err(LicenseError::LimitReached { max_streams, active })
+            }
+            Ok(TouchOutcome::Evicted) => Err(LicenseError::SessionEvicted),
+            Ok(TouchOutcome::Unknown | TouchOutcome::Untraced) => Err(LicenseError::SessionNotFound),
+            Err(DependencyError::Saturated(_)) => Err(LicenseError::Busy),
+            // Redis answered the check a moment ago and fails now: as while
+            // it is unreachable, the session's own id vouches for it.
+            Err(_) => {
+                Fallback::LicenseUnchecked.count();
+                Ok(())
+            }
+        }
+    }
+
     /// A token from a session start is good only while that session is
     /// live for its user. One read-only script; Redis' answer decides while
     /// it gives one.
@@ -314,14 +358,22 @@ impl Licenses {
             Ok(SessionState::Evicted) => Err(LicenseError::SessionEvicted),
             Ok(SessionState::Ended) => Err(LicenseError::SessionNotFound),
             // Started while Redis was unreachable, or Redis lost its data:
-            // as with a heartbeat, Redis' silence is not an ending. The
-            // session's next heartbeat records it again within the limit or
-            // ends it with `409 stream_limit_reached`; refusing the licence
-            // here would stop a player that did nothing wrong.
-            Ok(SessionState::Untraced) if issued => {
-                Fallback::LicenseUntraced.count();
-                Ok(())
-            }
+            // as with a heartbeat, Redis' silence is not an ending, and
+            // refusing the licence would stop a player that did nothing
+            // wrong. As a heartbeat does, the request records the session
+            // again within the limit its start enforced, or is refused with
+            // `409 stream_limit_reached`: a player that never sends
+            // heartbeats must not keep a slot outside the limit for as long
+            // as its licence token lives.
+            Ok(SessionState::Untraced) if issued => match grant.max_streams {
+                Some(max_streams) => Box::pin(self.record_again(grant, session, max_streams)).await,
+                // A token minted before it carried the limit: the session's
+                // heartbeats settle it.
+                None => {
+                    Fallback::LicenseUntraced.count();
+                    Ok(())
+                }
+            },
             Ok(SessionState::Untraced) => Err(LicenseError::SessionNotFound),
             Err(DependencyError::Saturated(_)) => Err(LicenseError::Busy),
             // Redis unreachable: an outage never stops a player, exactly as

@@ -27,6 +27,8 @@ struct RawClaims {
     drm_system: String,
     #[serde(default)]
     session_id: Option<String>,
+    #[serde(default)]
+    max_streams: Option<u32>,
 }
 
 /// What a valid licence token grants.
@@ -41,6 +43,9 @@ pub struct LicenseGrant {
     pub drm_system: String,
     /// Set when the token came with a session start.
     pub session: Option<SessionId>,
+    /// The stream limit that start enforced (tokens minted before it was
+    /// carried have none).
+    pub max_streams: Option<u32>,
 }
 
 pub struct LicenseTokens {
@@ -84,6 +89,7 @@ impl LicenseTokens {
             key_id: KeyId::from_hex(&raw.key_id),
             drm_system: raw.drm_system,
             session,
+            max_streams: raw.max_streams,
         })
     }
 }

@@ -28,6 +28,11 @@ struct LicenseClaims<'a> {
     exp: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     session_id: Option<&'a str>,
+    /// The limit the session's start enforced: a licence request for the
+    /// session after Redis lost it records it again within this limit, as
+    /// a heartbeat would.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_streams: Option<u32>,
 }
 
 /// Licence tokens: HS256 under `MONETA_DRM_TOKEN_SECRET`.
@@ -150,6 +155,8 @@ impl PlaybackAnswer {
 pub struct Audience<'a> {
     pub claims: &'a Claims,
     pub session_id: Option<&'a SessionId>,
+    /// The stream limit a session start enforced (with `session_id`).
+    pub max_streams: Option<u32>,
 }
 
 impl Answers {
@@ -183,6 +190,7 @@ impl Answers {
                 iat,
                 exp: iat + tokens.ttl.as_secs(),
                 session_id: audience.session_id.map(SessionId::as_str),
+                max_streams: audience.max_streams,
             })
         });
         Drm {
@@ -360,6 +368,7 @@ mod tests {
         let audience = Audience {
             claims: &claims,
             session_id: None,
+            max_streams: None,
         };
         let content = title("/m-0001/dash/manifest.mpd");
         for position_ms in [0, 1_234_000, 7_000_000] {
@@ -380,6 +389,7 @@ mod tests {
         let audience = Audience {
             claims: &claims,
             session_id: None,
+            max_streams: None,
         };
         let old = authorized(title("/m-0001/dash/old.mpd"), 0);
         let new = authorized(title("/m-0001/dash/new.mpd"), 0);
@@ -400,6 +410,7 @@ mod tests {
         let audience = Audience {
             claims: &claims,
             session_id: None,
+            max_streams: None,
         };
         let authorized = authorized(title("/m-0001/dash/manifest.mpd"), 0);
         let answer = answers.playback_answer(&authorized, &audience);

@@ -204,6 +204,7 @@ impl Sessions {
         let audience = Audience {
             claims,
             session_id: Some(&session_id),
+            max_streams: Some(max_streams),
         };
         let mut playback = self.playback.assemble(&authorized, &audience);
         playback.degraded |= degraded;
@@ -293,7 +294,7 @@ impl Sessions {
         };
         let mut outcome = self
             .store
-            .touch(&claims.sub, session_id, position, untraced)
+            .touch(&claims.sub, session_id, Some(position), untraced)
             .await;
         if let Ok(TouchOutcome::Untraced) = outcome {
             // Boxed: this rare branch asks the internal API, whose future
@@ -305,7 +306,7 @@ impl Sessions {
                 .touch(
                     &claims.sub,
                     session_id,
-                    position,
+                    Some(position),
                     Untraced::Record { max_streams },
                 )
                 .await;

@@ -6,7 +6,7 @@
 //! it is told. Licence tokens the tests make themselves are signed here with
 //! `hmac` directly, never by the code under test.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 
@@ -1354,9 +1354,58 @@ mod under_fault {
             let _: () = redis::cmd("DEL").arg(key).query(&mut conn).unwrap();
         }
 
+        // Recorded again, as its heartbeat would record it, within the limit.
         assert_clearkey_licence(clearkey(&app, &live).await).await;
-        assert_eq!(fallbacks(&app, "license_untraced").await, 1.0);
+        assert_eq!(fallbacks(&app, "license_untraced").await, 0.0);
+        let listed = app.sessions(&user).await;
+        assert_eq!(listed["sessions"].as_array().map(Vec::len), Some(1), "{listed}");
         assert_error(clearkey(&app, &stopped).await, 404, "session_not_found").await;
+    }
+
+    /// FLUSHALL: every trace of `app`'s sessions is gone.
+    async fn flush(app: &TestApp) {
+        let client = redis::Client::open(app.redis.url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_session_redis_lost_gets_a_licence_only_within_the_limit() {
+        // One stream: after Redis lost everything, the session that starts
+        // (or beats) first holds the slot; a player that only asks for
+        // licences does not play beside it.
+        let app = proxy().await;
+        let basic = app.token("u-basic", "basic", 1, "KR");
+        let (first, playback) = start(&app, &basic, "tv").await;
+        let first_token = token_for(&playback, "clearkey");
+        flush(&app).await;
+        let (second, playback) = start(&app, &basic, "phone").await;
+        let second_token = token_for(&playback, "clearkey");
+
+        let refused = clearkey(&app, &first_token).await;
+        assert_eq!(refused.status(), 409);
+        let body = json(refused).await;
+        assert_eq!(body["error"]["code"], "stream_limit_reached", "{body}");
+        assert_eq!(
+            body["error"]["active_sessions"][0]["session_id"], second,
+            "{body}"
+        );
+        assert_eq!(licence_count(&app, "clearkey", "stream_limit_reached").await, 1.0);
+        assert_clearkey_licence(clearkey(&app, &second_token).await).await;
+        assert_eq!(
+            app.live_session_ids(&basic).await,
+            BTreeSet::from([second.clone()])
+        );
+
+        // The slot frees: the licence records the lost session again.
+        assert_eq!(app.stop_session(&basic, &second).await.status(), 204);
+        assert_clearkey_licence(clearkey(&app, &first_token).await).await;
+        assert_eq!(
+            app.live_session_ids(&basic).await,
+            BTreeSet::from([first.clone()])
+        );
+        assert_error(clearkey(&app, &second_token).await, 404, "session_not_found").await;
+        assert_eq!(fallbacks(&app, "license_untraced").await, 0.0);
     }
 
     #[tokio::test]

@@ -35,6 +35,7 @@ pub async fn playback_info(
     let audience = Audience {
         claims: &claims,
         session_id: None,
+        max_streams: None,
     };
     let answer = app.playback.answer(&authorized, &audience);
     Ok((

@@ -378,12 +378,13 @@ impl SessionStore {
 
     /// Keeps a session alive and records its position, durably: once this
     /// returns `Touched`, the position reaches the internal API even if this
-    /// instance dies.
+    /// instance dies. Without a position (a licence request recording a
+    /// session Redis lost), only the session.
     pub async fn touch(
         &self,
         user: &UserId,
         session_id: &SessionId,
-        position: PositionMs,
+        position: Option<PositionMs>,
         untraced: Untraced,
     ) -> Result<TouchOutcome, DependencyError> {
         let content = session_id.content_str();
@@ -392,10 +393,12 @@ impl SessionStore {
             Untraced::Record { max_streams } => max_streams.to_string(),
             Untraced::Refuse | Untraced::Report => String::new(),
         };
-        call.arg(self.ttl_ms())
-            .arg(session_id.as_str())
-            .arg(position.get())
-            .arg(user.as_str())
+        call.arg(self.ttl_ms()).arg(session_id.as_str());
+        match position {
+            Some(position) => call.arg(position.get()),
+            None => call.arg(""),
+        };
+        call.arg(user.as_str())
             .arg(content)
             .arg(self.deadline())
             .arg(rejoin)

@@ -2,7 +2,8 @@
 -- the position is safe. A heartbeat means the title is being watched again,
 -- so it clears a `completed` mark.
 -- KEYS[5] positions hash, KEYS[6] the progress log of the user's bucket.
--- ARGV: 1 ttl_ms, 2 session_id, 3 position_ms, 4 user_id, 5 content_id,
+-- ARGV: 1 ttl_ms, 2 session_id, 3 position_ms (or '': a licence request
+-- recording a session Redis has no trace of, nothing to record), 4 user_id, 5 content_id,
 -- 6 deadline (Redis ms after which the caller no longer waits, or ''),
 -- 7 max_streams to record a session Redis has no trace of (or '' not to),
 -- 8 device id for such a session (the one its id carries, or '' for ids
@@ -74,6 +75,8 @@ if not last then
   keep_keys()
 end
 redis.call('ZADD', KEYS[1], now_s, sid)
-record_position(ARGV[4], ARGV[5], ARGV[3], '0')
+if ARGV[3] ~= '' then
+  record_position(ARGV[4], ARGV[5], ARGV[3], '0')
+end
 keep_keys_if_low()
 return {1, now}
