@@ -758,7 +758,7 @@ impl Settings {
             })
             .transpose()?
             .unwrap_or_default();
-        let settings = Settings {
+        let mut settings = Settings {
             server: ServerSettings {
                 cors_allowed_origins,
                 listen_addr: src.parse("MONETA_LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], 3000)))?,
@@ -886,6 +886,14 @@ impl Settings {
                 "MONETA_HEARTBEAT_INTERVAL_S",
                 "must be shorter than MONETA_SESSION_TTL_S",
             ));
+        }
+        // A vendor call only ever runs inside a licence request: past the
+        // request's own timeout it would end as a bare 503, uncounted by
+        // its guard and its breaker. It gets at most 4/5 of the request.
+        let request_timeout = settings.server.request_timeout;
+        if let Some(proxy) = settings.drm.proxy.as_mut() {
+            let timeout = &mut proxy.upstream_guard.timeout;
+            *timeout = (*timeout).min(request_timeout * 4 / 5);
         }
         Ok(settings)
     }
@@ -1082,6 +1090,18 @@ mod tests {
             Settings::from_vars(zero).unwrap_err().key,
             "MONETA_DRM_UPSTREAM_TIMEOUT_MS"
         );
+    }
+
+    #[test]
+    fn a_vendor_call_ends_within_its_licence_request() {
+        let long = proxy_vars(&[("MONETA_DRM_UPSTREAM_TIMEOUT_MS", "10000")]);
+        let s = Settings::from_vars(long).unwrap();
+        let guard = &s.drm.proxy.as_ref().unwrap().upstream_guard;
+        assert_eq!(guard.timeout, Duration::from_millis(4_000));
+        let short = proxy_vars(&[("MONETA_DRM_UPSTREAM_TIMEOUT_MS", "1500")]);
+        let s = Settings::from_vars(short).unwrap();
+        let guard = &s.drm.proxy.as_ref().unwrap().upstream_guard;
+        assert_eq!(guard.timeout, Duration::from_millis(1_500));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::playback::rules::Denial;
 use crate::sessions::SessionError;
 
 /// Seconds a client should wait before retrying a `503`.
-const RETRY_AFTER_S: &str = "2";
+pub(super) const RETRY_AFTER_S: &str = "2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -14,13 +14,13 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, HeaderValue, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use metrics::{Counter, Histogram};
 use tower::Service;
 use tracing::field::Empty;
 
-use super::error::{ErrorBody, ErrorDetail, code_for_status};
+use super::error::{ErrorBody, ErrorDetail, RETRY_AFTER_S, code_for_status};
 use super::routes::licenses::Verbatim;
 use crate::telemetry::{logs, traces};
 
@@ -358,6 +358,12 @@ fn json_errors(response: Response) -> Response {
         .headers
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     parts.headers.remove(header::CONTENT_LENGTH);
+    // Every 503 tells when to come back, also the request timeout's.
+    if status == StatusCode::SERVICE_UNAVAILABLE && !parts.headers.contains_key(header::RETRY_AFTER) {
+        parts
+            .headers
+            .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+    }
     Response::from_parts(parts, Body::from(bytes)).into_response()
 }
 

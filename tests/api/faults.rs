@@ -419,3 +419,28 @@ async fn a_stop_made_while_redis_was_unreachable_ends_the_session_when_it_is_bac
     assert_eq!(resp.status(), 404, "the stopped session came back");
     app.api.assert_receives_position("u-basic", 90_000).await;
 }
+
+#[tokio::test]
+async fn a_request_past_its_own_timeout_is_a_503_with_retry_after() {
+    // The internal API may take longer than the whole request may: the
+    // request's bound answers, in the contract's shape, with when to retry.
+    let api = spawn_fake_api().await;
+    api.set_fault(Fault::Hang);
+    let app = spawn_app_on(
+        api,
+        &[
+            ("MONETA_INTERNAL_API_TIMEOUT_MS", "30000"),
+            ("MONETA_REQUEST_TIMEOUT_MS", "500"),
+        ],
+    )
+    .await;
+    let token = app.token("u-premium", "premium", 4, "KR");
+    let resp = app.playback_info("m-0001", &token).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        resp.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"2"[..])
+    );
+    let body: Value = resp.json().await.expect("a JSON body");
+    assert_eq!(body["error"]["code"], "service_unavailable", "{body}");
+}

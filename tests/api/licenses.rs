@@ -1525,6 +1525,31 @@ mod under_fault {
         );
         assert_eq!(dependency_count(&app, "drm_widevine", "rejected_open").await, 1.0);
     }
+
+    #[tokio::test]
+    async fn a_vendor_timeout_longer_than_the_request_ends_within_it() {
+        // Set longer than the request may last: the vendor's failure is
+        // still answered (and counted) as the vendor's, not as a timeout of
+        // the whole request.
+        let vendor = Vendor::start().await;
+        vendor.hang();
+        let app = proxy_to(
+            &vendor,
+            &[
+                ("MONETA_DRM_UPSTREAM_TIMEOUT_MS", "10000"),
+                ("MONETA_REQUEST_TIMEOUT_MS", "1000"),
+            ],
+        )
+        .await;
+        let user = app.token("u-premium", "premium", 4, "KR");
+        let (_, playback) = start(&app, &user, "tv").await;
+        let token = token_for(&playback, "widevine");
+        let resp = licence(&app, "widevine", Some(&token), None, b"c".to_vec()).await;
+        retry_after(&resp);
+        assert_error(resp, 503, "dependency_unavailable").await;
+        assert_eq!(dependency_count(&app, "drm_widevine", "timeout").await, 1.0);
+        assert_eq!(licence_count(&app, "widevine", "unavailable").await, 1.0);
+    }
 }
 
 /// Without a keys file, ClearKey licences come from
