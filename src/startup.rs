@@ -122,6 +122,7 @@ fn licenses(
     };
     let licenses = Licenses::from_settings(
         secret,
+        settings.drm.token_ttl,
         proxy,
         redis.sessions(settings.sessions.ttl),
         session_key.clone(),
@@ -201,7 +202,8 @@ impl Application {
                 Cdn::new(&cdn.base_url, signer),
                 settings.drm.clone(),
                 settings.resume,
-            ),
+            )
+            .on_clock(redis.clock_handle()),
         ));
         let s = &settings.sessions;
         let session_key = SessionKey::new(s.secret.as_ref())?;

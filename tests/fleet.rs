@@ -379,6 +379,110 @@ async fn instances_whose_clocks_differ_by_minutes_agree_on_the_stream_limit() {
     }
 }
 
+/// A ClearKey licence request for the key `clearkey_title` streams under.
+const CLEARKEY_KID: &str = "ASOrzQEjq80BI6vNASOrzQ";
+
+/// `TITLE` with a ClearKey stream as well (key id `0123abcd…`).
+fn clearkey_title() -> Value {
+    let mut title = support::sample_content(TITLE);
+    title["streams"].as_array_mut().expect("streams").push(json!({
+        "protocol": "dash", "path": "/m-0001/dash/clearkey.mpd",
+        "drm": {"system": "clearkey", "key_id": "0123abcd0123abcd0123abcd0123abcd"}
+    }));
+    title
+}
+
+/// The licence proxy's settings, ClearKey from a keys file in `dir`, licence
+/// tokens living `ttl_s`.
+fn licence_proxy(dir: &std::path::Path, ttl_s: u64) -> Vec<(&'static str, String)> {
+    let keys = dir.join("keys.json");
+    let file = json!({"keys": [{"key_id": "0123abcd0123abcd0123abcd0123abcd", "key": "6d6f6e6574612d6465762d6b65792121"}]});
+    std::fs::write(&keys, file.to_string()).expect("write the keys file");
+    vec![
+        ("MONETA_DRM_PROXY", "true".into()),
+        ("MONETA_DRM_TOKEN_SECRET", "fleet-licence-token-secret".into()),
+        ("MONETA_PUBLIC_BASE_URL", "https://play.example.test".into()),
+        ("MONETA_DRM_CLEARKEY_KEYS_FILE", keys.display().to_string()),
+        ("MONETA_DRM_TOKEN_TTL_S", ttl_s.to_string()),
+    ]
+}
+
+/// A session started through `public`, and its ClearKey licence token.
+async fn licensed_session(public: &PublicApi, user: &str) -> String {
+    let token = mint_token(user, "premium", 4, "KR");
+    let resp = public.start_session(&token, TITLE, "tv").await;
+    assert_eq!(resp.status(), 201, "start of {user}");
+    let started: Value = resp.json().await.expect("a JSON start");
+    let streams = started["playback"]["streams"].as_array().expect("streams");
+    let clearkey = streams.iter().find(|s| s["drm"]["system"] == "clearkey");
+    let token = clearkey.and_then(|s| s["drm"]["license_token"].as_str());
+    token
+        .unwrap_or_else(|| panic!("no ClearKey licence token in {started}"))
+        .to_owned()
+}
+
+/// A licence token's `iat`, read without checking anything.
+fn issued_at(token: &str) -> i64 {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWS payload");
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url");
+    let claims: Value = serde_json::from_slice(&json).expect("JSON claims");
+    claims["iat"].as_i64().expect("iat")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_whose_clocks_differ_by_minutes_agree_on_licence_tokens() {
+    // Tokens live a minute: five minutes of skew would expire every token
+    // minted on one clock at once on the other, or keep it for five more.
+    let fleet = Deployment::start().await;
+    fleet.api.serve_title(clearkey_title());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proxy = licence_proxy(dir.path(), 60);
+    let members = [
+        ("honest", fleet.member(&proxy)),
+        (
+            "ahead",
+            fleet.member(&[proxy.clone(), faketime::skewed_clock("+5m")].concat()),
+        ),
+        (
+            "behind",
+            fleet.member(&[proxy.clone(), faketime::skewed_clock("-5m")].concat()),
+        ),
+    ];
+    let publics: Vec<(&str, PublicApi)> = members.iter().map(|(name, m)| (*name, m.public_api())).collect();
+    assert!(
+        clock_lead_s(&publics[1].1).await >= 240,
+        "the instance ahead is not"
+    );
+    assert!(
+        clock_lead_s(&publics[2].1).await <= -240,
+        "the instance behind is not"
+    );
+
+    let body = json!({"kids": [CLEARKEY_KID], "type": "temporary"}).to_string();
+    for (minter, public) in &publics {
+        let token = licensed_session(public, &format!("load-licence-clock-{minter}")).await;
+        // Redis runs on this machine's clock.
+        let lead = issued_at(&token) - Utc::now().timestamp();
+        assert!(
+            lead.abs() <= 10,
+            "{minter} dated its token {lead} s off Redis' clock"
+        );
+        for (checker, public) in &publics {
+            let request = public.request(Method::POST, "/v1/licenses/clearkey", Some(&token));
+            let resp = PublicApi::send(request.body(body.clone())).await;
+            assert_eq!(
+                resp.status(),
+                200,
+                "{minter}'s token at {checker}: {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn positions_acknowledged_before_a_sigkill_are_delivered_by_another_instance() {
     let fleet = Deployment::start().await;

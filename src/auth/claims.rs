@@ -36,7 +36,7 @@ pub struct Claims {
 /// whole seconds, rounded down; beyond what i64 holds, saturated. jsonwebtoken
 /// reads these claims as integers only and refuses the token otherwise, so
 /// Moneta reads them here and checks them itself (`verifier.rs`).
-fn numeric_date<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+pub(crate) fn numeric_date<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Number {
@@ -52,8 +52,14 @@ fn numeric_date<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Er
     })
 }
 
-fn some_numeric_date<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+pub(crate) fn some_numeric_date<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
     numeric_date(deserializer).map(Some)
+}
+
+/// Whether a token's `exp` and `nbf` hold at `now` (seconds), give or take
+/// `leeway`; never overflows, whatever the claims say.
+pub(crate) fn in_force(exp: i64, nbf: Option<i64>, now: i64, leeway: i64) -> bool {
+    exp.saturating_add(leeway) >= now && nbf.is_none_or(|nbf| nbf.saturating_sub(leeway) <= now)
 }
 
 #[cfg(test)]

@@ -164,8 +164,7 @@ impl Verifier {
 /// `exp` and `nbf` against now, with the same leeway as the full check.
 fn within_time(claims: &Claims) -> bool {
     let now = jsonwebtoken::get_current_timestamp() as i64;
-    let leeway = LEEWAY_S as i64;
-    claims.exp.saturating_add(leeway) >= now && claims.nbf.is_none_or(|nbf| nbf.saturating_sub(leeway) <= now)
+    super::claims::in_force(claims.exp, claims.nbf, now, LEEWAY_S as i64)
 }
 
 /// Signs a development token with an HS256 secret (`moneta token`, tests, benches).

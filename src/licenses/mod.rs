@@ -195,7 +195,7 @@ pub struct Licenses {
 
 impl Licenses {
     pub fn new(
-        token_secret: &Secret,
+        tokens: LicenseTokens,
         sessions: SessionStore,
         session_key: SessionKey,
         clear_keys: Option<HashMap<KeyId, [u8; 16]>>,
@@ -209,7 +209,7 @@ impl Licenses {
             }
         }
         Self {
-            tokens: LicenseTokens::new(token_secret),
+            tokens,
             sessions,
             session_key,
             limit: RateLimit::default(),
@@ -222,6 +222,7 @@ impl Licenses {
     /// Builds the proxy from its settings; the keys file was loaded by the caller.
     pub fn from_settings(
         token_secret: &Secret,
+        token_ttl: Duration,
         proxy: &LicenseProxySettings,
         sessions: SessionStore,
         session_key: SessionKey,
@@ -229,7 +230,7 @@ impl Licenses {
     ) -> Result<Self, String> {
         let vendors = DrmUpstreams::new(proxy)?;
         Ok(Self::new(
-            token_secret,
+            LicenseTokens::new(token_secret, token_ttl),
             sessions,
             session_key,
             clear_keys,
@@ -248,7 +249,8 @@ impl Licenses {
     }
 
     async fn answer(&self, request: LicenseRequest<'_>) -> Result<License, LicenseError> {
-        let grant = self.tokens.verify(request.token)?;
+        let now = self.sessions.clock_now().timestamp();
+        let grant = self.tokens.verify(request.token, now)?;
         // ClearKey stands in for any CENC system in development: the key id
         // decides there, not the system the catalog named.
         if request.system != DrmSystem::ClearKey && grant.drm_system != request.system.as_str() {

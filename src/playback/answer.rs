@@ -16,6 +16,7 @@ use crate::model::{
     CdnCookies, ContentId, ContentPlayback, Drm, DrmSource, LicenseRequestHeaders, PlaybackInfo, SessionId,
     Stream, Subtitle,
 };
+use crate::sources::redis::RedisClock;
 
 /// What a licence proxy checks before it asks the DRM vendor for a licence.
 #[derive(Serialize)]
@@ -51,6 +52,8 @@ pub struct Answers {
     cdn: Cdn,
     drm: DrmSettings,
     tokens: Option<LicenseTokens>,
+    /// Licence tokens are dated on Redis' clock (`licenses/token.rs`).
+    clock: Arc<RedisClock>,
     resume: ResumeSettings,
     /// Media parts written once per title version and URL-signing step.
     media: moka::sync::Cache<(ContentId, u64), Arc<MediaJson>, foldhash::fast::RandomState>,
@@ -169,6 +172,7 @@ impl Answers {
             cdn,
             drm,
             tokens,
+            clock: Arc::default(),
             resume,
             // foldhash, as the verified tokens (`auth/verifier.rs`): looked
             // up on every answer, and only titles that exist are inserted.
@@ -179,9 +183,15 @@ impl Answers {
         }
     }
 
+    /// Dates licence tokens on `clock` (until then, this instance's own).
+    pub fn on_clock(mut self, clock: Arc<RedisClock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
     fn drm(&self, source: &DrmSource, content_id: &ContentId, audience: Option<&Audience<'_>>) -> Drm {
         let license_token = self.tokens.as_ref().zip(audience).and_then(|(tokens, audience)| {
-            let iat = jsonwebtoken::get_current_timestamp();
+            let iat = u64::try_from(self.clock.now().timestamp()).unwrap_or_default();
             tokens.token(&LicenseClaims {
                 sub: audience.claims.sub.as_str(),
                 content_id: content_id.as_str(),

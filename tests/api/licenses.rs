@@ -554,6 +554,19 @@ async fn the_licence_token_is_checked_first() {
         c["session_id"] = json!("not-a-session-id");
         c
     };
+    // Moneta mints neither: tokens live `MONETA_DRM_TOKEN_TTL_S` (300 s)
+    // from now.
+    let from_the_future = {
+        let mut c = valid.clone();
+        c["iat"] = json!(unix_now() + 3600);
+        c["exp"] = json!(unix_now() + 3900);
+        c
+    };
+    let too_long = {
+        let mut c = valid.clone();
+        c["exp"] = json!(unix_now() + 3600);
+        c
+    };
     let hs256_header = json!({"alg": "HS256", "typ": "JWT"});
     let none = format!(
         "{}.{}.",
@@ -573,6 +586,8 @@ async fn the_licence_token_is_checked_first() {
         ("expired past the leeway", hs256(&expired)),
         ("no sub", hs256(&without_sub)),
         ("a malformed session id", hs256(&bad_session)),
+        ("minted in the future", hs256(&from_the_future)),
+        ("minted for longer than the TTL", hs256(&too_long)),
         ("the user's own JWT", app.token("u-premium", "premium", 4, "KR")),
         ("garbage", "a.b.c".to_owned()),
         ("oversized", format!("{}.{}.x", "a".repeat(9000), "b")),
