@@ -606,15 +606,21 @@ async fn a_poison_item_is_dead_lettered_once(prefix: &str, env: &[(&'static str,
     );
 }
 
+/// Settings for [`a_poison_item_is_dead_lettered_once`]: the internal API's
+/// timeout and the attempts an item gets, rounds every 200 ms.
+fn poison_settings(timeout_ms: u32, attempts: u32) -> [(&'static str, String); 3] {
+    [
+        ("MONETA_INTERNAL_API_TIMEOUT_MS", timeout_ms.to_string()),
+        ("MONETA_PROGRESS_MAX_ATTEMPTS", attempts.to_string()),
+        ("MONETA_PROGRESS_FLUSH_MS", "200".into()),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_poison_item_both_instances_judge_is_dead_lettered_and_counted_once() {
     // Parked after its first failure, then sampled by both instances' sweeps
     // within the same hang: both judge it for the last time.
-    let env = [
-        ("MONETA_INTERNAL_API_TIMEOUT_MS", "2000".into()),
-        ("MONETA_PROGRESS_MAX_ATTEMPTS", "2".into()),
-        ("MONETA_PROGRESS_FLUSH_MS", "200".into()),
-    ];
+    let env = poison_settings(2_000, 2);
     a_poison_item_is_dead_lettered_once("poison-parked", &env, Duration::from_secs(20)).await;
 }
 
@@ -622,11 +628,7 @@ async fn a_parked_poison_item_both_instances_judge_is_dead_lettered_and_counted_
 async fn a_poison_entry_another_instance_took_over_is_dead_lettered_and_counted_once() {
     // The entry's first reader hangs past the 15 s after which the other
     // instance takes it over: both judge it, the first while the other holds it.
-    let env = [
-        ("MONETA_INTERNAL_API_TIMEOUT_MS", "18000".into()),
-        ("MONETA_PROGRESS_MAX_ATTEMPTS", "1".into()),
-        ("MONETA_PROGRESS_FLUSH_MS", "200".into()),
-    ];
+    let env = poison_settings(18_000, 1);
     a_poison_item_is_dead_lettered_once("poison-taken", &env, Duration::from_secs(45)).await;
 }
 

@@ -1507,23 +1507,27 @@ mod under_fault {
         assert_eq!(licence_count(&app, "widevine", "unavailable").await, 4.0);
     }
 
-    #[tokio::test]
-    async fn a_hung_vendor_times_out_and_then_is_not_waited_for() {
+    /// A vendor that never answers, the proxy in front of it with
+    /// `settings`, and a session's Widevine licence token.
+    async fn hung_vendor(settings: &[(&str, &str)]) -> (Vendor, Proxy, String) {
         let vendor = Vendor::start().await;
         vendor.hang();
-        let app = proxy_to(
-            &vendor,
-            &[
-                ("MONETA_DRM_UPSTREAM_TIMEOUT_MS", "300"),
-                ("MONETA_DRM_UPSTREAM_BREAKER_FAILURES", "2"),
-                ("MONETA_DRM_UPSTREAM_BREAKER_OPEN_MS", "60000"),
-                ("MONETA_DRM_UPSTREAM_BREAKER_OPEN_MAX_MS", "60000"),
-            ],
-        )
-        .await;
+        let app = proxy_to(&vendor, settings).await;
         let user = app.token("u-premium", "premium", 4, "KR");
         let (_, playback) = start(&app, &user, "tv").await;
         let token = token_for(&playback, "widevine");
+        (vendor, app, token)
+    }
+
+    #[tokio::test]
+    async fn a_hung_vendor_times_out_and_then_is_not_waited_for() {
+        let (vendor, app, token) = hung_vendor(&[
+            ("MONETA_DRM_UPSTREAM_TIMEOUT_MS", "300"),
+            ("MONETA_DRM_UPSTREAM_BREAKER_FAILURES", "2"),
+            ("MONETA_DRM_UPSTREAM_BREAKER_OPEN_MS", "60000"),
+            ("MONETA_DRM_UPSTREAM_BREAKER_OPEN_MAX_MS", "60000"),
+        ])
+        .await;
         for _ in 0..2 {
             let resp = licence(&app, "widevine", Some(&token), None, b"c".to_vec()).await;
             assert_error(resp, 503, "dependency_unavailable").await;
@@ -1546,19 +1550,11 @@ mod under_fault {
         // Set longer than the request may last: the vendor's failure is
         // still answered (and counted) as the vendor's, not as a timeout of
         // the whole request.
-        let vendor = Vendor::start().await;
-        vendor.hang();
-        let app = proxy_to(
-            &vendor,
-            &[
-                ("MONETA_DRM_UPSTREAM_TIMEOUT_MS", "10000"),
-                ("MONETA_REQUEST_TIMEOUT_MS", "1000"),
-            ],
-        )
+        let (_vendor, app, token) = hung_vendor(&[
+            ("MONETA_DRM_UPSTREAM_TIMEOUT_MS", "10000"),
+            ("MONETA_REQUEST_TIMEOUT_MS", "1000"),
+        ])
         .await;
-        let user = app.token("u-premium", "premium", 4, "KR");
-        let (_, playback) = start(&app, &user, "tv").await;
-        let token = token_for(&playback, "widevine");
         let resp = licence(&app, "widevine", Some(&token), None, b"c".to_vec()).await;
         retry_after(&resp);
         assert_error(resp, 503, "dependency_unavailable").await;
