@@ -18,7 +18,12 @@ use crate::sources::redis::{Delivery, EntryId, ParkedField, ProgressLog, Settlem
 
 /// How often positions waiting in memory look whether Redis answers again.
 const REDIS_BACK_POLL: Duration = Duration::from_millis(200);
-/// Rounds per tick at most, so a large backlog drains in bounded bites.
+/// Rounds per tick at most, so a large backlog drains in bounded bites:
+/// between two, the courier counts the backlog and looks for a shutdown. A
+/// tick that ends at this bound with rounds still full is followed at once
+/// by the next, not after the flush interval: a backlog (a flood admitted
+/// while the internal API was away) drains as fast as rounds go, and the
+/// log does not outgrow what the courier can fold into parked pairs.
 const MAX_ROUNDS_PER_TICK: usize = 50;
 /// Consumers of instances gone this long (holding nothing) leave the group.
 const CONSUMER_IDLE: Duration = Duration::from_secs(3600);
@@ -195,6 +200,14 @@ struct Round {
     settlement: Settlement,
     /// Fresh entries read from the log (parseable or not).
     fresh: usize,
+}
+
+/// How a tick went.
+struct Ticked {
+    /// It read, swept or delivered something.
+    busy: bool,
+    /// It stopped at [`MAX_ROUNDS_PER_TICK`] with rounds still full.
+    more: bool,
 }
 
 /// A position from memory on its way to Redis.
@@ -672,11 +685,12 @@ impl Courier {
     /// One tick: rounds until one comes back short (or fails), the first
     /// one sweeping when `sweep`. Returns whether the tick found anything
     /// to move.
-    async fn tick(&self, sweep: bool) -> bool {
+    async fn tick(&self, sweep: bool) -> Ticked {
         let mut busy = false;
+        let mut more = false;
         let swept_first = sweep;
         let mut sweep = sweep;
-        for _ in 0..MAX_ROUNDS_PER_TICK {
+        for round in 1..=MAX_ROUNDS_PER_TICK {
             let moved = self.round(sweep).await;
             busy |= moved.read > 0 || moved.swept > 0 || moved.delivered > 0;
             sweep = moved.swept > 0;
@@ -689,6 +703,7 @@ impl Courier {
             if !goes_on {
                 break;
             }
+            more = round == MAX_ROUNDS_PER_TICK;
         }
         if (swept_first || busy)
             && let Ok((log, parked)) = self.log.backlog().await
@@ -696,7 +711,7 @@ impl Courier {
             metrics::gauge!("moneta_progress_backlog", "kind" => "log").set(log as f64);
             metrics::gauge!("moneta_progress_backlog", "kind" => "parked").set(parked as f64);
         }
-        busy
+        Ticked { busy, more }
     }
 
     /// Runs until `stop` sends a deadline (or is dropped: the deadline is
@@ -710,6 +725,9 @@ impl Courier {
         // positions Redis keeps refusing while it answers other calls must
         // not turn the loop into one tick per poll.
         let mut woke_early = false;
+        // The first tick at once: what the log holds after a restart is
+        // owed already.
+        let mut wait = Duration::ZERO;
         let deadline = loop {
             let early = async {
                 match woke_early {
@@ -719,10 +737,16 @@ impl Courier {
             };
             tokio::select! {
                 deadline = &mut stop => break deadline.unwrap_or_else(|_| Instant::now()),
-                _ = tokio::time::sleep(self.interval) => woke_early = false,
+                _ = tokio::time::sleep(wait) => woke_early = false,
                 () = early => woke_early = true,
             }
-            busy = self.tick(busy || ticks.is_multiple_of(IDLE_SWEEP_TICKS)).await;
+            let ticked = self.tick(busy || ticks.is_multiple_of(IDLE_SWEEP_TICKS)).await;
+            busy = ticked.busy;
+            wait = if ticked.more {
+                Duration::ZERO
+            } else {
+                self.interval
+            };
             ticks += 1;
             if ticks.is_multiple_of(CONSUMER_SWEEP_TICKS) {
                 let _ = self.log.forget_idle_consumers(CONSUMER_IDLE).await;
