@@ -117,17 +117,22 @@ pub async fn deliver(api: &InternalApi, items: &[ProgressItem], others_taken: bo
             Ok(BatchOutcome::Failed(status)) => Failure::Other(format!("status {}", status.as_u16())),
             // Turned away by our own guard: nothing was asked, nothing is learnt.
             Err(e @ (DependencyError::Open(_) | DependencyError::Saturated(_))) => {
-                tracing::warn!(error = %e, "progress delivery not attempted; will retry");
+                if let Some(skipped) = OUTAGE_WARNINGS.pass() {
+                    tracing::warn!(error = %e, skipped, "progress delivery not attempted; will retry");
+                }
                 report.outage = true;
                 break;
             }
             Err(e) => Failure::Other(e.kind().to_owned()),
         };
         if !proven && !takes_batches(api).await {
-            tracing::warn!(
-                items = batch.len(),
-                "the internal API takes no progress batch, not even an empty one; will retry"
-            );
+            if let Some(skipped) = OUTAGE_WARNINGS.pass() {
+                tracing::warn!(
+                    items = batch.len(),
+                    skipped,
+                    "the internal API takes no progress batch, not even an empty one; will retry"
+                );
+            }
             report.outage = true;
             break;
         }
@@ -158,6 +163,48 @@ pub async fn deliver(api: &InternalApi, items: &[ProgressItem], others_taken: bo
         };
     }
     report
+}
+
+/// The warnings every round of an internal-API outage would repeat (under
+/// a flood, rounds follow one another every few milliseconds): one every
+/// [`OUTAGE_WARN_EVERY`], with how many were left out before it. By hand:
+/// tracing has no rate limit of its own, and this one place needs one.
+static OUTAGE_WARNINGS: Throttled = Throttled::new();
+const OUTAGE_WARN_EVERY: Duration = Duration::from_secs(10);
+
+struct Throttled {
+    /// Milliseconds after the first call before which nothing passes.
+    quiet_until_ms: std::sync::atomic::AtomicU64,
+    skipped: std::sync::atomic::AtomicU64,
+}
+
+impl Throttled {
+    const fn new() -> Self {
+        Self {
+            quiet_until_ms: std::sync::atomic::AtomicU64::new(0),
+            skipped: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(left out since the last one)` when this one is to be logged.
+    fn pass(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        static EPOCH: std::sync::LazyLock<std::time::Instant> =
+            std::sync::LazyLock::new(std::time::Instant::now);
+        let now = EPOCH.elapsed().as_millis() as u64;
+        let until = self.quiet_until_ms.load(Relaxed);
+        let next = now + OUTAGE_WARN_EVERY.as_millis() as u64;
+        if now < until
+            || self
+                .quiet_until_ms
+                .compare_exchange(until, next, Relaxed, Relaxed)
+                .is_err()
+        {
+            self.skipped.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.skipped.swap(0, Relaxed))
+    }
 }
 
 /// How long items the internal API took make its refusals credible.
@@ -842,6 +889,15 @@ mod tests {
             .iter()
             .map(|(h, _)| (h.item.position_ms.get(), h.position, h.log))
             .collect()
+    }
+
+    #[test]
+    fn outage_warnings_pass_one_in_a_while_and_count_the_rest() {
+        let warnings = Throttled::new();
+        assert_eq!(warnings.pass(), Some(0));
+        assert_eq!(warnings.pass(), None);
+        assert_eq!(warnings.pass(), None);
+        assert_eq!(warnings.skipped.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[test]
