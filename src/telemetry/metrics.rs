@@ -219,6 +219,10 @@ fn describe() {
         "moneta_progress_queue_depth",
         "Resume positions waiting for delivery to the internal API."
     );
+    describe_gauge!(
+        "moneta_progress_backlog",
+        "Resume positions waiting in Redis, by kind: log (entries not yet delivered) and parked (user and title pairs the internal API has not taken yet), over every bucket, as the courier last counted them."
+    );
     describe_counter!(
         "moneta_progress_delivered_total",
         "Resume positions delivered to the internal API."
