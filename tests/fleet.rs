@@ -1051,8 +1051,7 @@ async fn instances_that_never_reached_redis_settle_their_stamps_on_its_clock() {
     let (redis, api) = (&fleet.redis, &fleet.api);
     let honest_process = fleet.member(&[]);
     let honest = honest_process.public_api();
-    let viewer = start_viewers(&honest, "skew-unmeasured", 1).await.remove(0);
-    assert_eq!(heartbeat_status(&honest, &viewer, 1_000_000).await, 200);
+    let viewer = playing_through_redis(&honest_process, "skew-unmeasured").await;
 
     // Both skewed instances start while Redis hangs: neither has ever read
     // its clock. The internal API is down too, so that what they hold meets
@@ -1111,8 +1110,7 @@ async fn an_instance_that_never_reached_redis_does_not_outdate_later_positions_a
     let (redis, api) = (&fleet.redis, &fleet.api);
     let honest_process = fleet.member(&[]);
     let honest = honest_process.public_api();
-    let viewer = start_viewers(&honest, "skew-delivered", 1).await.remove(0);
-    assert_eq!(heartbeat_status(&honest, &viewer, 1_000_000).await, 200);
+    let viewer = playing_through_redis(&honest_process, "skew-delivered").await;
 
     redis.pause();
     let ahead_process = fleet.member(&faketime::skewed_clock("+300s"));
