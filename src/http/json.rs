@@ -4,11 +4,15 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::http::routes::sessions::HeartbeatAck;
 use crate::playback::PlaybackAnswer;
 
 /// Room for a whole playback-info answer (~700 bytes; more with licence
 /// tokens and cookies), so serializing never grows the buffer.
 const ANSWER_CAPACITY: usize = 2048;
+
+/// A heartbeat's answer: an id of at most 249 bytes, a timestamp and three keys.
+const HEARTBEAT_ANSWER_CAPACITY: usize = 384;
 
 /// A JSON answer. axum's `Json` writes through a `BytesMut` writer that starts
 /// at 128 bytes, one `put_slice` call per token serde emits; on the hot path
@@ -30,6 +34,15 @@ impl IntoResponse for PlaybackAnswer {
         let mut body = Vec::with_capacity(ANSWER_CAPACITY);
         let written = self.write_json(&mut body);
         json_response(written, body)
+    }
+}
+
+/// A heartbeat's answer, which writes its own JSON.
+impl IntoResponse for HeartbeatAck {
+    fn into_response(self) -> Response {
+        let mut body = Vec::with_capacity(HEARTBEAT_ANSWER_CAPACITY);
+        self.write_json(&mut body);
+        json_response(Ok(()), body)
     }
 }
 

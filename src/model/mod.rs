@@ -20,4 +20,4 @@ pub use ids::{
 pub use progress::{Progress, ProgressItem, ResumePoint};
 pub use session::LiveSession;
 pub use sourced::{Origin, Sourced};
-pub use timestamp::rfc3339;
+pub use timestamp::{rfc3339, write_rfc3339};

@@ -11,7 +11,7 @@ use tracing::field::Empty;
 
 use super::CallContext;
 use crate::config::{ExposeSecret, InternalApiSettings, Secret};
-use crate::model::{ContentId, ContentPlayback, Entitlement, Progress, ProgressItem, UserId, rfc3339};
+use crate::model::{ContentId, ContentPlayback, Entitlement, Progress, ProgressItem, UserId, write_rfc3339};
 use crate::resilience::{DependencyError, Guard, Verdict};
 use crate::telemetry::traces;
 
@@ -64,7 +64,7 @@ fn batch_body(items: &[ProgressItem]) -> Vec<u8> {
         out.extend_from_slice(b",\"position_ms\":");
         out.extend_from_slice(itoa::Buffer::new().format(item.position_ms.get()).as_bytes());
         out.extend_from_slice(b",\"updated_at\":");
-        let _ = rfc3339(&item.updated_at, &mut serde_json::Serializer::new(&mut out));
+        write_rfc3339(&mut out, &item.updated_at);
         if item.completed {
             out.extend_from_slice(b",\"completed\":true");
         }
