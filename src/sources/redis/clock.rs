@@ -8,7 +8,7 @@
 //! first measurement a stamp is the instance's own clock, and says so.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
 
@@ -89,9 +89,16 @@ impl RedisClock {
     /// The instant on Redis' clock after which a call sent now is no longer
     /// awaited (its caller timed out and answered from memory); `None` until
     /// the offset was measured once.
+    ///
+    /// In milliseconds straight from the system clock: every heartbeat asks,
+    /// and going through a `DateTime` and back cost it ~100 instructions.
     pub fn deadline(&self, timeout: Duration) -> Option<i64> {
-        self.measured_now()
-            .map(|now| now.timestamp_millis() + timeout.as_millis() as i64)
+        let offset = self.offset_ms()?;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX));
+        let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        Some(now_ms.saturating_add(offset).saturating_add(timeout_ms))
     }
 }
 

@@ -127,6 +127,16 @@ pub struct SessionStore {
     loaded: Arc<[AtomicBool; 2]>,
 }
 
+/// A script argument that may be absent: the scripts read `''` as "none".
+/// Numbers go as they are (the client writes their digits in place), not
+/// through a `String` each.
+fn arg_or_empty(call: &mut Cmd, value: Option<impl redis::ToSingleRedisArg>) {
+    match value {
+        Some(value) => call.arg(value),
+        None => call.arg(""),
+    };
+}
+
 fn int(v: Option<&Value>) -> i64 {
     v.and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
         .unwrap_or(0)
@@ -293,20 +303,17 @@ impl SessionStore {
         Ok(reply)
     }
 
-    /// Redis' time after which a write sent now is no longer awaited, or ''.
+    /// Redis' time after which a write sent now is no longer awaited, `None`
+    /// before the offset to Redis' clock was measured.
     /// A write that has to wait for replicas is skipped earlier: it must
     /// leave its `WAIT` room within the caller's patience.
-    fn deadline(&self) -> String {
+    fn deadline(&self) -> Option<i64> {
         let timeout = self.redis.guard().timeout();
         let budget = match self.replicas_wait() {
             Some((_, wait_ms)) => timeout.saturating_sub(Duration::from_millis(wait_ms)),
             None => timeout,
         };
-        self.redis
-            .clock()
-            .deadline(budget)
-            .map(|ms| ms.to_string())
-            .unwrap_or_default()
+        self.redis.clock().deadline(budget)
     }
 
     /// `WAIT`'s arguments when writes must reach replicas.
@@ -390,19 +397,15 @@ impl SessionStore {
         let content = session_id.content_str();
         let mut call = self.writing_call(&HEARTBEAT, user);
         let rejoin = match untraced {
-            Untraced::Record { max_streams } => max_streams.to_string(),
-            Untraced::Refuse | Untraced::Report => String::new(),
+            Untraced::Record { max_streams } => Some(max_streams),
+            Untraced::Refuse | Untraced::Report => None,
         };
         call.arg(self.ttl_ms()).arg(session_id.as_str());
-        match position {
-            Some(position) => call.arg(position.get()),
-            None => call.arg(""),
-        };
-        call.arg(user.as_str())
-            .arg(content)
-            .arg(self.deadline())
-            .arg(rejoin)
-            .arg(session_id.device_str().unwrap_or_default());
+        arg_or_empty(&mut call, position.map(PositionMs::get));
+        call.arg(user.as_str()).arg(content);
+        arg_or_empty(&mut call, self.deadline());
+        arg_or_empty(&mut call, rejoin);
+        call.arg(session_id.device_str().unwrap_or_default());
         let (reply, held) = self.invoke_written(&HEARTBEAT, &self.loaded[0], call).await?;
         let now = millis_to_utc(int(reply.get(1)));
         Ok(match int(reply.first()) {
@@ -428,18 +431,17 @@ impl SessionStore {
     ) -> Result<EndOutcome, DependencyError> {
         let content = session_id.content_str();
         let mut call = self.writing_call(&STOP, user);
-        call.arg(self.ttl_ms())
-            .arg(session_id.as_str())
-            .arg(position.map(|p| p.get().to_string()).unwrap_or_default())
-            .arg(user.as_str())
+        call.arg(self.ttl_ms()).arg(session_id.as_str());
+        arg_or_empty(&mut call, position.map(PositionMs::get));
+        call.arg(user.as_str())
             .arg(content)
-            .arg(if completed { "1" } else { "0" })
-            .arg(self.deadline())
-            .arg(if matches!(untraced, Untraced::Refuse) {
-                "0"
-            } else {
-                "1"
-            });
+            .arg(if completed { "1" } else { "0" });
+        arg_or_empty(&mut call, self.deadline());
+        call.arg(if matches!(untraced, Untraced::Refuse) {
+            "0"
+        } else {
+            "1"
+        });
         let (reply, held) = self.invoke_written(&STOP, &self.loaded[1], call).await?;
         Ok(match int(reply.first()) {
             1..=3 if !held => EndOutcome::Unreplicated,
