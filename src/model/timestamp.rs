@@ -22,7 +22,7 @@ pub fn write_rfc3339(out: &mut Vec<u8>, at: &DateTime<Utc>) {
     match Rfc3339::of(at) {
         Some(text) => {
             out.push(b'"');
-            out.extend_from_slice(text.as_str().as_bytes());
+            out.extend_from_slice(text.as_bytes());
             out.push(b'"');
         }
         // Writing into a Vec cannot fail.
@@ -39,6 +39,9 @@ struct Rfc3339 {
 impl Rfc3339 {
     /// `None` for signed years and leap seconds, which keep chrono's own form.
     fn of(at: &DateTime<Utc>) -> Option<Self> {
+        // Each of `DateTime`'s accessors adds the zone's offset again first;
+        // the naive time is read once.
+        let at = at.naive_utc();
         let (year, nano) = (at.year(), at.nanosecond());
         if !(0..=9999).contains(&year) || nano >= 1_000_000_000 {
             return None;
@@ -67,9 +70,13 @@ impl Rfc3339 {
         Some(Self { buf, len: end + 1 })
     }
 
+    fn as_bytes(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
+    }
+
     fn as_str(&self) -> &str {
         // Only ASCII digits and separators were written.
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 }
 
