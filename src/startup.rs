@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use crate::http::unread_body::AnswerThenDrain;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -528,8 +528,7 @@ fn spawn_connection(
         })
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEAD_BUFFER);
-    let connection =
-        pacing::serve(watcher.watch(builder.serve_connection(io, TowerToHyperService::new(router))));
+    let connection = pacing::serve(watcher.watch(builder.serve_connection(io, AnswerThenDrain::new(router))));
     tokio::spawn(async move {
         let _open = open;
         tokio::select! {

@@ -11,6 +11,7 @@ mod middleware;
 pub mod openapi;
 pub mod pacing;
 pub mod routes;
+pub mod unread_body;
 
 use std::sync::Arc;
 

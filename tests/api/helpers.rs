@@ -1,9 +1,11 @@
 //! `spawn_app()`: a real Moneta (in process, port 0) on a real redis-server,
 //! in front of the fake internal API, which counts its calls and fails on demand.
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::support::{self, FakeApi, PublicApi, RedisServer, spawn_fake_api};
+use crate::support::{self, FakeApi, PATIENCE, PublicApi, RedisServer, spawn_fake_api};
 use moneta::config::Settings;
 use moneta::startup::Application;
 
@@ -128,4 +130,41 @@ pub async fn assert_invalid_token(resp: reqwest::Response, case: &str) {
         "{case}"
     );
     support::assert_error(resp, 401, "invalid_token").await;
+}
+
+/// A raw connection to the public API.
+pub async fn connect(app: &TestApp) -> TcpStream {
+    let port = app.address.rsplit(':').next().expect("a port");
+    TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connect")
+}
+
+/// One request on `stream` and its whole answer: the status and the head,
+/// lowercased.
+pub async fn exchange(stream: &mut TcpStream, request: &str) -> (u16, String) {
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if answer.len() >= end + 4 + length {
+                    return head;
+                }
+            }
+            let n = stream.read(&mut buf).await.expect("read answer");
+            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("an answer");
+    (head[9..12].parse().expect("a status"), head)
 }

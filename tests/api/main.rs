@@ -10,6 +10,7 @@ mod allocator;
 mod auth;
 mod cdn_signing;
 mod cluster;
+mod connections;
 mod delivery;
 mod fault_proxy;
 mod faults;

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{TestApp, spawn_app_with};
+use crate::helpers::{TestApp, connect, exchange, spawn_app_with};
 use crate::support::{PATIENCE, assert_error, eventually, metric_value};
 
 const SESSION_ROUTE: &str = "/v1/playback/sessions/{session_id}";
@@ -25,14 +25,6 @@ const SMALL_LIMIT: &[(&str, &str)] = &[
     // Held requests wait for their bodies longer than the test takes.
     ("MONETA_REQUEST_TIMEOUT_MS", "60000"),
 ];
-
-/// A raw connection to the public API.
-async fn connect(app: &TestApp) -> TcpStream {
-    let port = app.address.rsplit(':').next().expect("a port");
-    TcpStream::connect(format!("127.0.0.1:{port}"))
-        .await
-        .expect("connect")
-}
 
 /// A request whose head and first body byte were sent; the rest waits for
 /// [`Held::finish`]. Moneta has admitted it (or refused it) by then.
@@ -214,35 +206,6 @@ async fn a_flood_of_heartbeats_is_shed_first_while_playback_info_and_starts_are_
     }
     in_flight_reaches(&app, 0.0).await;
     assert_eq!(app.heartbeat(&token, &id, 3_000_000).await.status(), 200);
-}
-
-/// One request on `stream` and its whole answer: the status and the head,
-/// lowercased.
-async fn exchange(stream: &mut TcpStream, request: &str) -> (u16, String) {
-    stream.write_all(request.as_bytes()).await.expect("request");
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    let head = tokio::time::timeout(PATIENCE, async {
-        loop {
-            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
-                let length = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                if answer.len() >= end + 4 + length {
-                    return head;
-                }
-            }
-            let n = stream.read(&mut buf).await.expect("read answer");
-            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&answer));
-            answer.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("an answer");
-    (head[9..12].parse().expect("a status"), head)
 }
 
 /// A client that ignores `Retry-After` and sends its next heartbeat at once
