@@ -51,25 +51,24 @@ async fn a_body_sent_with_its_head_keeps_the_connection_of_a_refused_request() {
 /// met a broken pipe.
 #[tokio::test]
 async fn a_request_refused_before_its_body_came_is_told_its_connection_closes() {
-    let app = spawn_app().await;
-    let mut stream = connect(&app).await;
     // The body never comes before the answer does.
-    let (status, head) = exchange(&mut stream, &heartbeat_head(HEARTBEAT_BODY.len(), "")).await;
-    assert_eq!(status, 401, "{head}");
-    assert!(head.contains("connection: close"), "{head}");
-    assert!(closed_by_server(&mut stream).await);
+    refused_without_its_body_and_closed("").await;
 }
 
 #[tokio::test]
 async fn a_request_that_waits_for_100_continue_is_refused_without_it_and_told_it_closes() {
+    // A final answer, not `100 Continue`.
+    refused_without_its_body_and_closed("Expect: 100-continue\r\n").await;
+}
+
+/// A heartbeat head with a bad token and no body: `401` saying
+/// `Connection: close`, and the connection closed.
+async fn refused_without_its_body_and_closed(extra_header: &str) {
     let app = spawn_app().await;
     let mut stream = connect(&app).await;
-    let (status, head) = exchange(
-        &mut stream,
-        &heartbeat_head(HEARTBEAT_BODY.len(), "Expect: 100-continue\r\n"),
-    )
-    .await;
-    assert_eq!(status, 401, "a final answer, not 100 Continue: {head}");
+    let head = heartbeat_head(HEARTBEAT_BODY.len(), extra_header);
+    let (status, head) = exchange(&mut stream, &head).await;
+    assert_eq!(status, 401, "{head}");
     assert!(head.contains("connection: close"), "{head}");
     assert!(closed_by_server(&mut stream).await);
 }
