@@ -69,11 +69,9 @@ impl hyper::service::Service<Request<Incoming>> for AnswerThenDrain {
             .headers()
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        let shared = Shared::new();
-        let req = req.map(|body| {
-            *shared.lock() = Some(Tracked { body, ended: false });
-            Body::new(Lent(shared.clone()))
-        });
+        let (parts, body) = req.into_parts();
+        let shared = Shared(Arc::new(Mutex::new(Tracked { body, ended: false })));
+        let req = Request::from_parts(parts, Body::new(Lent(shared.clone())));
         Answering::Tracked {
             call: router.oneshot(req),
             shared,
@@ -179,28 +177,20 @@ struct Tracked {
 /// wrapper (which reads what the router left). Never locked across an
 /// await; the two never read at once.
 #[derive(Clone)]
-pub struct Shared(Arc<Mutex<Option<Tracked>>>);
+pub struct Shared(Arc<Mutex<Tracked>>);
 
 impl Shared {
-    fn new() -> Self {
-        Self(Arc::new(Mutex::new(None)))
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Option<Tracked>> {
+    fn lock(&self) -> MutexGuard<'_, Tracked> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn ended(&self) -> bool {
-        self.lock()
-            .as_ref()
-            .is_none_or(|t| t.ended || t.body.is_end_stream())
+        let tracked = self.lock();
+        tracked.ended || tracked.body.is_end_stream()
     }
 
     fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut guard = self.lock();
-        let Some(tracked) = guard.as_mut() else {
-            return Poll::Ready(None);
-        };
+        let mut tracked = self.lock();
         let frame = ready!(Pin::new(&mut tracked.body).poll_frame(cx));
         if frame.is_none() {
             tracked.ended = true;
@@ -228,9 +218,6 @@ impl HttpBody for Lent {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.0
-            .lock()
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |t| t.body.size_hint())
+        self.0.lock().body.size_hint()
     }
 }
