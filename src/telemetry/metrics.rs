@@ -243,6 +243,10 @@ fn describe() {
         "moneta_redis_client_cache_invalidations_total",
         "Entries of the in-process copy of Redis dropped because Redis said they changed, expired or were replaced."
     );
+    describe_counter!(
+        "moneta_redis_client_cache_raced_total",
+        "Replies from Redis not kept in the in-process copy because their key changed (or everything was dropped) while they were read."
+    );
     describe_gauge!(
         "moneta_redis_client_cache_trusted",
         "1 while the Redis connection has proven itself alive recently and the in-process copy is served, else 0."

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::client_cache::{Admission, ClientCache, Lookup};
 use super::keys;
 use super::{POSITION_TTL_S, RedisStore};
 use crate::model::{ContentId, ContentPlayback, Entitlement, PositionMs, ResumePoint, UserId};
@@ -92,8 +93,8 @@ impl RedisStore {
     /// round trip, or none when the client-side cache holds both.
     ///
     /// `known_title`: the title exists. Only then is the position kept in
-    /// process (and for a few titles per user): the crate keeps one entry per
-    /// field read, so positions of made-up titles must not be cached.
+    /// process (and for a few titles per user), so positions of made-up
+    /// titles cannot grow the copy.
     pub async fn user_view(
         &self,
         user: &UserId,
@@ -101,41 +102,29 @@ impl RedisStore {
         known_title: bool,
     ) -> Result<UserView, DependencyError> {
         let keys = self.user_keys(user);
-        let positions = keys.positions();
-        let cached = self.cache.as_ref().and_then(|c| Some((c, c.for_read()?)));
-        let admission = cached
-            .as_ref()
-            .filter(|_| known_title)
-            .and_then(|(cache, _)| cache.admit_position(&positions, content_id.as_str()));
-        let keep_position = admission.is_some();
-        let cached = cached.map(|(_, config)| config);
-        let key = &positions;
-        let (ent, pos): (Option<String>, Option<String>) = self
-            .run(|mut c| async move {
-                // Sized up front: growing the pipeline and each command's
-                // buffers took three reallocations a request.
-                let mut pipe = redis::Pipeline::with_capacity(2);
-                let entitlement = keys.entitlement();
-                let mut get = redis::Cmd::with_capacity(2, 3 + entitlement.len());
-                get.arg("GET").arg(entitlement);
-                pipe.add_command(get);
-                if let Some(cached) = &cached {
-                    pipe.set_cache_config(cached.clone());
-                }
-                let mut hget = redis::Cmd::with_capacity(3, 4 + key.len() + content_id.as_str().len());
-                hget.arg("HGET").arg(key).arg(content_id.as_str());
-                pipe.add_command(hget);
-                if let Some(cached) = cached.filter(|_| keep_position) {
-                    pipe.set_cache_config(cached);
-                }
-                pipe.query_async(&mut c).await
-            })
-            .await?;
-        if let (Some(cache), Some(admission)) = (&self.cache, admission)
-            && admission.raced(cache)
-        {
-            cache.taint(&positions);
-        }
+        let entitlement_key = keys.entitlement();
+        let positions_key = keys.positions();
+        let title = content_id.as_str();
+        let (ent, pos) = match &self.cache {
+            Some(cache) => (
+                cache.lookup(&entitlement_key, ""),
+                match known_title {
+                    true => cache.lookup(&positions_key, title),
+                    false => Lookup::Miss(None),
+                },
+            ),
+            None => (Lookup::Miss(None), Lookup::Miss(None)),
+        };
+        let (ent, pos) = match (ent, pos) {
+            (Lookup::Hit(ent), Lookup::Hit(pos)) => (ent, pos),
+            (ent, pos) => {
+                let reads = [
+                    Read::new(ent, "GET", &entitlement_key, None),
+                    Read::new(pos, "HGET", &positions_key, Some(title)),
+                ];
+                self.read_through(reads).await?
+            }
+        };
         let entitlement = ent.and_then(|s| serde_json::from_str::<Option<Entitlement>>(&s).ok());
         Ok(UserView {
             entitlement,
@@ -143,6 +132,30 @@ impl RedisStore {
         })
     }
 
+    /// The reads the copy could not answer, in one pipeline; an admitted one
+    /// is tracked (`CLIENT CACHING YES`, then the `PTTL` that bounds how
+    /// long it is kept) and kept.
+    async fn read_through(
+        &self,
+        reads: [Read<'_>; 2],
+    ) -> Result<(Option<String>, Option<String>), DependencyError> {
+        let commands = reads.iter().map(Read::commands).sum();
+        // Every key read is the user's: one slot.
+        let slot_key = reads.iter().find_map(Read::key).unwrap_or_default();
+        let values: Vec<redis::Value> = self
+            .run(|mut c| {
+                // Sized up front: growing the pipeline took reallocations a request.
+                let mut pipe = redis::Pipeline::with_capacity(commands);
+                for read in &reads {
+                    read.add_to(&mut pipe);
+                }
+                async move { c.pipeline_on(pipe, slot_key).await }
+            })
+            .await?;
+        let mut values = values.into_iter();
+        let [ent, pos] = reads.map(|read| read.answer(self.cache.as_deref(), &mut values));
+        Ok((ent, pos))
+    }
     /// Applies what the internal API told about a user, in one round trip.
     /// Best effort: a failed write only costs a later miss.
     ///
@@ -182,5 +195,101 @@ impl RedisStore {
                 pipe.query_async::<()>(&mut c).await
             })
             .await;
+    }
+}
+
+/// One read of [`RedisStore::user_view`]: answered by the copy, or sent.
+enum Read<'a> {
+    Held(Option<String>),
+    Sent {
+        command: &'static str,
+        key: &'a str,
+        field: Option<&'a str>,
+        admission: Option<Admission>,
+    },
+}
+
+impl<'a> Read<'a> {
+    fn new(lookup: Lookup, command: &'static str, key: &'a str, field: Option<&'a str>) -> Self {
+        match lookup {
+            Lookup::Hit(value) => Read::Held(value),
+            Lookup::Miss(admission) => Read::Sent {
+                command,
+                key,
+                field,
+                admission,
+            },
+        }
+    }
+
+    fn commands(&self) -> usize {
+        match self {
+            Read::Held(_) => 0,
+            Read::Sent { admission: None, .. } => 1,
+            Read::Sent {
+                admission: Some(_), ..
+            } => 3,
+        }
+    }
+
+    fn key(&self) -> Option<&'a str> {
+        match self {
+            Read::Held(_) => None,
+            Read::Sent { key, .. } => Some(key),
+        }
+    }
+
+    fn add_to(&self, pipe: &mut redis::Pipeline) {
+        let Read::Sent {
+            command,
+            key,
+            field,
+            admission,
+        } = self
+        else {
+            return;
+        };
+        if admission.is_some() {
+            // Opt-in tracking covers the one command after this: the PTTL.
+            // Not `.ignore()`d: the cluster connection hands back every reply.
+            pipe.cmd("CLIENT").arg("CACHING").arg("YES");
+            pipe.cmd("PTTL").arg(*key);
+        }
+        let mut read = redis::Cmd::with_capacity(3, command.len() + key.len() + field.map_or(0, str::len));
+        read.arg(*command).arg(*key);
+        if let Some(field) = field {
+            read.arg(*field);
+        }
+        pipe.add_command(read);
+    }
+
+    /// The value, taken from the pipeline's replies and kept when admitted.
+    fn answer(
+        self,
+        cache: Option<&ClientCache>,
+        replies: &mut impl Iterator<Item = redis::Value>,
+    ) -> Option<String> {
+        let admission = match self {
+            Read::Held(value) => return value,
+            Read::Sent { admission, .. } => admission,
+        };
+        let pttl = admission
+            .is_some()
+            .then(|| {
+                replies
+                    .nth(1)
+                    .and_then(|v| redis::from_redis_value::<i64>(v).ok())
+            })
+            .flatten();
+        // A reply that is not a string (an error, a key of another type) is
+        // read as nothing there, and not kept.
+        let value = replies
+            .next()
+            .map(redis::from_redis_value::<Option<String>>)?
+            .ok()?;
+        if let (Some(cache), Some(admission)) = (cache, admission) {
+            cache.keep(admission, value.clone(), pttl.unwrap_or(-1));
+        }
+        value
     }
 }

@@ -1,55 +1,50 @@
 //! The in-process copy of entitlements and resume positions, kept coherent by
 //! Redis itself (server-assisted client-side caching: RESP3 `CLIENT TRACKING`
-//! in opt-in mode, the `redis` crate's `cache-aio`).
+//! in opt-in mode).
 //!
-//! Redis remembers which keys this connection read with `CLIENT CACHING YES`
-//! and pushes an invalidation on that same connection the moment any client
-//! changes one of them, so a heartbeat through another instance reaches this
-//! copy within a network hop. Writes made through this connection are
-//! invalidated before their reply arrives (one ordered stream), so an instance
-//! always reads its own writes.
+//! Redis remembers which keys this connection read right after
+//! `CLIENT CACHING YES` and pushes an invalidation on that same connection
+//! the moment any client changes one of them (or it expires), so a heartbeat
+//! through another instance reaches this copy within a network hop.
 //!
-//! What the crate does not do, and this module adds: it serves cached values
-//! even while the connection is silently dead (a partition delivers no
-//! invalidations and no error). A cached value is therefore served only while
-//! the connection has recently proven itself alive: a `PING` answered at time
-//! T means every invalidation Redis sent before T has been applied. A
-//! disconnection drops trust at once; the reconnect starts a new cache epoch
-//! (the crate drops every older entry), so nothing from before a reconnect is
-//! ever read again.
+//! Why the copy is kept here and not in the `redis` crate's own cache (whose
+//! connection setup still turns tracking on): the crate stores a reply in
+//! the caller's task after handing it over, and its connections pass pushes
+//! to their owner through a channel and a task of their own. An
+//! invalidation sent right behind a reply (another instance's write landing
+//! while the read is answered) could therefore be applied by the crate
+//! before the reply was stored, and reach Moneta only after Moneta had
+//! checked for it. Redis tracks a key only until its next invalidation, so
+//! nothing ever removed that entry: a black-box test with two instances saw
+//! a resume position seconds old served for the whole TTL (a packet capture
+//! showed the reply and its invalidation in one segment). Here a read holds
+//! an [`Admission`] to the key's [`Entry`]; the push handler, however late,
+//! removes the entry and marks it dead under the same lock a reply is
+//! stored under. A reply whose key was invalidated after the read began is
+//! not kept, and one stored before the invalidation is handled goes with
+//! the entry. Either order ends with nothing stale kept.
 //!
-//! In Redis Cluster mode the crate tracks on every node connection, each with
-//! its own cache epoch over one shared LRU: a read is invalidated by the
-//! primary that served it, and a connection that dies (its primary failed
-//! over) takes everything read through it along. The proof of life is then
-//! a `PING` answered by every primary.
+//! The copy is served only while the connection has recently proven itself
+//! alive (a silently dead connection delivers no invalidations and no
+//! error): a `PING` answered at time T means every invalidation Redis sent
+//! before T has reached the connection. A disconnection drops trust and the
+//! whole copy at once, and a read begun before it keeps nothing.
 //!
-//! Bounded: the crate's LRU counts Redis keys, but keeps one entry per
-//! (key, command) with no bound per key, and a user's positions are one hash
-//! read one title at a time. So a position is kept for at most
-//! [`TITLES_PER_USER`] titles per user until that user's positions change
-//! (the invalidation clears both the crate's entries and this count) or for
-//! one TTL: at most `2 × max_keys × TITLES_PER_USER` entries in all.
+//! In Redis Cluster mode every node connection tracks what it read: a read
+//! is invalidated by the primary that served it, and a connection that dies
+//! (its primary failed over) takes the whole copy along. The proof of life
+//! is then a `PING` answered by every primary.
 //!
-//! The crate stores a reply after handing it to the caller, so an
-//! invalidation the connection applies in between (a write to the same key
-//! while the read is answered) leaves a stale entry, served until the key
-//! changes again or its TTL passes (a fleet test under CPU load saw a resume
-//! position one heartbeat behind for the whole TTL). The crate offers no way
-//! to drop one entry, so for positions this module stops serving it instead:
-//! a read holds its [`Admission`], an invalidation of the key marks it, and
-//! a read whose admission was marked meanwhile ([`Admission::raced`]) taints
-//! the key: its positions are read from Redis, uncached, for one TTL, by
-//! which time any entry stored before the taint has expired. Entitlements,
-//! which change rarely, keep the gap, the TTL their bound.
+//! Bounded: at most `max_keys` Redis keys for one TTL each, and a user's
+//! positions (one hash, read one title at a time) for at most
+//! [`TITLES_PER_USER`] titles until they change.
 
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use redis::caching::{CacheConfig, CacheMode, CacheStatistics};
-use redis::{CommandCacheConfig, PushInfo, PushKind, Value};
+use redis::caching::{CacheConfig, CacheMode};
+use redis::{PushInfo, PushKind, Value};
 
 use crate::config::ClientCacheSettings;
 
@@ -61,39 +56,58 @@ const TRUST_FOR: Duration = Duration::from_millis(1_000);
 /// Titles whose positions are kept per user between two changes of them.
 pub const TITLES_PER_USER: usize = 4;
 
-/// Trust in the cached copy, shared with the connection's push handler.
+/// The copy, and trust in it, shared with the connection's push handler.
 pub struct ClientCache {
     ttl: Duration,
-    max_keys: usize,
     born: Instant,
-    /// Milliseconds since `born` until which cached values may be served; 0: not trusted.
+    /// Milliseconds since `born` until which the copy may be served; 0: not trusted.
     trusted_until_ms: AtomicU64,
-    /// Positions key → the titles whose positions are kept.
-    admitted: moka::sync::Cache<String, Arc<Admitted>, foldhash::fast::RandomState>,
-    /// Invalidations of everything (FLUSHALL) so far: they mark no
-    /// admission one by one.
+    /// Redis key → what is kept of it.
+    entries: moka::sync::Cache<String, Arc<Entry>, foldhash::fast::RandomState>,
+    /// Times Redis dropped everything (FLUSHALL) or the connection was lost
+    /// so far: a read begun before one keeps nothing.
     flushes: AtomicU64,
-    /// Titles are kept as hashes, at most [`TITLES_PER_USER`] a key in a
-    /// list, never in a table, so a cheap hash will do.
-    hasher: foldhash::fast::RandomState,
+    counts: Counts,
 }
 
-/// One positions key's share of the cache.
+/// Counted where they happen, exported by the keeper (a metric lookup a
+/// read would cost more than the read).
 #[derive(Default)]
-struct Admitted {
-    /// Hashes of the titles whose positions are kept.
-    titles: Mutex<Vec<u64>>,
-    /// An invalidation of the key was applied after this was handed out.
-    invalidated: AtomicBool,
-    /// Positions of the key are not kept while this entry lives (one TTL).
-    tainted: bool,
+struct Counts {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    invalidations: AtomicU64,
+    raced: AtomicU64,
 }
 
-/// A position read the cache may keep. Once the read is answered,
-/// [`Admission::raced`] says whether an invalidation may have landed between
-/// the reply and the crate storing it.
+/// What is kept of one Redis key: the fields read from it (`""` for a
+/// whole value), or `None` once an invalidation or a flush dropped it.
+struct Entry {
+    fields: Mutex<Option<Vec<Kept>>>,
+}
+
+struct Kept {
+    field: Box<str>,
+    /// What Redis answered; `None`: nothing there.
+    value: Option<String>,
+    /// Milliseconds since the cache's birth until which it is served: one
+    /// TTL, or less when the key expires sooner in Redis.
+    until_ms: u64,
+}
+
+/// What the copy says about one field of one key.
+pub enum Lookup {
+    /// Held: Redis' answer (`None`: nothing there).
+    Hit(Option<String>),
+    /// Read it from Redis: with an admission, tracked (`CLIENT CACHING YES`
+    /// first) and then kept with [`ClientCache::keep`]; without, plainly.
+    Miss(Option<Admission>),
+}
+
+/// A read the copy may keep, unless the key changes before its reply is stored.
 pub struct Admission {
-    admitted: Arc<Admitted>,
+    entry: Arc<Entry>,
+    field: Box<str>,
     flushes: u64,
 }
 
@@ -103,38 +117,36 @@ impl ClientCache {
         (settings.max_keys > 0).then(|| {
             Arc::new(Self {
                 ttl: settings.ttl,
-                max_keys: settings.max_keys,
                 born: Instant::now(),
                 trusted_until_ms: AtomicU64::new(0),
-                // Counts restart after a TTL even without a change, so a
-                // viewer who browsed a few titles can have a new one kept
-                // later; the crate's older entries for the key live at most
-                // one more TTL, so a key never holds more than twice the bound.
-                // foldhash, as the verified tokens (`auth/verifier.rs`): one
-                // lookup a playback-info, and the keys are callers' own
-                // positions keys, made from verified tokens.
-                admitted: moka::sync::Cache::builder()
+                // An entry lives one TTL from its first read even without a
+                // change, so a viewer who browsed a few titles can have a new
+                // one kept later. foldhash, as the verified tokens
+                // (`auth/verifier.rs`): two lookups a playback-info, and the
+                // keys are callers' own keys, made from verified tokens.
+                entries: moka::sync::Cache::builder()
                     .max_capacity(settings.max_keys as u64)
+                    // The least recently read key goes first, and a new one
+                    // is always let in: what a read-through copy needs.
+                    .eviction_policy(moka::policy::EvictionPolicy::lru())
                     .time_to_live(settings.ttl)
                     .build_with_hasher(foldhash::fast::RandomState::default()),
                 flushes: AtomicU64::new(0),
-                hasher: foldhash::fast::RandomState::default(),
+                counts: Counts::default(),
             })
         })
     }
 
-    /// The connection's cache: opt-in, so only reads marked by
-    /// [`ClientCache::for_read`] are tracked and kept.
+    /// The connection's setup: the crate turns opt-in tracking on (again on
+    /// every reconnect) and passes pushes on; it keeps nothing itself, as
+    /// no command is marked for its cache.
     pub fn config(&self) -> CacheConfig {
-        let size = std::num::NonZeroUsize::new(self.max_keys).unwrap_or(std::num::NonZeroUsize::MIN);
         CacheConfig::new()
             .set_mode(CacheMode::OptIn)
-            .set_size(size)
-            .set_default_client_ttl(self.ttl)
+            .set_size(std::num::NonZeroUsize::MIN)
     }
 
-    /// Handles the connection's out-of-band messages (invalidations are applied
-    /// by the crate before they get here).
+    /// Handles the connection's out-of-band messages.
     pub fn push_handler(self: &Arc<Self>) -> impl Fn(PushInfo) -> Result<(), ()> + Send + Sync + 'static {
         let cache = Arc::downgrade(self);
         move |push: PushInfo| {
@@ -142,11 +154,10 @@ impl ClientCache {
                 return Ok(());
             };
             match push.kind {
-                // No read of the old connection is marked: the reconnect
-                // starts a new cache epoch, and what they store is never read.
+                // The new connection tracks nothing yet.
                 PushKind::Disconnection => {
                     cache.distrust();
-                    cache.admitted.invalidate_all();
+                    cache.forget_all();
                 }
                 PushKind::Invalidate => cache.forget(&push.data),
                 _ => {}
@@ -155,39 +166,87 @@ impl ClientCache {
         }
     }
 
-    /// Whether the position of `title` under `positions_key` may be kept:
-    /// `Some` when it may, to be asked [`Admission::raced`] after the read.
-    pub fn admit_position(&self, positions_key: &str, title: &str) -> Option<Admission> {
-        let title = self.hasher.hash_one(title);
-        // Before the lookup: a flush between the two must count as a race.
-        let flushes = self.flushes.load(Ordering::Acquire);
-        let admitted = self
-            .admitted
-            .get_with_by_ref(positions_key, || Arc::new(Admitted::default()));
-        if admitted.tainted {
-            return None;
+    /// What the copy holds of `field` of `key` (`""`: the whole value).
+    pub fn lookup(&self, key: &str, field: &str) -> Lookup {
+        if !self.trusted() {
+            return Lookup::Miss(None);
         }
+        // Before the entry is taken: a flush between the two must count.
+        let flushes = self.flushes.load(Ordering::Acquire);
+        let entry = self.entries.entry_by_ref(key).or_insert_with(|| {
+            Arc::new(Entry {
+                fields: Mutex::new(Some(Vec::new())),
+            })
+        });
+        // moka evicts in batches; the bound is the setting's word, so a new
+        // key makes room at once (a miss, about to ask Redis anyway).
+        let entry = match entry.is_fresh() {
+            true => {
+                self.entries.run_pending_tasks();
+                entry.into_value()
+            }
+            false => entry.into_value(),
+        };
+        let now = self.now_ms();
         {
-            let mut titles = admitted.titles.lock().unwrap_or_else(PoisonError::into_inner);
-            if !titles.contains(&title) {
-                if titles.len() >= TITLES_PER_USER {
-                    return None;
+            let fields = entry.fields.lock().unwrap_or_else(PoisonError::into_inner);
+            // Dropped between the two: read, keep nothing.
+            let Some(fields) = fields.as_ref() else {
+                return Lookup::Miss(None);
+            };
+            match fields.iter().find(|k| &*k.field == field) {
+                Some(kept) if kept.until_ms > now => {
+                    self.counts.hits.fetch_add(1, Ordering::Relaxed);
+                    return Lookup::Hit(kept.value.clone());
                 }
-                titles.push(title);
+                Some(_) => {}
+                // The crate's old bound, kept: positions of a few titles per user.
+                None if fields.len() >= TITLES_PER_USER => {
+                    self.counts.misses.fetch_add(1, Ordering::Relaxed);
+                    return Lookup::Miss(None);
+                }
+                None => {}
             }
         }
-        Some(Admission { admitted, flushes })
+        self.counts.misses.fetch_add(1, Ordering::Relaxed);
+        Lookup::Miss(Some(Admission {
+            entry,
+            field: field.into(),
+            flushes,
+        }))
     }
 
-    /// Positions of `positions_key` are read uncached for one TTL (see the
-    /// module's comment).
-    pub fn taint(&self, positions_key: &str) {
-        let tainted = Admitted {
-            tainted: true,
-            ..Admitted::default()
+    /// Keeps what an admitted read answered (`pttl`: the `PTTL` read with
+    /// it), unless the key changed or everything was dropped since the
+    /// read began.
+    pub fn keep(&self, admission: Admission, value: Option<String>, pttl: i64) {
+        let mut fields = admission
+            .entry
+            .fields
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(fields) = fields
+            .as_mut()
+            .filter(|_| self.flushes.load(Ordering::Acquire) == admission.flushes)
+        else {
+            self.counts.raced.fetch_add(1, Ordering::Relaxed);
+            return;
         };
-        self.admitted.insert(positions_key.to_owned(), Arc::new(tainted));
-        metrics::counter!("moneta_redis_client_cache_raced_total").increment(1);
+        let ttl = match u64::try_from(pttl) {
+            Ok(pttl) if pttl > 0 => (self.ttl.as_millis() as u64).min(pttl),
+            _ => self.ttl.as_millis() as u64,
+        };
+        let until_ms = self.now_ms() + ttl;
+        if let Some(kept) = fields.iter_mut().find(|k| k.field == admission.field) {
+            kept.value = value;
+            kept.until_ms = until_ms;
+        } else if fields.len() < TITLES_PER_USER {
+            fields.push(Kept {
+                field: admission.field,
+                value,
+                until_ms,
+            });
+        }
     }
 
     /// An invalidation: `[keys]`, or nil when Redis dropped everything.
@@ -196,9 +255,12 @@ impl ClientCache {
             Some(Value::Array(keys)) => {
                 for key in keys {
                     if let Ok(key) = redis::from_redis_value_ref::<String>(key)
-                        && let Some(admitted) = self.admitted.remove(&key)
+                        && let Some(entry) = self.entries.remove(&key)
                     {
-                        admitted.invalidated.store(true, Ordering::Release);
+                        // Under the lock replies are stored under: one stored
+                        // before this goes with it, one stored after is refused.
+                        *entry.fields.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                        self.counts.invalidations.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -208,14 +270,7 @@ impl ClientCache {
 
     fn forget_all(&self) {
         self.flushes.fetch_add(1, Ordering::AcqRel);
-        self.admitted.invalidate_all();
-    }
-
-    /// The per-command setting for a cacheable read: cached while trusted,
-    /// straight to Redis otherwise.
-    pub fn for_read(&self) -> Option<CommandCacheConfig> {
-        self.trusted()
-            .then(|| CommandCacheConfig::new().set_client_side_ttl(self.ttl))
+        self.entries.invalidate_all();
     }
 
     pub fn trusted(&self) -> bool {
@@ -236,13 +291,17 @@ impl ClientCache {
         metrics::gauge!("moneta_redis_client_cache_trusted").set(0.0);
     }
 
-    /// Copies the crate's counters into Moneta's metrics.
-    pub fn export(stats: &CacheStatistics) {
+    /// Copies the counters into Moneta's metrics.
+    pub fn export(&self) {
+        let counts = &self.counts;
         metrics::counter!("moneta_redis_client_cache_requests_total", "result" => "hit")
-            .absolute(stats.hit as u64);
+            .absolute(counts.hits.load(Ordering::Relaxed));
         metrics::counter!("moneta_redis_client_cache_requests_total", "result" => "miss")
-            .absolute(stats.miss as u64);
-        metrics::counter!("moneta_redis_client_cache_invalidations_total").absolute(stats.invalidate as u64);
+            .absolute(counts.misses.load(Ordering::Relaxed));
+        metrics::counter!("moneta_redis_client_cache_invalidations_total")
+            .absolute(counts.invalidations.load(Ordering::Relaxed));
+        metrics::counter!("moneta_redis_client_cache_raced_total")
+            .absolute(counts.raced.load(Ordering::Relaxed));
     }
 
     fn now_ms(&self) -> u64 {
@@ -251,124 +310,157 @@ impl ClientCache {
     }
 }
 
-impl Admission {
-    /// Whether an invalidation of the key (or of everything) was applied
-    /// since this admission: the read's reply may have been stored after it.
-    pub fn raced(&self, cache: &ClientCache) -> bool {
-        self.admitted.invalidated.load(Ordering::Acquire)
-            || cache.flushes.load(Ordering::Acquire) != self.flushes
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const POSITIONS: &str = "moneta:{b7}:u:viewer:positions";
+
+    fn cache_with_ttl(ttl: Duration) -> Arc<ClientCache> {
+        let cache = ClientCache::new(&ClientCacheSettings { max_keys: 16, ttl }).expect("enabled");
+        cache.confirm();
+        cache
+    }
+
     fn cache() -> Arc<ClientCache> {
-        ClientCache::new(&ClientCacheSettings {
+        cache_with_ttl(Duration::from_secs(60))
+    }
+
+    fn admitted(cache: &ClientCache, key: &str, field: &str) -> Admission {
+        match cache.lookup(key, field) {
+            Lookup::Miss(Some(admission)) => admission,
+            Lookup::Miss(None) => panic!("{key} {field}: read without keeping"),
+            Lookup::Hit(_) => panic!("{key} {field}: held"),
+        }
+    }
+
+    /// An admitted read answered `value` (with `pttl`) and kept.
+    fn read(cache: &ClientCache, key: &str, field: &str, value: Option<String>, pttl: i64) {
+        let admission = admitted(cache, key, field);
+        cache.keep(admission, value, pttl);
+    }
+
+    fn held(cache: &ClientCache, key: &str, field: &str) -> Option<Option<String>> {
+        match cache.lookup(key, field) {
+            Lookup::Hit(value) => Some(value),
+            Lookup::Miss(_) => None,
+        }
+    }
+
+    fn push(cache: &Arc<ClientCache>, kind: PushKind, data: Vec<Value>) {
+        let _ = cache.push_handler()(PushInfo { kind, data });
+    }
+
+    fn invalidate(cache: &Arc<ClientCache>, key: &str) {
+        let key = Value::BulkString(key.as_bytes().to_vec());
+        push(cache, PushKind::Invalidate, vec![Value::Array(vec![key])]);
+    }
+
+    #[test]
+    fn nothing_is_served_or_tracked_before_the_connection_proves_itself() {
+        let cache = ClientCache::new(&ClientCacheSettings {
             max_keys: 16,
             ttl: Duration::from_secs(60),
         })
-        .expect("enabled")
+        .expect("enabled");
+        assert!(matches!(cache.lookup(POSITIONS, "a"), Lookup::Miss(None)));
+        cache.confirm();
+        read(&cache, POSITIONS, "a", Some("1000".into()), -1);
+        assert_eq!(held(&cache, POSITIONS, "a"), Some(Some("1000".into())));
     }
 
     #[test]
-    fn nothing_is_served_before_the_connection_proves_itself() {
+    fn a_disconnection_withdraws_trust_and_the_copy_at_once() {
         let cache = cache();
-        assert!(cache.for_read().is_none());
-        cache.confirm();
-        assert!(cache.for_read().is_some());
-    }
-
-    #[test]
-    fn a_disconnection_withdraws_trust_at_once() {
-        let cache = cache();
-        cache.confirm();
-        let handler = cache.push_handler();
-        let _ = handler(PushInfo {
-            kind: PushKind::Invalidate,
-            data: vec![],
-        });
-        assert!(cache.trusted(), "an invalidation is routine");
-        let _ = handler(PushInfo {
-            kind: PushKind::Disconnection,
-            data: vec![],
-        });
+        read(&cache, POSITIONS, "a", Some("1000".into()), -1);
+        push(&cache, PushKind::Invalidate, vec![]);
+        assert!(cache.trusted(), "an empty invalidation is routine");
+        let in_flight = admitted(&cache, POSITIONS, "b");
+        push(&cache, PushKind::Disconnection, vec![]);
         assert!(!cache.trusted());
+        cache.confirm();
+        assert_eq!(held(&cache, POSITIONS, "a"), None, "nothing from before");
+        cache.keep(in_flight, Some("2000".into()), -1);
+        assert_eq!(
+            held(&cache, POSITIONS, "b"),
+            None,
+            "a reply of the lost connection is not kept"
+        );
+    }
+
+    /// The case the crate's own cache got wrong: the reply is in hand, the
+    /// invalidation sent right behind it is handled, then the reply is kept.
+    #[test]
+    fn a_reply_whose_key_changed_meanwhile_is_not_kept() {
+        let cache = cache();
+        let admission = admitted(&cache, POSITIONS, "a");
+        invalidate(&cache, POSITIONS);
+        cache.keep(admission, Some("old".into()), -1);
+        assert_eq!(held(&cache, POSITIONS, "a"), None);
+        assert_eq!(cache.counts.raced.load(Ordering::Relaxed), 1);
+
+        // The next read is tracked again and kept.
+        read(&cache, POSITIONS, "a", Some("new".into()), -1);
+        assert_eq!(held(&cache, POSITIONS, "a"), Some(Some("new".into())));
+    }
+
+    #[test]
+    fn an_invalidation_handled_after_the_reply_was_kept_drops_it() {
+        let cache = cache();
+        read(&cache, POSITIONS, "a", Some("old".into()), -1);
+        invalidate(&cache, "moneta:{b7}:u:other:positions");
+        assert_eq!(
+            held(&cache, POSITIONS, "a"),
+            Some(Some("old".into())),
+            "another key"
+        );
+        invalidate(&cache, POSITIONS);
+        assert_eq!(held(&cache, POSITIONS, "a"), None);
+        assert_eq!(cache.counts.invalidations.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_flush_drops_everything_and_every_read_in_flight() {
+        let cache = cache();
+        read(&cache, POSITIONS, "a", Some("1".into()), -1);
+        let in_flight = admitted(&cache, "moneta:{b7}:u:viewer:entitlement", "");
+        push(&cache, PushKind::Invalidate, vec![Value::Nil]);
+        cache.keep(in_flight, Some("{}".into()), -1);
+        assert_eq!(held(&cache, POSITIONS, "a"), None);
+        assert_eq!(held(&cache, "moneta:{b7}:u:viewer:entitlement", ""), None);
     }
 
     #[test]
     fn a_few_titles_per_user_until_the_positions_change() {
         let cache = cache();
-        let key = "moneta:{b7}:u:viewer:positions";
         for title in ["a", "b", "c", "d"] {
-            assert!(cache.admit_position(key, title).is_some());
+            let admission = admitted(&cache, POSITIONS, title);
+            cache.keep(admission, None, -1);
+            assert_eq!(held(&cache, POSITIONS, title), Some(None), "absence is kept too");
         }
         assert!(
-            cache.admit_position(key, "a").is_some(),
-            "admitted titles stay admitted"
-        );
-        assert!(
-            cache.admit_position(key, "e").is_none(),
+            matches!(cache.lookup(POSITIONS, "e"), Lookup::Miss(None)),
             "a fifth title is read, not kept"
         );
-        assert!(
-            cache
-                .admit_position("moneta:{b7}:u:other:positions", "e")
-                .is_some()
-        );
-        invalidate(&cache, key);
-        assert!(
-            cache.admit_position(key, "e").is_some(),
-            "the change cleared the count with the entries"
-        );
-    }
-
-    fn invalidate(cache: &Arc<ClientCache>, key: &str) {
-        let _ = cache.push_handler()(PushInfo {
-            kind: PushKind::Invalidate,
-            data: vec![Value::Array(vec![Value::BulkString(key.as_bytes().to_vec())])],
-        });
+        invalidate(&cache, POSITIONS);
+        admitted(&cache, POSITIONS, "e");
     }
 
     #[test]
-    fn a_read_an_invalidation_overtook_taints_the_key_for_one_ttl() {
-        let cache = ClientCache::new(&ClientCacheSettings {
-            max_keys: 16,
-            ttl: Duration::from_millis(300),
-        })
-        .expect("enabled");
-        let key = "moneta:{b7}:u:viewer:positions";
-        let quiet = cache.admit_position(key, "a").expect("admitted");
-        let raced = cache.admit_position(key, "b").expect("admitted");
-        assert!(!quiet.raced(&cache));
-        invalidate(&cache, "moneta:{b7}:u:other:positions");
-        assert!(!raced.raced(&cache), "another key's change");
-        invalidate(&cache, key);
-        assert!(raced.raced(&cache) && quiet.raced(&cache));
-        let after = cache.admit_position(key, "a").expect("admitted again");
-        assert!(!after.raced(&cache), "admitted after the invalidation");
+    fn nothing_is_served_past_the_ttl_or_the_keys_own_expiry() {
+        let cache = cache();
+        read(&cache, POSITIONS, "a", Some("1".into()), -1);
+        read(&cache, POSITIONS, "b", Some("2".into()), 50);
+        std::thread::sleep(Duration::from_millis(100));
+        cache.confirm();
+        assert_eq!(held(&cache, POSITIONS, "b"), None, "the key expired in Redis");
+        assert!(held(&cache, POSITIONS, "a").is_some());
 
-        cache.taint(key);
-        assert!(
-            cache.admit_position(key, "a").is_none(),
-            "read uncached while tainted"
-        );
-        invalidate(&cache, key);
-        assert!(
-            cache.admit_position(key, "a").is_some(),
-            "a later change removed the stale entry with the taint"
-        );
-        cache.taint(key);
-        std::thread::sleep(Duration::from_millis(400));
-        assert!(cache.admit_position(key, "a").is_some(), "one TTL later");
-
-        let flushed = cache.admit_position(key, "c").expect("admitted");
-        let _ = cache.push_handler()(PushInfo {
-            kind: PushKind::Invalidate,
-            data: vec![Value::Nil],
-        });
-        assert!(flushed.raced(&cache), "Redis dropped everything meanwhile");
+        let short = cache_with_ttl(Duration::from_millis(50));
+        read(&short, POSITIONS, "a", Some("1".into()), 60_000);
+        std::thread::sleep(Duration::from_millis(100));
+        short.confirm();
+        assert_eq!(held(&short, POSITIONS, "a"), None, "one TTL later");
     }
 
     #[test]

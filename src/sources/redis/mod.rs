@@ -43,6 +43,24 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
+impl Conn {
+    /// `pipe` on the node serving `key`'s slot. The cluster client routes a
+    /// pipeline by what it takes for keys, and takes the `YES` of
+    /// `CLIENT CACHING YES` for one (of another slot).
+    async fn pipeline_on(&mut self, pipe: Pipeline, key: &str) -> RedisResult<Vec<Value>> {
+        match self {
+            Conn::Single(_) => pipe.query_async(self).await,
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{Route, SingleNodeRoutingInfo, Slot, SlotAddr};
+                let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+                let count = pipe.len();
+                c.route_pipeline(pipe, 0, count, SingleNodeRoutingInfo::SpecificNode(route))
+                    .await
+            }
+        }
+    }
+}
+
 /// The command name only: keys and values may be user ids or positions.
 fn command_name(cmd: &Cmd) -> String {
     match cmd.args_iter().next() {
@@ -431,11 +449,10 @@ fn connector(settings: &RedisSettings, cache: Option<&Arc<ClientCache>>) -> Redi
                     .response_timeout(timeout)
                     .retries(1);
                 if let Some(cache) = &cache {
-                    // The crate gives every node connection its own tracking
-                    // and its own cache epoch: an invalidation arrives on the
-                    // connection that read the key, and a node reconnected (or
-                    // a new primary after a failover) never serves what an
-                    // older connection read.
+                    // Every node connection tracks what was read through it:
+                    // an invalidation arrives on the connection that read the
+                    // key, and one that is lost (a node reconnected, a primary
+                    // failed over) drops the whole copy (`client_cache`).
                     builder = builder
                         .use_protocol(ProtocolVersion::RESP3)
                         .cache_config(cache.config())
@@ -456,8 +473,10 @@ fn connector(settings: &RedisSettings, cache: Option<&Arc<ClientCache>>) -> Redi
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_millis(500));
             if let Some(cache) = cache {
-                // One connection for reads and writes: Redis sends the
-                // invalidation for a write before that write's reply.
+                // One connection for reads and writes: an instance's own
+                // write is invalidated right behind its reply, on the same
+                // connection, and the push is queued for handling before the
+                // writer's answer has even been sent.
                 let info = client.get_connection_info().clone();
                 let redis_info = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
                 client = redis::Client::open(info.set_redis_settings(redis_info))?;
@@ -511,9 +530,7 @@ impl RedisStore {
                     Ok(()) => cache.confirm(),
                     Err(_) => cache.distrust(),
                 }
-                if let Some(stats) = cache_statistics(&connector) {
-                    ClientCache::export(&stats);
-                }
+                cache.export();
             }
         })
     }
@@ -642,13 +659,6 @@ async fn prove_alive(connector: &Connector) -> RedisResult<()> {
                 .await
                 .map(drop)
         }
-    }
-}
-
-fn cache_statistics(connector: &Connector) -> Option<redis::caching::CacheStatistics> {
-    match connector {
-        Connector::Single(link) => link.current.load().get_cache_statistics(),
-        Connector::Cluster(link) => link.current.load().as_ref()?.get_cache_statistics(),
     }
 }
 
