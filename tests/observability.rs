@@ -669,6 +669,57 @@ async fn log_lines_carry_the_trace_id_and_no_secret() {
     assert!(!output.contains(signature));
 }
 
+/// A dependency that fails every call in flight would write a warning per
+/// call: at 3 a.m. the log says it once a second, with how many it left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_dependency_is_reported_once_a_second_not_once_a_call() {
+    const CALLS: usize = 40;
+    let stack = Observed::start(&[]).await;
+    let moneta = &stack.moneta;
+    let started = Instant::now();
+    stack.api.set_fault(Fault::Status500);
+    let stack = &stack;
+    let answers = futures::future::join_all((0..CALLS).map(|i| {
+        let token = support::mint_token(&format!("load-warn-{i}"), "standard", 2, "KR");
+        async move { stack.playback(&token, None).await.status() }
+    }))
+    .await;
+    assert!(answers.iter().all(|s| s.is_server_error()), "{answers:?}");
+    let failures = |output: &str| -> Vec<Value> {
+        json_lines(output)
+            .into_iter()
+            .filter(|l| {
+                l["fields"]["message"] == "dependency call failed" || l["message"] == "dependency call failed"
+            })
+            .collect()
+    };
+    let lines = failures(&moneta.output());
+    // Taken after the output: every line counted was written within it.
+    let seconds = started.elapsed().as_secs();
+    assert!(!lines.is_empty(), "the failure is reported:\n{}", moneta.output());
+    assert!(
+        lines.len() as u64 <= seconds + 1,
+        "{} lines for {CALLS} failing requests in {seconds} s:\n{lines:?}",
+        lines.len()
+    );
+    // The next one, a second later, counts the calls it stands for.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(
+        stack
+            .playback(&support::mint_token("load-warn-last", "standard", 2, "KR"), None)
+            .await
+            .status()
+            .is_server_error()
+    );
+    let last = eventually(PATIENCE, async || {
+        failures(&moneta.output()).get(lines.len()).cloned()
+    })
+    .await
+    .expect("a line a second later");
+    let skipped = last["skipped"].as_u64().or(last["fields"]["skipped"].as_u64());
+    assert!(skipped.is_some_and(|n| n > 0), "{last}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warnings_carry_the_trace_id_when_info_logs_are_off() {
     let stack = Observed::start(&[("RUST_LOG", "warn".to_owned())]).await;

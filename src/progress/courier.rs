@@ -15,6 +15,7 @@ use crate::model::{ContentId, ProgressItem, UserId};
 use crate::resilience::DependencyError;
 use crate::sources::internal_api::{BatchOutcome, InternalApi};
 use crate::sources::redis::{Delivery, EntryId, ParkedField, ProgressLog, Settlement};
+use crate::telemetry::throttled::Throttled;
 
 /// How often positions waiting in memory look whether Redis answers again.
 const REDIS_BACK_POLL: Duration = Duration::from_millis(200);
@@ -167,45 +168,8 @@ pub async fn deliver(api: &InternalApi, items: &[ProgressItem], others_taken: bo
 
 /// The warnings every round of an internal-API outage would repeat (under
 /// a flood, rounds follow one another every few milliseconds): one every
-/// [`OUTAGE_WARN_EVERY`], with how many were left out before it. By hand:
-/// tracing has no rate limit of its own, and this one place needs one.
-static OUTAGE_WARNINGS: Throttled = Throttled::new();
-const OUTAGE_WARN_EVERY: Duration = Duration::from_secs(10);
-
-struct Throttled {
-    /// Milliseconds after the first call before which nothing passes.
-    quiet_until_ms: std::sync::atomic::AtomicU64,
-    skipped: std::sync::atomic::AtomicU64,
-}
-
-impl Throttled {
-    const fn new() -> Self {
-        Self {
-            quiet_until_ms: std::sync::atomic::AtomicU64::new(0),
-            skipped: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(left out since the last one)` when this one is to be logged.
-    fn pass(&self) -> Option<u64> {
-        use std::sync::atomic::Ordering::Relaxed;
-        static EPOCH: std::sync::LazyLock<std::time::Instant> =
-            std::sync::LazyLock::new(std::time::Instant::now);
-        let now = EPOCH.elapsed().as_millis() as u64;
-        let until = self.quiet_until_ms.load(Relaxed);
-        let next = now + OUTAGE_WARN_EVERY.as_millis() as u64;
-        if now < until
-            || self
-                .quiet_until_ms
-                .compare_exchange(until, next, Relaxed, Relaxed)
-                .is_err()
-        {
-            self.skipped.fetch_add(1, Relaxed);
-            return None;
-        }
-        Some(self.skipped.swap(0, Relaxed))
-    }
-}
+/// ten seconds, with how many were left out before it.
+static OUTAGE_WARNINGS: Throttled = Throttled::new(Duration::from_secs(10));
 
 /// How long items the internal API took make its refusals credible.
 const TAKEN_VOUCHES_FOR: Duration = Duration::from_secs(60);
@@ -889,15 +853,6 @@ mod tests {
             .iter()
             .map(|(h, _)| (h.item.position_ms.get(), h.position, h.log))
             .collect()
-    }
-
-    #[test]
-    fn outage_warnings_pass_one_in_a_while_and_count_the_rest() {
-        let warnings = Throttled::new();
-        assert_eq!(warnings.pass(), Some(0));
-        assert_eq!(warnings.pass(), None);
-        assert_eq!(warnings.pass(), None);
-        assert_eq!(warnings.skipped.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use futures::future::Either;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::config::GuardSettings;
+use crate::telemetry::throttled::Throttled;
 
 /// Why a guarded call produced no answer. All of them mean "use the fallback".
 #[derive(Debug, Clone, thiserror::Error)]
@@ -161,6 +162,9 @@ struct Inner {
     last_call_ms: AtomicU64,
     born: Instant,
     metrics: CallMetrics,
+    /// Every call in flight fails at once when a dependency dies, and every
+    /// probe after: one line a second tells the operator as much.
+    failure_warnings: Throttled,
 }
 
 /// The dependency's series, registered once: the macros look a series up on
@@ -242,6 +246,7 @@ impl Guard {
                 last_call_ms: AtomicU64::new(0),
                 born: Instant::now(),
                 metrics: CallMetrics::new(dependency),
+                failure_warnings: Throttled::new(Duration::from_secs(1)),
             }),
         }
     }
@@ -423,8 +428,10 @@ impl Guard {
                 inner.last_ok.store(true, Ordering::Relaxed);
             }
             Verdict::Outage => {
-                if let Err(e) = &result {
-                    tracing::warn!(dependency = dep, error = %e, "dependency call failed");
+                if let Err(e) = &result
+                    && let Some(skipped) = inner.failure_warnings.pass()
+                {
+                    tracing::warn!(dependency = dep, error = %e, skipped, "dependency call failed");
                 }
                 inner.breaker.on_error();
                 inner.last_ok.store(false, Ordering::Relaxed);

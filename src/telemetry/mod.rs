@@ -3,6 +3,7 @@
 pub mod logs;
 pub mod metrics;
 pub mod stdout;
+pub mod throttled;
 pub mod traces;
 
 use std::sync::Mutex;
