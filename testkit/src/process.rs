@@ -56,7 +56,20 @@ impl Process {
 
     /// Waits until something accepts connections on `port`; panics with the
     /// process's own words if it exits first.
-    pub fn listening_on(mut self, port: u16) -> Process {
+    pub fn listening_on(self, port: u16) -> Process {
+        self.try_listening_on(port).unwrap_or_else(|exited| {
+            let (process, status) = *exited;
+            panic!(
+                "{} exited early with {status}\n{}",
+                process.what,
+                process.output()
+            )
+        })
+    }
+
+    /// As [`Process::listening_on`], handing back a process that exited
+    /// first, with its status, so the caller can start it again.
+    pub fn try_listening_on(mut self, port: u16) -> Result<Process, Box<(Process, ExitStatus)>> {
         let listening = eventually_blocking(PATIENCE, || {
             if TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return Some(Ok(()));
@@ -64,8 +77,8 @@ impl Process {
             self.exit_status().map(Err)
         });
         match listening {
-            Some(Ok(())) => self,
-            Some(Err(status)) => panic!("{} exited early with {status}\n{}", self.what, self.output()),
+            Some(Ok(())) => Ok(self),
+            Some(Err(status)) => Err(Box::new((self, status))),
             None => panic!(
                 "{} did not listen on port {port} within {PATIENCE:?}\n{}",
                 self.what,

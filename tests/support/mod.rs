@@ -52,8 +52,32 @@ impl MonetaProcess {
     /// As [`MonetaProcess::start`], with the settings named in `unset` left
     /// out of the defaults (`MONETA_SESSION_SECRET`: a per-process key).
     pub fn start_without(unset: &[&str], envs: &[(&str, String)]) -> MonetaProcess {
-        let port = free_port();
-        let admin_port = free_port();
+        // A port found free is free no longer once any process on the
+        // machine makes a connection from it (the kernel draws outgoing
+        // ports from the same range); under the suite's parallel load that
+        // happened. Fresh ports then, a few times.
+        for _ in 0..4 {
+            let port = free_port();
+            let admin_port = free_port();
+            let started = Self::command(unset, envs, port, admin_port).try_listening_on(port);
+            let (process, status) = match started {
+                Ok(process) => {
+                    return MonetaProcess {
+                        port,
+                        admin_port,
+                        process,
+                    };
+                }
+                Err(exited) => *exited,
+            };
+            if !process.output().contains("Address already in use") {
+                panic!("moneta exited early with {status}\n{}", process.output());
+            }
+        }
+        panic!("moneta found no free port in four tries")
+    }
+
+    fn command(unset: &[&str], envs: &[(&str, String)], port: u16, admin_port: u16) -> Process {
         let mut command = moneta_command(port, admin_port);
         command
             .env("MONETA_JWT_HS256_SECRET", DEV_SECRET)
@@ -68,11 +92,7 @@ impl MonetaProcess {
             command.env_remove(name);
         }
         command.envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
-        MonetaProcess {
-            port,
-            admin_port,
-            process: Process::logged(&mut command, "moneta").listening_on(port),
-        }
+        Process::logged(&mut command, "moneta")
     }
 
     pub fn base_url(&self) -> String {
