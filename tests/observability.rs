@@ -409,6 +409,37 @@ async fn breaker_state_is_exported_before_any_transition() {
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
 
+/// In cluster mode the read of the caller's entitlement and position is
+/// routed to its slot's primary by hand (`Conn::pipeline_on`); it is traced
+/// like every other Redis call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_the_callers_read_is_traced_too() {
+    let (collector, collector_port) = spawn_collector().await;
+    let cluster = testkit::RedisCluster::start(3);
+    let stack = Observed::start(&[
+        ("MONETA_REDIS_CLUSTER_URLS", cluster.urls()),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{collector_port}"),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ])
+    .await;
+    let token = support::mint_token("u-premium", "premium", 4, "KR");
+    assert_eq!(stack.playback(&token, Some(TRACE_ID)).await.status(), 200);
+    let read = eventually(PATIENCE, async || {
+        collector.spans_of(TRACE_ID).into_iter().find(|s| {
+            s.attributes.get("db.system.name").map(String::as_str) == Some("redis")
+                && s.attributes
+                    .get("db.query.summary")
+                    .is_some_and(|q| q.contains("HGET"))
+        })
+    })
+    .await
+    .unwrap_or_else(|| panic!("no span of the read: {:#?}", collector.spans_of(TRACE_ID)));
+    assert_eq!(read.kind, SpanKind::Client as i32);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traces_continue_the_incoming_traceparent_and_reach_the_collector() {
     let (collector, collector_port) = spawn_collector().await;

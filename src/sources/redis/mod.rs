@@ -53,9 +53,13 @@ impl Conn {
             Conn::Cluster(c) => {
                 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, Slot, SlotAddr};
                 let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+                let span = batch_span(&pipe, c.get_db());
                 let count = pipe.len();
-                c.route_pipeline(pipe, 0, count, SingleNodeRoutingInfo::SpecificNode(route))
-                    .await
+                let call = c.route_pipeline(pipe, 0, count, SingleNodeRoutingInfo::SpecificNode(route));
+                match span.is_none() {
+                    true => call.await,
+                    false => traces::traced(span, call, redis_error_type).await,
+                }
             }
         }
     }
@@ -91,6 +95,20 @@ fn command_span(operation: &str, summary: &str, batch_size: Option<usize>, db: i
     )
 }
 
+/// A pipeline's client span, or none when client spans are off.
+fn batch_span(pipeline: &Pipeline, db: i64) -> tracing::Span {
+    if !traces::client_spans() {
+        return tracing::Span::none();
+    }
+    let names: Vec<String> = pipeline.cmd_iter().map(command_name).collect();
+    // The conventions name a mixed batch `BATCH`; the summary lists its commands.
+    let operation = match names.first() {
+        Some(first) if names.iter().all(|n| n == first) => format!("BATCH {first}"),
+        _ => "BATCH".to_owned(),
+    };
+    command_span(&operation, &names.join(" "), Some(names.len()), db)
+}
+
 /// Server error codes (`NOSCRIPT`, `WRONGTYPE`…) or the kind of failure.
 fn redis_error_type(e: &redis::RedisError) -> String {
     match e.code() {
@@ -124,17 +142,7 @@ impl ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        let span = if traces::client_spans() {
-            let names: Vec<String> = pipeline.cmd_iter().map(command_name).collect();
-            // The conventions name a mixed batch `BATCH`; the summary lists its commands.
-            let operation = match names.first() {
-                Some(first) if names.iter().all(|n| n == first) => format!("BATCH {first}"),
-                _ => "BATCH".to_owned(),
-            };
-            command_span(&operation, &names.join(" "), Some(names.len()), self.get_db())
-        } else {
-            tracing::Span::none()
-        };
+        let span = batch_span(pipeline, self.get_db());
         let call = match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
