@@ -268,7 +268,8 @@ impl ClientCache {
         }
     }
 
-    fn forget_all(&self) {
+    /// Drops the whole copy; reads in flight keep nothing.
+    pub fn forget_all(&self) {
         self.flushes.fetch_add(1, Ordering::AcqRel);
         self.entries.invalidate_all();
     }

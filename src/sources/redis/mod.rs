@@ -219,10 +219,26 @@ pub(crate) struct SingleLink {
     config: ConnectionManagerConfig,
     current: arc_swap::ArcSwap<ConnectionManager>,
     remakes: Remakes,
+    cache: Option<Arc<ClientCache>>,
+}
+
+/// A connection was replaced by a new one. The old one closes with its last
+/// user and says nothing, so what was read through it, which only it would
+/// have heard invalidated, goes now (after the swap: a read that begins later
+/// is made on the new connection).
+fn replaced(cache: Option<&ClientCache>) {
+    if let Some(cache) = cache {
+        cache.distrust();
+        cache.forget_all();
+    }
 }
 
 impl SingleLink {
-    fn new(client: redis::Client, config: ConnectionManagerConfig) -> RedisResult<Self> {
+    fn new(
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+        cache: Option<Arc<ClientCache>>,
+    ) -> RedisResult<Self> {
         let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
         let remakes = Remakes::new();
         remakes.made_now();
@@ -231,6 +247,7 @@ impl SingleLink {
             config,
             current: arc_swap::ArcSwap::from_pointee(manager),
             remakes,
+            cache,
         })
     }
 
@@ -245,7 +262,10 @@ impl SingleLink {
             return;
         }
         match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
-            Ok(manager) => self.current.store(Arc::new(manager)),
+            Ok(manager) => {
+                self.current.store(Arc::new(manager));
+                replaced(self.cache.as_deref());
+            }
             Err(e) => tracing::warn!(error = %e, "could not connect to Redis again"),
         }
     }
@@ -275,11 +295,13 @@ pub(crate) struct ClusterLink {
     /// One connection is made at a time.
     making: tokio::sync::Mutex<()>,
     remakes: Remakes,
+    cache: Option<Arc<ClientCache>>,
 }
 
 impl ClusterLink {
-    fn new(seeds: Vec<String>, build: BuildCluster) -> Self {
+    fn new(seeds: Vec<String>, build: BuildCluster, cache: Option<Arc<ClientCache>>) -> Self {
         Self {
+            cache,
             build,
             seeds,
             learned: std::sync::Mutex::new(Vec::new()),
@@ -343,6 +365,7 @@ impl ClusterLink {
         let mut conn = (self.build)(self.nodes())?.get_async_connection().await?;
         self.learn(&mut conn).await;
         self.current.store(Some(Arc::new(conn.clone())));
+        replaced(self.cache.as_deref());
         self.remakes.made_now();
         Ok(conn)
     }
@@ -450,6 +473,7 @@ fn connector(settings: &RedisSettings, cache: Option<&Arc<ClientCache>>) -> Redi
     let timeout = settings.guard.timeout;
     Ok(match &settings.cluster_urls {
         Some(urls) => {
+            let copy = cache.cloned();
             let cache = cache.cloned();
             let build = move |nodes: Vec<String>| {
                 let mut builder = ClusterClient::builder(nodes)
@@ -470,7 +494,7 @@ fn connector(settings: &RedisSettings, cache: Option<&Arc<ClientCache>>) -> Redi
             };
             // Built once here so that unusable URLs stop the start.
             build(urls.clone())?;
-            Connector::Cluster(Arc::new(ClusterLink::new(urls.clone(), Box::new(build))))
+            Connector::Cluster(Arc::new(ClusterLink::new(urls.clone(), Box::new(build), copy)))
         }
         None => {
             let mut client = redis::Client::open(settings.url.as_str())?;
@@ -492,7 +516,7 @@ fn connector(settings: &RedisSettings, cache: Option<&Arc<ClientCache>>) -> Redi
                     .set_cache_config(cache.config())
                     .set_push_sender(cache.push_handler());
             }
-            Connector::Single(Arc::new(SingleLink::new(client, config)?))
+            Connector::Single(Arc::new(SingleLink::new(client, config, cache.cloned())?))
         }
     })
 }
