@@ -696,6 +696,8 @@ fn spawn_probes(redis: RedisStore, api: InternalApi, app: Arc<App>) {
     if let Some(keeper) = redis.client_cache_keeper(move || serving.strong_count() > 0) {
         tokio::spawn(keeper);
     }
+    let watching = app.clone();
+    tokio::spawn(redis.outage_watch(move || watching.strong_count() > 0));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(PROBE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -15,13 +15,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use moneta::sources::redis::keys::key_slot;
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::redis_probe::RedisProbe;
+use support::redis_probe::{RedisProbe, bucket};
 use support::{
     FakeApi, Fault, MonetaProcess, PATIENCE, PublicApi, RedisServer, assert_error, eventually,
     eventually_blocking, faketime, metric_value, mint_token, signal, spawn_fake_api,
 };
+use testkit::RedisCluster;
+use testkit::redis::cli;
 
 const TITLE: &str = "m-0001";
 /// The contract's bound for delivering a position once the internal API is reachable.
@@ -943,6 +946,116 @@ async fn a_stop_held_in_memory_at_sigterm_reaches_redis_when_it_answers_within_t
     let other = fleet.member(&[]);
     let ending = viewer.ending(STOPPED_AT);
     assert_ends_with(api, &[other.public_api()], &[ending], "the stop held at SIGTERM").await;
+}
+
+/// The instance that acknowledged a stop while Redis hung delivers it to the
+/// internal API and is SIGKILLed before Redis answers again, so Redis keeps
+/// the older resume position for as long as it keeps the user's positions.
+/// Another instance saw the outage end: it checks positions older than that
+/// end against the internal API once, and resumes at the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_delivered_by_an_instance_killed_during_a_redis_hang_is_where_playback_resumes() {
+    let fleet = Deployment::start().await;
+    let (redis, api) = (&fleet.redis, &fleet.api);
+    let moneta = fleet.member(&[]);
+    let other = fleet.member(&[]);
+    let viewer = playing_through_redis(&moneta, "hang-killed").await;
+    // The older position, read through the other instance before the outage.
+    assert_eq!(
+        resume_position(&other.public_api(), &viewer.token).await,
+        Some(600_000)
+    );
+    acknowledged_during_a_hang(redis, &moneta, &viewer, STOPPED_AT).await;
+    api.assert_receives_position(&viewer.user, STOPPED_AT).await;
+    kill(moneta);
+    redis.resume();
+    let stored = async || position_in_redis(redis, &viewer.user).await;
+    resumes_where_the_killed_instance_left(api, &other, &viewer, STOPPED_AT, stored).await;
+}
+
+/// The same in a Redis Cluster, where only the primary holding the user's
+/// keys hangs: the other instance sees that one primary fail to answer,
+/// though every other one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_a_position_delivered_by_an_instance_killed_during_a_primary_hang_is_where_playback_resumes()
+ {
+    const LAST: u64 = 800_000;
+    let cluster = RedisCluster::start(3);
+    let api = spawn_fake_api().await;
+    let env = [
+        ("MONETA_REDIS_CLUSTER_URLS", cluster.urls()),
+        ("MONETA_INTERNAL_API_URL", api.url()),
+    ];
+    let moneta = MonetaProcess::start(&env);
+    let other = MonetaProcess::start(&env);
+    let viewer = playing_through_redis(&moneta, "cluster-hang-killed").await;
+    assert_eq!(
+        resume_position(&other.public_api(), &viewer.token).await,
+        Some(600_000)
+    );
+    let slot = key_slot(format!("b{}", bucket(&viewer.user)).as_bytes());
+    let owner_port = cluster
+        .primary_of_slot(cluster.nodes[0].port, slot)
+        .expect("a primary serves the user's slot");
+    let owner = (cluster.nodes.iter())
+        .find(|n| n.port == owner_port)
+        .expect("the owner is a node of the cluster");
+
+    owner.pause();
+    let public = moneta.public_api();
+    for position in [700_000, LAST] {
+        let status = heartbeat_status(&public, &viewer, position).await;
+        assert_eq!(status, 200, "a heartbeat while the user's primary hangs");
+    }
+    api.assert_receives_position(&viewer.user, LAST).await;
+    kill(moneta);
+    owner.resume();
+    let key = support::redis_probe::user_key(&viewer.user, "positions");
+    let stored = async || {
+        let value = cli(owner_port, &["HGET", &key, TITLE]);
+        Some(value.trim().to_owned()).filter(|v| !v.is_empty())
+    };
+    resumes_where_the_killed_instance_left(&api, &other, &viewer, LAST, stored).await;
+}
+
+/// `other`, and the internal API, end with `position`, which Redis holds
+/// stamped as checked; `other` asked the internal API once, and not again.
+async fn resumes_where_the_killed_instance_left(
+    api: &FakeApi,
+    other: &MonetaProcess,
+    viewer: &Viewer,
+    position: u64,
+    stored: impl AsyncFn() -> Option<String>,
+) {
+    let context = "a position delivered by an instance killed during the hang";
+    assert_ends_with(api, &[other.public_api()], &[viewer.ending(position)], context).await;
+    let checked = stored().await;
+    assert!(
+        checked
+            .as_deref()
+            .is_some_and(|p| p.starts_with(&format!("{position}@")) && p.contains('/')),
+        "Redis' resume position after the check: {checked:?}\n{}",
+        other.output()
+    );
+    let checked_total = async || {
+        let metrics = other.metrics().await;
+        let found = |at: &str| {
+            metric_value(
+                &metrics,
+                &format!(r#"moneta_resume_positions_checked_total{{found="{at}"}}"#),
+            )
+        };
+        (found("internal_api"), found("redis"))
+    };
+    let before = checked_total().await;
+    assert!(before.0.is_some_and(|n| n >= 1.0), "{before:?}");
+    for _ in 0..5 {
+        assert_eq!(
+            resume_position(&other.public_api(), &viewer.token).await,
+            Some(position)
+        );
+    }
+    assert_eq!(checked_total().await, before, "checked again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ pub use ids::{
     ContentId, DeviceId, InvalidId, PositionMs, SESSION_MAC_LEN, SESSION_RANDOM_LEN, SessionId, SessionParts,
     UserId,
 };
-pub use progress::{Progress, ProgressItem, ResumePoint};
+pub use progress::{Progress, ProgressItem, ResumePoint, StoredPoint};
 pub use session::LiveSession;
 pub use sourced::{Origin, Sourced};
 pub use timestamp::{rfc3339, write_rfc3339};

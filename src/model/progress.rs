@@ -59,27 +59,61 @@ impl ResumePoint {
     }
 
     pub fn decode(raw: &str) -> Option<Self> {
-        Self::decode_stamped(raw).map(|(point, _)| point)
+        StoredPoint::decode(raw).map(|stored| stored.point)
     }
+}
 
-    /// The point and, when the value carries one, the time it was
-    /// acknowledged; a value without a time is older than any with one.
-    pub fn decode_stamped(raw: &str) -> Option<(Self, Option<i64>)> {
-        let (point, at) = match raw.split_once('@') {
-            Some((point, at)) => (point, Some(at.parse().ok()?)),
+/// A resume position as Redis stores it: `"<ms>[:c]@<at_ms>[/<checked_ms>]"`.
+///
+/// `checked_ms`: when the position was last found to be the newest one the
+/// internal API knows too (Redis' clock). An instance killed while Redis was
+/// unreachable may have delivered a newer position straight to the internal
+/// API, which Redis never saw; after such an outage, positions older than
+/// its end are checked there once (`sources::redis::outages`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPoint {
+    pub point: ResumePoint,
+    /// When it was acknowledged; `None` for a value written before positions
+    /// were stamped: older than any stamped one.
+    pub at_ms: Option<i64>,
+    pub checked_ms: Option<i64>,
+}
+
+impl StoredPoint {
+    pub fn decode(raw: &str) -> Option<Self> {
+        let (point, stamps) = match raw.split_once('@') {
+            Some((point, stamps)) => (point, Some(stamps)),
             None => (raw, None),
+        };
+        let (at_ms, checked_ms) = match stamps.map(|s| s.split_once('/').unwrap_or((s, ""))) {
+            None => (None, None),
+            Some((at, "")) => (Some(at.parse().ok()?), None),
+            Some((at, checked)) => (Some(at.parse().ok()?), Some(checked.parse().ok()?)),
         };
         let (ms, completed) = match point.strip_suffix(":c") {
             Some(ms) => (ms, true),
             None => (point, false),
         };
-        Some((
-            Self {
+        Some(Self {
+            point: ResumePoint {
                 position_ms: ms.parse().ok()?,
                 completed,
             },
-            at,
-        ))
+            at_ms,
+            checked_ms,
+        })
+    }
+
+    /// The same position, found newest as of `checked_ms`. An unstamped one
+    /// gets time 0, still older than any stamped one.
+    pub fn encode_checked(self, checked_ms: i64) -> String {
+        format!("{}/{checked_ms}", self.point.encode_at(self.at_ms.unwrap_or(0)))
+    }
+
+    /// Up to when this position is known to be the newest: acknowledged
+    /// then, or checked then.
+    pub fn known_newest_at(self) -> i64 {
+        self.at_ms.unwrap_or(0).max(self.checked_ms.unwrap_or(0))
     }
 }
 
@@ -120,10 +154,23 @@ mod tests {
             completed: true,
         };
         assert_eq!(p.encode_at(1_700_000_000_123), "7:c@1700000000123");
+        let stored = StoredPoint::decode("7:c@1700000000123");
         assert_eq!(
-            ResumePoint::decode_stamped("7:c@1700000000123"),
-            Some((p, Some(1_700_000_000_123)))
+            stored.map(|s| (s.point, s.at_ms, s.checked_ms)),
+            Some((p, Some(1_700_000_000_123), None))
         );
+        let checked = stored.map(|s| s.encode_checked(1_700_000_000_999));
+        assert_eq!(checked.as_deref(), Some("7:c@1700000000123/1700000000999"));
+        let again = checked.as_deref().and_then(StoredPoint::decode);
+        assert_eq!(
+            again.map(|s| (s.at_ms, s.checked_ms)),
+            Some((Some(1_700_000_000_123), Some(1_700_000_000_999)))
+        );
+        assert_eq!(again.map(StoredPoint::known_newest_at), Some(1_700_000_000_999));
+        let unstamped = StoredPoint::decode("42");
+        assert_eq!(unstamped.map(|s| s.encode_checked(9)).as_deref(), Some("42@0/9"));
+        assert_eq!(ResumePoint::decode("42@5/x"), None);
+        assert_eq!(ResumePoint::decode("42@/5"), None);
         assert_eq!(ResumePoint::decode("42@5").map(|p| p.position_ms), Some(42));
         assert_eq!(ResumePoint::decode("42@x"), None);
         assert_eq!(ResumePoint::decode("12:x"), None);

@@ -1,15 +1,17 @@
 //! The caller's entitlement and resume position: Redis (one round trip
-//! together) → internal API → the JWT's claims / position 0.
+//! together) → internal API → the JWT's claims / position 0. After a Redis
+//! outage, a position Redis held from before its end is checked against the
+//! internal API once (see `sources::redis::outages`).
 
 use std::time::Duration;
 
 use super::rules;
 use super::{PlaybackError, cache_metric};
 use crate::auth::Claims;
-use crate::model::{ContentId, Entitlement, Origin, PositionMs, ResumePoint, Sourced};
+use crate::model::{ContentId, Entitlement, Origin, PositionMs, ResumePoint, Sourced, StoredPoint};
 use crate::sources::CallContext;
 use crate::sources::internal_api::InternalApi;
-use crate::sources::redis::{LearntPosition, RedisStore, WriteBack};
+use crate::sources::redis::{CheckedPosition, LearntPosition, RedisStore, WriteBack};
 use crate::telemetry::metrics::Fallback;
 
 pub struct UserStates {
@@ -68,14 +70,22 @@ impl UserStates {
         };
         let position = async {
             match view.position {
-                Some(p) => (Sourced::fresh(p), None),
-                None => Box::pin(self.position_from_api(claims, content_id, redis_up, ctx)).await,
+                Some(stored) => {
+                    let (position, checked) = self.stored_position(claims, content_id, stored, ctx).await;
+                    (position, None, checked)
+                }
+                None => {
+                    let (position, learnt) =
+                        Box::pin(self.position_from_api(claims, content_id, redis_up, ctx)).await;
+                    (position, learnt, None)
+                }
             }
         };
-        let (entitlement, (position, learnt_position)) = tokio::join!(entitlement, position);
+        let (entitlement, (position, learnt_position, checked)) = tokio::join!(entitlement, position);
         let (entitlement, learnt_entitlement) = entitlement?;
         write_back.entitlement = learnt_entitlement;
         write_back.position = learnt_position.map(|p| (content_id.clone(), p));
+        write_back.checked = checked.map(|c| (content_id.clone(), c));
         Ok(UserState {
             entitlement,
             position,
@@ -108,7 +118,7 @@ impl UserStates {
                         &claims.sub,
                         WriteBack {
                             entitlement: Some(None),
-                            position: None,
+                            ..WriteBack::default()
                         },
                         self.entitlement_ttl,
                     )
@@ -123,6 +133,55 @@ impl UserStates {
                 ))
             }
         }
+    }
+
+    /// The position Redis holds, unless it is older than the last Redis
+    /// outage's end and not checked since: then an instance killed during
+    /// the outage may have delivered a newer one straight to the internal
+    /// API, which is asked once. Whichever is newer is answered and goes
+    /// back to Redis stamped as checked. While the internal API fails,
+    /// Redis' position is answered and checked on a later read.
+    async fn stored_position(
+        &self,
+        claims: &Claims,
+        content_id: &ContentId,
+        stored: StoredPoint,
+        ctx: &CallContext,
+    ) -> (Sourced<ResumePoint>, Option<CheckedPosition>) {
+        let outage_ended = self.redis.outage_ended_ms();
+        if stored.known_newest_at() >= outage_ended {
+            return (Sourced::fresh(stored.point), None);
+        }
+        let Ok(found) = Box::pin(self.api.progress(&claims.sub, content_id, ctx)).await else {
+            return (Sourced::fresh(stored.point), None);
+        };
+        let newest = match found {
+            Some(found)
+                if stored
+                    .at_ms
+                    .is_none_or(|at| found.updated_at.timestamp_millis() > at) =>
+            {
+                StoredPoint {
+                    point: ResumePoint {
+                        position_ms: found.position_ms,
+                        completed: found.completed,
+                    },
+                    at_ms: Some(found.updated_at.timestamp_millis()),
+                    checked_ms: None,
+                }
+            }
+            _ => stored,
+        };
+        metrics::counter!("moneta_resume_positions_checked_total", "found" => match newest == stored {
+            true => "redis",
+            false => "internal_api",
+        })
+        .increment(1);
+        let checked = CheckedPosition {
+            newest,
+            checked_ms: outage_ended,
+        };
+        (Sourced::fresh(newest.point), Some(checked))
     }
 
     async fn position_from_api(
@@ -145,6 +204,8 @@ impl UserStates {
                             position_ms,
                             at_ms: found.map(|f| f.updated_at.timestamp_millis()),
                             completed: point.completed,
+                            // Just read there: no check needed after the last outage.
+                            checked_ms: self.redis.outage_ended_ms(),
                         });
                     (Sourced::fresh(point), learnt)
                 } else {

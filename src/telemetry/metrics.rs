@@ -232,6 +232,10 @@ fn describe() {
         "Resume positions given up, by reason: refused (the internal API refused the item), invalid (unreadable in the log), poison (moved to the dead-letter stream), queue_full (not taken while Redis was unreachable: answered 503)."
     );
     describe_counter!(
+        "moneta_resume_positions_checked_total",
+        "Resume positions Redis held from before the last Redis outage's end, checked once against the internal API, by where the newest was found (redis, internal_api)."
+    );
+    describe_counter!(
         "moneta_cache_requests_total",
         "Cache lookups by cache (content_memory, content_redis, entitlement_redis, position_redis) and result (hit, miss)."
     );

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::client_cache::{Admission, ClientCache, Lookup};
 use super::keys;
 use super::{POSITION_TTL_S, RedisStore};
-use crate::model::{ContentId, ContentPlayback, Entitlement, PositionMs, ResumePoint, UserId};
+use crate::model::{ContentId, ContentPlayback, Entitlement, PositionMs, ResumePoint, StoredPoint, UserId};
 use crate::resilience::DependencyError;
 
 /// A cached title, or the fact that the internal API does not know it.
@@ -22,7 +22,7 @@ pub struct CachedContent {
 pub struct UserView {
     /// `None`: not cached; `Some(None)`: cached "no entitlement".
     pub entitlement: Option<Option<Entitlement>>,
-    pub position: Option<ResumePoint>,
+    pub position: Option<StoredPoint>,
 }
 
 /// Values learnt from the internal API, written back to Redis only once the
@@ -32,6 +32,16 @@ pub struct UserView {
 pub struct WriteBack {
     pub entitlement: Option<Option<Entitlement>>,
     pub position: Option<(ContentId, LearntPosition)>,
+    /// A stored position checked against the internal API after an outage
+    /// (see `outages`): the newest of the two, stamped as checked then.
+    pub checked: Option<(ContentId, CheckedPosition)>,
+}
+
+/// What a check of a stored position against the internal API found.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckedPosition {
+    pub newest: StoredPoint,
+    pub checked_ms: i64,
 }
 
 /// A resume position the internal API holds, with the time it was
@@ -42,17 +52,25 @@ pub struct LearntPosition {
     pub position_ms: PositionMs,
     pub at_ms: Option<i64>,
     pub completed: bool,
+    /// The last Redis outage end known when it was read (0: none): it needs
+    /// no check against the internal API for that outage (see `outages`).
+    pub checked_ms: i64,
 }
 
 impl LearntPosition {
     fn encode(self) -> String {
-        let point = ResumePoint {
-            position_ms: self.position_ms.get(),
-            completed: self.completed,
+        let stored = StoredPoint {
+            point: ResumePoint {
+                position_ms: self.position_ms.get(),
+                completed: self.completed,
+            },
+            at_ms: self.at_ms,
+            checked_ms: None,
         };
-        match self.at_ms {
-            Some(at) => point.encode_at(at),
-            None => point.encode(),
+        match (self.at_ms, self.checked_ms) {
+            (_, checked @ 1..) => stored.encode_checked(checked),
+            (Some(at), _) => stored.point.encode_at(at),
+            (None, _) => stored.point.encode(),
         }
     }
 }
@@ -128,7 +146,7 @@ impl RedisStore {
         let entitlement = ent.and_then(|s| serde_json::from_str::<Option<Entitlement>>(&s).ok());
         Ok(UserView {
             entitlement,
-            position: pos.as_deref().and_then(ResumePoint::decode),
+            position: pos.as_deref().and_then(StoredPoint::decode),
         })
     }
 
@@ -165,6 +183,9 @@ impl RedisStore {
     /// new, and a position an instance brings home later replaces it only
     /// if newer. An unstamped overwrite made an older homecoming win.
     pub async fn write_back(&self, user: &UserId, write: WriteBack, entitlement_ttl: Duration) {
+        if let Some((content_id, checked)) = &write.checked {
+            let _ = self.confirm_position(user, content_id, checked).await;
+        }
         if write.entitlement.is_none() && write.position.is_none() {
             return;
         }

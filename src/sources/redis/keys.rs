@@ -32,6 +32,13 @@ pub fn content(content_id: &ContentId) -> String {
     format!("{PREFIX}:content:{content_id}")
 }
 
+/// When the last Redis outage an instance saw ended (Redis' clock, ms): the
+/// score of member `ended` in a sorted set, so `ZADD GT` keeps the latest
+/// without a script. One key for the deployment (`outages`).
+pub fn outages() -> String {
+    format!("{PREFIX}:outages")
+}
+
 /// CRC16/XMODEM (polynomial 0x1021, initial value 0), the checksum Redis
 /// Cluster hashes keys with.
 fn crc16(bytes: &[u8]) -> u16 {

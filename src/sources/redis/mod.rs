@@ -7,10 +7,11 @@ mod client_cache;
 mod clock;
 mod grouped;
 pub mod keys;
+mod outages;
 mod progress;
 mod sessions;
 
-pub use catalog::{CachedContent, LearntPosition, UserView, WriteBack};
+pub use catalog::{CachedContent, CheckedPosition, LearntPosition, UserView, WriteBack};
 pub use clock::{RedisClock, Stamp};
 pub use progress::{DeadLetter, Delivery, EntryId, PROGRESS_GROUP, ParkedField, ProgressLog, Settlement};
 pub use sessions::{
@@ -434,6 +435,7 @@ pub struct RedisStore {
     min_replicas_acked: u32,
     /// Set when `min_replicas_acked` is: see [`Waiting`].
     waiting: Option<Arc<Waiting>>,
+    outages: Arc<outages::Outages>,
 }
 
 /// How many connections of their own writes followed by `WAIT` spread over.
@@ -538,6 +540,7 @@ impl RedisStore {
             buckets: Buckets::new(settings.buckets),
             min_replicas_acked: settings.min_replicas_acked,
             waiting,
+            outages: Arc::default(),
         })
     }
 

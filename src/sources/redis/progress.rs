@@ -30,6 +30,7 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use redis::{Cmd, Script, Value};
 use serde::{Deserialize, Serialize};
 
+use super::catalog::CheckedPosition;
 use super::grouped::{Group, all_answered, error_code};
 use super::keys::{Bucket, Shard, UserKeys};
 use super::{POSITION_TTL_S, RedisStore, millis_to_utc};
@@ -488,19 +489,14 @@ struct UserHomecoming<'a> {
 /// One user's part of a homecoming: `EVALSHA remember.lua` writing their
 /// positions and appending their entries to the log of their bucket.
 fn remember_cmd(keys: &UserKeys, user: &UserId, home: &UserHomecoming<'_>) -> Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(REMEMBER.get_hash())
-        .arg(2)
-        .arg(keys.positions())
-        .arg(keys.log())
-        .arg(POSITION_TTL_S)
-        .arg(user.as_str())
-        .arg(home.positions.len());
-    for item in &home.positions {
-        cmd.arg(item.content_id.as_str())
-            .arg(position_value(item))
-            .arg(item.updated_at.timestamp_millis());
-    }
+    let positions = home.positions.iter().map(|item| {
+        (
+            item.content_id.as_str(),
+            position_value(item),
+            item.updated_at.timestamp_millis(),
+        )
+    });
+    let mut cmd = remember_positions_cmd(keys, user, home.positions.len(), positions);
     cmd.arg(home.logged.len());
     for (item, attempts) in &home.logged {
         cmd.arg(item.content_id.as_str())
@@ -508,6 +504,29 @@ fn remember_cmd(keys: &UserKeys, user: &UserId, home: &UserHomecoming<'_>) -> Cm
             .arg(item.updated_at.timestamp_millis())
             .arg(if item.completed { "1" } else { "0" })
             .arg(*attempts);
+    }
+    cmd
+}
+
+/// `EVALSHA remember.lua` up to its positions: `n` (content id, stored
+/// value, time acknowledged) triples. The log entries' count and records
+/// follow.
+fn remember_positions_cmd<'a>(
+    keys: &UserKeys,
+    user: &UserId,
+    n: usize,
+    positions: impl Iterator<Item = (&'a str, String, i64)>,
+) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(REMEMBER.get_hash())
+        .arg(2)
+        .arg(keys.positions())
+        .arg(keys.log())
+        .arg(POSITION_TTL_S)
+        .arg(user.as_str())
+        .arg(n);
+    for (content, value, at) in positions {
+        cmd.arg(content).arg(value).arg(at);
     }
     cmd
 }
@@ -798,6 +817,26 @@ impl RedisStore {
             consumer,
             walk: Arc::new(Walk::new()),
         }
+    }
+
+    /// Writes the position a check after an outage found newest, stamped as
+    /// checked (see `outages`), unless Redis learnt a newer one meanwhile:
+    /// `remember.lua`, which replaces a stored position only with one at
+    /// least as new. No log entry: the internal API has it.
+    pub(super) async fn confirm_position(
+        &self,
+        user: &UserId,
+        content_id: &ContentId,
+        checked: &CheckedPosition,
+    ) -> Result<(), DependencyError> {
+        let keys = self.user_keys(user);
+        let newest = checked.newest;
+        let value = newest.encode_checked(checked.checked_ms);
+        let position = (content_id.as_str(), value, newest.at_ms.unwrap_or(0));
+        let mut cmd = remember_positions_cmd(&keys, user, 1, std::iter::once(position));
+        cmd.arg(0);
+        let replies = self.run_grouped(vec![vec![cmd]], Some(&REMEMBER)).await?;
+        all_answered(replies).map(drop)
     }
 }
 

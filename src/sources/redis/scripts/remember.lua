@@ -5,9 +5,11 @@
 -- KEYS[1] the user's positions hash, KEYS[2] the progress log of the user's
 -- bucket (the same hash tag)
 -- ARGV[1] position_ttl_s, ARGV[2] user id, ARGV[3] number of positions N, then
--- N (content id, value '<ms>[:c]@<at_ms>', at_ms) triples, then the number of
--- log entries L, then L (c, p, t, w, a) records.
+-- N (content id, value '<ms>[:c]@<at_ms>[/<checked_ms>]', at_ms) triples, then
+-- the number of log entries L, then L (c, p, t, w, a) records.
 -- A stored value without '@<at_ms>' predates stamping: older than any stamped one.
+-- A value of the same time replaces the stored one: that is how a position
+-- found newest after an outage gets its '/<checked_ms>' (outages.rs).
 -- Returns the number of positions written.
 local written = 0
 local i = 4
@@ -17,7 +19,7 @@ for _ = 1, tonumber(ARGV[3]) do
   local current = redis.call('HGET', KEYS[1], content)
   local stored = -1
   if current then
-    stored = tonumber(string.match(current, '@(%d+)$') or '-1')
+    stored = tonumber(string.match(current, '@(%d+)') or '-1')
   end
   if at >= stored then
     redis.call('HSET', KEYS[1], content, value)

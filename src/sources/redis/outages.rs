@@ -1,0 +1,213 @@
+//! When the last Redis outage ended, as the deployment saw it.
+//!
+//! While Redis is unreachable an instance acknowledges positions from memory
+//! and delivers them straight to the internal API. If it is killed before
+//! Redis answers again, the internal API holds a newer position than Redis,
+//! and playback-info (Redis first) would answer the older one until the
+//! player writes again. The instance that knew is gone, so every instance
+//! watches Redis itself: once Redis answers after failing to, the end of the
+//! outage is recorded in Redis (`keys::outages`, the latest end kept), and
+//! every instance learns it. A resume position older than that end is
+//! checked against the internal API once (`playback::user_state`), and
+//! stamped as checked in Redis so no instance asks again.
+//!
+//! What this cannot see: an outage no live instance saw (only the killed
+//! one could not reach Redis, or every instance of the deployment died).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{RedisResult, Value};
+
+use super::{Connector, RedisStore, keys, prove_alive};
+
+/// How often each instance looks at Redis (a `PING` on every primary) and
+/// learns the deployment's last outage end (one `ZSCORE`).
+pub const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// The member of [`keys::outages`] whose score is the last end.
+const ENDED: &str = "ended";
+
+/// Records an outage's end at Redis' own time (`TIME` inside the script, on
+/// the key's node), keeping the latest, and returns the latest.
+const RECORD_END: &str = "\
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], 'GT', now, ARGV[1])
+return tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))";
+
+/// The last outage end this instance knows of (Redis' clock, ms since the
+/// epoch; 0: none).
+#[derive(Default)]
+pub struct Outages {
+    ended_ms: AtomicI64,
+}
+
+impl Outages {
+    pub fn ended_ms(&self) -> i64 {
+        self.ended_ms.load(Ordering::Relaxed)
+    }
+
+    fn learn(&self, ended_ms: i64) {
+        self.ended_ms.fetch_max(ended_ms, Ordering::Relaxed);
+    }
+}
+
+impl RedisStore {
+    /// The last Redis outage end known (see the module).
+    pub fn outage_ended_ms(&self) -> i64 {
+        self.outages.ended_ms()
+    }
+
+    /// Watches Redis while `alive` says so. Not through the guard: an open
+    /// breaker would hide Redis' return, and one call a second cannot pile
+    /// up; each is bounded by the Redis timeout.
+    pub fn outage_watch(
+        &self,
+        alive: impl Fn() -> bool + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let redis = self.clone();
+        async move {
+            let mut tick = tokio::time::interval(WATCH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Whether Redis failed to answer since it last did.
+            let mut failed = false;
+            while alive() {
+                tick.tick().await;
+                let timeout = redis.guard.timeout();
+                let answered = tokio::time::timeout(timeout, every_node_answers(&redis.connector)).await;
+                if !matches!(answered, Ok(Ok(()))) {
+                    failed = true;
+                    continue;
+                }
+                match tokio::time::timeout(timeout, redis.last_outage_end(failed)).await {
+                    Ok(Ok(ended)) => {
+                        if failed {
+                            tracing::info!(
+                                ended_ms = ended,
+                                "Redis answers again; resume positions older than this outage are checked against the internal API once"
+                            );
+                        }
+                        redis.outages.learn(ended);
+                        failed = false;
+                    }
+                    _ => failed = true,
+                }
+            }
+        }
+    }
+
+    /// The deployment's last outage end, recorded first as now when
+    /// `record` (this instance saw one end just now).
+    async fn last_outage_end(&self, record: bool) -> redis::RedisResult<i64> {
+        let mut conn = self.conn().await?;
+        let key = keys::outages();
+        if record {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(RECORD_END).arg(1).arg(&key).arg(ENDED);
+            return cmd.query_async(&mut conn).await;
+        }
+        // A float in Redis' reply; ms since the epoch are exact in it.
+        let ended: Option<f64> = redis::cmd("ZSCORE")
+            .arg(&key)
+            .arg(ENDED)
+            .query_async(&mut conn)
+            .await?;
+        Ok(ended.map_or(0, |ms| ms as i64))
+    }
+}
+
+/// A `PING` answered by the single node, or by every primary of the cluster,
+/// each asked by its address. The cluster connection's own fan-out to every
+/// primary leaves out, silently, one it holds no live connection to (a
+/// paused node, once its connection timed out), and would take the others'
+/// answers for Redis' return while that node still hangs.
+async fn every_node_answers(connector: &Connector) -> RedisResult<()> {
+    let Connector::Cluster(link) = connector else {
+        return prove_alive(connector).await;
+    };
+    let mut conn = link.conn().await?;
+    let any_node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+    let mut cluster_slots = redis::cmd("CLUSTER");
+    cluster_slots.arg("SLOTS");
+    let slots = conn.route_command(cluster_slots, any_node).await?;
+    let primaries = primaries(&slots);
+    if primaries.is_empty() {
+        return Err((redis::ErrorKind::Client, "CLUSTER SLOTS named no primary").into());
+    }
+    let pings = primaries.into_iter().map(|(host, port)| {
+        let mut conn = conn.clone();
+        let by_address = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+        async move { conn.route_command(redis::cmd("PING"), by_address).await }
+    });
+    futures::future::try_join_all(pings).await.map(drop)
+}
+
+/// The primaries' addresses in a `CLUSTER SLOTS` reply: per slot range
+/// `[start, end, [host, port, id, …], replicas…]`.
+fn primaries(slots: &Value) -> Vec<(String, u16)> {
+    let Value::Array(ranges) = slots else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, u16)> = ranges
+        .iter()
+        .filter_map(|range| match range {
+            Value::Array(parts) => match parts.get(2) {
+                Some(Value::Array(node)) => {
+                    let host = redis::from_redis_value_ref::<String>(node.first()?).ok()?;
+                    let port = redis::from_redis_value_ref::<u16>(node.get(1)?).ok()?;
+                    Some((host, port))
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latest_end_is_kept() {
+        let outages = Outages::default();
+        assert_eq!(outages.ended_ms(), 0);
+        outages.learn(2_000);
+        outages.learn(1_000);
+        assert_eq!(outages.ended_ms(), 2_000);
+    }
+
+    #[test]
+    fn primaries_are_read_from_cluster_slots() {
+        let node = |port: i64| {
+            Value::Array(vec![
+                Value::BulkString(b"127.0.0.1".to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let range = |start: i64, primary: i64, replica: i64| {
+            Value::Array(vec![
+                Value::Int(start),
+                Value::Int(start + 1),
+                node(primary),
+                node(replica),
+            ])
+        };
+        let slots = Value::Array(vec![
+            range(0, 7001, 7004),
+            range(2, 7002, 7005),
+            range(4, 7001, 7004),
+        ]);
+        assert_eq!(
+            primaries(&slots),
+            vec![("127.0.0.1".to_owned(), 7001), ("127.0.0.1".to_owned(), 7002)]
+        );
+        assert!(primaries(&Value::Nil).is_empty());
+    }
+}
