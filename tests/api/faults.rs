@@ -351,10 +351,16 @@ async fn graceful_shutdown_of_the_in_process_app() {
 
 /// The app on a Redis of its own reached through a [`FaultProxy`].
 async fn behind_redis_proxy() -> (TestApp, FaultProxy, RedisServer) {
+    behind_redis_proxy_with(&[]).await
+}
+
+async fn behind_redis_proxy_with(settings: &[(&str, &str)]) -> (TestApp, FaultProxy, RedisServer) {
     let redis = RedisServer::start();
     let proxy = FaultProxy::start(redis.port).await;
     let url = format!("redis://127.0.0.1:{}", proxy.port);
-    let app = spawn_app_on(spawn_fake_api().await, &[("MONETA_REDIS_URL", &url)]).await;
+    let mut settings = settings.to_vec();
+    settings.push(("MONETA_REDIS_URL", &url));
+    let app = spawn_app_on(spawn_fake_api().await, &settings).await;
     (app, proxy, redis)
 }
 
@@ -389,6 +395,58 @@ async fn a_redis_connection_gone_silent_is_made_again() {
     assert_eq!(ready["dependencies"]["redis"], "up", "{ready}");
     let recovered = recovery_time(&app).await;
     println!("redis connection silent: fresh answers again after {recovered:?}");
+}
+
+/// What the in-process copy read through a connection that went silent is
+/// dropped when the connection is made again: the invalidations of changes
+/// made meanwhile went to the silent connection, and the copy would
+/// otherwise answer the older value for as long as it may keep one (an hour
+/// here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_read_through_a_connection_gone_silent_is_not_served_after_it_is_made_again() {
+    let (app, proxy, redis) = behind_redis_proxy_with(&[
+        ("MONETA_REDIS_CLIENT_CACHE_TTL_MS", "3600000"),
+        ("MONETA_ENTITLEMENT_TTL_S", "3600"),
+    ])
+    .await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let mut direct = support::redis_probe::RedisProbe::connect(&redis.url).await;
+    let positions = support::redis_probe::user_key("u-basic", "positions");
+    let write = async |probe: &mut support::redis_probe::RedisProbe, position: u64| {
+        let value = format!("{position}@{}", chrono::Utc::now().timestamp_millis());
+        let _: () = probe
+            .query(redis::cmd("HSET").arg(&positions).arg("m-0001").arg(value))
+            .await;
+    };
+    let resume = async || {
+        let info: Value = app.playback_info("m-0001", &token).await.json().await.ok()?;
+        Some((info["resume_position_ms"].as_u64()?, info["degraded"] == true))
+    };
+    write(&mut direct, 1_000_000).await;
+    for _ in 0..3 {
+        assert_eq!(
+            resume().await,
+            Some((1_000_000, false)),
+            "read, then answered from the copy"
+        );
+    }
+
+    proxy.silence();
+    // Changed behind the silent connection: its invalidation is never heard.
+    write(&mut direct, 2_000_000).await;
+    let fresh = eventually(PATIENCE, async || {
+        (resume().await == Some((2_000_000, false))).then_some(())
+    })
+    .await;
+    assert!(
+        fresh.is_some(),
+        "still {:?} {PATIENCE:?} after the connection went silent",
+        resume().await
+    );
+    // And it stays so: nothing older comes back from the copy.
+    for _ in 0..5 {
+        assert_eq!(resume().await, Some((2_000_000, false)));
+    }
 }
 
 /// A stop acknowledged while Redis was unreachable (it kept its data) ends
