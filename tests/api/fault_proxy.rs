@@ -87,3 +87,68 @@ impl FaultProxy {
         self.serve(listener);
     }
 }
+
+/// A proxy whose first connection hears the server `lag` later than it
+/// speaks (each chunk passed on `lag` after it arrived, in order), while
+/// later connections pass at once: one connection behind the others, as the
+/// one that carries a client's invalidations can be behind the one its
+/// write went over.
+pub struct LaggingProxy {
+    pub port: u16,
+    accept: AbortHandle,
+}
+
+impl LaggingProxy {
+    pub async fn start(target: u16, lag: std::time::Duration) -> LaggingProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accept = tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let lagging = std::mem::take(&mut first);
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    if !lagging {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        return;
+                    }
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_server, mut to_server) = outbound.into_split();
+                    let (chunks, mut lagged) = tokio::sync::mpsc::unbounded_channel();
+                    let hear = async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                            let due = tokio::time::Instant::now() + lag;
+                            if chunks.send((due, buf[..n].to_vec())).is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let pass_on = async move {
+                        while let Some((due, chunk)) = lagged.recv().await {
+                            tokio::time::sleep_until(due).await;
+                            if to_client.write_all(&chunk).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let speak = tokio::io::copy(&mut from_client, &mut to_server);
+                    let _ = tokio::join!(hear, pass_on, speak);
+                });
+            }
+        });
+        LaggingProxy {
+            port,
+            accept: accept.abort_handle(),
+        }
+    }
+}
+
+impl Drop for LaggingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}

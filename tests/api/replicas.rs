@@ -3,8 +3,11 @@
 //! acknowledges in time, the position is kept in memory and delivered, as
 //! while Redis is unreachable, and the player is answered all the same.
 
+use std::time::Duration;
+
 use testkit::RedisServer;
 
+use crate::fault_proxy::LaggingProxy;
 use crate::helpers::{TestApp, spawn_app_with};
 use crate::support::redis_probe::user_key;
 use crate::support::{PATIENCE, eventually, metric_value};
@@ -107,4 +110,45 @@ async fn with_no_replica_at_all_every_position_still_reaches_the_internal_api() 
         app.api.assert_receives_position(user, position).await;
     }
     assert_eq!(unacked(&app).await, 2.0);
+}
+
+/// Writes that wait for a replica go over connections of their own, so
+/// their invalidations reach the in-process copy on the shared connection
+/// in no set order with the write's reply: the instance drops its copy of
+/// what it wrote itself, and a playback-info right after a heartbeat or a
+/// stop answers its position.
+///
+/// The shared connection (the instance's first) hears Redis 300 ms late
+/// here, so every invalidation comes well after the reply of the write that
+/// caused it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_written_is_read_back_at_once_through_the_same_instance() {
+    let primary = RedisServer::start();
+    let _replica = RedisServer::start_replica_of(primary.port);
+    let lagging = LaggingProxy::start(primary.port, Duration::from_millis(300)).await;
+    let app = spawn_app_with(&[
+        ("MONETA_REDIS_URL", &format!("redis://127.0.0.1:{}", lagging.port)),
+        ("MONETA_REDIS_MIN_REPLICAS_ACKED", "1"),
+        ("MONETA_REDIS_TIMEOUT_MS", PATIENT_MS),
+        ("MONETA_REDIS_CLIENT_CACHE_TTL_MS", "3600000"),
+    ])
+    .await;
+    let user = "load-replicas-read-back";
+    let token = app.token(user, "standard", 2, "KR");
+    let resume = async || app.playback_info_json("m-0001", &token).await["resume_position_ms"].clone();
+    for round in 0..3u64 {
+        let id = app.started_session(&token, "m-0001", "tv").await;
+        for beat in 0..4u64 {
+            let position = 1_000_000 + round * 40_000 + beat * 10_000;
+            assert_eq!(app.heartbeat(&token, &id, position).await.status(), 200);
+            assert_eq!(
+                resume().await,
+                position,
+                "right after heartbeat {beat} of round {round}"
+            );
+        }
+        let stopped = 1_000_000 + round * 40_000 + 35_000;
+        assert_eq!(app.stop_session_at(&token, &id, stopped).await.status(), 204);
+        assert_eq!(resume().await, stopped, "right after the stop of round {round}");
+    }
 }

@@ -255,17 +255,35 @@ impl ClientCache {
             Some(Value::Array(keys)) => {
                 for key in keys {
                     if let Ok(key) = redis::from_redis_value_ref::<String>(key)
-                        && let Some(entry) = self.entries.remove(&key)
+                        && self.drop_key(&key)
                     {
-                        // Under the lock replies are stored under: one stored
-                        // before this goes with it, one stored after is refused.
-                        *entry.fields.lock().unwrap_or_else(PoisonError::into_inner) = None;
                         self.counts.invalidations.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
             _ => self.forget_all(),
         }
+    }
+
+    /// Drops what is kept of `key`, which this instance just changed in
+    /// Redis: its reads see the change at once, without waiting for the
+    /// invalidation. That one is handled by another task, and when the
+    /// write went over a connection of its own (writes that wait for
+    /// replicas) it comes on another connection, in no set order with the
+    /// write's reply.
+    pub fn written(&self, key: &str) {
+        self.drop_key(key);
+    }
+
+    /// Whether `key` was kept.
+    fn drop_key(&self, key: &str) -> bool {
+        let Some(entry) = self.entries.remove(key) else {
+            return false;
+        };
+        // Under the lock replies are stored under: one stored before this
+        // goes with it, one stored after is refused.
+        *entry.fields.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        true
     }
 
     /// Drops the whole copy; reads in flight keep nothing.

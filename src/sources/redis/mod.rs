@@ -574,6 +574,14 @@ impl RedisStore {
         &self.guard
     }
 
+    /// After this instance wrote `keys`' resume positions: see
+    /// [`ClientCache::written`].
+    fn written_positions(&self, keys: &UserKeys) {
+        if let Some(cache) = &self.cache {
+            cache.written(&keys.positions());
+        }
+    }
+
     /// Redis' clock as this instance estimates it.
     pub fn clock(&self) -> &RedisClock {
         &self.clock

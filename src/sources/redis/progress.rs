@@ -835,8 +835,9 @@ impl RedisStore {
         let position = (content_id.as_str(), value, newest.at_ms.unwrap_or(0));
         let mut cmd = remember_positions_cmd(&keys, user, 1, std::iter::once(position));
         cmd.arg(0);
-        let replies = self.run_grouped(vec![vec![cmd]], Some(&REMEMBER)).await?;
-        all_answered(replies).map(drop)
+        let replies = self.run_grouped(vec![vec![cmd]], Some(&REMEMBER)).await;
+        self.written_positions(&keys);
+        all_answered(replies?).map(drop)
     }
 }
 
@@ -882,8 +883,11 @@ impl ProgressLog {
                 .push(remember_cmd(&keys, user, home));
         }
         let groups = by_bucket.into_values().collect();
-        let replies = self.redis.run_grouped(groups, Some(&REMEMBER)).await?;
-        all_answered(replies).map(drop)
+        let replies = self.redis.run_grouped(groups, Some(&REMEMBER)).await;
+        for user in by_user.keys() {
+            self.redis.written_positions(&self.redis.user_keys(user));
+        }
+        all_answered(replies?).map(drop)
     }
 
     /// Creates every shard's consumer group (and stream) unless it exists.

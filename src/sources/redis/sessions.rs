@@ -376,13 +376,6 @@ impl SessionStore {
         DependencyError::Timeout("redis")
     }
 
-    /// A heartbeat or stop script on one user's session and position keys
-    /// and the progress log of the user's bucket (one hash tag, so one
-    /// atomic step in cluster mode too), arguments still to come.
-    fn writing_call(&self, script: &Script, user: &UserId) -> Cmd {
-        self.redis.user_keys(user).session_script_call(script.get_hash())
-    }
-
     /// Keeps a session alive and records its position, durably: once this
     /// returns `Touched`, the position reaches the internal API even if this
     /// instance dies. Without a position (a licence request recording a
@@ -395,7 +388,8 @@ impl SessionStore {
         untraced: Untraced,
     ) -> Result<TouchOutcome, DependencyError> {
         let content = session_id.content_str();
-        let mut call = self.writing_call(&HEARTBEAT, user);
+        let keys = self.redis.user_keys(user);
+        let mut call = keys.session_script_call(HEARTBEAT.get_hash());
         let rejoin = match untraced {
             Untraced::Record { max_streams } => Some(max_streams),
             Untraced::Refuse | Untraced::Report => None,
@@ -407,6 +401,9 @@ impl SessionStore {
         arg_or_empty(&mut call, rejoin);
         call.arg(session_id.device_str().unwrap_or_default());
         let (reply, held) = self.invoke_written(&HEARTBEAT, &self.loaded[0], call).await?;
+        if position.is_some() {
+            self.redis.written_positions(&keys);
+        }
         let now = millis_to_utc(int(reply.get(1)));
         Ok(match int(reply.first()) {
             1 if held => TouchOutcome::Touched(now),
@@ -430,7 +427,8 @@ impl SessionStore {
         untraced: Untraced,
     ) -> Result<EndOutcome, DependencyError> {
         let content = session_id.content_str();
-        let mut call = self.writing_call(&STOP, user);
+        let keys = self.redis.user_keys(user);
+        let mut call = keys.session_script_call(STOP.get_hash());
         call.arg(self.ttl_ms()).arg(session_id.as_str());
         arg_or_empty(&mut call, position.map(PositionMs::get));
         call.arg(user.as_str())
@@ -443,6 +441,9 @@ impl SessionStore {
             "1"
         });
         let (reply, held) = self.invoke_written(&STOP, &self.loaded[1], call).await?;
+        if position.is_some() {
+            self.redis.written_positions(&keys);
+        }
         Ok(match int(reply.first()) {
             1..=3 if !held => EndOutcome::Unreplicated,
             1 => EndOutcome::Ended,
