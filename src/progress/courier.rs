@@ -19,6 +19,11 @@ use crate::telemetry::throttled::Throttled;
 
 /// How often positions waiting in memory look whether Redis answers again.
 const REDIS_BACK_POLL: Duration = Duration::from_millis(200);
+/// After a position is recorded in memory (Redis failed), the courier ticks
+/// this much later rather than at its next tick: until the internal API or
+/// Redis has it, a SIGKILL loses it. The wait gathers what arrives with it,
+/// and bounds the ticks an outage's traffic makes.
+const RECORDED_GATHER: Duration = Duration::from_millis(200);
 /// Rounds per tick at most, so a large backlog drains in bounded bites:
 /// between two, the courier counts the backlog and looks for a shutdown. A
 /// tick that ends at this bound with rounds still full is followed at once
@@ -746,10 +751,15 @@ impl Courier {
                     false => self.memory_may_go_home().await,
                 }
             };
+            let recorded = async {
+                self.unlogged.recorded().await;
+                tokio::time::sleep(RECORDED_GATHER).await;
+            };
             tokio::select! {
                 deadline = &mut stop => break deadline.unwrap_or_else(|_| Instant::now()),
                 _ = tokio::time::sleep(wait) => woke_early = false,
                 () = early => woke_early = true,
+                () = recorded => woke_early = false,
             }
             let ticked = self.tick(busy || ticks.is_multiple_of(IDLE_SWEEP_TICKS)).await;
             busy = ticked.busy;

@@ -117,6 +117,9 @@ pub struct ProgressQueue {
     pending: Mutex<Pending>,
     capacity: usize,
     clock: Arc<RedisClock>,
+    /// Told of each position recorded: one that is only here is lost with
+    /// the process, so the courier delivers it now, not at its next tick.
+    recorded: tokio::sync::Notify,
 }
 
 impl ProgressQueue {
@@ -126,6 +129,7 @@ impl ProgressQueue {
             pending: Mutex::new(Pending::default()),
             capacity,
             clock,
+            recorded: tokio::sync::Notify::new(),
         })
     }
 
@@ -165,7 +169,14 @@ impl ProgressQueue {
         let depth = pending.len();
         drop(pending);
         Self::gauge(depth);
+        self.recorded.notify_one();
         true
+    }
+
+    /// Returns once a position was recorded since the last return (at once
+    /// if one was meanwhile).
+    pub async fn recorded(&self) {
+        self.recorded.notified().await;
     }
 
     /// Positions held, delivered or not.

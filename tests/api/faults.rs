@@ -449,6 +449,19 @@ async fn the_copy_read_through_a_connection_gone_silent_is_not_served_after_it_i
     }
 }
 
+/// A position held in memory while Redis refuses connections goes to the
+/// internal API at once, not at the courier's next tick (ten minutes here):
+/// until then only this process holds it, and a SIGKILL would lose it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_held_in_memory_goes_to_the_internal_api_at_once_not_at_the_next_delivery() {
+    let (app, proxy, _redis) = behind_redis_proxy_with(&[("MONETA_PROGRESS_FLUSH_MS", "600000")]).await;
+    let token = app.token("u-basic", "basic", 1, "KR");
+    let id = app.started_session(&token, "m-0001", "tv").await;
+    proxy.refuse();
+    assert_eq!(app.heartbeat(&token, &id, 1_234_000).await.status(), 200);
+    app.api.assert_receives_position("u-basic", 1_234_000).await;
+}
+
 /// A stop acknowledged while Redis was unreachable (it kept its data) ends
 /// the session there once Redis answers again: the slot is free for another
 /// device, and the stopped session's stray heartbeat does not bring it back.
