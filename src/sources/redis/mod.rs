@@ -509,8 +509,8 @@ fn connector(settings: &RedisSettings, cache: Option<&Arc<ClientCache>>) -> Redi
             if let Some(cache) = cache {
                 // One connection for reads and writes: an instance's own
                 // write is invalidated right behind its reply, on the same
-                // connection, and the push is queued for handling before the
-                // writer's answer has even been sent.
+                // connection (its own heartbeats and stops also drop what
+                // they change at once: `ClientCache::written`).
                 let info = client.get_connection_info().clone();
                 let redis_info = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
                 client = redis::Client::open(info.set_redis_settings(redis_info))?;
