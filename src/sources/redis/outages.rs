@@ -25,6 +25,9 @@ use super::{Connector, RedisStore, keys, prove_alive};
 /// How often each instance looks at Redis (a `PING` on every primary) and
 /// learns the deployment's last outage end (one `ZSCORE`).
 pub const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// How often while Redis fails to answer: until the end is recorded, reads
+/// answer the positions Redis kept, unchecked.
+const WATCH_FAILING_EVERY: Duration = Duration::from_millis(250);
 
 /// The member of [`keys::outages`] whose score is the last end.
 const ENDED: &str = "ended";
@@ -61,41 +64,44 @@ impl RedisStore {
     }
 
     /// Watches Redis while `alive` says so. Not through the guard: an open
-    /// breaker would hide Redis' return, and one call a second cannot pile
-    /// up; each is bounded by the Redis timeout.
+    /// breaker would hide Redis' return, and one look at a time, each
+    /// bounded by the Redis timeout, cannot pile up.
     pub fn outage_watch(
         &self,
         alive: impl Fn() -> bool + Send + 'static,
     ) -> impl Future<Output = ()> + Send + 'static {
         let redis = self.clone();
         async move {
-            let mut tick = tokio::time::interval(WATCH_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Whether Redis failed to answer since it last did.
             let mut failed = false;
             while alive() {
-                tick.tick().await;
-                let timeout = redis.guard.timeout();
-                let answered = tokio::time::timeout(timeout, every_node_answers(&redis.connector)).await;
-                if !matches!(answered, Ok(Ok(()))) {
-                    failed = true;
-                    continue;
-                }
-                match tokio::time::timeout(timeout, redis.last_outage_end(failed)).await {
-                    Ok(Ok(ended)) => {
-                        if failed {
-                            tracing::info!(
-                                ended_ms = ended,
-                                "Redis answers again; resume positions older than this outage are checked against the internal API once"
-                            );
-                        }
-                        redis.outages.learn(ended);
-                        failed = false;
-                    }
-                    _ => failed = true,
-                }
+                let every = if failed { WATCH_FAILING_EVERY } else { WATCH_EVERY };
+                let next = tokio::time::Instant::now() + every;
+                failed = !redis.watched(failed).await;
+                tokio::time::sleep_until(next).await;
             }
         }
+    }
+
+    /// One look: whether Redis answered, the deployment's last outage end
+    /// learnt (recorded first when Redis `failed` before).
+    async fn watched(&self, failed: bool) -> bool {
+        let timeout = self.guard.timeout();
+        let answered = tokio::time::timeout(timeout, every_node_answers(&self.connector)).await;
+        if !matches!(answered, Ok(Ok(()))) {
+            return false;
+        }
+        let Ok(Ok(ended)) = tokio::time::timeout(timeout, self.last_outage_end(failed)).await else {
+            return false;
+        };
+        if failed {
+            tracing::info!(
+                ended_ms = ended,
+                "Redis answers again; resume positions older than this outage are checked against the internal API once"
+            );
+        }
+        self.outages.learn(ended);
+        true
     }
 
     /// The deployment's last outage end, recorded first as now when
