@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use support::redis_probe::{RedisProbe, bucket};
 use support::{
     FakeApi, Fault, MonetaProcess, PATIENCE, PublicApi, RedisServer, assert_error, eventually,
-    eventually_blocking, faketime, metric_value, mint_token, signal, spawn_fake_api,
+    eventually_blocking, eventually_every, faketime, metric_value, mint_token, signal, spawn_fake_api,
 };
 use testkit::RedisCluster;
 use testkit::redis::cli;
@@ -1027,6 +1027,28 @@ async fn resumes_where_the_killed_instance_left(
     position: u64,
     stored: impl AsyncFn() -> Option<String>,
 ) {
+    // From the hang's end on, no fresh answer is the older position: not even
+    // the first reads that reach Redis before the outage's end is recorded.
+    let public = other.public_api();
+    let mut stale = Vec::new();
+    let fresh = eventually_every(DELIVERY_BOUND, Duration::from_millis(10), async || {
+        let answer = public.playback_info(TITLE, &viewer.token).await;
+        let info: Value = answer.json().await.ok()?;
+        let resume = info["resume_position_ms"].as_u64();
+        if info["degraded"] != false {
+            return None;
+        }
+        if resume != Some(position) {
+            stale.push(resume);
+        }
+        (resume == Some(position)).then_some(())
+    })
+    .await;
+    assert!(
+        fresh.is_some() && stale.is_empty(),
+        "fresh answers after the hang: {stale:?} before {position} (reached: {})",
+        fresh.is_some()
+    );
     let context = "a position delivered by an instance killed during the hang";
     assert_ends_with(api, &[other.public_api()], &[viewer.ending(position)], context).await;
     let checked = stored().await;

@@ -249,6 +249,13 @@ impl Licenses {
     }
 
     async fn answer(&self, request: LicenseRequest<'_>) -> Result<License, LicenseError> {
+        if self.sessions.measured_now().is_none() {
+            // Only until the first measurement, as a start does: on its own
+            // clock, an instance minutes off (just started, no call of its
+            // own measured Redis yet) refuses every token another instance
+            // minted, or honours expired ones. Boxed: a rare call.
+            let _ = Box::pin(self.sessions.measure_clock()).await;
+        }
         let now = self.sessions.clock_now().timestamp();
         let grant = self.tokens.verify(request.token, now)?;
         // ClearKey stands in for any CENC system in development: the key id

@@ -141,6 +141,10 @@ impl UserStates {
     /// API, which is asked once. Whichever is newer is answered and goes
     /// back to Redis stamped as checked. While the internal API fails,
     /// Redis' position is answered and checked on a later read.
+    ///
+    /// A read of a node that failed at the watch's last look (it answers
+    /// now: its outage just ended, and the end is not recorded yet) is
+    /// checked too; the newer position goes back unstamped.
     async fn stored_position(
         &self,
         claims: &Claims,
@@ -149,7 +153,8 @@ impl UserStates {
         ctx: &CallContext,
     ) -> (Sourced<ResumePoint>, Option<CheckedPosition>) {
         let outage_ended = self.redis.outage_ended_ms();
-        if stored.known_newest_at() >= outage_ended {
+        let unsettled = stored.known_newest_at() >= outage_ended && self.redis.outage_unsettled(&claims.sub);
+        if stored.known_newest_at() >= outage_ended && !unsettled {
             return (Sourced::fresh(stored.point), None);
         }
         let Ok(found) = Box::pin(self.api.progress(&claims.sub, content_id, ctx)).await else {
@@ -177,11 +182,17 @@ impl UserStates {
             false => "internal_api",
         })
         .increment(1);
-        let checked = CheckedPosition {
-            newest,
-            checked_ms: outage_ended,
+        let checked = match unsettled {
+            false => Some(CheckedPosition {
+                newest,
+                checked_ms: outage_ended,
+            }),
+            true => (newest != stored).then_some(CheckedPosition {
+                newest,
+                checked_ms: 0,
+            }),
         };
-        (Sourced::fresh(newest.point), Some(checked))
+        (Sourced::fresh(newest.point), checked)
     }
 
     async fn position_from_api(

@@ -41,6 +41,8 @@ pub struct WriteBack {
 #[derive(Debug, Clone, Copy)]
 pub struct CheckedPosition {
     pub newest: StoredPoint,
+    /// The outage end it was checked for; 0: the end is not recorded yet
+    /// (written back unstamped, checked again once it is).
     pub checked_ms: i64,
 }
 

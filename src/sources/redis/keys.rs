@@ -109,6 +109,11 @@ impl Bucket {
         self.0
     }
 
+    /// The Redis Cluster slot of the bucket's keys (of its hash tag, `b<n>`).
+    pub fn slot(self) -> u16 {
+        key_slot(format!("b{}", self.0).as_bytes())
+    }
+
     /// `moneta:{b<n>}`: the start of every key of the bucket. Room for the
     /// longest key's suffix. Written piece by piece: every heartbeat names
     /// its bucket's keys, and `format!` cost ~4 times as much.
@@ -392,7 +397,7 @@ mod tests {
         let mut per_shard = [0usize; 3];
         let mut slots = BTreeSet::new();
         for bucket in BUCKETS.all() {
-            let slot = key_slot(format!("b{}", bucket.index()).as_bytes());
+            let slot = bucket.slot();
             slots.insert(slot);
             per_shard[usize::from(slot) * 3 / usize::from(MAX_BUCKETS)] += 1;
         }

@@ -9,16 +9,20 @@
 //! outage is recorded in Redis (`keys::outages`, the latest end kept), and
 //! every instance learns it. A resume position older than that end is
 //! checked against the internal API once (`playback::user_state`), and
-//! stamped as checked in Redis so no instance asks again.
+//! stamped as checked in Redis so no instance asks again. Between Redis
+//! answering again and the watch's next look, reads of the slots that
+//! failed are checked too (without the stamp): the first read after an
+//! outage must not be the one that answers the older position.
 //!
 //! What this cannot see: an outage no live instance saw (only the killed
 //! one could not reach Redis, or every instance of the deployment died).
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use redis::Value;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{RedisResult, Value};
 
 use super::{Connector, RedisStore, keys, prove_alive};
 
@@ -41,10 +45,24 @@ redis.call('ZADD', KEYS[1], 'GT', now, ARGV[1])
 return tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))";
 
 /// The last outage end this instance knows of (Redis' clock, ms since the
-/// epoch; 0: none).
+/// epoch; 0: none), and what failed at the watch's last look.
 #[derive(Default)]
 pub struct Outages {
     ended_ms: AtomicI64,
+    /// Whether anything failed at the last look; `failing` says what.
+    any_failing: AtomicBool,
+    failing: Mutex<Failing>,
+}
+
+/// What failed to answer at the watch's last look.
+#[derive(Debug, Default, PartialEq)]
+enum Failing {
+    #[default]
+    Nothing,
+    /// The single node, or the cluster's topology could not be read.
+    Everything,
+    /// The slot ranges of the primaries that failed.
+    Slots(Vec<(u16, u16)>),
 }
 
 impl Outages {
@@ -55,12 +73,40 @@ impl Outages {
     fn learn(&self, ended_ms: i64) {
         self.ended_ms.fetch_max(ended_ms, Ordering::Relaxed);
     }
+
+    fn set_failing(&self, failing: Failing) {
+        self.any_failing
+            .store(failing != Failing::Nothing, Ordering::Relaxed);
+        *self.failing.lock().unwrap_or_else(PoisonError::into_inner) = failing;
+    }
+
+    /// Whether the slot `slot()` names failed at the watch's last look.
+    fn failing(&self, slot: impl FnOnce() -> u16) -> bool {
+        if !self.any_failing.load(Ordering::Relaxed) {
+            return false;
+        }
+        match &*self.failing.lock().unwrap_or_else(PoisonError::into_inner) {
+            Failing::Nothing => false,
+            Failing::Everything => true,
+            Failing::Slots(ranges) => {
+                let slot = slot();
+                ranges.iter().any(|&(first, last)| (first..=last).contains(&slot))
+            }
+        }
+    }
 }
 
 impl RedisStore {
     /// The last Redis outage end known (see the module).
     pub fn outage_ended_ms(&self) -> i64 {
         self.outages.ended_ms()
+    }
+
+    /// Whether the node holding `user`'s keys failed to answer at the
+    /// watch's last look: if it answers now, its outage just ended and the
+    /// end is not recorded yet.
+    pub fn outage_unsettled(&self, user: &crate::model::UserId) -> bool {
+        self.outages.failing(|| self.user_keys(user).bucket().slot())
     }
 
     /// Watches Redis while `alive` says so. Not through the guard: an open
@@ -87,8 +133,11 @@ impl RedisStore {
     /// learnt (recorded first when Redis `failed` before).
     async fn watched(&self, failed: bool) -> bool {
         let timeout = self.guard.timeout();
-        let answered = tokio::time::timeout(timeout, every_node_answers(&self.connector)).await;
-        if !matches!(answered, Ok(Ok(()))) {
+        let failing = tokio::time::timeout(timeout, failing_nodes(&self.connector))
+            .await
+            .unwrap_or(Failing::Everything);
+        if failing != Failing::Nothing {
+            self.outages.set_failing(failing);
             return false;
         }
         let Ok(Ok(ended)) = tokio::time::timeout(timeout, self.last_outage_end(failed)).await else {
@@ -101,6 +150,7 @@ impl RedisStore {
             );
         }
         self.outages.learn(ended);
+        self.outages.set_failing(Failing::Nothing);
         true
     }
 
@@ -124,54 +174,87 @@ impl RedisStore {
     }
 }
 
-/// A `PING` answered by the single node, or by every primary of the cluster,
-/// each asked by its address. The cluster connection's own fan-out to every
-/// primary leaves out, silently, one it holds no live connection to (a
-/// paused node, once its connection timed out), and would take the others'
-/// answers for Redis' return while that node still hangs.
-async fn every_node_answers(connector: &Connector) -> RedisResult<()> {
+/// What does not answer a `PING`: the single node, or the primaries of the
+/// cluster, each asked by its address. The cluster connection's own fan-out
+/// to every primary leaves out, silently, one it holds no live connection
+/// to (a paused node, once its connection timed out), and would take the
+/// others' answers for Redis' return while that node still hangs.
+async fn failing_nodes(connector: &Connector) -> Failing {
     let Connector::Cluster(link) = connector else {
-        return prove_alive(connector).await;
+        return match prove_alive(connector).await {
+            Ok(()) => Failing::Nothing,
+            Err(_) => Failing::Everything,
+        };
     };
-    let mut conn = link.conn().await?;
+    let Ok(mut conn) = link.conn().await else {
+        return Failing::Everything;
+    };
     let any_node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
     let mut cluster_slots = redis::cmd("CLUSTER");
     cluster_slots.arg("SLOTS");
-    let slots = conn.route_command(cluster_slots, any_node).await?;
+    let Ok(slots) = conn.route_command(cluster_slots, any_node).await else {
+        return Failing::Everything;
+    };
     let primaries = primaries(&slots);
     if primaries.is_empty() {
-        return Err((redis::ErrorKind::Client, "CLUSTER SLOTS named no primary").into());
+        return Failing::Everything;
     }
-    let pings = primaries.into_iter().map(|(host, port)| {
+    let pings = primaries.into_iter().map(|(host, port, ranges)| {
         let mut conn = conn.clone();
         let by_address = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-        async move { conn.route_command(redis::cmd("PING"), by_address).await }
+        async move {
+            let answered = conn.route_command(redis::cmd("PING"), by_address).await.is_ok();
+            (!answered).then_some(ranges)
+        }
     });
-    futures::future::try_join_all(pings).await.map(drop)
+    let failed: Vec<(u16, u16)> = futures::future::join_all(pings)
+        .await
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    match failed.is_empty() {
+        true => Failing::Nothing,
+        false => Failing::Slots(failed),
+    }
 }
 
-/// The primaries' addresses in a `CLUSTER SLOTS` reply: per slot range
-/// `[start, end, [host, port, id, …], replicas…]`.
-fn primaries(slots: &Value) -> Vec<(String, u16)> {
+/// A primary's host, port and slot ranges.
+type Primary = (String, u16, Vec<(u16, u16)>);
+
+/// The primaries in a `CLUSTER SLOTS` reply (per slot range `[first, last,
+/// [host, port, id, …], replicas…]`): each address with its ranges.
+fn primaries(slots: &Value) -> Vec<Primary> {
     let Value::Array(ranges) = slots else {
         return Vec::new();
     };
-    let mut found: Vec<(String, u16)> = ranges
-        .iter()
-        .filter_map(|range| match range {
-            Value::Array(parts) => match parts.get(2) {
-                Some(Value::Array(node)) => {
-                    let host = redis::from_redis_value_ref::<String>(node.first()?).ok()?;
-                    let port = redis::from_redis_value_ref::<u16>(node.get(1)?).ok()?;
-                    Some((host, port))
-                }
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect();
-    found.sort_unstable();
-    found.dedup();
+    let mut found: Vec<Primary> = Vec::new();
+    for range in ranges {
+        let Value::Array(parts) = range else {
+            continue;
+        };
+        let number = |at: usize| {
+            parts
+                .get(at)
+                .and_then(|v| redis::from_redis_value_ref::<u16>(v).ok())
+        };
+        let (Some(first), Some(last), Some(Value::Array(node))) = (number(0), number(1), parts.get(2)) else {
+            continue;
+        };
+        let address = node
+            .first()
+            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+        let port = node
+            .get(1)
+            .and_then(|v| redis::from_redis_value_ref::<u16>(v).ok());
+        let (Some(host), Some(port)) = (address, port) else {
+            continue;
+        };
+        match found.iter_mut().find(|(h, p, _)| *h == host && *p == port) {
+            Some((_, _, ranges)) => ranges.push((first, last)),
+            None => found.push((host, port, vec![(first, last)])),
+        }
+    }
     found
 }
 
@@ -197,10 +280,10 @@ mod tests {
                 Value::BulkString(b"id".to_vec()),
             ])
         };
-        let range = |start: i64, primary: i64, replica: i64| {
+        let range = |first: i64, primary: i64, replica: i64| {
             Value::Array(vec![
-                Value::Int(start),
-                Value::Int(start + 1),
+                Value::Int(first),
+                Value::Int(first + 1),
                 node(primary),
                 node(replica),
             ])
@@ -212,8 +295,25 @@ mod tests {
         ]);
         assert_eq!(
             primaries(&slots),
-            vec![("127.0.0.1".to_owned(), 7001), ("127.0.0.1".to_owned(), 7002)]
+            vec![
+                ("127.0.0.1".to_owned(), 7001, vec![(0, 1), (4, 5)]),
+                ("127.0.0.1".to_owned(), 7002, vec![(2, 3)])
+            ]
         );
         assert!(primaries(&Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn only_the_slots_that_failed_are_unsettled() {
+        let outages = Outages::default();
+        assert!(!outages.failing(|| 5));
+        outages.set_failing(Failing::Slots(vec![(0, 10), (100, 200)]));
+        assert!(outages.failing(|| 5));
+        assert!(outages.failing(|| 150));
+        assert!(!outages.failing(|| 50));
+        outages.set_failing(Failing::Everything);
+        assert!(outages.failing(|| 50));
+        outages.set_failing(Failing::Nothing);
+        assert!(!outages.failing(|| 5));
     }
 }

@@ -831,7 +831,10 @@ impl RedisStore {
     ) -> Result<(), DependencyError> {
         let keys = self.user_keys(user);
         let newest = checked.newest;
-        let value = newest.encode_checked(checked.checked_ms);
+        let value = match checked.checked_ms {
+            0 => newest.point.encode_at(newest.at_ms.unwrap_or(0)),
+            checked_ms => newest.encode_checked(checked_ms),
+        };
         let position = (content_id.as_str(), value, newest.at_ms.unwrap_or(0));
         let mut cmd = remember_positions_cmd(&keys, user, 1, std::iter::once(position));
         cmd.arg(0);
