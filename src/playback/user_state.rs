@@ -153,8 +153,9 @@ impl UserStates {
         ctx: &CallContext,
     ) -> (Sourced<ResumePoint>, Option<CheckedPosition>) {
         let outage_ended = self.redis.outage_ended_ms();
-        let unsettled = stored.known_newest_at() >= outage_ended && self.redis.outage_unsettled(&claims.sub);
-        if stored.known_newest_at() >= outage_ended && !unsettled {
+        let after_the_outage = stored.known_newest_at() >= outage_ended;
+        let unsettled = after_the_outage && self.redis.outage_unsettled(&claims.sub);
+        if after_the_outage && !unsettled {
             return (Sourced::fresh(stored.point), None);
         }
         let Ok(found) = Box::pin(self.api.progress(&claims.sub, content_id, ctx)).await else {

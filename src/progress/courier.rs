@@ -22,8 +22,9 @@ const REDIS_BACK_POLL: Duration = Duration::from_millis(200);
 /// After a position is recorded in memory (Redis failed), the courier ticks
 /// this much later rather than at its next tick: until the internal API or
 /// Redis has it, a SIGKILL loses it. The wait gathers what arrives with it,
-/// and bounds the ticks an outage's traffic makes.
-const RECORDED_GATHER: Duration = Duration::from_millis(200);
+/// and bounds the ticks an outage's traffic makes. It counts from the
+/// recording: a tick in flight then (waiting on Redis' timeout) used it up.
+const RECORDED_GATHER: Duration = Duration::from_millis(50);
 /// Rounds per tick at most, so a large backlog drains in bounded bites:
 /// between two, the courier counts the backlog and looks for a shutdown. A
 /// tick that ends at this bound with rounds still full is followed at once
@@ -518,7 +519,10 @@ impl Courier {
             true => (memory, true),
             false => self.home_first(memory).await,
         };
-        let moved = self.round_with(memory, sweep, redis_down, skip_redis).await;
+        // The homecoming just failed on Redis' timeout: the log's read would
+        // wait out another before what stays in memory is delivered.
+        let skip_log = skip_redis || (redis_down && !memory.is_empty() && !self.log.guard().is_up());
+        let moved = self.round_with(memory, sweep, redis_down, skip_log).await;
         self.unlogged.release(taken);
         moved
     }
@@ -732,7 +736,10 @@ impl Courier {
             }
             more = round == MAX_ROUNDS_PER_TICK;
         }
+        // Not while Redis' last call failed: counting would wait out its
+        // timeout, and a position recorded meanwhile waits for this tick.
         if (swept_first || busy)
+            && self.log.guard().is_up()
             && let Ok((log, parked)) = self.log.backlog().await
         {
             metrics::gauge!("moneta_progress_backlog", "kind" => "log").set(log as f64);
@@ -763,8 +770,8 @@ impl Courier {
                 }
             };
             let recorded = async {
-                self.unlogged.recorded().await;
-                tokio::time::sleep(RECORDED_GATHER).await;
+                let since = self.unlogged.recorded().await;
+                tokio::time::sleep_until(since + RECORDED_GATHER).await;
             };
             tokio::select! {
                 deadline = &mut stop => break deadline.unwrap_or_else(|_| Instant::now()),

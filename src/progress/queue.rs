@@ -45,6 +45,8 @@ struct Pending {
     in_flight: usize,
     /// Whether provisional positions may be here (or out with a round).
     provisional: bool,
+    /// When the first position recorded since the courier last looked was.
+    recorded_since: Option<tokio::time::Instant>,
 }
 
 impl Pending {
@@ -166,6 +168,9 @@ impl ProgressQueue {
             return false;
         }
         pending.merge(item, true);
+        pending
+            .recorded_since
+            .get_or_insert_with(tokio::time::Instant::now);
         let depth = pending.len();
         drop(pending);
         Self::gauge(depth);
@@ -174,9 +179,12 @@ impl ProgressQueue {
     }
 
     /// Returns once a position was recorded since the last return (at once
-    /// if one was meanwhile).
-    pub async fn recorded(&self) {
+    /// if one was meanwhile), with when the first of them was: a courier
+    /// busy when it came counts its wait from then, not from its return.
+    pub async fn recorded(&self) -> tokio::time::Instant {
         self.recorded.notified().await;
+        let since = self.lock().recorded_since.take();
+        since.unwrap_or_else(tokio::time::Instant::now)
     }
 
     /// Positions held, delivered or not.
@@ -264,6 +272,7 @@ mod tests {
     use super::*;
     use crate::model::PositionMs;
     use chrono::{DateTime, Utc};
+    use std::time::Duration;
 
     fn item(content: &str, position: u64, at: DateTime<Utc>) -> ProgressItem {
         ProgressItem {
@@ -366,5 +375,22 @@ mod tests {
         // The same pair still takes a newer position.
         assert!(q.record(item("a", 3, t0 + chrono::Duration::milliseconds(1))));
         assert_eq!(positions(&q.take(10)), [(3, false)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_a_recorded_position_counts_from_the_first_recording_not_from_the_look() {
+        let q = ProgressQueue::new(10, Arc::default());
+        let t0 = Utc::now();
+        let first = tokio::time::Instant::now();
+        q.record(item("a", 1, t0));
+        tokio::time::advance(Duration::from_millis(150)).await;
+        q.record(item("b", 1, t0));
+        // The courier was busy (a tick waiting on Redis' timeout) and looks only now.
+        tokio::time::advance(Duration::from_millis(400)).await;
+        assert_eq!(q.recorded().await, first);
+        tokio::time::advance(Duration::from_millis(50)).await;
+        let second = tokio::time::Instant::now();
+        q.record(item("c", 1, t0));
+        assert_eq!(q.recorded().await, second, "each look starts a new wait");
     }
 }

@@ -878,17 +878,19 @@ impl ProgressLog {
             return Ok(());
         }
         let mut by_bucket: BTreeMap<Bucket, Group> = BTreeMap::new();
+        let mut written = Vec::with_capacity(by_user.len());
         for (user, home) in &by_user {
             let keys = self.redis.user_keys(user);
             by_bucket
                 .entry(keys.bucket())
                 .or_default()
                 .push(remember_cmd(&keys, user, home));
+            written.push(keys);
         }
         let groups = by_bucket.into_values().collect();
         let replies = self.redis.run_grouped(groups, Some(&REMEMBER)).await;
-        for user in by_user.keys() {
-            self.redis.written_positions(&self.redis.user_keys(user));
+        for keys in &written {
+            self.redis.written_positions(keys);
         }
         all_answered(replies?).map(drop)
     }
