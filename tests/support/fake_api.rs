@@ -295,12 +295,23 @@ async fn batch(State(s): State<Arc<FakeState>>, headers: HeaderMap, Json(body): 
         s.refused_batches.lock().unwrap().push(body);
         return StatusCode::BAD_REQUEST.into_response();
     }
+    // As the contract's internal API: the last write by `updated_at` wins,
+    // whatever order deliveries arrive in.
+    let at = |v: &Value| {
+        v["updated_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    };
     for item in body["items"].as_array().cloned().unwrap_or_default() {
         let key = (
             item["user_id"].as_str().unwrap_or("").to_owned(),
             item["content_id"].as_str().unwrap_or("").to_owned(),
         );
-        s.progress.lock().unwrap().insert(
+        let mut progress = s.progress.lock().unwrap();
+        if progress.get(&key).is_some_and(|known| at(known) > at(&item)) {
+            continue;
+        }
+        progress.insert(
             key,
             json!({
                 "position_ms": item["position_ms"],
