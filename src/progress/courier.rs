@@ -533,7 +533,7 @@ impl Courier {
     /// one may die. Delivered from memory first, they would stay only here
     /// for as long as the internal API takes to answer, or to time out when
     /// it is down too. Returns what stays for the round (provisional stamps,
-    /// or everything when Redis did not take it), and whether Redis failed.
+    /// and what Redis did not take), and whether Redis failed.
     async fn home_first(&self, memory: Vec<Held>) -> (Vec<Held>, bool) {
         let (stay, home): (Vec<Held>, Vec<Held>) = memory.into_iter().partition(|h| h.item.provisional);
         if home.is_empty() {
@@ -548,7 +548,10 @@ impl Courier {
             .collect();
         match self.log.bring_back(&positions, &logged).await {
             Ok(()) => (stay, false),
-            Err(_) => (stay.into_iter().chain(home).collect(), true),
+            Err(left) => {
+                let back = home.into_iter().filter(|h| left.holds(&h.item.user_id));
+                (stay.into_iter().chain(back).collect(), true)
+            }
         }
     }
 
@@ -682,10 +685,16 @@ impl Courier {
             .iter()
             .filter_map(|h| Some((&h.item, h.log?)))
             .collect();
-        let home = (positions.is_empty() && logged.is_empty())
-            || self.log.bring_back(&positions, &logged).await.is_ok();
-        if !home {
-            self.put_back(homecomings);
+        let home = match positions.is_empty() && logged.is_empty() {
+            true => Ok(()),
+            false => self.log.bring_back(&positions, &logged).await,
+        };
+        if let Err(left) = home {
+            self.put_back(
+                (homecomings.into_iter())
+                    .filter(|h| left.holds(&h.item.user_id))
+                    .collect(),
+            );
         }
         Moved {
             fresh,

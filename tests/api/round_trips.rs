@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use crate::helpers::{TestApp, spawn_app_with};
 
 /// Client commands since the last reset, by name; the background probe's PING,
-/// the outage watch's PING and ZSCORE (once a second, never a request's) and
+/// the outage watch's PING (ten times a second) and ZSCORE (once a second), never a request's, and
 /// this test's own INFO/CONFIG are not requests' costs.
 fn commands(app: &TestApp) -> BTreeMap<String, u64> {
     let client = redis::Client::open(app.redis.url.as_str()).unwrap();

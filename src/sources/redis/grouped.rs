@@ -1,6 +1,8 @@
 //! Commands for many hash tags at once (every bucket's progress log), in as
 //! few round trips as the deployment allows.
 
+use std::time::Duration;
+
 use redis::{Cmd, RedisResult, Script, Value};
 
 use super::{Conn, RedisStore};
@@ -38,7 +40,11 @@ pub(super) fn all_answered(replies: GroupReplies) -> Result<Vec<Vec<Value>>, Dep
 }
 
 /// One pipeline per group, all sent at once on the multiplexed connection.
-async fn query_each(conn: &Conn, groups: &[Group]) -> Vec<RedisResult<Vec<Value>>> {
+/// A group not answered within `patience` answers a timeout in its place:
+/// the others are not held back by a node that hangs (one paused primary
+/// would otherwise make the whole call, and every bucket's progress log,
+/// wait out the guard's timeout and fail).
+async fn query_each(conn: &Conn, groups: &[Group], patience: Duration) -> Vec<RedisResult<Vec<Value>>> {
     let calls = groups.iter().map(|group| {
         let mut conn = conn.clone();
         let mut pipe = redis::pipe();
@@ -50,7 +56,14 @@ async fn query_each(conn: &Conn, groups: &[Group]) -> Vec<RedisResult<Vec<Value>
             if group.is_empty() {
                 return Ok(Vec::new());
             }
-            pipe.query_async::<Vec<Value>>(&mut conn).await
+            match tokio::time::timeout(patience, pipe.query_async::<Vec<Value>>(&mut conn)).await {
+                Ok(reply) => reply,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the node serving this slot did not answer",
+                )
+                .into()),
+            }
         }
     });
     futures::future::join_all(calls).await
@@ -93,20 +106,26 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let cluster = self.is_cluster();
+        // Short of the guard's timeout, so that what answered comes back.
+        let patience = self.guard.timeout() * 3 / 4;
         self.run(|mut conn| async move {
             let mut replies = if cluster {
-                let replies = query_each(&conn, &groups).await;
-                if let Some(Err(e)) = replies.iter().find(|r| r.is_err())
-                    && replies.iter().all(|r| r.is_err())
-                {
-                    return Err(e.clone());
+                let replies = query_each(&conn, &groups, patience).await;
+                if let Some(Err(e)) = replies.iter().find(|r| r.is_err()) {
+                    if replies.iter().all(|r| r.is_err()) {
+                        return Err(e.clone());
+                    }
+                    // The others answered; that node's hang still is one.
+                    if super::is_outage(e) {
+                        self.outages.call_failed();
+                    }
                 }
                 replies
             } else {
                 query_together(&mut conn, &groups).await?
             };
             if let Some(script) = script {
-                again_without_noscript(&mut conn, cluster, script, &groups, &mut replies).await?;
+                again_without_noscript(&mut conn, cluster, patience, script, &groups, &mut replies).await?;
             }
             Ok(replies)
         })
@@ -119,6 +138,7 @@ impl RedisStore {
 async fn again_without_noscript(
     conn: &mut Conn,
     cluster: bool,
+    patience: Duration,
     script: &Script,
     groups: &[Group],
     replies: &mut GroupReplies,
@@ -152,7 +172,7 @@ async fn again_without_noscript(
     // In cluster mode `SCRIPT LOAD` goes to every node.
     script.load_async(conn).await?;
     let again = if cluster {
-        query_each(conn, &retry).await
+        query_each(conn, &retry, patience).await
     } else {
         query_together(conn, &retry).await?
     };

@@ -13,7 +13,9 @@ mod sessions;
 
 pub use catalog::{CachedContent, CheckedPosition, LearntPosition, UserView, WriteBack};
 pub use clock::{RedisClock, Stamp};
-pub use progress::{DeadLetter, Delivery, EntryId, PROGRESS_GROUP, ParkedField, ProgressLog, Settlement};
+pub use progress::{
+    DeadLetter, Delivery, EntryId, LeftOut, PROGRESS_GROUP, ParkedField, ProgressLog, Settlement,
+};
 pub use sessions::{
     EndOutcome, LiveList, SessionState, SessionStore, StartOutcome, StartRequest, TouchOutcome, Untraced,
 };
@@ -663,6 +665,12 @@ impl RedisStore {
             )
             .await;
         after_call(connector, &result);
+        if matches!(
+            result,
+            Err(DependencyError::Failed(..) | DependencyError::Timeout(_))
+        ) {
+            self.outages.call_failed();
+        }
         result
     }
 

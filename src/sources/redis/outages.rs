@@ -26,12 +26,19 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
 use super::{Connector, RedisStore, keys, prove_alive};
 
-/// How often each instance looks at Redis (a `PING` on every primary) and
-/// learns the deployment's last outage end (one `ZSCORE`).
-pub const WATCH_EVERY: Duration = Duration::from_secs(1);
-/// How often while Redis fails to answer: until the end is recorded, reads
-/// answer the positions Redis kept, unchecked.
-const WATCH_FAILING_EVERY: Duration = Duration::from_millis(250);
+/// How often each instance looks at Redis (a `PING` on every primary). Often enough to
+/// see a hang barely longer than the Redis timeout: that is all it takes
+/// for an instance to acknowledge a position from memory, deliver it and be
+/// killed, and a hang no live instance saw is never checked. Its own calls
+/// that failed count as seen too (an instance with traffic sees every hang
+/// that way).
+pub const WATCH_EVERY: Duration = Duration::from_millis(100);
+/// Looks between two readings of the deployment's last outage end (one
+/// `ZSCORE`): another instance's record is learnt within a second.
+const LEARN_EVERY_LOOKS: u32 = 10;
+/// How long the cluster's primaries (`CLUSTER SLOTS`) are taken as known
+/// between two looks that found every one answering.
+const TOPOLOGY_FOR: Duration = Duration::from_secs(1);
 
 /// The member of [`keys::outages`] whose score is the last end.
 const ENDED: &str = "ended";
@@ -49,6 +56,8 @@ return tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))";
 #[derive(Default)]
 pub struct Outages {
     ended_ms: AtomicI64,
+    /// Whether a call of this instance failed as an outage since the last look.
+    call_failed: AtomicBool,
     /// Whether anything failed at the last look; `failing` says what.
     any_failing: AtomicBool,
     failing: Mutex<Failing>,
@@ -68,6 +77,12 @@ enum Failing {
 impl Outages {
     pub fn ended_ms(&self) -> i64 {
         self.ended_ms.load(Ordering::Relaxed)
+    }
+
+    /// A call failed as an outage (timed out, unreachable): when Redis
+    /// answers the next look, an outage has ended.
+    pub(super) fn call_failed(&self) {
+        self.call_failed.store(true, Ordering::Relaxed);
     }
 
     fn learn(&self, ended_ms: i64) {
@@ -120,36 +135,42 @@ impl RedisStore {
         async move {
             // Whether Redis failed to answer since it last did.
             let mut failed = false;
+            let mut topology = Topology::default();
+            let mut looks: u32 = 0;
             while alive() {
-                let every = if failed { WATCH_FAILING_EVERY } else { WATCH_EVERY };
-                let next = tokio::time::Instant::now() + every;
-                failed = !redis.watched(failed).await;
+                let next = tokio::time::Instant::now() + WATCH_EVERY;
+                let seen = redis.outages.call_failed.swap(false, Ordering::Relaxed);
+                let learn = looks.is_multiple_of(LEARN_EVERY_LOOKS);
+                failed = !redis.watched(failed || seen, learn, &mut topology).await;
+                looks = looks.wrapping_add(1);
                 tokio::time::sleep_until(next).await;
             }
         }
     }
 
-    /// One look: whether Redis answered, the deployment's last outage end
-    /// learnt (recorded first when Redis `failed` before).
-    async fn watched(&self, failed: bool) -> bool {
+    /// One look: whether Redis answered; when it did, the deployment's last
+    /// outage end is recorded as now if Redis `failed` before, and learnt
+    /// then or when `learn`.
+    async fn watched(&self, failed: bool, learn: bool, topology: &mut Topology) -> bool {
         let timeout = self.guard.timeout();
-        let failing = tokio::time::timeout(timeout, failing_nodes(&self.connector))
-            .await
-            .unwrap_or(Failing::Everything);
+        let failing = failing_nodes(&self.connector, topology, timeout).await;
         if failing != Failing::Nothing {
+            *topology = None;
             self.outages.set_failing(failing);
             return false;
         }
-        let Ok(Ok(ended)) = tokio::time::timeout(timeout, self.last_outage_end(failed)).await else {
-            return false;
-        };
-        if failed {
-            tracing::info!(
-                ended_ms = ended,
-                "Redis answers again; resume positions older than this outage are checked against the internal API once"
-            );
+        if failed || learn {
+            let Ok(Ok(ended)) = tokio::time::timeout(timeout, self.last_outage_end(failed)).await else {
+                return false;
+            };
+            if failed {
+                tracing::info!(
+                    ended_ms = ended,
+                    "Redis answers again; resume positions older than this outage are checked against the internal API once"
+                );
+            }
+            self.outages.learn(ended);
         }
-        self.outages.learn(ended);
         self.outages.set_failing(Failing::Nothing);
         true
     }
@@ -179,23 +200,40 @@ impl RedisStore {
 /// to every primary leaves out, silently, one it holds no live connection
 /// to (a paused node, once its connection timed out), and would take the
 /// others' answers for Redis' return while that node still hangs.
-async fn failing_nodes(connector: &Connector) -> Failing {
+/// Each one bounded by `timeout`. The cluster's primaries are read again
+/// when `topology` is older than [`TOPOLOGY_FOR`] (or was dropped after a
+/// failing look: a failover changes them).
+async fn failing_nodes(connector: &Connector, topology: &mut Topology, timeout: Duration) -> Failing {
     let Connector::Cluster(link) = connector else {
-        return match prove_alive(connector).await {
-            Ok(()) => Failing::Nothing,
-            Err(_) => Failing::Everything,
+        return match tokio::time::timeout(timeout, prove_alive(connector)).await {
+            Ok(Ok(())) => Failing::Nothing,
+            _ => Failing::Everything,
         };
     };
-    let Ok(mut conn) = link.conn().await else {
+    let Ok(Ok(conn)) = tokio::time::timeout(timeout, link.conn()).await else {
         return Failing::Everything;
     };
-    let any_node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-    let mut cluster_slots = redis::cmd("CLUSTER");
-    cluster_slots.arg("SLOTS");
-    let Ok(slots) = conn.route_command(cluster_slots, any_node).await else {
-        return Failing::Everything;
+    let known = topology
+        .as_ref()
+        .filter(|(at, _)| at.elapsed() < TOPOLOGY_FOR)
+        .map(|(_, primaries)| primaries.clone());
+    let primaries = match known {
+        Some(primaries) => primaries,
+        None => {
+            let any_node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+            let mut cluster_slots = redis::cmd("CLUSTER");
+            cluster_slots.arg("SLOTS");
+            let mut conn = conn.clone();
+            let Ok(Ok(slots)) =
+                tokio::time::timeout(timeout, conn.route_command(cluster_slots, any_node)).await
+            else {
+                return Failing::Everything;
+            };
+            let primaries = primaries(&slots);
+            *topology = Some((tokio::time::Instant::now(), primaries.clone()));
+            primaries
+        }
     };
-    let primaries = primaries(&slots);
     if primaries.is_empty() {
         return Failing::Everything;
     }
@@ -203,7 +241,8 @@ async fn failing_nodes(connector: &Connector) -> Failing {
         let mut conn = conn.clone();
         let by_address = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
         async move {
-            let answered = conn.route_command(redis::cmd("PING"), by_address).await.is_ok();
+            let ping = conn.route_command(redis::cmd("PING"), by_address);
+            let answered = matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)));
             (!answered).then_some(ranges)
         }
     });
@@ -221,6 +260,9 @@ async fn failing_nodes(connector: &Connector) -> Failing {
 
 /// A primary's host, port and slot ranges.
 type Primary = (String, u16, Vec<(u16, u16)>);
+
+/// The cluster's primaries as last read, and when.
+type Topology = Option<(tokio::time::Instant, Vec<Primary>)>;
 
 /// The primaries in a `CLUSTER SLOTS` reply (per slot range `[first, last,
 /// [host, port, id, …], replicas…]`): each address with its ranges.

@@ -844,6 +844,18 @@ impl RedisStore {
     }
 }
 
+/// What a homecoming ([`ProgressLog::bring_back`]) did not bring home:
+/// nothing is known to have arrived (`None`), or these users' part did not.
+#[derive(Debug)]
+pub struct LeftOut(Option<HashSet<UserId>>);
+
+impl LeftOut {
+    /// Whether `user`'s part may not have arrived.
+    pub fn holds(&self, user: &UserId) -> bool {
+        self.0.as_ref().is_none_or(|users| users.contains(user))
+    }
+}
+
 impl ProgressLog {
     /// Redis' guard: whether Redis answers, as calls and probes found.
     pub fn guard(&self) -> &crate::resilience::Guard {
@@ -855,14 +867,17 @@ impl ProgressLog {
     /// newer ones, and `logged` (with the times each failed alone) join the
     /// log of their user's bucket; one script per user does both atomically.
     /// One round trip on a single node, one round-trip time in cluster mode
-    /// (see `run_grouped`). On `Err` any part may have happened; doing it all
-    /// again is harmless (a position is written only if not older, an entry
-    /// logged twice is delivered twice).
+    /// (see `run_grouped`). On `Err` what it names as left out may have
+    /// happened in part or not at all, and the rest has; doing it again is
+    /// harmless (a position is written only if not older, an entry logged
+    /// twice is delivered twice). In a cluster a primary that does not answer
+    /// leaves out only its users: the others are home, and are not logged
+    /// again on every round until it answers.
     pub async fn bring_back(
         &self,
         positions: &[&ProgressItem],
         logged: &[(&ProgressItem, u32)],
-    ) -> Result<(), DependencyError> {
+    ) -> Result<(), LeftOut> {
         let mut by_user: HashMap<&UserId, UserHomecoming<'_>> = HashMap::new();
         for item in positions {
             by_user.entry(&item.user_id).or_default().positions.push(item);
@@ -877,22 +892,31 @@ impl ProgressLog {
         if by_user.is_empty() {
             return Ok(());
         }
-        let mut by_bucket: BTreeMap<Bucket, Group> = BTreeMap::new();
+        let mut by_bucket: BTreeMap<Bucket, (Group, Vec<&UserId>)> = BTreeMap::new();
         let mut written = Vec::with_capacity(by_user.len());
         for (user, home) in &by_user {
             let keys = self.redis.user_keys(user);
-            by_bucket
-                .entry(keys.bucket())
-                .or_default()
-                .push(remember_cmd(&keys, user, home));
+            let (group, users) = by_bucket.entry(keys.bucket()).or_default();
+            group.push(remember_cmd(&keys, user, home));
+            users.push(*user);
             written.push(keys);
         }
-        let groups = by_bucket.into_values().collect();
+        let (groups, users): (Vec<Group>, Vec<Vec<&UserId>>) = by_bucket.into_values().unzip();
         let replies = self.redis.run_grouped(groups, Some(&REMEMBER)).await;
         for keys in &written {
             self.redis.written_positions(keys);
         }
-        all_answered(replies?).map(drop)
+        let replies = replies.map_err(|_| LeftOut(None))?;
+        let left: HashSet<UserId> = (users.into_iter().zip(replies))
+            .filter(|(_, reply)| {
+                !(reply.as_ref()).is_ok_and(|values| values.iter().all(|v| error_code(v).is_none()))
+            })
+            .flat_map(|(users, _)| users.into_iter().cloned())
+            .collect();
+        match left.is_empty() {
+            true => Ok(()),
+            false => Err(LeftOut(Some(left))),
+        }
     }
 
     /// Creates every shard's consumer group (and stream) unless it exists.
