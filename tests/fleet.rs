@@ -1050,6 +1050,9 @@ async fn in_a_cluster_positions_on_the_other_primaries_are_delivered_while_one_p
         .find(|n| n.port == hung_port)
         .expect("the primary is a node of the cluster");
     hung.pause();
+    // A position held in memory for a user of the hung primary: its
+    // homecoming fails every round, which must not keep the others' logs unread.
+    assert_eq!(heartbeat_status(&public, &viewers[0], AT).await, 200);
     api.set_fault(Fault::None);
     for viewer in &others {
         let delivered = eventually(DELIVERY_BOUND, async || {
@@ -1065,7 +1068,20 @@ async fn in_a_cluster_positions_on_the_other_primaries_are_delivered_while_one_p
             moneta.output()
         );
     }
+    api.assert_receives_position(&viewers[0].user, AT).await;
     hung.resume();
+    // And the held position goes home once its primary answers.
+    let key = support::redis_probe::user_key(&viewers[0].user, "positions");
+    let home = eventually(DELIVERY_BOUND, async || {
+        let value = cli(hung_port, &["HGET", &key, TITLE]);
+        value.starts_with(&format!("{AT}@")).then_some(())
+    })
+    .await;
+    assert!(
+        home.is_some(),
+        "the held position never reached its primary\n{}",
+        moneta.output()
+    );
 }
 
 /// `other`, and the internal API, end with `position`, which Redis holds

@@ -519,10 +519,9 @@ impl Courier {
             true => (memory, true),
             false => self.home_first(memory).await,
         };
-        // The homecoming just failed on Redis' timeout: the log's read would
-        // wait out another before what stays in memory is delivered.
-        let skip_log = skip_redis || (redis_down && !memory.is_empty() && !self.log.guard().is_up());
-        let moved = self.round_with(memory, sweep, redis_down, skip_log).await;
+        // Not when only the homecoming failed: in a cluster, one primary that
+        // hangs fails it, and the others' logs are still to be read.
+        let moved = self.round_with(memory, sweep, redis_down, skip_redis).await;
         self.unlogged.release(taken);
         moved
     }
@@ -535,9 +534,14 @@ impl Courier {
     /// it is down too. Returns what stays for the round (provisional stamps,
     /// and what Redis did not take), and whether Redis failed.
     async fn home_first(&self, memory: Vec<Held>) -> (Vec<Held>, bool) {
-        let (stay, home): (Vec<Held>, Vec<Held>) = memory.into_iter().partition(|h| h.item.provisional);
+        // Nor is a position of a cluster primary that does not answer tried:
+        // every round would wait out its timeout and count against the
+        // breaker every user shares.
+        let (stay, home): (Vec<Held>, Vec<Held>) =
+            (memory.into_iter()).partition(|h| h.item.provisional || self.log.unreachable(&h.item.user_id));
         if home.is_empty() {
-            // Still provisional: the clock was just asked for, and did not answer.
+            // Still provisional (the clock was just asked for, and did not
+            // answer), or their primary does not answer.
             let redis_down = !stay.is_empty();
             return (stay, redis_down);
         }
@@ -664,7 +668,8 @@ impl Courier {
             Err(_) => false,
         };
         // Provisional stamps never reach Redis: they wait in memory until
-        // this instance has measured Redis' clock.
+        // this instance has measured Redis' clock. Nor do positions of a
+        // cluster primary that does not answer, until it does.
         let (unsettled, homecomings): (Vec<Homecoming>, Vec<Homecoming>) = end
             .homecomings
             .into_iter()
@@ -674,7 +679,7 @@ impl Courier {
                 }
                 h
             })
-            .partition(|h| h.item.provisional);
+            .partition(|h| h.item.provisional || self.log.unreachable(&h.item.user_id));
         self.put_back(unsettled);
         let positions: Vec<&ProgressItem> = homecomings
             .iter()

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::helpers::{TestApp, spawn_app_with};
+use crate::support::{PATIENCE, eventually, metric_value};
 
 /// Client commands since the last reset, by name; the background probe's PING,
 /// the outage watch's PING (ten times a second) and ZSCORE (once a second), never a request's, and
@@ -24,6 +25,21 @@ fn commands(app: &TestApp) -> BTreeMap<String, u64> {
             !(name == "ping" || name == "zscore" || name == "info" || name.starts_with("config"))
         })
         .collect()
+}
+
+/// Waits for the courier's first tick, at start, to end: it counts the
+/// backlog (`XLEN`, `HLEN` of every bucket) last, and on a loaded machine
+/// that came after the reset and was counted as the requests'.
+async fn courier_idle(app: &TestApp) {
+    let counted = eventually(PATIENCE, async || {
+        let metrics = app.metrics().await;
+        metric_value(&metrics, r#"moneta_progress_backlog{kind="parked"}"#).map(drop)
+    })
+    .await;
+    assert!(
+        counted.is_some(),
+        "the courier's first tick never counted the backlog"
+    );
 }
 
 fn reset(app: &TestApp) {
@@ -45,6 +61,7 @@ async fn warm_playback_info_makes_no_round_trip_with_the_client_cache() {
     // every bucket); a loaded machine stretched the count over one.
     settings.push(("MONETA_PROGRESS_FLUSH_MS", "3600000"));
     let app = spawn_app_with(&settings).await;
+    courier_idle(&app).await;
     let token = app.token("u-standard", "standard", 2, "KR");
     for _ in 0..3 {
         assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);
@@ -68,6 +85,7 @@ async fn warm_playback_info_is_one_pipeline_and_heartbeat_one_script() {
     // counted with the heartbeats'.
     settings.push(("MONETA_PROGRESS_FLUSH_MS", "3600000"));
     let app = spawn_app_with(&settings).await;
+    courier_idle(&app).await;
     let token = app.token("u-standard", "standard", 2, "KR");
     for _ in 0..2 {
         assert_eq!(app.playback_info("m-0001", &token).await.status(), 200);

@@ -95,6 +95,21 @@ impl Outages {
         *self.failing.lock().unwrap_or_else(PoisonError::into_inner) = failing;
     }
 
+    /// Whether the slot `slot()` names is on a cluster primary that failed
+    /// at the watch's last look (not when everything failed).
+    fn primary_failing(&self, slot: impl FnOnce() -> u16) -> bool {
+        if !self.any_failing.load(Ordering::Relaxed) {
+            return false;
+        }
+        match &*self.failing.lock().unwrap_or_else(PoisonError::into_inner) {
+            Failing::Slots(ranges) => {
+                let slot = slot();
+                ranges.iter().any(|&(first, last)| (first..=last).contains(&slot))
+            }
+            Failing::Nothing | Failing::Everything => false,
+        }
+    }
+
     /// Whether the slot `slot()` names failed at the watch's last look.
     fn failing(&self, slot: impl FnOnce() -> u16) -> bool {
         if !self.any_failing.load(Ordering::Relaxed) {
@@ -122,6 +137,14 @@ impl RedisStore {
     /// end is not recorded yet.
     pub fn outage_unsettled(&self, user: &crate::model::UserId) -> bool {
         self.outages.failing(|| self.user_keys(user).bucket().slot())
+    }
+
+    /// Whether `user`'s keys are on a cluster primary that failed to answer
+    /// at the watch's last look: a call for them would wait out the Redis
+    /// timeout and count against the breaker every other user shares.
+    pub fn primary_failing(&self, user: &crate::model::UserId) -> bool {
+        self.outages
+            .primary_failing(|| self.user_keys(user).bucket().slot())
     }
 
     /// Watches Redis while `alive` says so. Not through the guard: an open

@@ -857,6 +857,12 @@ impl LeftOut {
 }
 
 impl ProgressLog {
+    /// Whether `user`'s primary failed to answer the outage watch's last
+    /// look (in a cluster): their positions wait in memory without a call.
+    pub fn unreachable(&self, user: &UserId) -> bool {
+        self.redis.primary_failing(user)
+    }
+
     /// Redis' guard: whether Redis answers, as calls and probes found.
     pub fn guard(&self) -> &crate::resilience::Guard {
         self.redis.guard()
