@@ -39,30 +39,42 @@ pub(super) fn all_answered(replies: GroupReplies) -> Result<Vec<Vec<Value>>, Dep
     Ok(all)
 }
 
+/// What a group of a primary that failed the outage watch's last look answers.
+const UNANSWERED: &str = "the primary serving this slot failed the outage watch's last look";
+
 /// One pipeline per group, all sent at once on the multiplexed connection.
 /// A group not answered within `patience` answers a timeout in its place:
 /// the others are not held back by a node that hangs (one paused primary
 /// would otherwise make the whole call, and every bucket's progress log,
 /// wait out the guard's timeout and fail).
-async fn query_each(conn: &Conn, groups: &[Group], patience: Duration) -> Vec<RedisResult<Vec<Value>>> {
-    let calls = groups.iter().map(|group| {
+async fn query_each(
+    conn: &Conn,
+    groups: &[Group],
+    skipped: &[bool],
+    patience: Duration,
+) -> Vec<RedisResult<Vec<Value>>> {
+    let calls = groups.iter().enumerate().map(|(at, group)| {
         let mut conn = conn.clone();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for cmd in group {
             pipe.add_command(cmd.clone());
         }
+        let skip = skipped.get(at).copied().unwrap_or(false);
         async move {
             if group.is_empty() {
                 return Ok(Vec::new());
             }
+            if skip {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, UNANSWERED).into());
+            }
             match tokio::time::timeout(patience, pipe.query_async::<Vec<Value>>(&mut conn)).await {
                 Ok(reply) => reply,
-                Err(_) => Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the node serving this slot did not answer",
-                )
-                .into()),
+                Err(_) => {
+                    let first = group.first().map(super::command_name).unwrap_or_default();
+                    let error = format!("the node serving this slot did not answer ({first}, …)");
+                    Err(std::io::Error::new(std::io::ErrorKind::TimedOut, error).into())
+                }
             }
         }
     });
@@ -87,6 +99,19 @@ async fn query_together(conn: &mut Conn, groups: &[Group]) -> RedisResult<GroupR
 }
 
 impl RedisStore {
+    /// Whether `group`'s keys are on a primary that failed the outage
+    /// watch's last look.
+    fn group_failing(&self, group: &Group) -> bool {
+        // Looked for only while a primary fails; no slot is past 16383.
+        self.outages.primary_failing(|| {
+            let args = (group.iter().flat_map(|cmd| cmd.args_iter())).filter_map(|arg| match arg {
+                redis::Arg::Simple(bytes) => Some(bytes),
+                _ => None,
+            });
+            super::keys::slot_of_first_key(args).unwrap_or(u16::MAX)
+        })
+    }
+
     /// Runs `groups`, each on one hash tag, as one guarded call. A single
     /// node takes them all as one pipeline: one round trip. A cluster
     /// pipeline may not span slots, so in cluster mode each group is its own
@@ -108,9 +133,19 @@ impl RedisStore {
         let cluster = self.is_cluster();
         // Short of the guard's timeout, so that what answered comes back.
         let patience = self.guard.timeout() * 3 / 4;
+        // Groups of a primary that failed the outage watch's last look are
+        // not sent: each would wait out `patience`, and a call holding only
+        // such groups would count against the breaker every user shares.
+        let skipped: Vec<bool> = match cluster {
+            true => groups.iter().map(|group| self.group_failing(group)).collect(),
+            false => Vec::new(),
+        };
+        if !skipped.is_empty() && skipped.iter().all(|&s| s) {
+            return Err(DependencyError::Failed("redis", UNANSWERED.to_owned()));
+        }
         self.run(|mut conn| async move {
             let mut replies = if cluster {
-                let replies = query_each(&conn, &groups, patience).await;
+                let replies = query_each(&conn, &groups, &skipped, patience).await;
                 if let Some(Err(e)) = replies.iter().find(|r| r.is_err()) {
                     if replies.iter().all(|r| r.is_err()) {
                         return Err(e.clone());
@@ -172,7 +207,7 @@ async fn again_without_noscript(
     // In cluster mode `SCRIPT LOAD` goes to every node.
     script.load_async(conn).await?;
     let again = if cluster {
-        query_each(conn, &retry, patience).await
+        query_each(conn, &retry, &[], patience).await
     } else {
         query_together(conn, &retry).await?
     };

@@ -62,6 +62,16 @@ pub fn key_slot(bytes: &[u8]) -> u16 {
     crc16(bytes) % MAX_BUCKETS
 }
 
+/// The slot of the first of Moneta's keys among `args` (`moneta:{tag}…`,
+/// hashed by its tag as Redis Cluster does), if any.
+pub fn slot_of_first_key<'a>(args: impl IntoIterator<Item = &'a [u8]>) -> Option<u16> {
+    args.into_iter().find_map(|arg| {
+        let rest = arg.strip_prefix(PREFIX.as_bytes())?.strip_prefix(b":{")?;
+        let end = rest.iter().position(|&b| b == b'}').filter(|&end| end > 0)?;
+        Some(key_slot(&rest[..end]))
+    })
+}
+
 /// How users are spread over buckets: the same count on every instance of a
 /// deployment, or the same user's keys live under two tags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -446,5 +456,19 @@ mod tests {
             ];
             assert_eq!(args, expected, "{id}");
         }
+    }
+
+    #[test]
+    fn the_slot_of_a_group_is_its_first_key_s_tag() {
+        let bucket = Buckets::new(64).user(&UserId::parse("u-1").unwrap()).bucket();
+        let key = Shard::Bucket(bucket).log();
+        let args: [&[u8]; 4] = [b"EVALSHA", b"0123abcd", b"1", key.as_bytes()];
+        assert_eq!(slot_of_first_key(args), Some(bucket.slot()));
+        let none: [&[u8]; 2] = [b"PING", b"moneta:{}:x"];
+        assert_eq!(slot_of_first_key(none), None);
+        assert_eq!(
+            slot_of_first_key([b"moneta:{progress}:log".as_slice()]),
+            Some(key_slot(b"progress"))
+        );
     }
 }

@@ -47,6 +47,23 @@ enum Conn {
 }
 
 impl Conn {
+    /// Redis' `TIME`; in a cluster on the primary serving `slot`. Left to
+    /// the cluster client, a keyless command goes to any node, also one that
+    /// hangs, and its timeout would count against the breaker.
+    async fn time(&mut self, slot: u16) -> RedisResult<(i64, i64)> {
+        match self {
+            Conn::Single(c) => redis::cmd("TIME").query_async(c).await,
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                let value = c
+                    .route_command(redis::cmd("TIME"), RoutingInfo::SingleNode(route))
+                    .await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+        }
+    }
+
     /// `pipe` on the node serving `key`'s slot. The cluster client routes a
     /// pipeline by what it takes for keys, and takes the `YES` of
     /// `CLIENT CACHING YES` for one (of another slot).
@@ -596,9 +613,8 @@ impl RedisStore {
 
     /// Measures Redis' clock now (`TIME`), as a call under the guard.
     pub async fn measure_clock(&self) -> Result<(), DependencyError> {
-        let (secs, micros): (i64, i64) = self
-            .run(|mut conn| async move { redis::cmd("TIME").query_async(&mut conn).await })
-            .await?;
+        let slot = self.outages.answering_slot();
+        let (secs, micros): (i64, i64) = self.run(|mut conn| async move { conn.time(slot).await }).await?;
         self.clock.observe(secs * 1000 + micros / 1000);
         Ok(())
     }
@@ -681,7 +697,7 @@ impl RedisStore {
             .guard
             .probe(async {
                 let mut conn = self.conn().await?;
-                let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
+                let (secs, micros) = conn.time(self.outages.answering_slot()).await?;
                 self.clock.observe(secs * 1000 + micros / 1000);
                 Ok::<_, redis::RedisError>(())
             })

@@ -22,7 +22,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::Value;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
 use super::{Connector, RedisStore, keys, prove_alive};
 
@@ -37,7 +37,7 @@ pub const WATCH_EVERY: Duration = Duration::from_millis(100);
 /// `ZSCORE`): another instance's record is learnt within a second.
 const LEARN_EVERY_LOOKS: u32 = 10;
 /// How long the cluster's primaries (`CLUSTER SLOTS`) are taken as known
-/// between two looks that found every one answering.
+/// before they are read again (a failover changes them).
 const TOPOLOGY_FOR: Duration = Duration::from_secs(1);
 
 /// The member of [`keys::outages`] whose score is the last end.
@@ -97,7 +97,7 @@ impl Outages {
 
     /// Whether the slot `slot()` names is on a cluster primary that failed
     /// at the watch's last look (not when everything failed).
-    fn primary_failing(&self, slot: impl FnOnce() -> u16) -> bool {
+    pub(super) fn primary_failing(&self, slot: impl FnOnce() -> u16) -> bool {
         if !self.any_failing.load(Ordering::Relaxed) {
             return false;
         }
@@ -108,6 +108,28 @@ impl Outages {
             }
             Failing::Nothing | Failing::Everything => false,
         }
+    }
+
+    /// A slot of a primary that answered the watch's last look: 0 unless
+    /// that one failed. Where a keyless call goes in a cluster.
+    pub(super) fn answering_slot(&self) -> u16 {
+        if !self.any_failing.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let Failing::Slots(ranges) = &*self.failing.lock().unwrap_or_else(PoisonError::into_inner) else {
+            return 0;
+        };
+        let mut slot: u16 = 0;
+        while let Some(&(_, last)) = ranges
+            .iter()
+            .find(|&&(first, last)| (first..=last).contains(&slot))
+        {
+            match last.checked_add(1) {
+                Some(next) if next < keys::MAX_BUCKETS => slot = next,
+                _ => return 0,
+            }
+        }
+        slot
     }
 
     /// Whether the slot `slot()` names failed at the watch's last look.
@@ -176,9 +198,9 @@ impl RedisStore {
     /// then or when `learn`.
     async fn watched(&self, failed: bool, learn: bool, topology: &mut Topology) -> bool {
         let timeout = self.guard.timeout();
-        let failing = failing_nodes(&self.connector, topology, timeout).await;
+        let answering = self.outages.answering_slot();
+        let failing = failing_nodes(&self.connector, topology, answering, timeout).await;
         if failing != Failing::Nothing {
-            *topology = None;
             self.outages.set_failing(failing);
             return false;
         }
@@ -224,9 +246,14 @@ impl RedisStore {
 /// to (a paused node, once its connection timed out), and would take the
 /// others' answers for Redis' return while that node still hangs.
 /// Each one bounded by `timeout`. The cluster's primaries are read again
-/// when `topology` is older than [`TOPOLOGY_FOR`] (or was dropped after a
-/// failing look: a failover changes them).
-async fn failing_nodes(connector: &Connector, topology: &mut Topology, timeout: Duration) -> Failing {
+/// (from the primary serving `answering`) when `topology` is older than
+/// [`TOPOLOGY_FOR`]; if they cannot be, the last known stand.
+async fn failing_nodes(
+    connector: &Connector,
+    topology: &mut Topology,
+    answering: u16,
+    timeout: Duration,
+) -> Failing {
     let Connector::Cluster(link) = connector else {
         return match tokio::time::timeout(timeout, prove_alive(connector)).await {
             Ok(Ok(())) => Failing::Nothing,
@@ -243,18 +270,25 @@ async fn failing_nodes(connector: &Connector, topology: &mut Topology, timeout: 
     let primaries = match known {
         Some(primaries) => primaries,
         None => {
-            let any_node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+            let route = SingleNodeRoutingInfo::SpecificNode(Route::new(answering, SlotAddr::Master));
             let mut cluster_slots = redis::cmd("CLUSTER");
             cluster_slots.arg("SLOTS");
             let mut conn = conn.clone();
-            let Ok(Ok(slots)) =
-                tokio::time::timeout(timeout, conn.route_command(cluster_slots, any_node)).await
-            else {
-                return Failing::Everything;
-            };
-            let primaries = primaries(&slots);
-            *topology = Some((tokio::time::Instant::now(), primaries.clone()));
-            primaries
+            let read = conn.route_command(cluster_slots, RoutingInfo::SingleNode(route));
+            let read = tokio::time::timeout(timeout, read)
+                .await
+                .ok()
+                .and_then(Result::ok);
+            match read.map(|slots| primaries(&slots)).filter(|p| !p.is_empty()) {
+                Some(primaries) => {
+                    *topology = Some((tokio::time::Instant::now(), primaries.clone()));
+                    primaries
+                }
+                None => match topology {
+                    Some((_, primaries)) => primaries.clone(),
+                    None => return Failing::Everything,
+                },
+            }
         }
     };
     if primaries.is_empty() {
@@ -380,5 +414,20 @@ mod tests {
         assert!(outages.failing(|| 50));
         outages.set_failing(Failing::Nothing);
         assert!(!outages.failing(|| 5));
+    }
+
+    #[test]
+    fn keyless_calls_go_to_a_primary_that_answered_and_held_positions_wait_only_for_one_that_failed() {
+        let outages = Outages::default();
+        assert_eq!(outages.answering_slot(), 0);
+        outages.set_failing(Failing::Slots(vec![(5461, 10922), (0, 5460)]));
+        assert_eq!(outages.answering_slot(), 10923);
+        assert!(outages.primary_failing(|| 7000) && !outages.primary_failing(|| 12000));
+        outages.set_failing(Failing::Slots(vec![(0, 16383)]));
+        assert_eq!(outages.answering_slot(), 0, "none answered: any");
+        // On one node (or an unreadable topology) the breaker decides.
+        outages.set_failing(Failing::Everything);
+        assert_eq!(outages.answering_slot(), 0);
+        assert!(!outages.primary_failing(|| 7000));
     }
 }
