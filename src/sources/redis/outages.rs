@@ -98,16 +98,7 @@ impl Outages {
     /// Whether the slot `slot()` names is on a cluster primary that failed
     /// at the watch's last look (not when everything failed).
     pub(super) fn primary_failing(&self, slot: impl FnOnce() -> u16) -> bool {
-        if !self.any_failing.load(Ordering::Relaxed) {
-            return false;
-        }
-        match &*self.failing.lock().unwrap_or_else(PoisonError::into_inner) {
-            Failing::Slots(ranges) => {
-                let slot = slot();
-                ranges.iter().any(|&(first, last)| (first..=last).contains(&slot))
-            }
-            Failing::Nothing | Failing::Everything => false,
-        }
+        self.covers(slot, false)
     }
 
     /// A slot of a primary that answered the watch's last look: 0 unless
@@ -134,12 +125,18 @@ impl Outages {
 
     /// Whether the slot `slot()` names failed at the watch's last look.
     fn failing(&self, slot: impl FnOnce() -> u16) -> bool {
+        self.covers(slot, true)
+    }
+
+    /// Whether what failed at the watch's last look covers the slot
+    /// `slot()` names; `everything`: what "everything failed" says.
+    fn covers(&self, slot: impl FnOnce() -> u16, everything: bool) -> bool {
         if !self.any_failing.load(Ordering::Relaxed) {
             return false;
         }
         match &*self.failing.lock().unwrap_or_else(PoisonError::into_inner) {
             Failing::Nothing => false,
-            Failing::Everything => true,
+            Failing::Everything => everything,
             Failing::Slots(ranges) => {
                 let slot = slot();
                 ranges.iter().any(|&(first, last)| (first..=last).contains(&slot))
