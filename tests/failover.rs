@@ -255,12 +255,17 @@ async fn failover_with(min_replicas_acked: &str) -> Report {
             panic!("instance {i} never counted a start on the new primary again:\n{tail}")
         });
         window = window.max(killed.elapsed());
-        assert_eq!(public.heartbeat(&token, &session, 777_000).await.status(), 200);
-        assert_eq!(
-            position_on(replica, user),
-            Some(777_000),
-            "the heartbeat is recorded on the new primary"
-        );
+        let heartbeat = public.heartbeat(&token, &session, 777_000).await;
+        assert_eq!(heartbeat.status(), 200);
+        let answer: Value = heartbeat.json().await.unwrap_or_default();
+        let recorded = position_on(replica, user);
+        if recorded != Some(777_000) {
+            let output = [&a, &b][i].output();
+            let tail = &output[output.len().saturating_sub(4_000)..];
+            panic!(
+                "the heartbeat is not recorded on the new primary ({recorded:?}; answered {answer}):\n{tail}"
+            );
+        }
         last.insert(user.clone(), 777_000);
     }
 

@@ -1018,37 +1018,78 @@ async fn in_a_cluster_a_position_delivered_by_an_instance_killed_during_a_primar
     resumes_where_the_killed_instance_left(&api, &other, &viewer, LAST, stored).await;
 }
 
+/// A cluster of three primaries, the fake internal API, one Moneta on them,
+/// and viewers started through it; the primary of the first viewer is the
+/// one a test stops.
+struct OnePrimaryOfThree {
+    cluster: RedisCluster,
+    api: FakeApi,
+    moneta: MonetaProcess,
+    viewers: Vec<Viewer>,
+    hung_port: u16,
+}
+
+impl OnePrimaryOfThree {
+    async fn start(prefix: &str, viewers: usize) -> Self {
+        let cluster = RedisCluster::start(3);
+        let api = spawn_fake_api().await;
+        let moneta = MonetaProcess::start(&[
+            ("MONETA_REDIS_CLUSTER_URLS", cluster.urls()),
+            ("MONETA_INTERNAL_API_URL", api.url()),
+        ]);
+        let viewers = start_viewers(&moneta.public_api(), prefix, viewers).await;
+        let mut setup = Self {
+            cluster,
+            api,
+            moneta,
+            viewers,
+            hung_port: 0,
+        };
+        setup.hung_port = setup
+            .primary_of(&setup.viewers[0].user)
+            .expect("a primary serves the first viewer");
+        assert!(!setup.others().is_empty(), "every viewer on one primary");
+        setup
+    }
+
+    fn primary_of(&self, user: &str) -> Option<u16> {
+        let slot = key_slot(format!("b{}", bucket(user)).as_bytes());
+        self.cluster.primary_of_slot(self.cluster.nodes[0].port, slot)
+    }
+
+    /// The viewers on the other primaries.
+    fn others(&self) -> Vec<&Viewer> {
+        (self.viewers.iter())
+            .filter(|v| {
+                self.primary_of(&v.user)
+                    .is_some_and(|port| port != self.hung_port)
+            })
+            .collect()
+    }
+
+    fn hung(&self) -> &RedisServer {
+        (self.cluster.nodes.iter())
+            .find(|n| n.port == self.hung_port)
+            .expect("the primary is a node of the cluster")
+    }
+}
+
 /// In a Redis Cluster one primary that hangs holds back only its own users:
 /// positions the other primaries' logs hold reach the internal API while it
 /// hangs, not once it answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_cluster_positions_on_the_other_primaries_are_delivered_while_one_primary_hangs() {
     const AT: u64 = 900_000;
-    let cluster = RedisCluster::start(3);
-    let api = spawn_fake_api().await;
-    let moneta = MonetaProcess::start(&[
-        ("MONETA_REDIS_CLUSTER_URLS", cluster.urls()),
-        ("MONETA_INTERNAL_API_URL", api.url()),
-    ]);
+    let setup = OnePrimaryOfThree::start("one-primary-hangs", 9).await;
+    let (api, moneta, viewers) = (&setup.api, &setup.moneta, &setup.viewers);
     let public = moneta.public_api();
-    let primary_of = |user: &str| {
-        let slot = key_slot(format!("b{}", bucket(user)).as_bytes());
-        cluster.primary_of_slot(cluster.nodes[0].port, slot)
-    };
-    let viewers = start_viewers(&public, "one-primary-hangs", 9).await;
-    let hung_port = primary_of(&viewers[0].user).expect("a primary serves the first viewer");
-    let others: Vec<&Viewer> = (viewers.iter())
-        .filter(|v| primary_of(&v.user).is_some_and(|port| port != hung_port))
-        .collect();
-    assert!(!others.is_empty(), "every viewer on one primary");
+    let others = setup.others();
     // Logged in Redis while the internal API fails: delivery has to read them back.
     api.set_fault(Fault::Status500);
     for viewer in &others {
         assert_eq!(heartbeat_status(&public, viewer, AT).await, 200);
     }
-    let hung = (cluster.nodes.iter())
-        .find(|n| n.port == hung_port)
-        .expect("the primary is a node of the cluster");
+    let hung = setup.hung();
     hung.pause();
     // A position held in memory for a user of the hung primary: its
     // homecoming fails every round, which must not keep the others' logs unread.
@@ -1073,7 +1114,7 @@ async fn in_a_cluster_positions_on_the_other_primaries_are_delivered_while_one_p
     // And the held position goes home once its primary answers.
     let key = support::redis_probe::user_key(&viewers[0].user, "positions");
     let home = eventually(DELIVERY_BOUND, async || {
-        let value = cli(hung_port, &["HGET", &key, TITLE]);
+        let value = cli(hung.port, &["HGET", &key, TITLE]);
         value.starts_with(&format!("{AT}@")).then_some(())
     })
     .await;
@@ -1081,6 +1122,83 @@ async fn in_a_cluster_positions_on_the_other_primaries_are_delivered_while_one_p
         home.is_some(),
         "the held position never reached its primary\n{}",
         moneta.output()
+    );
+}
+
+/// While one cluster primary hangs, the users of the others get what Redis
+/// holds: fresh answers and the stream limit. The hang is that primary's
+/// outage, not Redis': its users are answered from fallbacks at once,
+/// without opening the breaker every user shares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_users_of_the_other_primaries_keep_fresh_answers_and_the_limit_while_one_primary_hangs()
+{
+    let setup = OnePrimaryOfThree::start("fresh-while-one-hangs", 6).await;
+    let (moneta, viewers) = (&setup.moneta, &setup.viewers);
+    let public = moneta.public_api();
+    let others = setup.others();
+    // Each at the limit of the plan (two streams).
+    for viewer in &others {
+        public.started_session(&viewer.token, TITLE, "phone").await;
+    }
+    let hung = setup.hung();
+    hung.pause();
+    let gauge = async |name: &str| metric_value(&moneta.metrics().await, name);
+    let noticed = eventually(PATIENCE, async || {
+        (gauge("moneta_redis_primaries_failing").await == Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(
+        noticed.is_some(),
+        "the watch never saw the primary hang\n{}",
+        moneta.output()
+    );
+    for round in 1..=3u64 {
+        for viewer in &others {
+            let context = format!("{} on a primary that answers, round {round}", viewer.user);
+            let answer = public
+                .heartbeat(&viewer.token, &viewer.session, round * 60_000)
+                .await;
+            assert_eq!(answer.status(), 200, "heartbeat of {context}");
+            let body: Value = answer.json().await.expect("a heartbeat answer");
+            assert_eq!(
+                body["degraded"],
+                false,
+                "heartbeat of {context}\n{}",
+                moneta.output()
+            );
+            let info = public.playback_info_json(TITLE, &viewer.token).await;
+            assert_eq!(info["degraded"], false, "playback-info of {context}");
+            let third = public.start_session(&viewer.token, TITLE, "tablet").await;
+            assert_error(third, 409, "stream_limit_reached").await;
+        }
+    }
+    let rejected = r#"moneta_dependency_requests_total{dependency="redis",outcome="rejected_open"}"#;
+    let before = gauge(rejected).await.unwrap_or(0.0);
+    let answer = public
+        .heartbeat(&viewers[0].token, &viewers[0].session, 240_000)
+        .await;
+    assert_eq!(answer.status(), 200, "a heartbeat of the hung primary's user");
+    let body: Value = answer.json().await.expect("a heartbeat answer");
+    assert_eq!(body["degraded"], true, "the hung primary's user");
+    assert!(
+        gauge(rejected).await.unwrap_or(0.0) > before,
+        "the hung primary's user waited for it instead of being answered at once"
+    );
+    assert_eq!(
+        gauge(r#"moneta_circuit_breaker_state{dependency="redis"}"#).await,
+        Some(0.0),
+        "one primary's hang opened the breaker every user shares\n{}",
+        moneta.output()
+    );
+    hung.resume();
+    let back = eventually(PATIENCE, async || {
+        let info = public.playback_info_json(TITLE, &viewers[0].token).await;
+        (info["degraded"] == false).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the hung primary's user stayed degraded after it answered again"
     );
 }
 

@@ -302,16 +302,17 @@ impl Guard {
         E: Display,
         F: Future<Output = Result<T, E>>,
     {
-        self.call_judged_timing_out(call, judge, Verdict::Outage)
+        self.call_judged_timing_out(call, judge, || Verdict::Outage)
     }
 
     /// [`Guard::call_judged`] for a call whose timing out may be about the
-    /// call rather than the dependency (`timed_out`: what a timeout says).
+    /// call rather than the dependency (`timed_out`: what a timeout says,
+    /// asked when it happens).
     pub fn call_judged_timing_out<T, E, F>(
         &self,
         call: F,
         judge: impl Fn(&E) -> Verdict,
-        timed_out: Verdict,
+        timed_out: impl FnOnce() -> Verdict,
     ) -> impl Future<Output = Result<T, DependencyError>>
     where
         E: Display,
@@ -337,7 +338,7 @@ impl Guard {
         if last > 0 && now.saturating_sub(last) < PROBE_QUIET.as_millis() as u64 {
             return Ok(());
         }
-        self.guarded(call, |_| Verdict::Outage, Verdict::Outage)
+        self.guarded(call, |_| Verdict::Outage, || Verdict::Outage)
             .await
             .map(drop)
     }
@@ -352,7 +353,7 @@ impl Guard {
         &self,
         call: F,
         judge: impl Fn(&E) -> Verdict,
-        timed_out: Verdict,
+        timed_out: impl FnOnce() -> Verdict,
     ) -> impl Future<Output = Result<T, DependencyError>>
     where
         E: Display,
@@ -402,7 +403,7 @@ impl Guard {
         admission: Admission<'_>,
         result: Result<Result<T, E>, tokio::time::error::Elapsed>,
         judge: impl Fn(&E) -> Verdict,
-        timed_out: Verdict,
+        timed_out: impl FnOnce() -> Verdict,
     ) -> Result<T, DependencyError> {
         let inner = &*self.inner;
         let dep = inner.dependency;
@@ -420,7 +421,7 @@ impl Guard {
                     Err(DependencyError::Refused(dep, e.to_string())),
                 ),
             },
-            Err(_) => ("timeout", timed_out, Err(DependencyError::Timeout(dep))),
+            Err(_) => ("timeout", timed_out(), Err(DependencyError::Timeout(dep))),
         };
         match verdict {
             Verdict::Answered => {
@@ -444,6 +445,14 @@ impl Guard {
             .record(admission.started.elapsed().as_secs_f64());
         inner.metrics.count(outcome);
         result
+    }
+
+    /// A call not made because the part of the dependency it needs is known
+    /// to fail (one cluster primary, while the others answer): answered at
+    /// once, as by an open breaker, and counted so, but not against the
+    /// breaker every other call shares.
+    pub fn refuse(&self) -> DependencyError {
+        self.reject(DependencyError::Open(self.inner.dependency), "rejected_open")
     }
 
     fn reject(&self, error: DependencyError, outcome: &'static str) -> DependencyError {

@@ -348,7 +348,7 @@ impl InternalApi {
             CallError::Status(status) if !control && refuses_content(*status) => Verdict::Answered,
             CallError::Transport(_) | CallError::Status(_) => unclear,
         };
-        let guarded = self.guard.call_judged_timing_out(call, judge, unclear);
+        let guarded = self.guard.call_judged_timing_out(call, judge, || unclear);
         let result = if span.is_none() {
             guarded.await
         } else {

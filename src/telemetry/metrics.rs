@@ -259,6 +259,10 @@ fn describe() {
         "moneta_redis_client_cache_distrusted_total",
         "Times the in-process copy of Redis stopped being served (connection lost or not answering)."
     );
+    describe_gauge!(
+        "moneta_redis_primaries_failing",
+        "Redis Cluster primaries that did not answer the outage watch's last PING while others did: calls for their keys answer from fallbacks at once, without counting against the Redis breaker."
+    );
     describe_gauge!("moneta_jwt_keys", "JWT verification keys in force.");
     describe_counter!(
         "moneta_jwt_key_refresh_failures_total",

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::client_cache::{Admission, ClientCache, Lookup};
 use super::keys;
-use super::{POSITION_TTL_S, RedisStore};
+use super::{On, POSITION_TTL_S, RedisStore};
 use crate::model::{ContentId, ContentPlayback, Entitlement, PositionMs, ResumePoint, StoredPoint, UserId};
 use crate::resilience::DependencyError;
 
@@ -79,9 +79,11 @@ impl LearntPosition {
 
 impl RedisStore {
     pub async fn content(&self, content_id: &ContentId) -> Result<Option<CachedContent>, DependencyError> {
-        let key = keys::content(content_id);
+        let key = &keys::content(content_id);
         let raw: Option<String> = self
-            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .run(On::Key(key), |mut c| async move {
+                redis::cmd("GET").arg(key).query_async(&mut c).await
+            })
             .await?;
         // A value that no longer parses (older layout) is a miss, not an error.
         Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
@@ -96,8 +98,8 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<(), DependencyError> {
         let value = serde_json::to_string(cached).unwrap_or_default();
-        let key = keys::content(content_id);
-        self.run(|mut c| async move {
+        let key = &keys::content(content_id);
+        self.run(On::Key(key), |mut c| async move {
             redis::cmd("SET")
                 .arg(key)
                 .arg(value)
@@ -163,7 +165,7 @@ impl RedisStore {
         // Every key read is the user's: one slot.
         let slot_key = reads.iter().find_map(Read::key).unwrap_or_default();
         let values: Vec<redis::Value> = self
-            .run(|mut c| {
+            .run(On::Key(slot_key), |mut c| {
                 // Sized up front: growing the pipeline took reallocations a request.
                 let mut pipe = redis::Pipeline::with_capacity(commands);
                 for read in &reads {
@@ -193,7 +195,7 @@ impl RedisStore {
         }
         let keys = self.user_keys(user);
         let _ = self
-            .run(|mut c| async move {
+            .run(On::Bucket(keys.bucket()), |mut c| async move {
                 let mut pipe = redis::pipe();
                 if let Some(entitlement) = &write.entitlement {
                     pipe.cmd("SET")

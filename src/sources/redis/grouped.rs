@@ -1,6 +1,7 @@
 //! Commands for many hash tags at once (every bucket's progress log), in as
 //! few round trips as the deployment allows.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use redis::{Cmd, RedisResult, Script, Value};
@@ -98,18 +99,21 @@ async fn query_together(conn: &mut Conn, groups: &[Group]) -> RedisResult<GroupR
         .collect())
 }
 
+/// The plain arguments of `group`'s commands, where its keys are.
+fn simple_args(group: &Group) -> impl Iterator<Item = &[u8]> {
+    (group.iter().flat_map(|cmd| cmd.args_iter())).filter_map(|arg| match arg {
+        redis::Arg::Simple(bytes) => Some(bytes),
+        _ => None,
+    })
+}
+
 impl RedisStore {
     /// Whether `group`'s keys are on a primary that failed the outage
     /// watch's last look.
     fn group_failing(&self, group: &Group) -> bool {
         // Looked for only while a primary fails; no slot is past 16383.
-        self.outages.primary_failing(|| {
-            let args = (group.iter().flat_map(|cmd| cmd.args_iter())).filter_map(|arg| match arg {
-                redis::Arg::Simple(bytes) => Some(bytes),
-                _ => None,
-            });
-            super::keys::slot_of_first_key(args).unwrap_or(u16::MAX)
-        })
+        self.outages
+            .primary_failing(|| super::keys::slot_of_first_key(simple_args(group)).unwrap_or(u16::MAX))
     }
 
     /// Runs `groups`, each on one hash tag, as one guarded call. A single
@@ -143,7 +147,7 @@ impl RedisStore {
         if !skipped.is_empty() && skipped.iter().all(|&s| s) {
             return Err(DependencyError::Failed("redis", UNANSWERED.to_owned()));
         }
-        self.run(|mut conn| async move {
+        self.run(super::On::Anything, |mut conn| async move {
             let mut replies = if cluster {
                 let replies = query_each(&conn, &groups, &skipped, patience).await;
                 if let Some(Err(e)) = replies.iter().find(|r| r.is_err()) {
@@ -204,8 +208,24 @@ async fn again_without_noscript(
             at.iter().filter_map(|&i| group.get(i).cloned()).collect()
         })
         .collect();
-    // In cluster mode `SCRIPT LOAD` goes to every node.
-    script.load_async(conn).await?;
+    if cluster {
+        // On the primaries of the groups that need it: `SCRIPT LOAD` alone
+        // goes to every primary, and one that hangs failed every group. A
+        // load that fails leaves its groups answering `NOSCRIPT` again.
+        let slots: BTreeSet<u16> = (retry.iter())
+            .filter_map(|group| super::keys::slot_of_first_key(simple_args(group)))
+            .collect();
+        futures::future::join_all(slots.into_iter().map(|slot| {
+            let mut aimed = conn.clone();
+            if let Conn::Cluster(_, at) = &mut aimed {
+                *at = Some(slot);
+            }
+            async move { tokio::time::timeout(patience, script.load_async(&mut aimed)).await }
+        }))
+        .await;
+    } else {
+        script.load_async(conn).await?;
+    }
     let again = if cluster {
         query_each(conn, &retry, &[], patience).await
     } else {

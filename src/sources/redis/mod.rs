@@ -43,24 +43,46 @@ const POSITION_TTL_S: i64 = 30 * 24 * 3600;
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    /// With the slot of the keys the call is for, if it has one: where a
+    /// script it needs is loaded (see [`Conn::aim`]).
+    Cluster(ClusterConnection, Option<u16>),
+}
+
+/// `cmd` on the primary serving `slot`.
+async fn on_primary_of(conn: &mut ClusterConnection, cmd: Cmd, slot: u16) -> RedisResult<Value> {
+    use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+    let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+    conn.route_command(cmd, RoutingInfo::SingleNode(route)).await
+}
+
+/// Whether `cmd` is `SCRIPT LOAD`.
+fn is_script_load(cmd: &Cmd) -> bool {
+    let mut args = cmd.args_iter();
+    let is = |arg: Option<redis::Arg<&[u8]>>, word: &[u8]| matches!(arg, Some(redis::Arg::Simple(name)) if name.eq_ignore_ascii_case(word));
+    is(args.next(), b"SCRIPT") && is(args.next(), b"LOAD")
 }
 
 impl Conn {
+    /// A call for the keys `on` names: in a cluster, a script it finds
+    /// missing (`NOSCRIPT`: a node restarted or promoted) is loaded on the
+    /// primary serving them alone. `SCRIPT LOAD` otherwise goes to every
+    /// primary, and one that hangs failed the calls of users whose primary
+    /// answered.
+    fn aim(&mut self, on: On<'_>) {
+        if let Conn::Cluster(_, slot) = self {
+            *slot = on.slot();
+        }
+    }
+
     /// Redis' `TIME`; in a cluster on the primary serving `slot`. Left to
     /// the cluster client, a keyless command goes to any node, also one that
     /// hangs, and its timeout would count against the breaker.
     async fn time(&mut self, slot: u16) -> RedisResult<(i64, i64)> {
         match self {
             Conn::Single(c) => redis::cmd("TIME").query_async(c).await,
-            Conn::Cluster(c) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
-                let value = c
-                    .route_command(redis::cmd("TIME"), RoutingInfo::SingleNode(route))
-                    .await?;
-                Ok(redis::from_redis_value(value)?)
-            }
+            Conn::Cluster(c, _) => Ok(redis::from_redis_value(
+                on_primary_of(c, redis::cmd("TIME"), slot).await?,
+            )?),
         }
     }
 
@@ -70,7 +92,7 @@ impl Conn {
     async fn pipeline_on(&mut self, pipe: Pipeline, key: &str) -> RedisResult<Vec<Value>> {
         match self {
             Conn::Single(_) => pipe.query_async(self).await,
-            Conn::Cluster(c) => {
+            Conn::Cluster(c, _) => {
                 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, Slot, SlotAddr};
                 let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
                 let span = batch_span(&pipe, c.get_db());
@@ -149,7 +171,10 @@ impl ConnectionLike for Conn {
         };
         let call = match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c, slot) => match slot {
+                Some(slot) if is_script_load(cmd) => Box::pin(on_primary_of(c, cmd.clone(), *slot)),
+                _ => c.req_packed_command(cmd),
+            },
         };
         if span.is_none() {
             return call;
@@ -165,7 +190,7 @@ impl ConnectionLike for Conn {
         let span = batch_span(pipeline, self.get_db());
         let call = match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c, _) => c.req_packed_commands(pipeline, offset, count),
         };
         if span.is_none() {
             return call;
@@ -175,7 +200,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c, _) => c.get_db(),
         }
     }
 }
@@ -390,6 +415,20 @@ impl ClusterLink {
         Ok(conn)
     }
 
+    /// Makes the connection again now, after the one being made, within
+    /// `patience`.
+    async fn remake(&self, patience: Duration) {
+        let remade = tokio::time::timeout(patience, async {
+            let _making = self.making.lock().await;
+            self.make().await
+        });
+        match remade.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not reconnect to the Redis Cluster"),
+            Err(_) => tracing::warn!("could not reconnect to the Redis Cluster in time"),
+        }
+    }
+
     /// A call failed as Redis being unreachable: unless a connection was
     /// made within [`REMAKE_AFTER`], make one in the background (calls go
     /// on with the current one meanwhile).
@@ -424,8 +463,13 @@ fn node_url(seed: &str, line: &str) -> Option<String> {
     }
     let endpoint = address.split(['@', ',']).next()?;
     let (host, port) = endpoint.rsplit_once(':')?;
-    let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
-    if host.is_empty() {
+    url_at(seed, host, port.parse::<u16>().ok()?)
+}
+
+/// The URL of the node at `host`:`port`, of `seed`'s shape (scheme,
+/// credentials, parameters).
+fn url_at(seed: &str, host: &str, port: u16) -> Option<String> {
+    if host.is_empty() || port == 0 {
         return None;
     }
     let mut url = reqwest::Url::parse(seed).ok()?;
@@ -437,6 +481,29 @@ fn node_url(seed: &str, line: &str) -> Option<String> {
     url.set_host(Some(&host)).ok()?;
     url.set_port(Some(port)).ok()?;
     Some(url.into())
+}
+
+/// The keys a call needs, for the cluster primary serving them.
+#[derive(Clone, Copy)]
+enum On<'a> {
+    /// A user's bucket.
+    Bucket(keys::Bucket),
+    /// One key (a title's).
+    Key(&'a str),
+    /// No key, or keys of several primaries (a grouped call answers for
+    /// each primary on its own).
+    Anything,
+}
+
+impl On<'_> {
+    /// The cluster slot, when the call has one.
+    fn slot(self) -> Option<u16> {
+        match self {
+            On::Bucket(bucket) => Some(bucket.slot()),
+            On::Key(key) => Some(keys::key_slot(keys::hash_tag(key).as_bytes())),
+            On::Anything => None,
+        }
+    }
 }
 
 /// Typed Redis operations, each behind the Redis guard.
@@ -614,7 +681,9 @@ impl RedisStore {
     /// Measures Redis' clock now (`TIME`), as a call under the guard.
     pub async fn measure_clock(&self) -> Result<(), DependencyError> {
         let slot = self.outages.answering_slot();
-        let (secs, micros): (i64, i64) = self.run(|mut conn| async move { conn.time(slot).await }).await?;
+        let (secs, micros): (i64, i64) = self
+            .run(On::Anything, |mut conn| async move { conn.time(slot).await })
+            .await?;
         self.clock.observe(secs * 1000 + micros / 1000);
         Ok(())
     }
@@ -635,7 +704,7 @@ impl RedisStore {
 
     /// Like [`RedisStore::run`], on a connection of [`Waiting`]'s (the
     /// shared one when writes wait for no replica).
-    async fn run_waiting<T, F, Fut>(&self, op: F) -> Result<T, DependencyError>
+    async fn run_waiting<T, F, Fut>(&self, on: On<'_>, op: F) -> Result<T, DependencyError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -645,47 +714,62 @@ impl RedisStore {
             .as_deref()
             .and_then(Waiting::pick)
             .unwrap_or(&*self.connector);
-        self.run_on(connector, op).await
+        self.run_on(connector, on, op).await
     }
 
-    /// Runs `op` on a connection under the guard. A command error (Redis
-    /// answered, about this command) is [`DependencyError::Refused`] and
-    /// never trips the breaker; see [`is_outage`].
-    async fn run<T, F, Fut>(&self, op: F) -> Result<T, DependencyError>
+    /// Runs `op`, a call for the keys `on` names, on a connection under the
+    /// guard. A command error (Redis answered, about this command) is
+    /// [`DependencyError::Refused`] and never trips the breaker; see
+    /// [`is_outage`].
+    async fn run<T, F, Fut>(&self, on: On<'_>, op: F) -> Result<T, DependencyError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        self.run_on(&self.connector, op).await
+        self.run_on(&self.connector, on, op).await
     }
 
-    async fn run_on<T, F, Fut>(&self, connector: &Connector, op: F) -> Result<T, DependencyError>
+    async fn run_on<T, F, Fut>(&self, connector: &Connector, on: On<'_>, op: F) -> Result<T, DependencyError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
+        // A cluster primary that fails is this one call's outage, not
+        // Redis' (`Outages::isolated`): not made while the watch says so,
+        // and, failing as the watch learns so, counted neither way.
+        let isolated = || self.outages.isolated(|| on.slot());
+        if isolated() {
+            return Err(self.guard.refuse());
+        }
         let result = self
             .guard
-            .call_judged(
+            .call_judged_timing_out(
                 async {
-                    let conn = connect(connector).await?;
+                    let mut conn = connect(connector).await?;
+                    conn.aim(on);
                     op(conn).await
                 },
-                |e: &redis::RedisError| {
-                    if is_outage(e) {
-                        Verdict::Outage
-                    } else {
-                        Verdict::Answered
-                    }
+                |e: &redis::RedisError| match is_outage(e) {
+                    true if isolated() => Verdict::Unclear,
+                    true => Verdict::Outage,
+                    false => Verdict::Answered,
+                },
+                || match isolated() {
+                    true => Verdict::Unclear,
+                    false => Verdict::Outage,
                 },
             )
             .await;
-        after_call(connector, &result);
         if matches!(
             result,
             Err(DependencyError::Failed(..) | DependencyError::Timeout(_))
         ) {
             self.outages.call_failed();
+            // A new connection would not bring a hung primary back, and
+            // would drop every user's cached reads.
+            if !isolated() {
+                after_call(connector, &result);
+            }
         }
         result
     }
@@ -736,8 +820,8 @@ async fn connect(connector: &Connector) -> RedisResult<Conn> {
     match connector {
         Connector::Single(link) => Ok(Conn::Single(link.conn())),
         Connector::Cluster(link) => match link.made() {
-            Some(conn) => Ok(Conn::Cluster(conn)),
-            None => Ok(Conn::Cluster(Box::pin(link.conn()).await?)),
+            Some(conn) => Ok(Conn::Cluster(conn, None)),
+            None => Ok(Conn::Cluster(Box::pin(link.conn()).await?, None)),
         },
     }
 }
@@ -818,6 +902,15 @@ mod tests {
         assert!(is_outage(&answered(b"*2\r\n-BUSY script running\r\n+OK\r\n")));
         let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(is_outage(&io));
+    }
+
+    #[test]
+    fn only_script_load_goes_to_the_calls_primary() {
+        assert!(is_script_load(redis::cmd("SCRIPT").arg("LOAD").arg("return 1")));
+        assert!(is_script_load(redis::cmd("script").arg("load").arg("return 1")));
+        assert!(!is_script_load(redis::cmd("SCRIPT").arg("FLUSH")));
+        assert!(!is_script_load(redis::cmd("EVALSHA").arg("abc").arg(0)));
+        assert!(!is_script_load(&redis::cmd("SCRIPT")));
     }
 
     #[test]

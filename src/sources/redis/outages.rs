@@ -17,14 +17,15 @@
 //! What this cannot see: an outage no live instance saw (only the killed
 //! one could not reach Redis, or every instance of the deployment died).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::Value;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::aio::MultiplexedConnection;
 
-use super::{Connector, RedisStore, keys, prove_alive};
+use super::{ClusterLink, Connector, RedisStore, keys, prove_alive};
 
 /// How often each instance looks at Redis (a `PING` on every primary). Often enough to
 /// see a hang barely longer than the Redis timeout: that is all it takes
@@ -60,6 +61,9 @@ pub struct Outages {
     call_failed: AtomicBool,
     /// Whether anything failed at the last look; `failing` says what.
     any_failing: AtomicBool,
+    /// Whether some cluster primaries failed at the last look and others
+    /// answered: calls for the former are not made (see [`Outages::isolated`]).
+    isolating: AtomicBool,
     failing: Mutex<Failing>,
 }
 
@@ -92,6 +96,17 @@ impl Outages {
     fn set_failing(&self, failing: Failing) {
         self.any_failing
             .store(failing != Failing::Nothing, Ordering::Relaxed);
+        let failed_slots = match &failing {
+            Failing::Slots(ranges) => ranges
+                .iter()
+                .map(|&(first, last)| usize::from(last.saturating_sub(first)) + 1)
+                .sum(),
+            _ => 0,
+        };
+        self.isolating.store(
+            failed_slots > 0 && failed_slots < usize::from(keys::MAX_BUCKETS),
+            Ordering::Relaxed,
+        );
         *self.failing.lock().unwrap_or_else(PoisonError::into_inner) = failing;
     }
 
@@ -99,6 +114,18 @@ impl Outages {
     /// at the watch's last look (not when everything failed).
     pub(super) fn primary_failing(&self, slot: impl FnOnce() -> u16) -> bool {
         self.covers(slot, false)
+    }
+
+    /// Whether a call for the slot `slot()` names (`None`: a call on no
+    /// key) is not to be made: its primary failed the watch's last look
+    /// while others answered. The call would wait out the Redis timeout, and
+    /// the cluster client, asked for a node it lost its connection to, holds
+    /// back every call of the instance while it reconnects; every user's
+    /// calls timed out, opened the breaker they share, and the stream limit
+    /// went unenforced for users whose primary answered. When every primary
+    /// fails, the breaker decides, as on one node.
+    pub(super) fn isolated(&self, slot: impl FnOnce() -> Option<u16>) -> bool {
+        self.isolating.load(Ordering::Relaxed) && slot().is_some_and(|slot| self.covers(|| slot, false))
     }
 
     /// A slot of a primary that answered the watch's last look: 0 unless
@@ -177,13 +204,13 @@ impl RedisStore {
         async move {
             // Whether Redis failed to answer since it last did.
             let mut failed = false;
-            let mut topology = Topology::default();
+            let mut lookouts = Lookouts::new(redis.guard.timeout());
             let mut looks: u32 = 0;
             while alive() {
                 let next = tokio::time::Instant::now() + WATCH_EVERY;
                 let seen = redis.outages.call_failed.swap(false, Ordering::Relaxed);
                 let learn = looks.is_multiple_of(LEARN_EVERY_LOOKS);
-                failed = !redis.watched(failed || seen, learn, &mut topology).await;
+                failed = !redis.watched(failed || seen, learn, &mut lookouts).await;
                 looks = looks.wrapping_add(1);
                 tokio::time::sleep_until(next).await;
             }
@@ -193,10 +220,19 @@ impl RedisStore {
     /// One look: whether Redis answered; when it did, the deployment's last
     /// outage end is recorded as now if Redis `failed` before, and learnt
     /// then or when `learn`.
-    async fn watched(&self, failed: bool, learn: bool, topology: &mut Topology) -> bool {
+    async fn watched(&self, failed: bool, learn: bool, lookouts: &mut Lookouts) -> bool {
         let timeout = self.guard.timeout();
-        let answering = self.outages.answering_slot();
-        let failing = failing_nodes(&self.connector, topology, answering, timeout).await;
+        let failing = match &*self.connector {
+            Connector::Cluster(link) => lookouts.failing_primaries(link, self).await,
+            single => match tokio::time::timeout(timeout, prove_alive(single)).await {
+                Ok(Ok(())) => Failing::Nothing,
+                _ => Failing::Everything,
+            },
+        };
+        lookouts.report(match &failing {
+            Failing::Slots(_) => lookouts.failed.len(),
+            _ => 0,
+        });
         if failing != Failing::Nothing {
             self.outages.set_failing(failing);
             return false;
@@ -215,6 +251,23 @@ impl RedisStore {
         }
         self.outages.set_failing(Failing::Nothing);
         true
+    }
+
+    /// The cluster's primaries changed (a replica took over): every cluster
+    /// connection is made again now, each within a few Redis timeouts.
+    /// Left to themselves they follow when calls fail, and calls for a
+    /// primary that failed were not made.
+    async fn follow_topology(&self) {
+        let waiting = (self.waiting.iter()).flat_map(|waiting| waiting.connectors.iter());
+        let remakes =
+            std::iter::once(&*self.connector)
+                .chain(waiting)
+                .filter_map(|connector| match connector {
+                    Connector::Cluster(link) => Some(link.remake(self.guard.timeout() * 4)),
+                    Connector::Single(_) => None,
+                });
+        futures::future::join_all(remakes).await;
+        tracing::info!("the Redis Cluster's primaries changed; its connections were made again");
     }
 
     /// The deployment's last outage end, recorded first as now when
@@ -237,86 +290,210 @@ impl RedisStore {
     }
 }
 
-/// What does not answer a `PING`: the single node, or the primaries of the
-/// cluster, each asked by its address. The cluster connection's own fan-out
-/// to every primary leaves out, silently, one it holds no live connection
-/// to (a paused node, once its connection timed out), and would take the
-/// others' answers for Redis' return while that node still hangs.
-/// Each one bounded by `timeout`. The cluster's primaries are read again
-/// (from the primary serving `answering`) when `topology` is older than
-/// [`TOPOLOGY_FOR`]; if they cannot be, the last known stand.
-async fn failing_nodes(
-    connector: &Connector,
-    topology: &mut Topology,
-    answering: u16,
+/// The watch's own connection to each cluster node it asks, apart from the
+/// cluster connection that calls go through. Asked for a node it holds no
+/// live connection to (a paused primary, once its connection was dropped),
+/// the cluster connection reconnects from its seeds and holds back every
+/// call of the instance meanwhile (redis 1.8 `reconnect_to_initial_nodes`);
+/// its fan-out to every primary silently leaves such a node out. Looking
+/// every [`WATCH_EVERY`] through it kept every user's calls waiting for as
+/// long as one primary hung.
+pub(super) struct Lookouts {
+    config: redis::AsyncConnectionConfig,
     timeout: Duration,
-) -> Failing {
-    let Connector::Cluster(link) = connector else {
-        return match tokio::time::timeout(timeout, prove_alive(connector)).await {
-            Ok(Ok(())) => Failing::Nothing,
-            _ => Failing::Everything,
+    /// By node URL.
+    open: HashMap<String, MultiplexedConnection>,
+    /// When making a connection to a node last failed. A hung node is not
+    /// asked for another before [`TOPOLOGY_FOR`]: each would wait in its
+    /// queue until it resumes.
+    refused_at: HashMap<String, tokio::time::Instant>,
+    /// The cluster's primaries as last read, and when.
+    topology: Option<(tokio::time::Instant, Vec<Primary>)>,
+    /// The URLs of the primaries that failed the last look.
+    failed: HashSet<String>,
+    /// `moneta_redis_primaries_failing`, and what it was last set to.
+    reported: (metrics::Gauge, Option<usize>),
+}
+
+impl Lookouts {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            config: redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout)),
+            timeout,
+            open: HashMap::new(),
+            refused_at: HashMap::new(),
+            topology: None,
+            failed: HashSet::new(),
+            reported: (metrics::gauge!("moneta_redis_primaries_failing"), None),
+        }
+    }
+
+    /// Sets the gauge when `failing` changed: the watch looks ten times a
+    /// second.
+    fn report(&mut self, failing: usize) {
+        if self.reported.1 != Some(failing) {
+            self.reported.0.set(failing as f64);
+            self.reported.1 = Some(failing);
+        }
+    }
+
+    /// The slot ranges of the primaries that do not answer a `PING`, each
+    /// asked by its address on a connection of the watch's own. The
+    /// primaries are read again (`CLUSTER SLOTS`, from one that answered)
+    /// when the last reading is older than [`TOPOLOGY_FOR`]; if they cannot
+    /// be, the last known stand.
+    async fn failing_primaries(&mut self, link: &ClusterLink, redis: &RedisStore) -> Failing {
+        let Some(seed) = link.seeds.first() else {
+            return Failing::Everything;
         };
-    };
-    let Ok(Ok(conn)) = tokio::time::timeout(timeout, link.conn()).await else {
-        return Failing::Everything;
-    };
-    let known = topology
-        .as_ref()
-        .filter(|(at, _)| at.elapsed() < TOPOLOGY_FOR)
-        .map(|(_, primaries)| primaries.clone());
-    let primaries = match known {
-        Some(primaries) => primaries,
-        None => {
-            let route = SingleNodeRoutingInfo::SpecificNode(Route::new(answering, SlotAddr::Master));
-            let mut cluster_slots = redis::cmd("CLUSTER");
-            cluster_slots.arg("SLOTS");
-            let mut conn = conn.clone();
-            let read = conn.route_command(cluster_slots, RoutingInfo::SingleNode(route));
-            let read = tokio::time::timeout(timeout, read)
-                .await
-                .ok()
-                .and_then(Result::ok);
-            match read.map(|slots| primaries(&slots)).filter(|p| !p.is_empty()) {
+        // Read again at every look while a primary fails: its replica may
+        // have taken over.
+        let known = (self.topology.as_ref())
+            .filter(|(at, _)| at.elapsed() < TOPOLOGY_FOR && self.failed.is_empty())
+            .map(|(_, primaries)| primaries.clone());
+        let primaries = match known {
+            Some(primaries) => primaries,
+            None => match self.read_topology(link, seed).await {
                 Some(primaries) => {
-                    *topology = Some((tokio::time::Instant::now(), primaries.clone()));
+                    let addresses = |primaries: &[Primary]| -> HashSet<(String, u16)> {
+                        primaries
+                            .iter()
+                            .map(|(host, port, _)| (host.clone(), *port))
+                            .collect()
+                    };
+                    if let Some((_, before)) = &self.topology
+                        && addresses(before) != addresses(&primaries)
+                    {
+                        // Calls go on connections that followed the change
+                        // before the new primaries' users are let through.
+                        redis.follow_topology().await;
+                    }
+                    self.topology = Some((tokio::time::Instant::now(), primaries.clone()));
                     primaries
                 }
-                None => match topology {
+                None => match &self.topology {
                     Some((_, primaries)) => primaries.clone(),
                     None => return Failing::Everything,
                 },
+            },
+        };
+        let urls: Vec<Option<String>> = (primaries.iter())
+            .map(|(host, port, _)| super::url_at(seed, host, *port))
+            .collect();
+        let asked: Vec<String> = urls.iter().flatten().cloned().collect();
+        let answers = self.ask_each(&asked, &redis::cmd("PING")).await;
+        let answered: HashSet<&String> = (asked.iter().zip(&answers))
+            .filter(|(_, answer)| answer.is_some())
+            .map(|(url, _)| url)
+            .collect();
+        let mut failed = Vec::new();
+        self.failed.clear();
+        for ((_, _, ranges), url) in primaries.into_iter().zip(urls) {
+            if url.as_ref().is_some_and(|url| answered.contains(url)) {
+                continue;
+            }
+            self.failed.extend(url);
+            failed.extend(ranges);
+        }
+        // What the watch keeps of nodes no longer primaries goes.
+        self.open.retain(|url, _| asked.contains(url));
+        self.refused_at.retain(|url, _| asked.contains(url));
+        match failed.is_empty() {
+            true => Failing::Nothing,
+            false => Failing::Slots(failed),
+        }
+    }
+
+    /// The primaries, from the first node that tells: those that answered
+    /// the last look, then every node the cluster connection knows of.
+    async fn read_topology(&mut self, link: &ClusterLink, seed: &str) -> Option<Vec<Primary>> {
+        let mut candidates: Vec<String> = Vec::new();
+        if let Some((_, primaries)) = &self.topology {
+            let urls = primaries
+                .iter()
+                .filter_map(|(host, port, _)| super::url_at(seed, host, *port));
+            candidates.extend(urls.filter(|url| !self.failed.contains(url)));
+        }
+        for node in link.nodes() {
+            if !candidates.contains(&node) {
+                candidates.push(node);
             }
         }
-    };
-    if primaries.is_empty() {
-        return Failing::Everything;
-    }
-    let pings = primaries.into_iter().map(|(host, port, ranges)| {
-        let mut conn = conn.clone();
-        let by_address = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-        async move {
-            let ping = conn.route_command(redis::cmd("PING"), by_address);
-            let answered = matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)));
-            (!answered).then_some(ranges)
+        let mut cluster_slots = redis::cmd("CLUSTER");
+        cluster_slots.arg("SLOTS");
+        for url in candidates {
+            let answer = self.ask_each(std::slice::from_ref(&url), &cluster_slots).await;
+            let primaries = answer.into_iter().flatten().map(|slots| primaries(&slots));
+            if let Some(found) = primaries.into_iter().find(|p| !p.is_empty()) {
+                return Some(found);
+            }
         }
-    });
-    let failed: Vec<(u16, u16)> = futures::future::join_all(pings)
-        .await
-        .into_iter()
-        .flatten()
-        .flatten()
-        .collect();
-    match failed.is_empty() {
-        true => Failing::Nothing,
-        false => Failing::Slots(failed),
+        None
+    }
+
+    /// `cmd`'s answer from each node of `urls`, asked at once, each within
+    /// the timeout. A connection that timed out is kept (a paused node
+    /// answers on it once resumed); one that broke is made again.
+    async fn ask_each(&mut self, urls: &[String], cmd: &redis::Cmd) -> Vec<Option<Value>> {
+        let now = tokio::time::Instant::now();
+        let to_make: Vec<&String> = (urls.iter())
+            .filter(|url| !self.open.contains_key(*url))
+            .filter(|url| {
+                (self.refused_at.get(*url)).is_none_or(|at| now.duration_since(*at) >= TOPOLOGY_FOR)
+            })
+            .collect();
+        let (config, timeout) = (&self.config, self.timeout);
+        let made = futures::future::join_all(to_make.into_iter().map(|url| async move {
+            let made = async {
+                redis::Client::open(url.as_str())?
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await
+            };
+            (url, tokio::time::timeout(timeout, made).await)
+        }))
+        .await;
+        for (url, made) in made {
+            match made {
+                Ok(Ok(conn)) => {
+                    self.refused_at.remove(url);
+                    self.open.insert(url.clone(), conn);
+                }
+                _ => {
+                    self.refused_at.insert(url.clone(), now);
+                }
+            }
+        }
+        let answers = futures::future::join_all(urls.iter().map(|url| {
+            let conn = self.open.get(url).cloned();
+            async move {
+                let mut conn = conn?;
+                let answer = tokio::time::timeout(timeout, cmd.query_async::<Value>(&mut conn)).await;
+                Some(match answer {
+                    Ok(Ok(value)) => Ok(value),
+                    Ok(Err(e)) if !e.is_timeout() => Err(true),
+                    _ => Err(false),
+                })
+            }
+        }))
+        .await;
+        (urls.iter().zip(answers))
+            .map(|(url, answer)| match answer? {
+                Ok(value) => Some(value),
+                Err(broken) => {
+                    if broken {
+                        self.open.remove(url);
+                    }
+                    None
+                }
+            })
+            .collect()
     }
 }
 
 /// A primary's host, port and slot ranges.
 type Primary = (String, u16, Vec<(u16, u16)>);
-
-/// The cluster's primaries as last read, and when.
-type Topology = Option<(tokio::time::Instant, Vec<Primary>)>;
 
 /// The primaries in a `CLUSTER SLOTS` reply (per slot range `[first, last,
 /// [host, port, id, …], replicas…]`): each address with its ranges.
@@ -411,6 +588,23 @@ mod tests {
         assert!(outages.failing(|| 50));
         outages.set_failing(Failing::Nothing);
         assert!(!outages.failing(|| 5));
+    }
+
+    #[test]
+    fn calls_are_held_back_only_for_the_primaries_that_fail_while_others_answer() {
+        let outages = Outages::default();
+        assert!(!outages.isolated(|| Some(7000)));
+        outages.set_failing(Failing::Slots(vec![(5461, 10922)]));
+        assert!(outages.isolated(|| Some(7000)));
+        assert!(!outages.isolated(|| Some(12000)), "a primary that answers");
+        assert!(!outages.isolated(|| None), "a call on no key");
+        // Every primary fails: Redis' outage, which the breaker judges.
+        outages.set_failing(Failing::Slots(vec![(0, 5460), (5461, 10922), (10923, 16383)]));
+        assert!(!outages.isolated(|| Some(7000)));
+        outages.set_failing(Failing::Everything);
+        assert!(!outages.isolated(|| Some(7000)));
+        outages.set_failing(Failing::Nothing);
+        assert!(!outages.isolated(|| Some(7000)));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::catalog::CheckedPosition;
 use super::grouped::{Group, all_answered, error_code};
 use super::keys::{Bucket, Shard, UserKeys};
-use super::{POSITION_TTL_S, RedisStore, millis_to_utc};
+use super::{On, POSITION_TTL_S, RedisStore, millis_to_utc};
 use crate::model::{ContentId, PositionMs, ProgressItem, ResumePoint, UserId};
 use crate::resilience::DependencyError;
 
@@ -1284,10 +1284,10 @@ impl ProgressLog {
                 Some(a) if a.shard == *shard => format!("({}", a.id),
                 _ => "-".to_owned(),
             };
-            let key = shard.dead();
+            let key = &shard.dead();
             let list: Value = self
                 .redis
-                .run(|mut c| async move {
+                .run(On::Key(key), |mut c| async move {
                     redis::cmd("XRANGE")
                         .arg(key)
                         .arg(start)

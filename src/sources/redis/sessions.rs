@@ -9,7 +9,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, Value};
 
-use super::{Conn, RedisStore, millis_to_utc};
+use super::keys::UserKeys;
+use super::{Conn, On, RedisStore, millis_to_utc};
 use crate::model::{ContentId, DeviceId, LiveSession, PositionMs, SessionId, UserId};
 use crate::resilience::DependencyError;
 
@@ -123,8 +124,57 @@ pub struct LiveList {
 pub struct SessionStore {
     redis: RedisStore,
     ttl: Duration,
-    /// Whether the heartbeat and the stop script were loaded once.
-    loaded: Arc<[AtomicBool; 2]>,
+    /// Where the heartbeat and the stop script were loaded.
+    loaded: Arc<[Preloaded; 2]>,
+}
+
+/// Whether a script writes wait for replicas after is on every primary:
+/// a `WAIT` after an `EVALSHA` answered `NOSCRIPT` still blocks (for the
+/// connection's earlier writes), so such a script is loaded before a call
+/// rather than after a refusal.
+#[derive(Default)]
+struct Preloaded {
+    everywhere: AtomicBool,
+    /// A load on every primary is under way.
+    spreading: AtomicBool,
+}
+
+impl Preloaded {
+    /// Loads `script` where `conn`'s call goes, at once, and, in a cluster,
+    /// on every primary in the background (one load at a time, until one
+    /// succeeds): loading it on every primary before the call would have
+    /// the call wait for a primary that hangs.
+    async fn ensure(
+        this: &Arc<[Preloaded; 2]>,
+        at: usize,
+        script: &'static Script,
+        conn: &mut Conn,
+    ) -> RedisResult<()> {
+        let Some(preloaded) = this.get(at) else {
+            return Ok(());
+        };
+        if preloaded.everywhere.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        script.load_async(conn).await?;
+        let Conn::Cluster(cluster, _) = conn else {
+            preloaded.everywhere.store(true, Ordering::Relaxed);
+            return Ok(());
+        };
+        if preloaded.spreading.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let (this, mut everywhere) = (this.clone(), Conn::Cluster(cluster.clone(), None));
+        tokio::spawn(async move {
+            // Bounded by the connection's response timeout.
+            let loaded = script.load_async(&mut everywhere).await.is_ok();
+            if let Some(preloaded) = this.get(at) {
+                preloaded.everywhere.store(loaded, Ordering::Relaxed);
+                preloaded.spreading.store(false, Ordering::Relaxed);
+            }
+        });
+        Ok(())
+    }
 }
 
 /// A script argument that may be absent: the scripts read `''` as "none".
@@ -276,7 +326,7 @@ impl SessionStore {
                     .map(|ms| ms.to_string())
                     .unwrap_or_default(),
             );
-        let reply = self.invoke(call).await?;
+        let reply = self.invoke(&keys, call).await?;
         let now = millis_to_utc(int(reply.get(1)));
         let rest = reply.get(2..).unwrap_or_default();
         if int(reply.first()) == 4 {
@@ -294,10 +344,16 @@ impl SessionStore {
 
     /// Runs a session script; its `now` (reply item 1) keeps this instance's
     /// estimate of Redis' clock current.
-    async fn invoke(&self, call: redis::ScriptInvocation<'_>) -> Result<Vec<Value>, DependencyError> {
+    async fn invoke(
+        &self,
+        keys: &UserKeys,
+        call: redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<Value>, DependencyError> {
         let reply: Vec<Value> = self
             .redis
-            .run(|mut c| async move { call.invoke_async(&mut c).await })
+            .run(On::Bucket(keys.bucket()), |mut c| async move {
+                call.invoke_async(&mut c).await
+            })
             .await?;
         self.redis.clock().observe(int(reply.get(1)));
         Ok(reply)
@@ -331,8 +387,9 @@ impl SessionStore {
     /// (always so without `WAIT`).
     async fn invoke_written(
         &self,
-        script: &Script,
-        loaded: &AtomicBool,
+        keys: &UserKeys,
+        script: &'static Script,
+        loaded: usize,
         call: Cmd,
     ) -> Result<(Vec<Value>, bool), DependencyError> {
         let replicas = self.replicas_wait();
@@ -343,7 +400,9 @@ impl SessionStore {
             // command through untouched.
             let reply = self
                 .redis
-                .run_waiting(|mut c| async move { script_alone(&mut c, script, &call).await })
+                .run_waiting(On::Bucket(keys.bucket()), |mut c| async move {
+                    script_alone(&mut c, script, &call).await
+                })
                 .await?;
             self.redis.clock().observe(int(reply.get(1)));
             return Ok((reply, true));
@@ -353,14 +412,8 @@ impl SessionStore {
         pipe.cmd("WAIT").arg(n).arg(wait_ms);
         let (reply, acked) = self
             .redis
-            .run_waiting(|mut c| async move {
-                // A `WAIT` after an `EVALSHA` answered `NOSCRIPT` still blocks
-                // (for the connection's earlier writes), so the script is
-                // loaded before its first call rather than after a refusal.
-                if !loaded.load(Ordering::Relaxed) {
-                    script.load_async(&mut c).await?;
-                    loaded.store(true, Ordering::Relaxed);
-                }
+            .run_waiting(On::Bucket(keys.bucket()), |mut c| async move {
+                Preloaded::ensure(&self.loaded, loaded, script, &mut c).await?;
                 script_then_wait(&mut c, script, &pipe).await
             })
             .await?;
@@ -400,7 +453,7 @@ impl SessionStore {
         arg_or_empty(&mut call, self.deadline());
         arg_or_empty(&mut call, rejoin);
         call.arg(session_id.device_str().unwrap_or_default());
-        let (reply, held) = self.invoke_written(&HEARTBEAT, &self.loaded[0], call).await?;
+        let (reply, held) = self.invoke_written(&keys, &HEARTBEAT, 0, call).await?;
         if position.is_some() {
             self.redis.written_positions(&keys);
         }
@@ -440,7 +493,7 @@ impl SessionStore {
         } else {
             "1"
         });
-        let (reply, held) = self.invoke_written(&STOP, &self.loaded[1], call).await?;
+        let (reply, held) = self.invoke_written(&keys, &STOP, 1, call).await?;
         if position.is_some() {
             self.redis.written_positions(&keys);
         }
@@ -469,7 +522,7 @@ impl SessionStore {
             .key(keys.ended())
             .arg(self.ttl_ms())
             .arg(session_id.as_str());
-        let reply = self.invoke(call).await?;
+        let reply = self.invoke(&keys, call).await?;
         Ok(match int(reply.first()) {
             1 => SessionState::Live,
             -1 => SessionState::Evicted,
@@ -486,7 +539,9 @@ impl SessionStore {
             .arg(self.ttl_ms());
         let reply: Vec<Value> = self
             .redis
-            .run(|mut c| async move { call.invoke_async(&mut c).await })
+            .run(On::Bucket(keys.bucket()), |mut c| async move {
+                call.invoke_async(&mut c).await
+            })
             .await?;
         self.redis.clock().observe(int(reply.first()));
         let now = millis_to_utc(int(reply.first()));
