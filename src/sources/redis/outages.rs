@@ -391,11 +391,13 @@ impl Lookouts {
         let mut failed = Vec::new();
         self.failed.clear();
         for ((_, _, ranges), url) in primaries.into_iter().zip(urls) {
-            if url.as_ref().is_some_and(|url| answered.contains(url)) {
-                continue;
+            // A primary without an address to ask (`?`, or none known) is
+            // not taken for failing: its users' calls would not be made.
+            let Some(url) = url else { continue };
+            if !answered.contains(&url) {
+                self.failed.insert(url);
+                failed.extend(ranges);
             }
-            self.failed.extend(url);
-            failed.extend(ranges);
         }
         // What the watch keeps of nodes no longer primaries goes.
         self.open.retain(|url, _| asked.contains(url));
