@@ -1202,6 +1202,62 @@ async fn in_a_cluster_users_of_the_other_primaries_keep_fresh_answers_and_the_li
     );
 }
 
+/// A cluster that stops serving keys (a primary failed with no replica to
+/// promote: `CLUSTERDOWN` on every primary) is Redis' outage: the breaker
+/// opens and stays open, so answers come at once. Keyless commands
+/// (`TIME`) still answer then, and must not pass for Redis answering. The success-rate rule is off
+/// here: it would open the breaker in the end whatever else answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_stops_serving_keys_keeps_the_breaker_open() {
+    let cluster = RedisCluster::start_failing_fast(3);
+    let api = spawn_fake_api().await;
+    let moneta = MonetaProcess::start(&[
+        ("MONETA_REDIS_CLUSTER_URLS", cluster.urls()),
+        ("MONETA_INTERNAL_API_URL", api.url()),
+        ("MONETA_REDIS_BREAKER_MIN_SUCCESS_PCT", "0".to_owned()),
+    ]);
+    let public = moneta.public_api();
+    let viewers = start_viewers(&public, "cluster-down", 3).await;
+    let (stopped, asked) = (&cluster.nodes[0], cluster.nodes[1].port);
+    stopped.pause();
+    let down = eventually_blocking(PATIENCE, || {
+        cli(asked, &["CLUSTER", "INFO"])
+            .contains("cluster_state:fail")
+            .then_some(())
+    });
+    assert!(down.is_some(), "the cluster never stopped serving keys");
+    let breaker = r#"moneta_circuit_breaker_state{dependency="redis"}"#;
+    let mut position = 0;
+    let opened = eventually(PATIENCE, async || {
+        for viewer in &viewers {
+            position += 1_000;
+            assert_eq!(heartbeat_status(&public, viewer, position).await, 200);
+        }
+        (metric_value(&moneta.metrics().await, breaker) != Some(0.0)).then_some(())
+    })
+    .await;
+    assert!(
+        opened.is_some(),
+        "the breaker stayed closed while the cluster refused every key\n{}",
+        moneta.output()
+    );
+    // Half-open, it lets a call through now and then; positions wait in
+    // memory, so the courier keeps asking whether Redis answers again. No
+    // answer may close it while the cluster still refuses every key.
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(4) {
+        let state = metric_value(&moneta.metrics().await, breaker);
+        assert_ne!(
+            state,
+            Some(0.0),
+            "closed while the cluster refused every key\n{}",
+            moneta.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stopped.resume();
+}
+
 /// `other`, and the internal API, end with `position`, which Redis holds
 /// stamped as checked; `other` asked the internal API once, and not again.
 async fn resumes_where_the_killed_instance_left(

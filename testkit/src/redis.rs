@@ -169,6 +169,14 @@ impl RedisCluster {
         Self::create(n, 0, &[])
     }
 
+    /// `n` primaries without replicas that take a silent node for failed
+    /// after one second: the whole cluster then stops serving keys
+    /// (`CLUSTERDOWN` on every primary), as Redis Cluster does by default
+    /// when a primary fails with no replica to promote.
+    pub fn start_failing_fast(n: usize) -> RedisCluster {
+        Self::create(n, 0, &["--cluster-node-timeout", "1000"])
+    }
+
     /// `primaries` primaries with `replicas_per_primary` replicas each, a
     /// node timeout of one second (a dead primary is replaced within a few
     /// seconds) and replicas that always stand in, however long their link

@@ -92,6 +92,11 @@ impl Buckets {
         Bucket(key_slot(user.as_str().as_bytes()) % self.0)
     }
 
+    /// Bucket 0, which every count has.
+    pub fn first(self) -> Bucket {
+        Bucket(0)
+    }
+
     pub fn all(self) -> impl Iterator<Item = Bucket> {
         (0..self.0).map(Bucket)
     }
@@ -122,6 +127,14 @@ impl Bucket {
     /// The Redis Cluster slot of the bucket's keys (of its hash tag, `b<n>`).
     pub fn slot(self) -> u16 {
         key_slot(format!("b{}", self.0).as_bytes())
+    }
+
+    /// A key of the bucket that is never written: what a question with no
+    /// key of its own (Redis' time) is routed by in a cluster.
+    pub fn clock(self) -> String {
+        let mut key = self.tag();
+        key.push_str(":clock");
+        key
     }
 
     /// `moneta:{b<n>}`: the start of every key of the bucket. Room for the

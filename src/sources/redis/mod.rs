@@ -74,15 +74,21 @@ impl Conn {
         }
     }
 
-    /// Redis' `TIME`; in a cluster on the primary serving `slot`. Left to
-    /// the cluster client, a keyless command goes to any node, also one that
-    /// hangs, and its timeout would count against the breaker.
-    async fn time(&mut self, slot: u16) -> RedisResult<(i64, i64)> {
+    /// Redis' `TIME`; in a cluster on the primary serving `bucket`, as a
+    /// script on one of its keys. Left to the cluster client, a keyless
+    /// command goes to any node, also one that hangs. And a cluster that
+    /// stopped serving keys (`CLUSTERDOWN`: a primary failed with no replica
+    /// to promote) still answers a keyless `TIME`: the courier, asking
+    /// whether Redis answers again, kept the breaker closed with it while
+    /// every keyed call waited out its timeout.
+    async fn time(&mut self, bucket: keys::Bucket) -> RedisResult<(i64, i64)> {
         match self {
             Conn::Single(c) => redis::cmd("TIME").query_async(c).await,
-            Conn::Cluster(c, _) => Ok(redis::from_redis_value(
-                on_primary_of(c, redis::cmd("TIME"), slot).await?,
-            )?),
+            Conn::Cluster(c, _) => {
+                let mut time = redis::cmd("EVAL");
+                time.arg("return redis.call('TIME')").arg(1).arg(bucket.clock());
+                time.query_async(c).await
+            }
         }
     }
 
@@ -680,12 +686,24 @@ impl RedisStore {
 
     /// Measures Redis' clock now (`TIME`), as a call under the guard.
     pub async fn measure_clock(&self) -> Result<(), DependencyError> {
-        let slot = self.outages.answering_slot();
+        let bucket = self.answering_bucket();
         let (secs, micros): (i64, i64) = self
-            .run(On::Anything, |mut conn| async move { conn.time(slot).await })
+            .run(
+                On::Bucket(bucket),
+                |mut conn| async move { conn.time(bucket).await },
+            )
             .await?;
         self.clock.observe(secs * 1000 + micros / 1000);
         Ok(())
+    }
+
+    /// A bucket on a cluster primary that answered the outage watch's last
+    /// look (the first bucket when none did, and on one node): where a
+    /// keyless question such as the time is asked.
+    fn answering_bucket(&self) -> keys::Bucket {
+        (self.buckets.all())
+            .find(|bucket| !self.outages.primary_failing(|| bucket.slot()))
+            .unwrap_or(self.buckets.first())
     }
 
     /// In cluster mode a pipeline may only touch keys of one slot.
@@ -781,7 +799,7 @@ impl RedisStore {
             .guard
             .probe(async {
                 let mut conn = self.conn().await?;
-                let (secs, micros) = conn.time(self.outages.answering_slot()).await?;
+                let (secs, micros) = conn.time(self.answering_bucket()).await?;
                 self.clock.observe(secs * 1000 + micros / 1000);
                 Ok::<_, redis::RedisError>(())
             })

@@ -128,28 +128,6 @@ impl Outages {
         self.isolating.load(Ordering::Relaxed) && slot().is_some_and(|slot| self.covers(|| slot, false))
     }
 
-    /// A slot of a primary that answered the watch's last look: 0 unless
-    /// that one failed. Where a keyless call goes in a cluster.
-    pub(super) fn answering_slot(&self) -> u16 {
-        if !self.any_failing.load(Ordering::Relaxed) {
-            return 0;
-        }
-        let Failing::Slots(ranges) = &*self.failing.lock().unwrap_or_else(PoisonError::into_inner) else {
-            return 0;
-        };
-        let mut slot: u16 = 0;
-        while let Some(&(_, last)) = ranges
-            .iter()
-            .find(|&&(first, last)| (first..=last).contains(&slot))
-        {
-            match last.checked_add(1) {
-                Some(next) if next < keys::MAX_BUCKETS => slot = next,
-                _ => return 0,
-            }
-        }
-        slot
-    }
-
     /// Whether the slot `slot()` names failed at the watch's last look.
     fn failing(&self, slot: impl FnOnce() -> u16) -> bool {
         self.covers(slot, true)
@@ -610,17 +588,13 @@ mod tests {
     }
 
     #[test]
-    fn keyless_calls_go_to_a_primary_that_answered_and_held_positions_wait_only_for_one_that_failed() {
+    fn held_positions_wait_only_for_a_primary_that_failed() {
         let outages = Outages::default();
-        assert_eq!(outages.answering_slot(), 0);
+        assert!(!outages.primary_failing(|| 7000));
         outages.set_failing(Failing::Slots(vec![(5461, 10922), (0, 5460)]));
-        assert_eq!(outages.answering_slot(), 10923);
         assert!(outages.primary_failing(|| 7000) && !outages.primary_failing(|| 12000));
-        outages.set_failing(Failing::Slots(vec![(0, 16383)]));
-        assert_eq!(outages.answering_slot(), 0, "none answered: any");
         // On one node (or an unreadable topology) the breaker decides.
         outages.set_failing(Failing::Everything);
-        assert_eq!(outages.answering_slot(), 0);
         assert!(!outages.primary_failing(|| 7000));
     }
 }
