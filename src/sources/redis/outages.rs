@@ -18,7 +18,7 @@
 //! one could not reach Redis, or every instance of the deployment died).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -65,6 +65,10 @@ pub struct Outages {
     /// answered: calls for the former are not made (see [`Outages::isolated`]).
     isolating: AtomicBool,
     failing: Mutex<Failing>,
+    /// How often the cluster's primaries were seen to change: a promoted
+    /// replica has none of the scripts loaded on its old primary (`SCRIPT
+    /// LOAD` is not replicated).
+    topology_changes: AtomicU64,
 }
 
 /// What failed to answer at the watch's last look.
@@ -87,6 +91,11 @@ impl Outages {
     /// answers the next look, an outage has ended.
     pub(super) fn call_failed(&self) {
         self.call_failed.store(true, Ordering::Relaxed);
+    }
+
+    /// How often the cluster's primaries were seen to change.
+    pub(super) fn topology_changes(&self) -> u64 {
+        self.topology_changes.load(Ordering::Relaxed)
     }
 
     fn learn(&self, ended_ms: i64) {
@@ -245,6 +254,7 @@ impl RedisStore {
                     Connector::Single(_) => None,
                 });
         futures::future::join_all(remakes).await;
+        self.outages.topology_changes.fetch_add(1, Ordering::Relaxed);
         tracing::info!("the Redis Cluster's primaries changed; its connections were made again");
     }
 

@@ -2,7 +2,7 @@
 //! one user's keys (one cluster slot). The limit rule itself lives in
 //! `scripts/start.lua`; this file turns replies into typed outcomes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -128,13 +128,15 @@ pub struct SessionStore {
     loaded: Arc<[Preloaded; 2]>,
 }
 
-/// Whether a script writes wait for replicas after is on every primary:
+/// Whether a script whose writes wait for replicas is on every primary:
 /// a `WAIT` after an `EVALSHA` answered `NOSCRIPT` still blocks (for the
 /// connection's earlier writes), so such a script is loaded before a call
 /// rather than after a refusal.
 #[derive(Default)]
 struct Preloaded {
-    everywhere: AtomicBool,
+    /// 1 + the count of topology changes seen when it was loaded on every
+    /// primary (0: never): a replica promoted since has none of it.
+    everywhere: AtomicU64,
     /// A load on every primary is under way.
     spreading: AtomicBool,
 }
@@ -147,18 +149,20 @@ impl Preloaded {
     async fn ensure(
         this: &Arc<[Preloaded; 2]>,
         at: usize,
+        topology_changes: u64,
         script: &'static Script,
         conn: &mut Conn,
     ) -> RedisResult<()> {
         let Some(preloaded) = this.get(at) else {
             return Ok(());
         };
-        if preloaded.everywhere.load(Ordering::Relaxed) {
+        let current = topology_changes.wrapping_add(1);
+        if preloaded.everywhere.load(Ordering::Relaxed) == current {
             return Ok(());
         }
         script.load_async(conn).await?;
         let Conn::Cluster(cluster, _) = conn else {
-            preloaded.everywhere.store(true, Ordering::Relaxed);
+            preloaded.everywhere.store(current, Ordering::Relaxed);
             return Ok(());
         };
         if preloaded.spreading.swap(true, Ordering::Relaxed) {
@@ -169,7 +173,9 @@ impl Preloaded {
             // Bounded by the connection's response timeout.
             let loaded = script.load_async(&mut everywhere).await.is_ok();
             if let Some(preloaded) = this.get(at) {
-                preloaded.everywhere.store(loaded, Ordering::Relaxed);
+                if loaded {
+                    preloaded.everywhere.store(current, Ordering::Relaxed);
+                }
                 preloaded.spreading.store(false, Ordering::Relaxed);
             }
         });
@@ -413,7 +419,8 @@ impl SessionStore {
         let (reply, acked) = self
             .redis
             .run_waiting(On::Bucket(keys.bucket()), |mut c| async move {
-                Preloaded::ensure(&self.loaded, loaded, script, &mut c).await?;
+                let topology_changes = self.redis.outages.topology_changes();
+                Preloaded::ensure(&self.loaded, loaded, topology_changes, script, &mut c).await?;
                 script_then_wait(&mut c, script, &pipe).await
             })
             .await?;
